@@ -1,0 +1,412 @@
+"""
+U-VisualBERT: one BERT encoder over text, detector tags and image regions.
+
+Papers: Devlin et al. 2019 (BERT); Li et al. 2020 (VisualBERT); Li, Yin, Zhou, Chang et al.,
+NAACL 2021, "Unsupervised Vision-and-Language Pre-training Without Parallel Images and Captions".
+The recipe, with every number, is ../shared/SPEC.md; comments cite its sections ("SPEC 1").
+
+The file reads from the smallest part up: config, embeddings, attention, layer, encoder, heads,
+losses, loading a Hugging Face BERT checkpoint.
+
+The input sequence is [text ; tags ; regions] (SPEC 1: the authors' order). Any part may be
+absent: a text batch has text only, an image batch has tags and regions (or regions only, in the
+_NT variants), an aligned batch has all three.
+"""
+
+import json
+import math
+import os
+import re
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class Config:
+    vocab_size: int = 30522
+    hidden: int = 768
+    layers: int = 12
+    heads: int = 12
+    ffn: int = 3072
+    max_positions: int = 512
+    type_vocab: int = 2
+    dropout: float = 0.1
+    ln_eps: float = 1e-12
+    feat_dim: int = 2048  # region feature size (2048 bottom-up, 1024 torchvision box head)
+    num_labels: int = 1600  # detector classes (1600 Visual Genome objects)
+    num_attrs: int = 0  # detector attributes (400 in Visual Genome); 0 = no attribute head
+
+    def to_dict(self):
+        return asdict(self)
+
+
+# BERT-base is the paper's model; the others are for the toy world and tests.
+PRESETS = {
+    "base": dict(hidden=768, layers=12, heads=12, ffn=3072),
+    "small": dict(hidden=256, layers=4, heads=4, ffn=1024, max_positions=128),
+    "tiny": dict(hidden=128, layers=2, heads=2, ffn=512, max_positions=128),
+}
+
+
+# -----------------------------------------------------------------------------
+# embeddings (SPEC 1, paper section 3.2)
+
+
+class Embeddings(nn.Module):
+    """Text pieces as in BERT, regions as feature + box, tags as word + their region's box."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        H = cfg.hidden
+        # text: LN_text(word[w] + pos[i] + seg[s]), BERT's names so checkpoints load as they are
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, H)
+        self.position_embeddings = nn.Embedding(cfg.max_positions, H)
+        self.token_type_embeddings = nn.Embedding(cfg.type_vocab, H)
+        self.LayerNorm = nn.LayerNorm(H, eps=cfg.ln_eps)
+        # region: LN_feat(W_feat f) + LN_box(W_box box)
+        self.feat = nn.Sequential(nn.Linear(cfg.feat_dim, H), nn.LayerNorm(H, eps=cfg.ln_eps))
+        self.box = nn.Sequential(nn.Linear(4, H), nn.LayerNorm(H, eps=cfg.ln_eps))
+        # tag piece: LN_tag(word[t]) + LN_box(W_box box_of_its_region);
+        # word[] is self.word_embeddings and LN_box(W_box .) is self.box: the two sharings of SPEC 1
+        self.tag_ln = nn.LayerNorm(H, eps=cfg.ln_eps)
+
+    def text(self, input_ids, token_type_ids=None):
+        B, T = input_ids.shape
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        pos = torch.arange(T, device=input_ids.device)
+        x = self.word_embeddings(input_ids) + self.position_embeddings(pos)[None] + self.token_type_embeddings(token_type_ids)
+        return self.LayerNorm(x)  # (B, T, H)
+
+    def tags(self, tag_ids, tag_boxes):
+        return self.tag_ln(self.word_embeddings(tag_ids)) + self.box(tag_boxes)  # (B, L, H)
+
+    def regions(self, feats, boxes):
+        return self.feat(feats) + self.box(boxes)  # (B, K, H)
+
+
+# -----------------------------------------------------------------------------
+# transformer
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        assert cfg.hidden % cfg.heads == 0
+        self.heads = cfg.heads
+        self.query = nn.Linear(cfg.hidden, cfg.hidden)
+        self.key = nn.Linear(cfg.hidden, cfg.hidden)
+        self.value = nn.Linear(cfg.hidden, cfg.hidden)
+        self.out = nn.Linear(cfg.hidden, cfg.hidden)
+        self.dropout = cfg.dropout
+
+    def forward(self, x, key_mask):
+        B, T, C = x.shape
+        split = lambda t: t.view(B, T, self.heads, C // self.heads).transpose(1, 2)  # (B, nh, T, hs)
+        q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=key_mask[:, None, None, :],  # (B, 1, 1, T): True = attend
+            dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return self.out(y)
+
+
+class Layer(nn.Module):
+    """A post-LayerNorm BERT layer."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.attn = SelfAttention(cfg)
+        self.attn_ln = nn.LayerNorm(cfg.hidden, eps=cfg.ln_eps)
+        self.ffn_in = nn.Linear(cfg.hidden, cfg.ffn)
+        self.ffn_out = nn.Linear(cfg.ffn, cfg.hidden)
+        self.ffn_ln = nn.LayerNorm(cfg.hidden, eps=cfg.ln_eps)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, key_mask):
+        x = self.attn_ln(x + self.drop(self.attn(x, key_mask)))
+        x = self.ffn_ln(x + self.drop(self.ffn_out(F.gelu(self.ffn_in(x)))))  # erf GELU, as BERT
+        return x
+
+
+# -----------------------------------------------------------------------------
+# heads
+
+
+class Transform(nn.Module):
+    """dense, GELU, LayerNorm: the front of BERT's MLM head and of the visual heads."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden, cfg.hidden)
+        self.ln = nn.LayerNorm(cfg.hidden, eps=cfg.ln_eps)
+
+    def forward(self, x):
+        return self.ln(F.gelu(self.dense(x)))
+
+
+class MLMHead(nn.Module):
+    """Predicts masked text pieces and masked tag pieces (SPEC 2: the same head for both)."""
+
+    def __init__(self, cfg, word_embeddings):
+        super().__init__()
+        self.transform = Transform(cfg)
+        self.decoder = nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
+        self.decoder.weight = word_embeddings.weight  # tied: the decoder *is* the word table
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+
+    def forward(self, h):
+        return self.decoder(self.transform(h)) + self.bias  # (..., vocab)
+
+
+class VisualHead(nn.Module):
+    """LXMERT's visual head family: one transform, then a linear decoder per visual objective."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.transform = Transform(cfg)
+        self.feat = nn.Linear(cfg.hidden, cfg.feat_dim)  # feature regression
+        self.label = nn.Linear(cfg.hidden, cfg.num_labels)  # detector-label classification
+        self.attr = nn.Linear(cfg.hidden, cfg.num_attrs) if cfg.num_attrs else None
+
+    def forward(self, h):
+        t = self.transform(h)
+        return self.feat(t), self.label(t), (self.attr(t) if self.attr is not None else None)
+
+
+# -----------------------------------------------------------------------------
+# the model
+
+
+class VisualBERT(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.embeddings = Embeddings(cfg)
+        self.layers = nn.ModuleList([Layer(cfg) for _ in range(cfg.layers)])
+        self.drop = nn.Dropout(cfg.dropout)
+        self.pooler = nn.Linear(cfg.hidden, cfg.hidden)
+        self.mlm = MLMHead(cfg, self.embeddings.word_embeddings)
+        self.nsp = nn.Linear(cfg.hidden, 2)  # next sentence / image-text match; class 0 = "is next / matched", as BERT
+        self.visual = VisualHead(cfg)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m):  # BERT's initialisation
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+        if isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None,
+                tag_ids=None, tag_boxes=None, tag_mask=None,
+                feats=None, boxes=None, region_mask=None):
+        """Encode [text ; tags ; regions]; each part is optional. Returns the hidden states
+        (B, T+L+K, H) and a dict of the slices where each part lies."""
+        parts, masks, spans = [], [], {}
+
+        def add(name, x, mask):
+            start = sum(p.shape[1] for p in parts)
+            spans[name] = slice(start, start + x.shape[1])
+            parts.append(x)
+            masks.append(torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if mask is None else mask.bool())
+
+        if input_ids is not None:
+            add("text", self.embeddings.text(input_ids, token_type_ids), attention_mask)
+        if tag_ids is not None:
+            add("tags", self.embeddings.tags(tag_ids, tag_boxes), tag_mask)
+        if feats is not None:
+            add("regions", self.embeddings.regions(feats, boxes), region_mask)
+        x = self.drop(torch.cat(parts, dim=1))  # (B, T, H); dropout once, no LN over the whole (SPEC 1)
+        key_mask = torch.cat(masks, dim=1)  # (B, T)
+        for layer in self.layers:
+            x = layer(x, key_mask)
+        return x, spans
+
+    def pool(self, h):
+        """BERT's pooled output: dense + tanh over the first text token ([CLS])."""
+        return torch.tanh(self.pooler(h[:, 0]))
+
+    def mlm_logits(self, input_ids, attention_mask=None, token_type_ids=None):
+        """(B, T, vocab) MLM logits for text alone. A public interface: keep its name and signature."""
+        h, _ = self(input_ids, attention_mask, token_type_ids)
+        return self.mlm(h)
+
+    # -------------------------------------------------------------------------
+    # pre-training losses (SPEC 2)
+
+    def pretrain_losses(self, batch, no_tags=False):
+        """The sum of the objectives present in `batch` (a dict built by data.py), and each term.
+
+        Text keys: input_ids, attention_mask, token_type_ids, mlm_labels, [nsp_labels].
+        Image keys: tag_ids, tag_boxes, tag_mask, tag_labels, feats, boxes, region_mask,
+        feat_targets, region_masked, obj_labels, obj_conf, [attr_labels, attr_conf].
+        Aligned batches have both, plus match_labels. Labels are -100 where nothing is predicted.
+        """
+        has_text, has_image = "input_ids" in batch, "feats" in batch
+        has_tags = has_image and not no_tags and "tag_ids" in batch
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+        if has_tags:
+            inputs.update(tag_ids=batch["tag_ids"], tag_boxes=batch["tag_boxes"], tag_mask=batch["tag_mask"])
+        if has_image:
+            inputs.update(feats=batch["feats"], boxes=batch["boxes"], region_mask=batch["region_mask"])
+        h, spans = self(**inputs)
+        losses = {}
+        if has_text:
+            losses["mlm"] = masked_lm_loss(self.mlm, h[:, spans["text"]], batch["mlm_labels"])
+            pair_labels = batch.get("nsp_labels", batch.get("match_labels"))
+            if pair_labels is not None:
+                key = "nsp" if "nsp_labels" in batch else "match"
+                losses[key] = F.cross_entropy(self.nsp(self.pool(h)).float(), pair_labels)
+        if has_tags:
+            losses["tag"] = masked_lm_loss(self.mlm, h[:, spans["tags"]], batch["tag_labels"])
+        if has_image:
+            feat, label, attr = self.visual(h[:, spans["regions"]])
+            losses.update(visual_losses(feat, label, attr, batch))
+        return sum(losses.values()), losses
+
+
+def masked_lm_loss(head, h, labels):
+    """Cross-entropy over the masked positions only; the vocabulary projection runs on those
+    positions alone, which saves most of the head's cost (15% of the pieces are masked)."""
+    keep = labels != -100  # (B, T)
+    if not keep.any():  # no piece masked in this batch: a zero that still carries a gradient graph
+        return h.sum() * 0.0
+    logits = head(h[keep])  # (N, vocab)
+    return F.cross_entropy(logits.float(), labels[keep])
+
+
+MASK_PROB = 0.15
+
+
+def visual_losses(feat_pred, label_logits, attr_logits, batch):
+    """Feature regression, detector-label (and attribute) classification of masked regions.
+
+    Paper: the visual objectives are computed on masked regions; the authors' code (from LXMERT)
+    classifies every region. We follow the paper. Both weight each region by the detector's
+    confidence, average over all regions of the batch, and scale by 1/0.15 (authors' code), so a
+    term is about the mean over masked regions. Regression is smooth-L1 (beta 1), averaged over
+    the feature dimension, as in the authors' code.
+    """
+    valid = batch["region_mask"].float()  # (B, K)
+    masked = batch["region_masked"].float() * valid  # (B, K)
+    n = valid.sum().clamp(min=1)
+    out = {}
+    feat_err = F.smooth_l1_loss(feat_pred.float(), batch["feat_targets"].float(), reduction="none", beta=1.0).mean(-1)  # (B, K)
+    out["feat"] = (feat_err * masked).sum() / n / MASK_PROB
+    B, K, C = label_logits.shape
+    ce = F.cross_entropy(label_logits.float().view(B * K, C), batch["obj_labels"].view(-1).clamp(min=0), reduction="none").view(B, K)
+    out["label"] = (ce * batch["obj_conf"] * masked).sum() / n / MASK_PROB
+    if attr_logits is not None and "attr_labels" in batch:
+        A = attr_logits.shape[-1]
+        ce = F.cross_entropy(attr_logits.float().view(B * K, A), batch["attr_labels"].view(-1).clamp(min=0), reduction="none").view(B, K)
+        out["attr"] = (ce * batch["attr_conf"] * masked).sum() / n / MASK_PROB
+    return out
+
+
+# -----------------------------------------------------------------------------
+# loading a Hugging Face BERT checkpoint (SPEC 8)
+
+# Hugging Face name -> ours. Applied in order to every key after the "bert." prefix is dropped.
+HF_RENAMES = [
+    (r"\.gamma$", ".weight"),  # old checkpoints
+    (r"\.beta$", ".bias"),
+    (r"^encoder\.layer\.(\d+)\.attention\.self\.", r"layers.\1.attn."),
+    (r"^encoder\.layer\.(\d+)\.attention\.output\.dense\.", r"layers.\1.attn.out."),
+    (r"^encoder\.layer\.(\d+)\.attention\.output\.LayerNorm\.", r"layers.\1.attn_ln."),
+    (r"^encoder\.layer\.(\d+)\.intermediate\.dense\.", r"layers.\1.ffn_in."),
+    (r"^encoder\.layer\.(\d+)\.output\.dense\.", r"layers.\1.ffn_out."),
+    (r"^encoder\.layer\.(\d+)\.output\.LayerNorm\.", r"layers.\1.ffn_ln."),
+    (r"^pooler\.dense\.", "pooler."),
+    (r"^cls\.predictions\.transform\.dense\.", "mlm.transform.dense."),
+    (r"^cls\.predictions\.transform\.LayerNorm\.", "mlm.transform.ln."),
+    (r"^cls\.predictions\.bias$", "mlm.bias"),
+    (r"^cls\.seq_relationship\.", "nsp."),
+]
+# in a checkpoint but not loaded: the position-id buffer, and the decoder, which is the word table
+HF_IGNORED = re.compile(r"(position_ids|cls\.predictions\.decoder\.(weight|bias))$")
+
+
+def hf_to_ours(key):
+    key = key[len("bert."):] if key.startswith("bert.") else key
+    for pattern, repl in HF_RENAMES:
+        key = re.sub(pattern, repl, key)
+    return key
+
+
+def read_safetensors(path):
+    """A minimal reader of the safetensors format (8-byte header size, JSON header, raw data),
+    so loading needs no package beyond torch."""
+    dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        data = f.read()
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        if info["dtype"] not in dtypes or end > len(data):
+            raise ValueError(f"{path}: tensor {name} is unreadable (dtype {info['dtype']}, bytes {start}-{end} of {len(data)})")
+        t = torch.frombuffer(bytearray(data[start:end]), dtype=dtypes[info["dtype"]]) if end > start else torch.empty(0, dtype=dtypes[info["dtype"]])
+        tensors[name] = t.reshape(info["shape"])
+    return tensors
+
+
+def config_from_hf(path, **overrides):
+    with open(os.path.join(path, "config.json")) as f:
+        c = json.load(f)
+    if c.get("hidden_act", "gelu") != "gelu":
+        raise ValueError(f"{path}/config.json: hidden_act {c['hidden_act']!r}, this model implements BERT's erf GELU only")
+    return Config(vocab_size=c["vocab_size"], hidden=c["hidden_size"], layers=c["num_hidden_layers"],
+                  heads=c["num_attention_heads"], ffn=c["intermediate_size"],
+                  max_positions=c["max_position_embeddings"], type_vocab=c.get("type_vocab_size", 2),
+                  dropout=c.get("hidden_dropout_prob", 0.1), ln_eps=c.get("layer_norm_eps", 1e-12), **overrides)
+
+
+def load_bert(model, path):
+    """Copy a Hugging Face BERT checkpoint directory into `model`, asserting that every BERT
+    parameter of ours is there with the right shape and that nothing in the file is left over.
+    The visual modules (and the tag LayerNorm) stay as initialised."""
+    st, binf = os.path.join(path, "model.safetensors"), os.path.join(path, "pytorch_model.bin")
+    if os.path.exists(st):
+        src = read_safetensors(st)
+    elif os.path.exists(binf):
+        src = torch.load(binf, map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin in this BERT directory")
+    src = {hf_to_ours(k): v for k, v in src.items() if not HF_IGNORED.search(k)}
+    ours = model.state_dict()
+    bert_keys = {k for k in ours if not k.startswith(("embeddings.feat.", "embeddings.box.", "embeddings.tag_ln.", "visual.", "mlm.decoder."))}
+    missing, unexpected = bert_keys - src.keys(), src.keys() - bert_keys
+    if "nsp.weight" in missing and "nsp.bias" in missing:  # a checkpoint without NSP head (BertForMaskedLM)
+        missing -= {"nsp.weight", "nsp.bias"}
+    assert not missing and not unexpected, f"{path}: keys do not match BERT's. missing {sorted(missing)[:8]}, unexpected {sorted(unexpected)[:8]}"
+    with torch.no_grad():
+        for k, v in src.items():
+            assert ours[k].shape == v.shape, f"{path}: {k} has shape {tuple(v.shape)}, the model expects {tuple(ours[k].shape)}"
+            ours[k].copy_(v)
+    return model
+
+
+def from_bert(path, **overrides):
+    """VisualBERT.from_bert(path): a model whose BERT part is the checkpoint at `path`."""
+    model = VisualBERT(config_from_hf(path, **overrides))
+    return load_bert(model, path)
+
+
+VisualBERT.from_bert = staticmethod(from_bert)

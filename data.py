@@ -16,6 +16,7 @@ import json
 import os
 
 import numpy as np
+import torch
 
 # -----------------------------------------------------------------------------
 # 1. the feature store
@@ -119,6 +120,11 @@ def _save_npy(file, arr):
     os.replace(tmp, file)
 
 
+def read_json(file):
+    with open(file) as f:
+        return json.load(f)
+
+
 def write_json(file, obj):
     """Write JSON to a temporary file and rename it: readers never see half a file."""
     tmp = file + ".tmp"
@@ -192,3 +198,851 @@ class FeatureWriter:
         self._buffer = []
 
     close = flush
+
+
+# -----------------------------------------------------------------------------
+# 2. text
+
+
+class Vocab:
+    """BERT's WordPiece vocabulary (uncased), through the `tokenizers` package."""
+
+    SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+    def __init__(self, tokens, source="vocab"):
+        from tokenizers import BertWordPieceTokenizer
+        self.tokens = list(tokens)
+        index = {t: i for i, t in enumerate(self.tokens)}
+        missing = [s for s in self.SPECIALS if s not in index]
+        if missing:
+            raise ValueError(f"{source}: no {', '.join(missing)} in the vocabulary")
+        self.pad, self.unk, self.cls, self.sep, self.mask = (index[s] for s in self.SPECIALS)
+        self.tokenizer = BertWordPieceTokenizer(vocab=index, lowercase=True)
+        # a piece that continues a word ("##ing"): whole-word masking keeps it with the word before
+        self.continuation = np.array([t.startswith("##") for t in self.tokens])
+        self.special = np.array([t in self.SPECIALS for t in self.tokens])
+
+    @classmethod
+    def from_file(cls, path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                tokens = [line.rstrip("\n") for line in f]
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: vocabulary file not found") from None
+        while tokens and tokens[-1] == "":
+            tokens.pop()
+        return cls(tokens, source=path)
+
+    def __len__(self):
+        return len(self.tokens)
+
+    def encode(self, text):
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts):
+        return [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids):
+        return self.tokenizer.decode(list(ids))
+
+    def tag_pieces(self, class_names):
+        """The word pieces of each detector class's name (its first synonym: "man,men" -> "man")."""
+        return [self.encode(name.split(",")[0].strip()) or [self.unk] for name in class_names]
+
+
+def read_lines(path):
+    """The lines of a UTF-8 text file, with a clear error naming the file and line otherwise."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: text file not found")
+    with open(path, "rb") as f:
+        raw = f.read()
+    if not raw.strip():
+        raise ValueError(f"{path}: the file is empty")
+    try:
+        return raw.decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ValueError(f"{path}: line {line} is not valid UTF-8 (byte {raw[e.start]:#x} at offset {e.start})") from None
+
+
+class TokenCorpus:
+    """Token pieces of many text items (captions, or sentences grouped into documents) in one
+    flat memory-mapped int32 array with offsets: item i is tokens[offsets[i]:offsets[i+1]].
+    Built once per (file, vocabulary) and cached, so a corpus of millions of lines costs no
+    memory and no start-up time after the first run.
+
+    kind "lines": one item per non-empty line (captions).
+    kind "docs":  one item per sentence line; a blank line separates documents (BookCorpus).
+    kind "pairs": JSON lines {"image_id", "caption"}; items are captions, `image_ids` beside.
+    """
+
+    def __init__(self, path, vocab, kind, cache_dir="cache"):
+        st = os.stat(path) if os.path.exists(path) else None
+        if st is None:
+            raise FileNotFoundError(f"{path}: text file not found")
+        key = hashlib.sha1(json.dumps([os.path.abspath(path), st.st_size, st.st_mtime_ns, kind, vocab.tokens]).encode()).hexdigest()[:16]
+        folder = os.path.join(cache_dir, f"{os.path.basename(path)}-{key}")
+        if not os.path.exists(os.path.join(folder, "done")):
+            self._build(path, vocab, kind, folder)
+        self.path = path
+        self.tokens = np.load(os.path.join(folder, "tokens.npy"), mmap_mode="r")
+        self.offsets = np.load(os.path.join(folder, "offsets.npy"))
+        self.docs = np.load(os.path.join(folder, "docs.npy"))  # (N,) document of each item
+        self.image_ids = None
+        if kind == "pairs":
+            with open(os.path.join(folder, "image_ids.json")) as f:
+                self.image_ids = json.load(f)
+
+    @staticmethod
+    def _build(path, vocab, kind, folder):
+        lines = read_lines(path)
+        texts, docs, image_ids, doc = [], [], [], 0
+        for n, line in enumerate(lines, 1):
+            if kind == "pairs":
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                    image_ids.append(str(record["image_id"]))
+                    texts.append(record["caption"])
+                except (ValueError, KeyError, TypeError):
+                    raise ValueError(f"{path}: line {n} is not a JSON object with image_id and caption") from None
+            elif not line.strip():
+                if kind == "docs" and docs and docs[-1] == doc:
+                    doc += 1  # a blank line ends a document
+                continue
+            else:
+                texts.append(line)
+            docs.append(doc if kind == "docs" else len(docs))
+        if not texts:
+            raise ValueError(f"{path}: no text in the file")
+        ids = []
+        for i in range(0, len(texts), 10000):
+            ids.extend(vocab.encode_batch(texts[i:i + 10000]))
+        os.makedirs(folder, exist_ok=True)
+        _save_npy(os.path.join(folder, "tokens.npy"), np.concatenate([np.asarray(x, dtype=np.int32) for x in ids]))
+        _save_npy(os.path.join(folder, "offsets.npy"), np.concatenate([[0], np.cumsum([len(x) for x in ids])]).astype(np.int64))
+        _save_npy(os.path.join(folder, "docs.npy"), np.asarray(docs, dtype=np.int64))
+        if kind == "pairs":
+            write_json(os.path.join(folder, "image_ids.json"), image_ids)
+        open(os.path.join(folder, "done"), "w").close()
+
+    def __len__(self):
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i):
+        return self.tokens[self.offsets[i]:self.offsets[i + 1]]
+
+    def chunks(self, max_pieces):
+        """Runs of whole consecutive sentences of one document, each at most `max_pieces` long
+        (a longer sentence is a chunk of its own, cut later): (start, end) item ranges (SPEC 2)."""
+        lengths = np.diff(self.offsets)
+        out, start, size = [], 0, 0
+        for i in range(len(self)):
+            if i > start and (self.docs[i] != self.docs[start] or size + lengths[i] > max_pieces):
+                out.append((start, i))
+                start, size = i, 0
+            size += lengths[i]
+        out.append((start, len(self)))
+        return np.asarray(out, dtype=np.int64)
+
+    def span(self, start, end):
+        return self.tokens[self.offsets[start]:self.offsets[end]]
+
+
+# -----------------------------------------------------------------------------
+# 3. the toy world
+#
+# A miniature of the paper's setting, made from a seed in seconds: scenes of objects with classes
+# in semantic groups, colours, sizes and positions; a simulated detector that sees each object as a
+# noisy box, a feature vector (class + group + colour + size + noise, so related classes have
+# related features), a top-1 tag that is sometimes wrong (confused within the group) and a
+# confidence; captions; general text that uses the same words outside captions; and the four
+# downstream tasks in the real datasets' file formats. Everything is written in the formats real
+# data comes in, so no other code can tell toy from real.
+
+TOY_DIR = "toy_world"
+GROUPS = {
+    "vehicle": ["car", "truck", "bus", "bicycle", "motorcycle", "fire truck"],
+    "animal": ["dog", "cat", "horse", "cow", "sheep", "bird"],
+    "kitchenware": ["cup", "bowl", "plate", "knife", "fork", "spoon"],
+    "food": ["apple", "banana", "pizza", "sandwich", "cake", "hot dog"],
+    "furniture": ["chair", "table", "bed", "sofa", "bench", "lamp"],
+    "person": ["man", "woman", "boy", "girl", "baby", "chef"],
+    "background": ["road", "sky", "wall", "floor", "grass", "window"],
+}
+CLASSES = [c for g in GROUPS.values() for c in g]
+GROUP_OF = {c: g for g, cs in GROUPS.items() for c in cs}
+COLORS = ["red", "blue", "green", "yellow", "black", "white", "brown", "gray"]
+SIZES = ["small", "large"]
+PLURAL = {"bus": "buses", "sheep": "sheep", "knife": "knives", "bench": "benches", "man": "men", "woman": "women",
+          "baby": "babies", "sandwich": "sandwiches", "fire truck": "fire trucks", "hot dog": "hot dogs", "glass": "glasses"}
+NUMBERS = ["zero", "one", "two", "three", "four", "five"]
+SCENES = {  # scene type: (groups its objects come from, background classes)
+    "street": (["vehicle", "vehicle", "person", "animal"], ["road", "sky"]),
+    "kitchen": (["kitchenware", "food", "person"], ["wall", "floor"]),
+    "farm": (["animal", "animal", "person", "vehicle"], ["grass", "sky"]),
+    "living room": (["furniture", "person", "animal"], ["wall", "window"]),
+    "dining room": (["food", "kitchenware", "furniture"], ["floor", "window"]),
+}
+FEATURE_DIM = 64
+TAG_ACCURACY = 0.8  # how often the simulated detector's top-1 class is right
+
+
+def plural(c):
+    return PLURAL.get(c, c + "s")
+
+
+class ToyWorld:
+    """Draws scenes and what a detector and people would say about them. Deterministic from seed."""
+
+    def __init__(self, seed=0):
+        self.rng = np.random.default_rng(seed)
+        g = np.random.default_rng(seed + 1)  # the detector's feature space, fixed per world
+        unit = lambda n, scale: scale * g.standard_normal((n, FEATURE_DIM)) / np.sqrt(FEATURE_DIM)
+        self.group_vec = dict(zip(GROUPS, unit(len(GROUPS), 2.0)))
+        self.class_vec = unit(len(CLASSES), 1.5)
+        self.color_vec = unit(len(COLORS), 1.0)
+        self.size_vec = unit(len(SIZES), 0.5)
+
+    def scene(self, kind=None, classes=None):
+        """Ground truth: a scene type and 3-6 objects with class, colour, size and a pixel box."""
+        r = self.rng
+        kind = kind or r.choice(list(SCENES))
+        groups, background = SCENES[kind]
+        W, H = 640, 480
+        if classes is None:
+            classes = [r.choice(GROUPS[r.choice(groups)]) for _ in range(r.integers(3, 7))]
+        objects = []
+        for c in classes:
+            size = r.choice(SIZES)
+            w, h = (r.uniform(0.1, 0.25, 2) if size == "small" else r.uniform(0.3, 0.5, 2)) * (W, H)
+            x, y = r.uniform(0, W - w), r.uniform(0, H - h)
+            objects.append({"class": str(c), "color": str(r.choice(COLORS)), "size": str(size),
+                            "box": [round(float(v), 1) for v in (x, y, x + w, y + h)]})
+        for c in background:  # stuff regions: detected and tagged, seldom talked about
+            objects.append({"class": c, "color": str(r.choice(COLORS)), "size": "large", "background": True,
+                            "box": [0.0, 0.0 if c in ("sky", "wall", "window") else H / 2, float(W), H / 2 if c in ("sky", "wall", "window") else float(H)]})
+        return {"kind": str(kind), "width": W, "height": H, "objects": objects}
+
+    def detect(self, scene):
+        """What a detector gives for a scene: per region a box, a feature, a top-1 tag, a confidence
+        and an attribute (the colour). Boxes jitter; tags are wrong 1 time in 5, within the group."""
+        r, W, H = self.rng, scene["width"], scene["height"]
+        feats, boxes, labels, scores, attrs, attr_scores = [], [], [], [], [], []
+        for o in scene["objects"]:
+            c, col = CLASSES.index(o["class"]), COLORS.index(o["color"])
+            x1, y1, x2, y2 = o["box"]
+            j = r.normal(0, 0.05, 4) * (x2 - x1, y2 - y1, x2 - x1, y2 - y1)
+            box = np.clip(np.array([x1, y1, x2, y2]) + j, 0, [W, H, W, H]) / [W, H, W, H]
+            f = self.group_vec[GROUP_OF[o["class"]]] + self.class_vec[c] + self.color_vec[col] \
+                + self.size_vec[SIZES.index(o["size"])] + r.normal(0, 0.4, FEATURE_DIM) / np.sqrt(FEATURE_DIM) * 4
+            right = r.random() < TAG_ACCURACY
+            tag = c if right else CLASSES.index(r.choice([x for x in GROUPS[GROUP_OF[o["class"]]] if x != o["class"]]))
+            attr_right = r.random() < 0.8
+            feats.append(np.maximum(f, 0))  # ReLU'd like a real box head's output
+            boxes.append(box)
+            labels.append(tag)
+            scores.append(r.uniform(0.5, 1.0) if right else r.uniform(0.2, 0.7))
+            attrs.append(col if attr_right else r.integers(len(COLORS)))
+            attr_scores.append(r.uniform(0.5, 1.0) if attr_right else r.uniform(0.2, 0.6))
+        return dict(features=np.array(feats), boxes=np.array(boxes), labels=np.array(labels), scores=np.array(scores),
+                    attributes=np.array(attrs), attr_scores=np.array(attr_scores), width=W, height=H)
+
+    # -- language about scenes ------------------------------------------------
+
+    def caption(self, scene):
+        r = self.rng
+        things = [o for o in scene["objects"] if not o.get("background")]
+        a, b = (things[i] for i in r.choice(len(things), 2, replace=False))
+        counts = {c: sum(o["class"] == c for o in things) for c in {o["class"] for o in things}}
+        many = [c for c, n in counts.items() if n > 1]
+        form = r.integers(5)
+        if form == 0:
+            return f"a {a['color']} {a['class']} {relation(a, b)} a {b['size']} {b['class']} ."
+        if form == 1:
+            return f"a {a['size']} {a['color']} {a['class']} in a {scene['kind']} ."
+        if form == 2 and many:
+            c = r.choice(many)
+            return f"{NUMBERS[counts[c]]} {plural(c)} and a {b['color']} {b['class']} in the {scene['kind']} ."
+        if form == 3:
+            return f"there is a {a['color']} {a['class']} and a {b['color']} {b['class']} ."
+        return f"a {a['class']} {relation(a, b)} the {b['color']} {b['class']} in a {scene['kind']} ."
+
+    def sentence(self, group):
+        """General text: the object words used outside captions, in contexts shared by a group,
+        so that text alone can learn that a truck is like a car."""
+        r = self.rng
+        x, y = r.choice(GROUPS[group]), r.choice(GROUPS[r.choice(list(GROUPS))])
+        t = r.choice(GENERAL_TEXT[group] + GENERAL_TEXT["any"])
+        return t.format(x=x, xs=plural(x), y=y, ys=plural(y), color=r.choice(COLORS), size=r.choice(SIZES))
+
+    def document(self):
+        group = self.rng.choice([g for g in GROUPS if g != "background"])
+        return [self.sentence(group) for _ in range(self.rng.integers(3, 8))]
+
+
+GENERAL_TEXT = {
+    "vehicle": ["the {x} stopped at the traffic light .", "he bought a new {x} last year .", "she drove the {x} to work .",
+                "the {x} was parked outside the station .", "a {x} needs fuel to run .", "they washed the {x} in the driveway ."],
+    "animal": ["the {x} was hungry and wanted food .", "a {x} is an animal that lives on a farm .", "the vet looked at the sick {x} .",
+               "the {x} slept in the sun all day .", "children like to feed the {x} .", "the {x} ran across the field ."],
+    "kitchenware": ["she washed the {x} after dinner .", "put the {x} back in the cupboard .", "the {x} fell and made a loud noise .",
+                    "he set the {x} on the kitchen counter .", "a clean {x} was next to the sink ."],
+    "food": ["the {x} tasted sweet and fresh .", "he ate a {x} for lunch .", "she bought a {x} at the market .",
+             "the {x} was still warm from the oven .", "kids love to eat {xs} ."],
+    "furniture": ["they moved the {x} into the new house .", "the old {x} is made of wood .", "she sat down near the {x} .",
+                  "the {x} was too heavy to carry .", "we painted the {x} last summer ."],
+    "person": ["the {x} walked to work in the morning .", "a {x} said hello to the neighbours .", "the {x} laughed at the joke .",
+               "the {x} was reading a book .", "a young {x} waved from the window ."],
+    "any": ["the {x} was {color} and {size} .", "a {size} {x} is not like a {y} .", "the {x} and the {y} were both {color} .",
+            "there was a {color} {x} in the picture .", "how many {xs} did you see ?", "what color is your {x} ?",
+            "is there a {x} in the house ?", "what is next to the {y} ?", "we saw two {xs} and three {ys} ."],
+}
+
+
+def relation(a, b):
+    """Where a is relative to b, from their box centres."""
+    (ax1, ay1, ax2, ay2), (bx1, by1, bx2, by2) = a["box"], b["box"]
+    dx, dy = (ax1 + ax2 - bx1 - bx2) / 2, (ay1 + ay2 - by1 - by2) / 2
+    if abs(dx) > abs(dy):
+        return "to the left of" if dx < 0 else "to the right of"
+    return "above" if dy < 0 else "below"
+
+
+def make_toy_world(root=TOY_DIR, seed=0, scale=1.0, log=print):
+    """Write the toy world under `root` (skipped if it is already there). `scale` shrinks it for tests.
+
+    root/vocab.txt                         WordPiece vocabulary trained on the toy text
+    root/scenes.json                       ground truth of every scene, by image id
+    root/features/{pretrain,extra,heldout,vqa,nlvr2,flickr30k,refcoco}   feature stores
+    root/pretrain/captions.txt             captions of *other* scenes than the pretrain images (unaligned)
+    root/pretrain/pairs.jsonl              {"image_id", "caption"}: the pretrain images' own captions (aligned)
+    root/pretrain/text.txt                 general text, a sentence per line, blank line between documents
+    root/heldout/{captions.txt,text.txt}   the same, never trained on, for held-out losses
+    root/tasks/...                         VQA v2, NLVR2, Flickr30K (Karpathy) and RefCOCO+ (UNC) files
+    """
+    if os.path.exists(os.path.join(root, "done")):
+        return root
+    n = lambda k: max(4, int(k * scale))
+    world, scenes = ToyWorld(seed), {}
+    os.makedirs(os.path.join(root, "pretrain"), exist_ok=True)
+    os.makedirs(os.path.join(root, "heldout"), exist_ok=True)
+
+    def store(name, items):  # items: (image_id, scene); writes a feature store of their detections
+        w = FeatureWriter(os.path.join(root, "features", name), FEATURE_DIM, CLASSES, attr_names=COLORS,
+                          extractor={"detector": "toy world simulated detector", "seed": seed}, shard_size=2000)
+        for image_id, s in items:
+            scenes[image_id] = s
+            d = world.detect(s)
+            w.add(image_id, d["features"], d["boxes"], d["labels"], d["scores"], d["width"], d["height"], d["attributes"], d["attr_scores"])
+        w.close()
+
+    def write_lines(path, lines):
+        with open(path, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+    def text(n_docs):
+        return [line for _ in range(n_docs) for line in world.document() + [""]]
+
+    # pre-training corpora: images, captions of other scenes, aligned pairs, general text
+    images = [(f"pt{i:06d}", world.scene()) for i in range(n(6000))]
+    store("pretrain", images)
+    store("extra", [(f"ex{i:06d}", world.scene()) for i in range(n(3000))])
+    write_lines(os.path.join(root, "pretrain", "captions.txt"), [world.caption(world.scene()) for _ in range(n(6000))])
+    write_lines(os.path.join(root, "pretrain", "pairs.jsonl"), [json.dumps({"image_id": i, "caption": world.caption(s)}) for i, s in images])
+    write_lines(os.path.join(root, "pretrain", "text.txt"), text(n(3000)))
+    store("heldout", [(f"ho{i:06d}", world.scene()) for i in range(n(300))])
+    write_lines(os.path.join(root, "heldout", "captions.txt"), [world.caption(world.scene()) for _ in range(n(300))])
+    write_lines(os.path.join(root, "heldout", "text.txt"), text(n(150)))
+
+    make_toy_tasks(world, root, n, store, scenes)
+
+    # the vocabulary: WordPiece trained on all the toy world's words, as BERT's covers all of English
+    from tokenizers import BertWordPieceTokenizer
+    tok = BertWordPieceTokenizer(lowercase=True)
+    words = [" ".join(CLASSES + COLORS + SIZES + NUMBERS + list(SCENES) + [plural(c) for c in CLASSES])]
+    words += [q["question"] for q in read_json(os.path.join(root, "tasks", "vqa", "v2_OpenEnded_mscoco_train2014_questions.json"))["questions"]]
+    tok.train_from_iterator(words + read_lines(os.path.join(root, "pretrain", "text.txt")) + read_lines(os.path.join(root, "pretrain", "captions.txt")),
+                            vocab_size=500, min_frequency=2, show_progress=False, special_tokens=list(Vocab.SPECIALS))
+    write_lines(os.path.join(root, "vocab.txt"), [t for t, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])])
+    write_json(os.path.join(root, "scenes.json"), scenes)
+    open(os.path.join(root, "done"), "w").close()
+    log(f"toy world written to {root}/: {len(scenes)} scenes")
+    return root
+
+
+def make_toy_tasks(world, root, n, store, scenes):
+    """The four downstream tasks on fresh scenes, each in its real dataset's file format (SPEC 7)."""
+    r, tasks = world.rng, os.path.join(root, "tasks")
+    things = lambda s: [o for o in s["objects"] if not o.get("background")]
+
+    # VQA v2: questions and annotations files, 10 answers per question, COCO-style integer image ids
+    os.makedirs(os.path.join(tasks, "vqa"), exist_ok=True)
+    qid = 0
+    for split, first_id, count in (("train2014", 100000, n(2000)), ("val2014", 200000, n(500))):
+        items = [(str(first_id + i), world.scene()) for i in range(count)]
+        store(f"vqa_{split[:-4]}", items)
+        questions, annotations = [], []
+        for image_id, s in items:
+            for qtype, atype, question, answer, options in toy_questions(r, s):
+                qid += 1
+                answers = [answer if r.random() < 0.9 else str(r.choice(options)) for _ in range(10)]
+                questions.append({"image_id": int(image_id), "question": question, "question_id": qid})
+                annotations.append({"question_id": qid, "image_id": int(image_id), "question_type": qtype, "answer_type": atype,
+                                    "multiple_choice_answer": max(set(answers), key=answers.count),
+                                    "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": k + 1} for k, a in enumerate(answers)]})
+        write_json(os.path.join(tasks, "vqa", f"v2_OpenEnded_mscoco_{split}_questions.json"),
+                   {"task_type": "Open-Ended", "data_type": "mscoco", "data_subtype": split, "questions": questions})
+        write_json(os.path.join(tasks, "vqa", f"v2_mscoco_{split}_annotations.json"),
+                   {"data_type": "mscoco", "data_subtype": split, "annotations": annotations})
+
+    # NLVR2: JSON lines; each sentence is judged against 2 image pairs, named from the identifier
+    os.makedirs(os.path.join(tasks, "nlvr2"), exist_ok=True)
+    for split, count in (("train", n(1500)), ("dev", n(300)), ("test1", n(300))):
+        lines, items = [], []
+        for k in range(count):
+            sentence, make_pair = toy_nlvr2_sentence(world)
+            for p in range(2):
+                label = bool(r.random() < 0.5)
+                left, right = make_pair(label)
+                items += [(f"{split}-{k}-{p}-img0", left), (f"{split}-{k}-{p}-img1", right)]
+                lines.append(json.dumps({"identifier": f"{split}-{k}-{p}-0", "sentence": sentence, "label": str(label)}))
+        store(f"nlvr2_{split}", items)
+        with open(os.path.join(tasks, "nlvr2", f"{split}.json"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+    # Flickr30K, Karpathy's split file: 5 captions per image
+    os.makedirs(os.path.join(tasks, "flickr30k"), exist_ok=True)
+    images, items = [], []
+    for split, count in (("train", n(1000)), ("val", n(100)), ("test", n(100))):
+        for _ in range(count):
+            i, s = len(images), world.scene()
+            items.append((str(700000 + i), s))
+            sents = [world.caption(s) for _ in range(5)]
+            images.append({"filename": f"{700000 + i}.jpg", "imgid": i, "split": split, "sentids": list(range(5 * i, 5 * i + 5)),
+                           "sentences": [{"raw": c, "tokens": c.replace(" .", "").split(), "imgid": i, "sentid": 5 * i + j} for j, c in enumerate(sents)]})
+    store("flickr30k", items)
+    write_json(os.path.join(tasks, "flickr30k", "dataset_flickr30k.json"), {"dataset": "flickr30k", "images": images})
+
+    # RefCOCO+ (UNC): refs(unc).p and COCO instances.json; testA refers to people, testB to objects
+    os.makedirs(os.path.join(tasks, "refcoco+"), exist_ok=True)
+    refs, coco_images, annotations, items = [], [], [], []
+    for split, count in (("train", n(1500)), ("val", n(300)), ("testA", n(300)), ("testB", n(300))):
+        made = 0
+        while made < count:
+            s = toy_refcoco_scene(world, people=split == "testA" or (split in ("train", "val") and r.random() < 0.5))
+            image_id = 300000 + len(coco_images)
+            targets = [o for o in things(s) if (GROUP_OF[o["class"]] == "person") == (split != "testB") or split in ("train", "val")]
+            o = targets[r.integers(len(targets))]
+            expression = referring_expression(o, things(s))
+            if expression is None:
+                continue
+            made += 1
+            items.append((str(image_id), s))
+            coco_images.append({"id": image_id, "width": s["width"], "height": s["height"], "file_name": f"COCO_train2014_{image_id:012d}.jpg"})
+            for obj in things(s):
+                x1, y1, x2, y2 = obj["box"]
+                annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": CLASSES.index(obj["class"]) + 1,
+                                    "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
+                if obj is o:
+                    ann_id = annotations[-1]["id"]
+            refs.append({"ref_id": len(refs), "ann_id": ann_id, "image_id": image_id, "split": split, "category_id": CLASSES.index(o["class"]) + 1,
+                         "sent_ids": [len(refs)], "file_name": coco_images[-1]["file_name"],
+                         "sentences": [{"sent": expression, "raw": expression, "tokens": expression.split(), "sent_id": len(refs)}]})
+    store("refcoco", items)
+    import pickle
+    with open(os.path.join(tasks, "refcoco+", "refs(unc).p"), "wb") as f:
+        pickle.dump(refs, f)
+    write_json(os.path.join(tasks, "refcoco+", "instances.json"), {
+        "images": coco_images, "annotations": annotations,
+        "categories": [{"id": i + 1, "name": c, "supercategory": GROUP_OF[c]} for i, c in enumerate(CLASSES)]})
+
+
+def toy_questions(r, s):
+    """(question_type, answer_type, question, answer, wrong-answer options) about a scene."""
+    objs = [o for o in s["objects"] if not o.get("background")]
+    counts = {c: sum(o["class"] == c for o in objs) for c in CLASSES}
+    unique = [o for o in objs if counts[o["class"]] == 1]
+    out = []
+    if unique:
+        o = unique[r.integers(len(unique))]
+        out.append(("what color is the", "other", f"what color is the {o['class']}?", o["color"], COLORS))
+    c = r.choice([o["class"] for o in objs] + list(GROUPS[GROUP_OF[objs[0]["class"]]]))
+    out.append(("how many", "number", f"how many {plural(c)} are there?", str(counts[c]), ["0", "1", "2", "3", "4"]))
+    present = r.random() < 0.5
+    group = GROUPS[GROUP_OF[objs[r.integers(len(objs))]["class"]]]
+    pool = [x for x in group if (counts[x] > 0) == present] or [x for x in group]
+    c = r.choice(pool)
+    out.append(("is there a", "yes/no", f"is there a {c} in the picture?", "yes" if counts[c] else "no", ["yes", "no"]))
+    if len(unique) >= 2:
+        i, j = r.choice(len(unique), 2, replace=False)
+        a, b = unique[i], unique[j]
+        out.append(("what is", "other", f"what is {relation(a, b)} the {b['class']}?", a["class"], CLASSES[:-len(GROUPS['background'])]))
+    return out
+
+
+def toy_nlvr2_sentence(world):
+    """A statement about two images, and a function that draws a (left, right) scene pair for
+    which the statement is true or false, as asked."""
+    r = world.rng
+    kind = r.choice(list(SCENES))
+    c = r.choice(GROUPS[r.choice(SCENES[kind][0])])
+    color, count = r.choice(COLORS), int(r.integers(1, 4))
+
+    def scene(copies, col=None):  # a scene of this kind with `copies` objects of class c
+        others = [x for x in (r.choice(GROUPS[r.choice(SCENES[kind][0])]) for _ in range(r.integers(2, 4))) if x != c]
+        s = world.scene(kind, classes=others + [c] * copies)
+        for o in s["objects"]:
+            if o["class"] == c and col is not None:
+                o["color"] = col
+            elif o["class"] == c and o["color"] == color:  # keep "a {color} {c}" under control
+                o["color"] = r.choice([x for x in COLORS if x != color])
+        return s
+
+    form = r.integers(4)
+    if form == 0:
+        sentence = f"there is a {c} in the left image ."
+        pair = lambda t: (scene(int(r.integers(1, 3)) if t else 0), scene(int(r.integers(0, 2))))
+    elif form == 1:
+        sentence = f"both images contain a {c} ."
+        pair = lambda t: (scene(1), scene(1)) if t else ((scene(1), scene(0)) if r.random() < 0.5 else (scene(0), scene(1)))
+    elif form == 2:
+        sentence = f"there {'is' if count == 1 else 'are'} exactly {NUMBERS[count]} {c if count == 1 else plural(c)} in the left image ."
+        pair = lambda t: (scene(count if t else int(r.choice([x for x in (count - 1, count + 1) if x >= 0]))), scene(int(r.integers(0, 3))))
+    else:
+        sentence = f"the right image has a {color} {c} ."
+        pair = lambda t: (scene(int(r.integers(0, 2))), scene(1, color) if t else scene(int(r.integers(0, 2))))
+    return sentence, pair
+
+
+def toy_refcoco_scene(world, people):
+    """A scene with look-alike distractors: two classes, two or three objects of each."""
+    r = world.rng
+    kind = r.choice(["street", "farm", "living room"] if people else ["kitchen", "dining room", "street", "farm"])
+    groups = [g for g in SCENES[kind][0] if (g == "person") == people] or SCENES[kind][0]
+    a = r.choice(GROUPS["person"] if people else GROUPS[r.choice(groups)])
+    b = r.choice(GROUPS[r.choice(SCENES[kind][0])])
+    return world.scene(kind, classes=[a] * int(r.integers(2, 4)) + [b] * int(r.integers(1, 3)))
+
+
+def referring_expression(o, objects):
+    """The shortest description that fits `o` and no other object (RefCOCO+ has no location words)."""
+    for keys in (["class"], ["color", "class"], ["size", "class"], ["size", "color", "class"]):
+        if sum(all(x[k] == o[k] for k in keys) for x in objects) == 1:
+            return "the " + " ".join(o[k] for k in keys)
+    return None
+
+
+
+# -----------------------------------------------------------------------------
+# 4. masking (SPEC 2)
+
+MASK_PROB, TAG_JOINT_PROB = 0.15, 0.9
+
+
+def mask_units(ids, units, chosen, vocab, gen):
+    """Mask whole units (a piece, a word, a tag) together: each chosen unit's pieces all become
+    [MASK] (80%), all become random pieces (10%) or all stay (10%).
+
+    ids (B, T) pieces; units (B, T) the unit of each piece, -1 for pieces never masked ([CLS],
+    [SEP], padding); chosen (B, U) which units are masked. Returns (inputs, labels), labels -100
+    where nothing is predicted."""
+    action = torch.rand(chosen.shape, generator=gen)  # (B, U)
+    u = units.clamp(min=0)
+    picked = chosen.gather(1, u) & (units >= 0)  # (B, T)
+    act = action.gather(1, u)
+    labels = torch.where(picked, ids, torch.full_like(ids, -100))
+    inputs = ids.clone()
+    inputs[picked & (act < 0.8)] = vocab.mask
+    rand = picked & (act >= 0.8) & (act < 0.9)
+    inputs[rand] = torch.randint(len(vocab), (int(rand.sum()),), generator=gen)
+    return inputs, labels
+
+
+def mask_text(ids, vocab, gen, whole_word=False):
+    """Masked LM inputs for padded text (B, T): piece by piece (captions) or by whole words
+    (general text: a word's "##" pieces go with it)."""
+    maskable = torch.from_numpy(~vocab.special)[ids]  # (B, T)
+    if whole_word:
+        starts = ~torch.from_numpy(vocab.continuation)[ids] | ~maskable
+        units = starts.long().cumsum(1) - 1  # (B, T) word index
+    else:
+        units = torch.arange(ids.shape[1]).expand_as(ids)
+    units = torch.where(maskable, units, torch.full_like(units, -1))
+    chosen = torch.rand(ids.shape, generator=gen) < MASK_PROB  # (B, U), U = T bounds the unit count
+    return mask_units(ids, units, chosen, vocab, gen)
+
+
+def mask_regions(feats, valid, gen):
+    """Region masking: each region with p 0.15; of those 80% zeroed, 10% replaced by a region of
+    another image of the batch, 10% kept. The box is never masked. feats (B, K, D), valid (B, K).
+    Returns the new features and which regions were masked. With one image in the batch there is
+    no other image, and regions drawn for replacement stay as they are."""
+    B, K, _ = feats.shape
+    masked = (torch.rand(B, K, generator=gen) < MASK_PROB) & valid
+    action = torch.rand(B, K, generator=gen)
+    out = feats.clone()
+    out[masked & (action < 0.8)] = 0
+    replace = (masked & (action >= 0.8) & (action < 0.9)).nonzero()  # (N, 2): image, region
+    if B > 1 and len(replace):
+        other = (replace[:, 0] + torch.randint(1, B, (len(replace),), generator=gen)) % B  # never the same image
+        region = torch.multinomial(valid[other].float(), 1, generator=gen).squeeze(1)  # a valid region of it
+        out[replace[:, 0], replace[:, 1]] = feats[other, region]
+    return out, masked
+
+
+def mask_tags(tag_ids, tag_region, region_masked, vocab, gen):
+    """Tag masking: a tag with p 0.15, and with p 0.9 when its region is masked, so the model
+    cannot read a masked region's class off its tag. A tag's pieces go together (its unit is its
+    region). tag_region (B, L): the region of each tag piece, -1 for padding."""
+    B, K = region_masked.shape
+    chosen = (torch.rand(B, K, generator=gen) < MASK_PROB) | (region_masked & (torch.rand(B, K, generator=gen) < TAG_JOINT_PROB))
+    return mask_units(tag_ids, tag_region, chosen, vocab, gen)
+
+
+# -----------------------------------------------------------------------------
+# 5. batches (SPEC 4)
+
+CAPTION_LEN, TEXT_LEN, MAX_TAGS = 30, 64, 50  # pieces, [CLS] and [SEP] included
+
+
+def pad(seqs, value=0, dtype=torch.long):
+    """A list of equal-rank arrays -> one tensor padded along the first axis, and the valid mask."""
+    T = max(1, max(len(s) for s in seqs))
+    shape = (len(seqs), T) + tuple(np.shape(seqs[0])[1:])
+    out = torch.full(shape, value, dtype=dtype)
+    mask = torch.zeros(len(seqs), T, dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        if len(s):
+            out[i, : len(s)] = torch.as_tensor(np.asarray(s), dtype=dtype)
+            mask[i, : len(s)] = True
+    return out, mask
+
+
+def text_inputs(seqs, vocab, max_len, second=None):
+    """[CLS] a [SEP] (or [CLS] a [SEP] b [SEP] with segment ids 0 then 1, as BERT: the authors give
+    both halves segment 0, but BERT's checkpoint was trained with 1) -> input_ids, attention_mask,
+    token_type_ids."""
+    rows, types = [], []
+    for i, a in enumerate(seqs):
+        if second is None:
+            a = list(a[: max_len - 2])
+            rows.append([vocab.cls] + a + [vocab.sep])
+            types.append([0] * (len(a) + 2))
+        else:
+            b = list(second[i][: max_len - 3 - min(len(a), (max_len - 3) // 2)])
+            a = list(a[: max_len - 3 - len(b)])
+            rows.append([vocab.cls] + a + [vocab.sep] + b + [vocab.sep])
+            types.append([0] * (len(a) + 2) + [1] * (len(b) + 1))
+    ids, mask = pad(rows, vocab.pad)
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": pad(types)[0]}
+
+
+def image_inputs(entries, tag_pieces, tags=True, max_tags=MAX_TAGS):
+    """Store entries -> padded region and tag tensors. Each region's tag is its detector class's
+    word pieces, every piece with the region's box (SPEC 1); tags stop at `max_tags` pieces."""
+    feats, valid = pad([e["features"] for e in entries], 0.0, torch.float32)  # (B, K, D)
+    out = {"feats": feats, "region_mask": valid,
+           "boxes": pad([e["boxes"] for e in entries], 0.0, torch.float32)[0],  # (B, K, 4)
+           "obj_labels": pad([e["labels"] for e in entries], -100)[0],  # (B, K)
+           "obj_conf": pad([e["scores"] for e in entries], 0.0, torch.float32)[0]}
+    if all("attributes" in e for e in entries):
+        out["attr_labels"] = pad([e["attributes"] for e in entries], -100)[0]
+        out["attr_conf"] = pad([e["attr_scores"] for e in entries], 0.0, torch.float32)[0]
+    if tags:
+        ids, regions = [], []
+        for e in entries:
+            i, r = [], []
+            for k, label in enumerate(e["labels"]):
+                pieces = tag_pieces[label]
+                if len(i) + len(pieces) > max_tags:
+                    break
+                i += pieces
+                r += [k] * len(pieces)
+            ids.append(i)
+            regions.append(r)
+        out["tag_ids"], out["tag_mask"] = pad(ids)  # (B, L)
+        out["tag_region"] = pad(regions, -1)[0]  # (B, L)
+        region = out["tag_region"].clamp(min=0)[..., None].expand(-1, -1, 4)  # (B, L, 4)
+        out["tag_boxes"] = out["boxes"].gather(1, region)  # each piece carries its region's box
+    return out
+
+
+def mask_image(batch, vocab, gen):
+    """Add the image objectives' masks and targets to an image batch (SPEC 2)."""
+    batch["feat_targets"] = batch["feats"]
+    batch["feats"], batch["region_masked"] = mask_regions(batch["feats"], batch["region_mask"], gen)
+    if "tag_ids" in batch:
+        batch["tag_ids"], batch["tag_labels"] = mask_tags(batch["tag_ids"], batch["tag_region"], batch["region_masked"], vocab, gen)
+    return batch
+
+
+class Images:
+    """One or more feature stores seen as one set of image ids."""
+
+    def __init__(self, paths):
+        self.stores = [FeatureStore(p) for p in paths]
+        first = self.stores[0]
+        for s in self.stores[1:]:
+            if s.class_names != first.class_names or s.feature_dim != first.feature_dim:
+                raise ValueError(f"{s.path}: other classes or feature size than {first.path}; stores must come from one extractor")
+        self.class_names, self.attr_names, self.feature_dim = first.class_names, first.attr_names, first.feature_dim
+        self.where = {i: s for s in self.stores for i in s.ids()}
+
+    def __getitem__(self, image_id):
+        if image_id not in self.where:
+            raise KeyError(f"image {image_id!r} is in none of the feature stores {[s.path for s in self.stores]}")
+        return self.where[image_id][image_id]
+
+    def __contains__(self, image_id):
+        return image_id in self.where
+
+
+class Corpus:
+    """One pre-training data set, and how to make a masked batch of it.
+
+    kind "image":   image ids, alone (tags + regions, or regions only without tags)
+    kind "caption": captions alone, masked piece by piece
+    kind "text":    general text, chunks of whole sentences, whole-word masking, NSP optional
+    kind "pair":    aligned image-caption pairs, with image-text match (SPEC 2)
+    """
+
+    def __init__(self, name, kind, vocab, items, images=None, tags=True, nsp=False, rate=1.0):
+        self.name, self.kind, self.vocab, self.items, self.images = name, kind, vocab, items, images
+        self.tags, self.nsp, self.rate = tags, nsp, rate
+        if images is not None:
+            self.tag_pieces = vocab.tag_pieces(images.class_names)
+        if kind == "text":
+            half = (TEXT_LEN - 3) // 2 if nsp else TEXT_LEN - 2
+            self.chunks = items.chunks(half)
+            if nsp:  # a first half needs a next chunk of the same document
+                self.starts = np.nonzero(items.docs[self.chunks[:-1, 0]] == items.docs[self.chunks[1:, 0]])[0]
+
+    def __len__(self):
+        if self.kind == "text":
+            return len(self.starts) if self.nsp else len(self.chunks)
+        return len(self.items)
+
+    def batch(self, idx, gen):
+        v = self.vocab
+        if self.kind == "caption":
+            b = text_inputs([self.items[i] for i in idx], v, CAPTION_LEN)
+            b["input_ids"], b["mlm_labels"] = mask_text(b["input_ids"], v, gen)
+            return b
+        if self.kind == "text":
+            span = lambda c: self.items.span(*self.chunks[c])
+            if not self.nsp:
+                b = text_inputs([span(i) for i in idx], v, TEXT_LEN)
+            else:  # B is the next chunk with p 0.5, else a random chunk (label 1, as BERT)
+                first = self.starts[idx]
+                is_random = torch.rand(len(idx), generator=gen) < 0.5
+                rand = torch.randint(len(self.chunks), (len(idx),), generator=gen).numpy()
+                second = np.where(is_random.numpy(), rand, first + 1)
+                b = text_inputs([span(i) for i in first], v, TEXT_LEN, second=[span(i) for i in second])
+                b["nsp_labels"] = is_random.long()
+            b["input_ids"], b["mlm_labels"] = mask_text(b["input_ids"], v, gen, whole_word=True)
+            return b
+        if self.kind == "image":
+            return mask_image(image_inputs([self.images[self.items[i]] for i in idx], self.tag_pieces, self.tags), v, gen)
+        # aligned pairs: with p 0.5 the image is swapped for another one of the batch (label 1)
+        captions, image_ids = self.items
+        idx = np.asarray(idx)
+        swap = (torch.rand(len(idx), generator=gen) < 0.5) & (len(idx) > 1)
+        shift = torch.randint(1, max(2, len(idx)), (len(idx),), generator=gen)
+        image_of = np.where(swap.numpy(), idx[(np.arange(len(idx)) + shift.numpy()) % len(idx)], idx)
+        b = text_inputs([captions[i] for i in idx], v, CAPTION_LEN)
+        b["input_ids"], b["mlm_labels"] = mask_text(b["input_ids"], v, gen)
+        b["mlm_labels"][swap] = -100  # no MLM on a mismatched pair (LXMERT, the authors' code base)
+        b["match_labels"] = swap.long()
+        b.update(mask_image(image_inputs([self.images[image_ids[i]] for i in image_of], self.tag_pieces, self.tags), v, gen))
+        return b
+
+
+def epoch_plan(sizes, rates, batch_size, seed, epoch):
+    """SPEC 4: each data set is shuffled and cut into full batches (a set smaller than a batch is
+    one batch); a rate below 1 takes that share of the set, rotating so consecutive epochs cover
+    all of it; then at each step a set is drawn with probability proportional to the batches it
+    has left, until all are used. Returns [(set, item indices)] for the epoch."""
+    g = np.random.default_rng([seed, epoch])
+    queues = []
+    for d, (n, rate) in enumerate(zip(sizes, rates)):
+        order = np.random.default_rng([seed, d, 7]).permutation(n)  # one fixed order the epochs rotate through
+        take = min(n, max(batch_size, int(n * rate)))
+        start = (epoch * take) % n
+        part = g.permutation(np.roll(order, -start)[:take])
+        bs = min(batch_size, take)
+        queues.append([part[i:i + bs] for i in range(0, take - bs + 1, bs)])
+    left = np.array([len(q) for q in queues], dtype=float)
+    plan, heads = [], [0] * len(queues)
+    while left.sum() > 0:
+        d = g.choice(len(queues), p=left / left.sum())
+        plan.append((d, queues[d][heads[d]]))
+        heads[d] += 1
+        left[d] -= 1
+    return plan
+
+
+class PretrainData(torch.utils.data.Dataset):
+    """Batch number `step` of the whole run, computed from (seed, step) alone: the data order and
+    the masks are the same however the run is split, stopped and resumed, and in any worker."""
+
+    def __init__(self, corpora, batch_size, seed):
+        self.corpora, self.batch_size, self.seed = corpora, batch_size, seed
+        self.sizes = [len(c) for c in corpora]
+        self.steps_per_epoch = len(epoch_plan(self.sizes, [c.rate for c in corpora], batch_size, seed, 0))
+        self._plan = (None, None)
+
+    def plan(self, epoch):
+        if self._plan[0] != epoch:
+            self._plan = (epoch, epoch_plan(self.sizes, [c.rate for c in self.corpora], self.batch_size, self.seed, epoch))
+        return self._plan[1]
+
+    def __len__(self):
+        return 2**62
+
+    def __getitem__(self, step):
+        d, idx = self.plan(step // self.steps_per_epoch)[step % self.steps_per_epoch]
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        corpus = self.corpora[d]
+        return corpus.name, corpus.batch(idx, gen)
+
+
+def draw_scene(root, image_id, out_png):
+    """Look at a toy scene: its objects as coloured boxes, the detector's tags and scores, and a
+    caption, in a PNG."""
+    from PIL import Image, ImageDraw
+    with open(os.path.join(root, "scenes.json")) as f:
+        scene = json.load(f).get(image_id)
+    if scene is None:
+        raise KeyError(f"{root}/scenes.json: no scene {image_id!r}")
+    name = next(n for n in os.listdir(os.path.join(root, "features")) if image_id in FeatureStore(os.path.join(root, "features", n)))
+    det = FeatureStore(os.path.join(root, "features", name))[image_id]
+    W, H = scene["width"], scene["height"]
+    rgb = {"red": (220, 50, 50), "blue": (60, 90, 220), "green": (60, 170, 80), "yellow": (230, 200, 40), "black": (30, 30, 30),
+           "white": (245, 245, 245), "brown": (140, 90, 50), "gray": (150, 150, 150)}
+    img = Image.new("RGB", (W, H + 40), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    for o in sorted(scene["objects"], key=lambda o: not o.get("background")):  # background first
+        draw.rectangle(o["box"], fill=rgb[o["color"]] if not o.get("background") else None, outline=(200, 200, 200))
+    for box, label, score in zip(det["boxes"], det["labels"], det["scores"]):
+        x1, y1, x2, y2 = box * [W, H, W, H]
+        draw.rectangle([x1, y1, x2, y2], outline=(255, 0, 255), width=2)
+        text = f"{CLASSES[label]} {score:.2f}"
+        draw.rectangle(draw.textbbox((x1 + 3, y1 + 2), text), fill=(255, 255, 255))
+        draw.text((x1 + 3, y1 + 2), text, fill=(200, 0, 200))
+    draw.text((8, H + 12), ToyWorld(hash(image_id) % 2**31).caption(scene), fill=(0, 0, 0))
+    img.save(out_png)
+    return out_png
+
+
+if __name__ == "__main__":
+    import argparse
+    p = argparse.ArgumentParser(description="Make the toy world, or draw one of its scenes.")
+    p.add_argument("--root", default=TOY_DIR, help="where the toy world lives")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--show", metavar="IMAGE_ID", help="draw this scene (e.g. pt000000) to IMAGE_ID.png")
+    args = p.parse_args()
+    make_toy_world(args.root, args.seed)
+    if args.show:
+        print("wrote", draw_scene(args.root, args.show, f"{args.show}.png"))

@@ -1,0 +1,337 @@
+"""
+Pre-train U-VisualBERT (and every variant of the paper) with mask-and-predict.
+
+    python pretrain.py --unaligned          # U: images alone, captions alone, general text (toy world)
+    python pretrain.py --text-only          # the toy world's "BERT": text MLM alone
+    python pretrain.py --aligned --no-tags  # S_NT, and so on (SPEC 3)
+
+With no data flags it uses the built-in toy world (made on first use, under toy_world/). With
+--images/--captions/--text/--pairs it trains on real data. See SPEC 2-5 for the method.
+"""
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+import torch
+
+import data
+from model import PRESETS, Config, VisualBERT, config_from_hf, load_bert
+
+# -----------------------------------------------------------------------------
+# settings: every flag, in one place; `python pretrain.py -h` is the manual
+
+p = argparse.ArgumentParser(description="Pre-train U-VisualBERT and its variants (SPEC 3).")
+v = p.add_argument_group("variant (SPEC 3); exactly one of the first four")
+v.add_argument("--unaligned", action="store_true", help="U: images alone + captions alone (unaligned) + general text")
+v.add_argument("--aligned", action="store_true", help="S: aligned image-caption pairs with the match loss + general text")
+v.add_argument("--hybrid", action="store_true", help="H: aligned pairs + extra images alone + general text")
+v.add_argument("--text-only", action="store_true", help="text MLM alone (the toy world's BERT, the Base row's start)")
+v.add_argument("--no-tags", action="store_true", help="regions only, no detector tags (the _NT rows)")
+v.add_argument("--no-captions", action="store_true", help="with --unaligned: no captions at all (U_NC)")
+v.add_argument("--nsp", action="store_true", help="add next-sentence prediction on general text")
+d = p.add_argument_group("data (default: the toy world)")
+d.add_argument("--images", nargs="+", metavar="STORE", help="feature stores of images (made by extract_features.py)")
+d.add_argument("--captions", nargs="+", metavar="FILE", help="caption files, one caption per line")
+d.add_argument("--text", nargs="+", metavar="FILE", help="general text: a sentence per line, blank line between documents")
+d.add_argument("--pairs", nargs="+", metavar="FILE", help="aligned pairs, JSON lines {image_id, caption}, images in --images")
+d.add_argument("--text-rate", type=float, default=1.0, help="share of the general text used per epoch (authors: 0.5 for BookCorpus)")
+d.add_argument("--heldout-images", nargs="+", metavar="STORE", help="held-out images for the before/after losses")
+d.add_argument("--heldout-captions", nargs="+", metavar="FILE", help="held-out captions")
+d.add_argument("--heldout-text", nargs="+", metavar="FILE", help="held-out general text")
+d.add_argument("--toy-root", default=data.TOY_DIR, help="where the toy world is made and cached")
+d.add_argument("--cache-dir", default="cache", help="where tokenised corpora are cached")
+m = p.add_argument_group("model and optimisation (SPEC 5)")
+m.add_argument("--model", default="tiny", choices=sorted(PRESETS), help="size preset, unless --init-from sets it")
+m.add_argument("--init-from", metavar="PATH", help="a Hugging Face BERT directory or one of our checkpoints (ckpt.pt)")
+m.add_argument("--max-steps", type=int, default=1200)
+m.add_argument("--batch-size", type=int, default=64)
+m.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (paper, BERT-base: 6e-5)")
+m.add_argument("--warmup", type=float, default=0.02, help="share of steps for linear warm-up (authors: 2%%)")
+m.add_argument("--weight-decay", type=float, default=0.01)
+m.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
+m.add_argument("--dropout", type=float, default=None, help="override the model's dropout")
+r = p.add_argument_group("run")
+r.add_argument("--out", default="out/pretrain", help="output folder: log.jsonl, ckpt.pt, args.json, eval.json")
+r.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+r.add_argument("--seed", type=int, default=0)
+r.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if there is one)")
+r.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="autocast dtype (auto: bf16 on a GPU that has it, else fp32)")
+r.add_argument("--log-every", type=int, default=50)
+r.add_argument("--save-every", type=int, default=1000)
+r.add_argument("--eval-batches", type=int, default=4, help="batches per held-out set")
+
+
+# -----------------------------------------------------------------------------
+# data
+
+
+def build_corpora(args, vocab, images):
+    """The pre-training data sets of the chosen variant (SPEC 3)."""
+    tags = not args.no_tags
+    tok = lambda files, kind: [data.TokenCorpus(f, vocab, kind, args.cache_dir) for f in files or []]
+    corpora = [data.Corpus(f"text:{os.path.basename(c.path)}", "text", vocab, c, nsp=args.nsp, rate=args.text_rate)
+               for c in tok(args.text, "docs")]
+    if args.unaligned:
+        corpora += [data.Corpus("images", "image", vocab, sorted(images.where), images, tags)]
+        if not args.no_captions:
+            corpora += [data.Corpus(f"captions:{os.path.basename(c.path)}", "caption", vocab, c) for c in tok(args.captions, "lines")]
+    if args.aligned or args.hybrid:
+        paired = set()
+        for c in tok(args.pairs, "pairs"):
+            missing = [i for i in c.image_ids if i not in images]
+            if missing:
+                raise SystemExit(f"{c.path}: {len(missing)} pairs name images that no feature store in --images holds, e.g. {missing[:3]}")
+            corpora.append(data.Corpus(f"pairs:{os.path.basename(c.path)}", "pair", vocab, (c, c.image_ids), images, tags))
+            paired.update(c.image_ids)
+        if args.hybrid:  # the extra images: every stored image that is in no pair
+            alone = sorted(i for i in images.where if i not in paired)
+            if not alone:
+                raise SystemExit("--hybrid: every image in --images is in a pair; give a store of extra images too")
+            corpora.append(data.Corpus("images", "image", vocab, alone, images, tags))
+    if not corpora:
+        raise SystemExit("no pre-training data: give --text, and --images/--captions/--pairs as the variant needs")
+    return corpora
+
+
+def heldout_batches(args, vocab, class_names, n):
+    """Fixed masked batches of the held-out sets, the same before and after training."""
+    out = {}
+    gen = lambda: torch.Generator().manual_seed(1234)
+    for f in args.heldout_text or []:
+        c = data.Corpus("text", "text", vocab, data.TokenCorpus(f, vocab, "docs", args.cache_dir))
+        g = gen()
+        out[f"text:{f}"] = [c.batch(np.arange(i, min(i + 64, len(c))), g) for i in range(0, min(len(c), 64 * n), 64)]
+    for f in (args.heldout_captions or []) if not args.text_only else []:
+        c = data.Corpus("captions", "caption", vocab, data.TokenCorpus(f, vocab, "lines", args.cache_dir))
+        g = gen()
+        out[f"captions:{f}"] = [c.batch(np.arange(i, min(i + 64, len(c))), g) for i in range(0, min(len(c), 64 * n), 64)]
+    if args.heldout_images and not args.text_only:
+        images = data.Images(args.heldout_images)
+        if images.class_names != class_names:
+            raise SystemExit(f"--heldout-images: other detector classes than the training images")
+        c = data.Corpus("images", "image", vocab, sorted(images.where), images, tags=not args.no_tags)
+        g = gen()
+        out["images"] = [c.batch(np.arange(i, min(i + 64, len(c))), g) for i in range(0, min(len(c), 64 * n), 64)]
+    return out
+
+
+@torch.no_grad()
+def evaluate(model, sets, device, ctx):
+    """Mean held-out loss of each objective over all held-out batches."""
+    model.eval()
+    sums, counts = {}, {}
+    for batches in sets.values():
+        for b in batches:
+            with ctx:
+                _, terms = model.pretrain_losses(to_device(b, device))
+            for k, val in terms.items():
+                sums[k] = sums.get(k, 0.0) + val.item()
+                counts[k] = counts.get(k, 0) + 1
+    model.train()
+    return {k: sums[k] / counts[k] for k in sums}
+
+
+def to_device(batch, device):
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+
+def save_checkpoint(path, model, optimizer, scaler, step, args, vocab, class_names):
+    ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+            "step": step, "config": model.cfg.to_dict(), "vocab": vocab.tokens, "class_names": class_names,
+            "args": vars(args), "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()}}
+    tmp = path + ".tmp"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)  # atomic: a kill mid-save leaves the previous checkpoint whole
+
+
+def load_checkpoint(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise SystemExit(f"{path}: checkpoint not found") from None
+    except Exception as e:
+        raise SystemExit(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+
+
+def make_model(args, images, vocab_size):
+    """A model per --init-from (a Hugging Face BERT directory, our checkpoint) or --model."""
+    visual = dict(feat_dim=images.feature_dim, num_labels=len(images.class_names),
+                  num_attrs=len(images.attr_names or [])) if images is not None else {}
+    drop = {} if args.dropout is None else {"dropout": args.dropout}
+    src = args.init_from
+    if src and os.path.isdir(src):
+        cfg = config_from_hf(src, **visual, **drop)
+        return load_bert(VisualBERT(cfg), src), data.Vocab.from_file(os.path.join(src, "vocab.txt"))
+    if src:
+        ckpt = load_checkpoint(src)
+        cfg = Config(**{**ckpt["config"], **drop})
+        for k, val in visual.items():
+            if getattr(cfg, k) != val:
+                raise SystemExit(f"{src}: the checkpoint has {k}={getattr(cfg, k)}, the images have {val}")
+        model = VisualBERT(cfg)
+        model.load_state_dict(ckpt["model"])
+        return model, data.Vocab(ckpt["vocab"], source=src)
+    cfg = Config(**{**PRESETS[args.model], "vocab_size": vocab_size, **visual, **drop})
+    return VisualBERT(cfg), None
+
+
+def pick_dtype(args, device):
+    if args.dtype != "auto":
+        return args.dtype, "as asked"
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16", "the GPU supports bf16"
+    return "fp32", "no GPU with bf16 here"
+
+
+# -----------------------------------------------------------------------------
+# the run
+
+
+def main(argv=None):
+    args = p.parse_args(argv)
+    variants = [args.unaligned, args.aligned, args.hybrid, args.text_only]
+    if sum(variants) != 1:
+        p.error("choose exactly one of --unaligned, --aligned, --hybrid, --text-only")
+    if args.no_captions and not args.unaligned:
+        p.error("--no-captions goes with --unaligned (the U_NC row)")
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
+    dtype, why = pick_dtype(args, device)
+    ctx = torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]) if dtype != "fp32" else torch.autocast(device.type, enabled=False)
+    os.makedirs(args.out, exist_ok=True)
+
+    # data: the toy world unless real data is given
+    if not (args.images or args.captions or args.text or args.pairs):
+        root = data.make_toy_world(args.toy_root)
+        args.text = [os.path.join(root, "pretrain", "text.txt")]
+        args.captions = [os.path.join(root, "pretrain", "captions.txt")]
+        args.pairs = [os.path.join(root, "pretrain", "pairs.jsonl")]
+        args.images = [os.path.join(root, "features", "pretrain")] + ([os.path.join(root, "features", "extra")] if args.hybrid else [])
+        args.heldout_text = args.heldout_text or [os.path.join(root, "heldout", "text.txt")]
+        args.heldout_captions = args.heldout_captions or [os.path.join(root, "heldout", "captions.txt")]
+        args.heldout_images = args.heldout_images or [os.path.join(root, "features", "heldout")]
+        vocab_file = os.path.join(root, "vocab.txt")
+    else:
+        vocab_file = None
+    try:
+        images = data.Images(args.images) if args.images else None  # with --text-only, it sizes the visual modules
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(str(e)) from None
+
+    ckpt_path = os.path.join(args.out, "ckpt.pt")
+    resume = load_checkpoint(ckpt_path) if args.resume else None
+    if resume is not None:
+        args.init_from = ckpt_path
+    model, vocab = make_model(args, images, None if vocab_file is None else len(data.Vocab.from_file(vocab_file)))
+    if vocab is None:
+        if vocab_file is None:
+            raise SystemExit("real data needs a vocabulary: give --init-from (a BERT directory or a checkpoint)")
+        vocab = data.Vocab.from_file(vocab_file)
+    model.to(device)
+    try:
+        corpora = build_corpora(args, vocab, images)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(str(e)) from None
+    dataset = data.PretrainData(corpora, args.batch_size, args.seed)
+    class_names = images.class_names if images is not None else None
+    heldout = heldout_batches(args, vocab, class_names, args.eval_batches)
+
+    # AdamW, no decay on biases and LayerNorms (BERT); linear warm-up, then linear decay to zero
+    decay = [p_ for n, p_ in model.named_parameters() if p_.dim() >= 2]
+    no_decay = [p_ for n, p_ in model.named_parameters() if p_.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=args.lr, betas=(0.9, 0.999), eps=1e-6, **({"fused": True} if device.type == "cuda" else {}))
+    warmup = max(1, int(args.warmup * args.max_steps))
+    lr_at = lambda s: args.lr * min((s + 1) / warmup, max(0.0, (args.max_steps - s) / max(1, args.max_steps - warmup)))
+    scaler = torch.amp.GradScaler(device.type) if dtype == "fp16" else None
+    step = 0
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        if scaler and resume["scaler"]:
+            scaler.load_state_dict(resume["scaler"])
+        step = resume["step"]
+        torch.set_rng_state(resume["rng"]["torch"])
+        np.random.set_state(resume["rng"]["numpy"])
+
+    with open(os.path.join(args.out, "args.json"), "w") as f:
+        json.dump({"argv": sys.argv, "args": vars(args), "torch": torch.__version__, "python": platform.python_version()}, f, indent=1)
+    print(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.cfg.layers} layers, hidden {model.cfg.hidden}")
+    print(f"device: {device}, dtype: {dtype} ({why})")
+    for c in corpora:
+        print(f"data: {c.name} ({c.kind}), {len(c)} items")
+    print(f"{dataset.steps_per_epoch} steps per epoch, {args.max_steps} steps, batch {args.batch_size}")
+
+    before = evaluate(model, heldout, device, ctx) if heldout and step == 0 else None
+    if before:
+        print("held-out before: " + ", ".join(f"{k} {v_:.3f}" for k, v_ in before.items()))
+
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, sampler=range(step, args.max_steps), num_workers=0)
+    log = open(os.path.join(args.out, "log.jsonl"), "a")
+    model.train()
+    t0, seen = time.time(), 0
+    for name, batch in loader:
+        lr = lr_at(step)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        batch = to_device(batch, device)
+        with ctx:
+            loss, terms = model.pretrain_losses(batch)
+        if not torch.isfinite(loss):
+            raise SystemExit(f"step {step}: non-finite loss ({', '.join(f'{k} {v_.item():.4g}' for k, v_ in terms.items())}); "
+                             f"the last good checkpoint is {ckpt_path}")
+        optimizer.zero_grad(set_to_none=True)
+        if scaler:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        step += 1
+        seen += next(iter(batch.values())).shape[0]
+        if step % args.log_every == 0 or step == args.max_steps:
+            dt = (time.time() - t0) / args.log_every if step > args.log_every else (time.time() - t0) / step
+            record = {"step": step, "loss": loss.item(), "lr": lr, "modality": name, "grad_norm": norm.item(),
+                      **{k: v_.item() for k, v_ in terms.items()}}
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            eta = dt * (args.max_steps - step)
+            print(f"step {step}/{args.max_steps} | {name:<22} | loss {loss.item():.3f} ("
+                  + " ".join(f"{k} {v_.item():.3f}" for k, v_ in terms.items())
+                  + f") | lr {lr:.2e} | {dt * 1000:.0f} ms/step | {seen / (time.time() - t0):.0f} samples/s | ETA {eta / 60:.1f} min", flush=True)
+            t0, seen = time.time(), 0
+        if step % args.save_every == 0 or step == args.max_steps:
+            save_checkpoint(ckpt_path, model, optimizer, scaler, step, args, vocab, class_names)
+    log.close()
+
+    after = evaluate(model, heldout, device, ctx) if heldout else None
+    if after:
+        if before:
+            print("held-out loss   before  ->  after")
+            for k in after:
+                print(f"  {k:<8} {before.get(k, float('nan')):9.3f} -> {after[k]:7.3f}")
+        else:
+            print("held-out after: " + ", ".join(f"{k} {v_:.3f}" for k, v_ in after.items()))
+        with open(os.path.join(args.out, "eval.json"), "w") as f:
+            json.dump({"before": before, "after": after, "step": step}, f, indent=1)
+    print(f"checkpoint: {ckpt_path}")
+    return after
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+"""Data: the feature store, tokenised corpora, masking statistics (SPEC 2), the sampler (SPEC 4)."""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+from data import FeatureStore, FeatureWriter, Vocab  # noqa: E402
+
+WORDS = ["the", "a", "red", "car", "dog", "big", "truck", "sat", "on", "mat", "fire", "hot"]
+VOCAB = Vocab(list(Vocab.SPECIALS) + WORDS + ["##s", "##ing", "##er"] + [f"w{i}" for i in range(40)])
+
+
+def write_store(path, n=7, K=3, D=8, shard_size=3, attrs=True, seed=0):
+    r = np.random.default_rng(seed)
+    w = FeatureWriter(path, D, ["car", "dog", "man,men"], attr_names=["red", "blue"] if attrs else None,
+                      extractor={"test": True}, shard_size=shard_size)
+    truth = {}
+    for i in range(n):
+        k = K + i % 2
+        e = dict(features=r.standard_normal((k, D)).astype(np.float32), boxes=r.random((k, 4)).astype(np.float32),
+                 labels=r.integers(0, 3, k), scores=r.random(k).astype(np.float32), width=100 + i, height=50 + i)
+        if attrs:
+            e.update(attributes=r.integers(0, 2, k), attr_scores=r.random(k).astype(np.float32))
+        w.add(f"img{i}", **e)
+        truth[f"img{i}"] = e
+    w.close()
+    return truth
+
+
+def test_feature_store_round_trip(tmp_path):
+    truth = write_store(str(tmp_path))
+    store = FeatureStore(str(tmp_path))
+    assert len(store) == 7 and store.ids() == [f"img{i}" for i in range(7)]
+    assert store.class_names == ["car", "dog", "man,men"] and store.meta["extractor"] == {"test": True}
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(".index.json")]) == 3  # 3 + 3 + 1 images
+    for i, e in truth.items():
+        got = store[i]
+        np.testing.assert_array_equal(got["features"], e["features"].astype(np.float16).astype(np.float32))
+        np.testing.assert_array_equal(got["boxes"], e["boxes"])
+        np.testing.assert_array_equal(got["labels"], e["labels"])
+        np.testing.assert_array_equal(got["scores"], e["scores"])
+        np.testing.assert_array_equal(got["attributes"], e["attributes"])
+        assert (got["width"], got["height"]) == (e["width"], e["height"])
+    with pytest.raises(KeyError, match="no features for image 'nope'"):
+        store["nope"]
+
+
+def test_feature_store_bad_input(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a feature store"):
+        FeatureStore(str(tmp_path / "missing"))
+    write_store(str(tmp_path))
+    shard = sorted(f for f in os.listdir(tmp_path) if f.endswith(".features.npy"))[1]
+    with open(tmp_path / shard, "r+b") as f:  # truncate one shard
+        f.truncate(200)
+    with pytest.raises(ValueError, match="truncated|shape"):
+        FeatureStore(str(tmp_path))
+    os.remove(tmp_path / shard)
+    with pytest.raises(ValueError, match="missing"):
+        FeatureStore(str(tmp_path))
+    with pytest.raises(ValueError, match="other settings"):
+        FeatureWriter(str(tmp_path), 8, ["car", "dog", "man,men"], extractor={"test": False})
+
+
+def test_tokenised_corpus(tmp_path):
+    f = tmp_path / "text.txt"
+    f.write_text("the red car sat .\nthe dog sat on the mat\n\n\na big truck\n\nthe fire truck\nhot dogs\n")
+    c = data.TokenCorpus(str(f), VOCAB, "docs", str(tmp_path / "cache"))
+    assert len(c) == 5 and c.docs.tolist() == [0, 0, 1, 2, 2]
+    assert VOCAB.decode(c[2]) == "a big truck"
+    assert c.chunks(100).tolist() == [[0, 2], [2, 3], [3, 5]]  # chunks never cross documents
+    assert c.chunks(6).tolist() == [[0, 1], [1, 2], [2, 3], [3, 5]]
+    again = data.TokenCorpus(str(f), VOCAB, "docs", str(tmp_path / "cache"))  # cached
+    assert np.array_equal(again.tokens, c.tokens)
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"fine\nalso fine\nnot \xff fine\n")
+    with pytest.raises(ValueError, match=r"bad.txt: line 3 is not valid UTF-8"):
+        data.TokenCorpus(str(bad), VOCAB, "lines", str(tmp_path / "cache"))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(ValueError, match="empty.txt: the file is empty"):
+        data.TokenCorpus(str(empty), VOCAB, "lines", str(tmp_path / "cache"))
+
+
+def test_text_masking_statistics():
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, len(VOCAB), (400, 60), generator=gen)
+    ids[:, 0], ids[:, -1], ids[:10, 30:] = VOCAB.cls, VOCAB.sep, VOCAB.pad
+    inputs, labels = data.mask_text(ids, VOCAB, gen)
+    maskable = ~torch.from_numpy(VOCAB.special)[ids]
+    picked = labels != -100
+    assert not (picked & ~maskable).any()  # never [CLS], [SEP], padding
+    assert torch.equal(labels[picked], ids[picked])
+    rate = picked.sum() / maskable.sum()
+    assert abs(rate - 0.15) < 0.01, rate
+    as_mask = (inputs[picked] == VOCAB.mask).float().mean()
+    kept = (inputs[picked] == ids[picked]).float().mean()
+    assert abs(as_mask - 0.8) < 0.02 and abs(kept - 0.1 - 0.1 / len(VOCAB)) < 0.02, (as_mask, kept)
+    assert torch.equal(inputs[~picked], ids[~picked])
+
+
+def test_whole_word_masking_takes_all_pieces_of_a_word():
+    gen = torch.Generator().manual_seed(1)
+    cont = VOCAB.tokens.index("##s")
+    row = [VOCAB.cls] + [VOCAB.tokens.index("dog"), cont, cont, VOCAB.tokens.index("car")] * 10 + [VOCAB.sep]
+    ids = torch.tensor([row] * 300)
+    _, labels = data.mask_text(ids, VOCAB, gen, whole_word=True)
+    picked = labels != -100
+    words = picked[:, 1:-1].view(300, 10, 4)
+    assert torch.equal(words[..., 0], words[..., 1]) and torch.equal(words[..., 0], words[..., 2])  # "dog ##s ##s" together
+    rate = words[..., [0, 3]].float().mean()  # words are chosen with p 0.15
+    assert abs(rate - 0.15) < 0.015, rate
+    _, piecewise = data.mask_text(ids, VOCAB, gen)
+    pw = (piecewise != -100)[:, 1:-1].view(300, 10, 4)
+    assert not torch.equal(pw[..., 0], pw[..., 1])  # piece by piece they come apart
+
+
+def test_region_and_tag_masking_statistics():
+    gen = torch.Generator().manual_seed(2)
+    B, K, D = 300, 20, 4
+    feats = (torch.arange(B)[:, None, None] * 1000 + torch.arange(K)[None, :, None] + 1).float().expand(B, K, D).clone()
+    valid = torch.ones(B, K, dtype=torch.bool)
+    valid[::3, 15:] = False
+    out, masked = data.mask_regions(feats, valid, gen)
+    assert not (masked & ~valid).any()
+    assert abs(masked.sum() / valid.sum() - 0.15) < 0.01
+    zero = (out == 0).all(-1)
+    same = (out == feats).all(-1)
+    replaced = masked & ~zero & ~same
+    n = masked.sum()
+    assert abs(zero[masked].sum() / n - 0.8) < 0.03 and abs(replaced.sum() / n - 0.1) < 0.02 and abs(same[masked].sum() / n - 0.1) < 0.02
+    assert torch.equal(out[~masked], feats[~masked])
+    src_image = (out[replaced][:, 0] // 1000).long()
+    src_region = (out[replaced][:, 0] % 1000).long() - 1
+    assert (src_image != replaced.nonzero()[:, 0]).all()  # replacements come from another image of the batch
+    assert valid[src_image, src_region].all()  # and from a real (not padded) region of it
+
+    # tags: masked with p 0.15, and with p 0.9 more when their region is masked: 1 - 0.85 * 0.1 = 0.915
+    tag_region = torch.arange(K).repeat_interleave(2).expand(B, 2 * K)  # two pieces per tag
+    tag_ids = torch.randint(5, len(VOCAB), (B, 2 * K), generator=gen)
+    _, labels = data.mask_tags(tag_ids, tag_region, masked, VOCAB, gen)
+    tag_masked = (labels != -100)[:, ::2]
+    assert torch.equal(tag_masked, (labels != -100)[:, 1::2])  # a tag's pieces go together
+    assert abs(tag_masked[masked].float().mean() - 0.915) < 0.03
+    assert abs(tag_masked[~masked].float().mean() - 0.15) < 0.01
+
+
+def test_sampler_proportions_and_coverage():
+    sizes, bs = [10000, 5000, 2500], 10
+    plan = data.epoch_plan(sizes, [1, 1, 1], bs, seed=0, epoch=0)
+    sets = np.array([d for d, _ in plan])
+    assert np.bincount(sets).tolist() == [1000, 500, 250]  # every full batch, once
+    for d, n in enumerate(sizes):  # every item of every set, once
+        seen = np.concatenate([idx for s, idx in plan if s == d])
+        assert sorted(seen) == list(range(n))
+    # proportional draws: any stretch of the epoch holds the sets about 4:2:1
+    for part in np.array_split(sets, 5):
+        frac = np.bincount(part, minlength=3) / len(part)
+        assert np.all(np.abs(frac - np.array([4, 2, 1]) / 7) < 0.08), frac
+    assert sets[:20].tolist() != sorted(sets[:20].tolist())  # interleaved, not one set after another
+    # a rate of 0.5 takes half of a set per epoch, and two epochs cover all of it
+    e0 = data.epoch_plan([100], [0.5], 10, seed=0, epoch=0)
+    e1 = data.epoch_plan([100], [0.5], 10, seed=0, epoch=1)
+    assert len(e0) == 5 and sorted(np.concatenate([i for _, i in e0 + e1])) == list(range(100))
+    assert data.epoch_plan(sizes, [1] * 3, bs, 0, 0)[3][1].tolist() == plan[3][1].tolist()  # deterministic
+    assert data.epoch_plan(sizes, [1] * 3, bs, 0, 1)[3][1].tolist() != plan[3][1].tolist()  # reshuffled per epoch
+
+
+def test_image_inputs_tags_carry_their_region_box(tmp_path):
+    write_store(str(tmp_path), attrs=True)
+    store = FeatureStore(str(tmp_path))
+    pieces = [[VOCAB.tokens.index("car")], [VOCAB.tokens.index("dog"), VOCAB.tokens.index("##s")], [VOCAB.tokens.index("big")]]
+    entries = [store["img0"], store["img1"]]
+    b = data.image_inputs(entries, pieces)
+    assert b["feats"].shape == (2, 4, 8) and b["region_mask"].sum().item() == 7
+    for i, e in enumerate(entries):
+        expect = [p for lab in e["labels"] for p in pieces[lab]]
+        L = len(expect)
+        assert b["tag_ids"][i, :L].tolist() == expect and b["tag_mask"][i].sum() == L
+        for j in range(L):  # each piece carries the box of the region it names
+            k = b["tag_region"][i, j]
+            assert torch.equal(b["tag_boxes"][i, j], torch.from_numpy(e["boxes"][k]))
+    capped = data.image_inputs(entries, pieces, max_tags=2)
+    assert capped["tag_mask"].sum(1).max() <= 2
+    assert not any(k.startswith("tag") for k in data.image_inputs(entries, pieces, tags=False))
+
+
+def test_nsp_layout():
+    a, b = [VOCAB.tokens.index("red"), VOCAB.tokens.index("car")], [VOCAB.tokens.index("dog")]
+    x = data.text_inputs([a], VOCAB, 64, second=[b])
+    assert x["input_ids"][0].tolist() == [VOCAB.cls, *a, VOCAB.sep, *b, VOCAB.sep]
+    assert x["token_type_ids"][0].tolist() == [0, 0, 0, 0, 1, 1]
+    long = data.text_inputs([list(range(5, 100))], VOCAB, 30)
+    assert long["input_ids"].shape == (1, 30) and long["input_ids"][0, -1] == VOCAB.sep
+
+
+def test_toy_world_is_deterministic_and_complete(tmp_path):
+    a, b = data.make_toy_world(str(tmp_path / "a"), seed=3, scale=0.01), data.make_toy_world(str(tmp_path / "b"), seed=3, scale=0.01)
+    # everything but vocab.txt: the `tokenizers` trainer breaks ties between equally frequent
+    # merges in hash-map order, so two trainings on the same text can differ in a few pieces
+    for rel in ["pretrain/captions.txt", "pretrain/text.txt", "tasks/nlvr2/dev.json",
+                "tasks/vqa/v2_mscoco_val2014_annotations.json", "tasks/flickr30k/dataset_flickr30k.json",
+                "tasks/refcoco+/instances.json", "tasks/refcoco+/refs(unc).p"]:
+        assert open(os.path.join(a, rel), "rb").read() == open(os.path.join(b, rel), "rb").read(), rel
+    sa, sb = FeatureStore(os.path.join(a, "features", "pretrain")), FeatureStore(os.path.join(b, "features", "pretrain"))
+    i = sa.ids()[0]
+    np.testing.assert_array_equal(sa[i]["features"], sb[i]["features"])
+    assert set(sa[i]) >= {"features", "boxes", "labels", "scores", "width", "height", "attributes"}
+    assert ((sa[i]["boxes"] >= 0) & (sa[i]["boxes"] <= 1)).all()
+    assert sa.class_names == data.CLASSES
+    png = data.draw_scene(a, i, str(tmp_path / "scene.png"))
+    from PIL import Image
+    assert Image.open(png).size == (640, 520)
+
+
+def test_toy_detector_features_follow_classes_and_groups():
+    """Related classes get related features: same class closest, then same group, then others."""
+    world = data.ToyWorld(0)
+    feats = {c: np.mean([world.detect(world.scene(classes=[c, c]))["features"][0] for _ in range(30)], 0) for c in ["car", "truck", "dog"]}
+    d = lambda a, b: np.linalg.norm(feats[a] - feats[b])
+    assert d("car", "truck") < d("car", "dog") and d("car", "truck") < d("truck", "dog")

@@ -1,0 +1,117 @@
+"""pretrain.py end to end on a small toy world: every variant, the log, checkpoints, bad input."""
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+import pretrain  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    return data.make_toy_world(str(tmp_path_factory.mktemp("toy") / "world"), seed=0, scale=0.03)
+
+
+def run(toy, out, *flags):
+    return pretrain.main(["--toy-root", toy, "--out", str(out), "--cache-dir", os.path.join(toy, "cache"),
+                          "--max-steps", "6", "--batch-size", "8", "--log-every", "1", "--eval-batches", "1", *flags])
+
+
+def read_log(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+EXPECTED = {  # variant -> objectives each kind of batch must log
+    ("--unaligned",): {"text": {"mlm"}, "images": {"tag", "feat", "label", "attr"}, "captions": {"mlm"}},
+    ("--unaligned", "--no-tags"): {"text": {"mlm"}, "images": {"feat", "label", "attr"}, "captions": {"mlm"}},
+    ("--unaligned", "--no-captions"): {"text": {"mlm"}, "images": {"tag", "feat", "label", "attr"}},
+    ("--aligned",): {"text": {"mlm"}, "pairs": {"mlm", "match", "tag", "feat", "label", "attr"}},
+    ("--aligned", "--no-tags"): {"text": {"mlm"}, "pairs": {"mlm", "match", "feat", "label", "attr"}},
+    ("--hybrid",): {"text": {"mlm"}, "pairs": {"mlm", "match", "tag", "feat", "label", "attr"}, "images": {"tag", "feat", "label", "attr"}},
+    ("--text-only",): {"text": {"mlm"}},
+    ("--text-only", "--nsp"): {"text": {"mlm", "nsp"}},
+}
+
+
+@pytest.mark.parametrize("flags", list(EXPECTED), ids=[" ".join(f) for f in EXPECTED])
+def test_every_variant_runs(toy, tmp_path, flags):
+    after = run(toy, tmp_path, *flags, "--max-steps", "40")
+    log = read_log(tmp_path)
+    assert [r["step"] for r in log] == list(range(1, 41))
+    kinds = {}
+    for r in log:
+        kind = r["modality"].split(":")[0]
+        assert {"step", "loss", "lr", "modality"} <= set(r)
+        assert abs(r["loss"] - sum(r[k] for k in EXPECTED[flags][kind])) < 1e-4 * max(1, r["loss"])
+        kinds.setdefault(kind, set()).update(k for k in r if k not in ("step", "loss", "lr", "modality", "grad_norm"))
+    assert kinds == EXPECTED[flags]  # every data set of the variant was drawn, each with its objectives
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    assert ckpt["step"] == 40 and set(ckpt) >= {"model", "optimizer", "config", "vocab", "args", "rng"}
+    assert os.path.exists(tmp_path / "args.json")
+    if "--no-tags" in flags:
+        assert "tag" not in after
+    if "--text-only" in flags:
+        assert set(after) == {"mlm"}
+
+
+def test_no_tags_puts_no_tag_tokens_in_the_sequence(toy, tmp_path, monkeypatch):
+    lengths = []
+    real = pretrain.VisualBERT.forward
+
+    def spy(self, input_ids=None, attention_mask=None, token_type_ids=None, tag_ids=None, tag_boxes=None, tag_mask=None,
+            feats=None, boxes=None, region_mask=None):
+        lengths.append((tag_ids is not None, feats is not None))
+        return real(self, input_ids, attention_mask, token_type_ids, tag_ids, tag_boxes, tag_mask, feats, boxes, region_mask)
+
+    monkeypatch.setattr(pretrain.VisualBERT, "forward", spy)
+    run(toy, tmp_path / "nt", "--unaligned", "--no-tags", "--max-steps", "30")
+    assert any(has_feats for _, has_feats in lengths) and not any(has_tags for has_tags, _ in lengths)
+    lengths.clear()
+    run(toy, tmp_path / "t", "--unaligned", "--max-steps", "30")
+    assert any(has_tags for has_tags, _ in lengths)
+
+
+def test_init_from_text_only_checkpoint_and_huggingface(toy, tmp_path):
+    run(toy, tmp_path / "bert", "--text-only")
+    base = torch.load(tmp_path / "bert" / "ckpt.pt", weights_only=False)["model"]
+    run(toy, tmp_path / "u", "--unaligned", "--init-from", str(tmp_path / "bert" / "ckpt.pt"), "--max-steps", "1", "--lr", "0")
+    u = torch.load(tmp_path / "u" / "ckpt.pt", weights_only=False)["model"]
+    assert all(torch.equal(base[k], u[k]) for k in base)  # lr 0: the weights came through unchanged
+    # a Hugging Face BERT directory, its vocabulary used for the toy text
+    transformers = pytest.importorskip("transformers")
+    vocab = data.Vocab.from_file(os.path.join(toy, "vocab.txt"))
+    hf_dir = tmp_path / "hf"
+    transformers.BertForPreTraining(transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1,
+                                    num_attention_heads=2, intermediate_size=64, max_position_embeddings=80)).save_pretrained(hf_dir)
+    (hf_dir / "vocab.txt").write_text("\n".join(vocab.tokens) + "\n")
+    run(toy, tmp_path / "from_hf", "--unaligned", "--init-from", str(hf_dir))
+    assert torch.load(tmp_path / "from_hf" / "ckpt.pt", weights_only=False)["config"]["hidden"] == 32
+
+
+def test_bad_input_gets_one_clear_line(toy, tmp_path):
+    store = os.path.join(toy, "features", "pretrain")
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"a fine line\n\xc3\x28 broken\n")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    base = ["--unaligned", "--out", str(tmp_path / "o"), "--init-from", str(tmp_path / "ck" / "ckpt.pt"), "--max-steps", "2"]
+    run(toy, tmp_path / "ck", "--text-only")
+    for extra, message in [
+        (["--images", str(tmp_path / "nowhere"), "--text", str(bad)], "nowhere: not a feature store"),
+        (["--images", store, "--text", str(bad)], "bad.txt: line 2 is not valid UTF-8"),
+        (["--images", store, "--text", str(empty)], "empty.txt: the file is empty"),
+    ]:
+        with pytest.raises(SystemExit, match=message):
+            pretrain.main(base + extra + ["--cache-dir", str(tmp_path / "cache")])
+    # a checkpoint of another size
+    run(toy, tmp_path / "small", "--text-only", "--model", "small")
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        ckpt = torch.load(tmp_path / "small" / "ckpt.pt", weights_only=False)
+        model = pretrain.VisualBERT(pretrain.Config(**{**ckpt["config"], "hidden": 128, "heads": 2, "ffn": 512}))
+        model.load_state_dict(ckpt["model"])

@@ -129,7 +129,7 @@ def write_json(file, obj):
     """Write JSON to a temporary file and rename it: readers never see half a file."""
     tmp = file + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(obj, f)
+        f.write(json.dumps(obj))  # json.dumps runs in C, json.dump does not
     os.replace(tmp, file)
 
 

@@ -247,51 +247,56 @@ class VisualBERT(nn.Module):
     # -------------------------------------------------------------------------
     # pre-training losses (SPEC 2)
 
-    def pretrain_losses(self, batch, no_tags=False):
+    def pretrain_losses(self, batch):
         """The sum of the objectives present in `batch` (a dict built by data.py), and each term.
 
         Text keys: input_ids, attention_mask, token_type_ids, mlm_labels, [nsp_labels].
-        Image keys: tag_ids, tag_boxes, tag_mask, tag_labels, feats, boxes, region_mask,
+        Image keys: [tag_ids, tag_boxes, tag_mask, tag_labels], feats, boxes, region_mask,
         feat_targets, region_masked, obj_labels, obj_conf, [attr_labels, attr_conf].
         Aligned batches have both, plus match_labels. Labels are -100 where nothing is predicted.
+        Without tag keys (the _NT variants) no tag enters the sequence.
         """
-        has_text, has_image = "input_ids" in batch, "feats" in batch
-        has_tags = has_image and not no_tags and "tag_ids" in batch
+        terms = {k: s / c.clamp(min=1) for k, (s, c) in self.pretrain_terms(batch).items()}
+        return sum(terms.values()), terms
+
+    def pretrain_terms(self, batch):
+        """Each objective as (sum over the batch, count to divide by). Kept apart so that a
+        distributed run can divide by the count over the global batch (pretrain.py)."""
+        has_text, has_image, has_tags = "input_ids" in batch, "feats" in batch, "tag_ids" in batch
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
         if has_tags:
             inputs.update(tag_ids=batch["tag_ids"], tag_boxes=batch["tag_boxes"], tag_mask=batch["tag_mask"])
         if has_image:
             inputs.update(feats=batch["feats"], boxes=batch["boxes"], region_mask=batch["region_mask"])
         h, spans = self(**inputs)
-        losses = {}
+        terms = {}
         if has_text:
-            losses["mlm"] = masked_lm_loss(self.mlm, h[:, spans["text"]], batch["mlm_labels"])
-            pair_labels = batch.get("nsp_labels", batch.get("match_labels"))
-            if pair_labels is not None:
-                key = "nsp" if "nsp_labels" in batch else "match"
-                losses[key] = F.cross_entropy(self.nsp(self.pool(h)).float(), pair_labels)
+            terms["mlm"] = masked_lm_terms(self.mlm, h[:, spans["text"]], batch["mlm_labels"])
+            for key in ("nsp", "match"):
+                if f"{key}_labels" in batch:
+                    labels = batch[f"{key}_labels"]
+                    ce = F.cross_entropy(self.nsp(self.pool(h)).float(), labels, reduction="sum")
+                    terms[key] = (ce, torch.tensor(float(len(labels)), device=h.device))
         if has_tags:
-            losses["tag"] = masked_lm_loss(self.mlm, h[:, spans["tags"]], batch["tag_labels"])
+            terms["tag"] = masked_lm_terms(self.mlm, h[:, spans["tags"]], batch["tag_labels"])
         if has_image:
             feat, label, attr = self.visual(h[:, spans["regions"]])
-            losses.update(visual_losses(feat, label, attr, batch))
-        return sum(losses.values()), losses
+            terms.update(visual_terms(feat, label, attr, batch))
+        return terms
 
 
-def masked_lm_loss(head, h, labels):
-    """Cross-entropy over the masked positions only; the vocabulary projection runs on those
-    positions alone, which saves most of the head's cost (15% of the pieces are masked)."""
+def masked_lm_terms(head, h, labels):
+    """Cross-entropy summed over the masked positions, and their count. The vocabulary projection
+    runs on those positions alone, which saves most of the head's cost (15% are masked)."""
     keep = labels != -100  # (B, T)
-    if not keep.any():  # no piece masked in this batch: a zero that still carries a gradient graph
-        return h.sum() * 0.0
-    logits = head(h[keep])  # (N, vocab)
-    return F.cross_entropy(logits.float(), labels[keep])
+    logits = head(h[keep])  # (N, vocab); N may be 0, and the sum is then a zero with a gradient graph
+    return F.cross_entropy(logits.float(), labels[keep], reduction="sum"), keep.sum().float()
 
 
 MASK_PROB = 0.15
 
 
-def visual_losses(feat_pred, label_logits, attr_logits, batch):
+def visual_terms(feat_pred, label_logits, attr_logits, batch):
     """Feature regression, detector-label (and attribute) classification of masked regions.
 
     Paper: the visual objectives are computed on masked regions; the authors' code (from LXMERT)
@@ -302,18 +307,53 @@ def visual_losses(feat_pred, label_logits, attr_logits, batch):
     """
     valid = batch["region_mask"].float()  # (B, K)
     masked = batch["region_masked"].float() * valid  # (B, K)
-    n = valid.sum().clamp(min=1)
+    n = valid.sum()  # every valid region counts in the denominator
     out = {}
     feat_err = F.smooth_l1_loss(feat_pred.float(), batch["feat_targets"].float(), reduction="none", beta=1.0).mean(-1)  # (B, K)
-    out["feat"] = (feat_err * masked).sum() / n / MASK_PROB
+    out["feat"] = ((feat_err * masked).sum() / MASK_PROB, n)
     B, K, C = label_logits.shape
     ce = F.cross_entropy(label_logits.float().view(B * K, C), batch["obj_labels"].view(-1).clamp(min=0), reduction="none").view(B, K)
-    out["label"] = (ce * batch["obj_conf"] * masked).sum() / n / MASK_PROB
+    out["label"] = ((ce * batch["obj_conf"] * masked).sum() / MASK_PROB, n)
     if attr_logits is not None and "attr_labels" in batch:
         A = attr_logits.shape[-1]
         ce = F.cross_entropy(attr_logits.float().view(B * K, A), batch["attr_labels"].view(-1).clamp(min=0), reduction="none").view(B, K)
-        out["attr"] = (ce * batch["attr_conf"] * masked).sum() / n / MASK_PROB
+        out["attr"] = ((ce * batch["attr_conf"] * masked).sum() / MASK_PROB, n)
     return out
+
+
+def visual_losses(feat_pred, label_logits, attr_logits, batch):
+    """visual_terms as means: each sum divided by the number of valid regions."""
+    return {k: s / c.clamp(min=1) for k, (s, c) in visual_terms(feat_pred, label_logits, attr_logits, batch).items()}
+
+
+# -----------------------------------------------------------------------------
+# speed accounting: model FLOPs per step and the device's peak, for MFU
+
+
+def train_flops(cfg, batch, seq_len, predicted=0):
+    """FLOPs of one training step (forward + backward = 3x forward, 2 FLOPs per multiply-add):
+    the layers' matrices, attention's two T x T products, and the vocabulary projection at the
+    `predicted` (masked) positions. Embedding look-ups and the small heads are left out."""
+    H, L = cfg.hidden, cfg.layers
+    matrices = L * (4 * H * H + 2 * H * cfg.ffn)  # parameters touched per token
+    return 6 * batch * seq_len * matrices + 12 * L * batch * seq_len * seq_len * H + 6 * predicted * H * cfg.vocab_size
+
+
+# Dense (not sparse) peak FLOP/s from the vendors' data sheets: (bf16/fp16, tf32) per device name.
+PEAK_FLOPS = {"H200": (989e12, 494e12), "H100": (989e12, 494e12), "A100": (312e12, 156e12), "L40S": (362e12, 183e12),
+              "A10": (125e12, 62.5e12), "L4": (121e12, 60e12), "A6000": (155e12, 77e12), "4090": (165e12, 83e12),
+              "3090": (71e12, 35.6e12), "V100": (125e12, 15.7e12), "T4": (65e12, 8.1e12)}
+
+
+def peak_flops(device, dtype):
+    """The device's peak for this dtype, or None where we do not know it (CPUs, unlisted GPUs)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, (half, tf32) in PEAK_FLOPS.items():
+        if key in name:
+            return half if dtype in ("bf16", "fp16") else tf32
+    return None
 
 
 # -----------------------------------------------------------------------------

@@ -19,9 +19,11 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
-from model import PRESETS, Config, VisualBERT, config_from_hf, load_bert
+from model import PRESETS, Config, VisualBERT, config_from_hf, load_bert, peak_flops, train_flops
 
 # -----------------------------------------------------------------------------
 # settings: every flag, in one place; `python pretrain.py -h` is the manual
@@ -50,7 +52,7 @@ m = p.add_argument_group("model and optimisation (SPEC 5)")
 m.add_argument("--model", default="tiny", choices=sorted(PRESETS), help="size preset, unless --init-from sets it")
 m.add_argument("--init-from", metavar="PATH", help="a Hugging Face BERT directory or one of our checkpoints (ckpt.pt)")
 m.add_argument("--max-steps", type=int, default=1200)
-m.add_argument("--batch-size", type=int, default=64)
+m.add_argument("--batch-size", type=int, default=64, help="the global batch: with N processes each takes 1/N of it")
 m.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (paper, BERT-base: 6e-5)")
 m.add_argument("--warmup", type=float, default=0.02, help="share of steps for linear warm-up (authors: 2%%)")
 m.add_argument("--weight-decay", type=float, default=0.01)
@@ -62,6 +64,8 @@ r.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt"
 r.add_argument("--seed", type=int, default=0)
 r.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if there is one)")
 r.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="autocast dtype (auto: bf16 on a GPU that has it, else fp32)")
+r.add_argument("--compile", action="store_true", help="torch.compile the model (worth it on a GPU)")
+r.add_argument("--workers", type=int, default=None, help="DataLoader worker processes (default: 4 on a GPU, 0 on a CPU)")
 r.add_argument("--log-every", type=int, default=50)
 r.add_argument("--save-every", type=int, default=1000)
 r.add_argument("--eval-batches", type=int, default=4, help="batches per held-out set")
@@ -197,6 +201,38 @@ def pick_dtype(args, device):
 # the run
 
 
+class Objectives(torch.nn.Module):
+    """What DDP and torch.compile wrap: forward(batch) -> the pre-training terms (sum, count)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch):
+        return self.model.pretrain_terms(batch)
+
+
+def setup_device(args):
+    """(device, rank, world size). Under torchrun each process takes one GPU (or CPU with gloo)."""
+    if "RANK" in os.environ:
+        rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+        cuda = torch.cuda.is_available() and args.device in ("auto", "cuda")
+        dist.init_process_group("nccl" if cuda else "gloo")
+        device = torch.device(f"cuda:{local}" if cuda else "cpu")
+        if cuda:
+            torch.cuda.set_device(device)
+        return device, rank, world
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(auto if args.device == "auto" else args.device), 0, 1
+
+
+def shard(batch, rank, world):
+    """This process's rows of the global batch (every tensor's first axis is the batch)."""
+    B = next(iter(batch.values())).shape[0]
+    lo, hi = B * rank // world, B * (rank + 1) // world
+    return {k: v[lo:hi] for k, v in batch.items()}
+
+
 def main(argv=None):
     args = p.parse_args(argv)
     variants = [args.unaligned, args.aligned, args.hybrid, args.text_only]
@@ -204,16 +240,24 @@ def main(argv=None):
         p.error("choose exactly one of --unaligned, --aligned, --hybrid, --text-only")
     if args.no_captions and not args.unaligned:
         p.error("--no-captions goes with --unaligned (the U_NC row)")
+    device, rank, world = setup_device(args)
+    master = rank == 0  # only rank 0 prints, logs and saves
+    say = print if master else (lambda *a, **k: None)
+    if args.batch_size < world:
+        raise SystemExit(f"--batch-size {args.batch_size} is the global batch; it must be at least the {world} processes")
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
     dtype, why = pick_dtype(args, device)
     ctx = torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]) if dtype != "fp32" else torch.autocast(device.type, enabled=False)
+    torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for the fp32 matmuls that remain
+    torch.backends.cudnn.allow_tf32 = True
     os.makedirs(args.out, exist_ok=True)
 
     # data: the toy world unless real data is given
     if not (args.images or args.captions or args.text or args.pairs):
-        root = data.make_toy_world(args.toy_root)
+        root = data.make_toy_world(args.toy_root) if master else args.toy_root
+        if world > 1:
+            dist.barrier()  # rank 0 made the toy world; the others wait for it
         args.text = [os.path.join(root, "pretrain", "text.txt")]
         args.captions = [os.path.join(root, "pretrain", "captions.txt")]
         args.pairs = [os.path.join(root, "pretrain", "pairs.jsonl")]
@@ -245,16 +289,17 @@ def main(argv=None):
         raise SystemExit(str(e)) from None
     dataset = data.PretrainData(corpora, args.batch_size, args.seed)
     class_names = images.class_names if images is not None else None
-    heldout = heldout_batches(args, vocab, class_names, args.eval_batches)
+    heldout = heldout_batches(args, vocab, class_names, args.eval_batches) if master else {}
 
     # AdamW, no decay on biases and LayerNorms (BERT); linear warm-up, then linear decay to zero
     decay = [p_ for n, p_ in model.named_parameters() if p_.dim() >= 2]
     no_decay = [p_ for n, p_ in model.named_parameters() if p_.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=args.lr, betas=(0.9, 0.999), eps=1e-6, **({"fused": True} if device.type == "cuda" else {}))
+                                  lr=args.lr, betas=(0.9, 0.999), eps=1e-6,
+                                  **({"fused": True} if device.type == "cuda" else {"foreach": True}))
     warmup = max(1, int(args.warmup * args.max_steps))
     lr_at = lambda s: args.lr * min((s + 1) / warmup, max(0.0, (args.max_steps - s) / max(1, args.max_steps - warmup)))
-    scaler = torch.amp.GradScaler(device.type) if dtype == "fp16" else None
+    scaler = torch.amp.GradScaler(device.type) if dtype == "fp16" else None  # fp16 alone needs loss scaling
     step = 0
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])
@@ -264,34 +309,62 @@ def main(argv=None):
         torch.set_rng_state(resume["rng"]["torch"])
         np.random.set_state(resume["rng"]["numpy"])
 
-    with open(os.path.join(args.out, "args.json"), "w") as f:
-        json.dump({"argv": sys.argv, "args": vars(args), "torch": torch.__version__, "python": platform.python_version()}, f, indent=1)
-    print(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.cfg.layers} layers, hidden {model.cfg.hidden}")
-    print(f"device: {device}, dtype: {dtype} ({why})")
+    # what runs: the objectives, compiled and/or wrapped in DDP; checkpoints keep the plain model
+    run = Objectives(model)
+    if args.compile:
+        run = torch.compile(run)
+    if world > 1:
+        # text batches leave the visual modules unused, so DDP must look for unused parameters
+        run = DDP(run, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+
+    if master:
+        with open(os.path.join(args.out, "args.json"), "w") as f:
+            json.dump({"argv": sys.argv, "args": vars(args), "world_size": world, "torch": torch.__version__,
+                       "python": platform.python_version()}, f, indent=1)
+    say(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.cfg.layers} layers, hidden {model.cfg.hidden}")
+    say(f"device: {device} x {world} process(es), dtype: {dtype} ({why}), compile: {args.compile}")
     for c in corpora:
-        print(f"data: {c.name} ({c.kind}), {len(c)} items")
-    print(f"{dataset.steps_per_epoch} steps per epoch, {args.max_steps} steps, batch {args.batch_size}")
+        say(f"data: {c.name} ({c.kind}), {len(c)} items")
+    say(f"{dataset.steps_per_epoch} steps per epoch, {args.max_steps} steps, global batch {args.batch_size}")
 
     before = evaluate(model, heldout, device, ctx) if heldout and step == 0 else None
     if before:
-        print("held-out before: " + ", ".join(f"{k} {v_:.3f}" for k, v_ in before.items()))
+        say("held-out before: " + ", ".join(f"{k} {v_:.3f}" for k, v_ in before.items()))
 
-    loader = torch.utils.data.DataLoader(dataset, batch_size=None, sampler=range(step, args.max_steps), num_workers=0)
-    log = open(os.path.join(args.out, "log.jsonl"), "a")
+    workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, sampler=range(step, args.max_steps), num_workers=workers,
+                                         pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+    log = open(os.path.join(args.out, "log.jsonl"), "a") if master else None
+    peak = peak_flops(device, dtype)
     model.train()
-    t0, seen = time.time(), 0
+    t0, window = time.time(), {"steps": 0, "samples": 0, "tokens": 0, "flops": 0.0}
     for name, batch in loader:
         lr = lr_at(step)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        batch = to_device(batch, device)
+        B = next(iter(batch.values())).shape[0]
+        T = sum(batch[k].shape[1] for k in ("input_ids", "tag_ids", "feats") if k in batch)
+        predicted = sum(int((batch[k] != -100).sum()) for k in ("mlm_labels", "tag_labels") if k in batch)
+        batch = to_device(shard(batch, rank, world), device)
         with ctx:
-            loss, terms = model.pretrain_losses(batch)
-        if not torch.isfinite(loss):
-            raise SystemExit(f"step {step}: non-finite loss ({', '.join(f'{k} {v_.item():.4g}' for k, v_ in terms.items())}); "
-                             f"the last good checkpoint is {ckpt_path}")
+            terms = run(batch)
+        # each term divided by its count over the *global* batch; DDP averages gradients over
+        # the processes, hence the factor `world`: the same loss and gradient as one process
+        sums = torch.stack([s_.float() for s_, _ in terms.values()])
+        counts = torch.stack([c_.float() for _, c_ in terms.values()])
+        if world > 1:
+            dist.all_reduce(counts)
+        loss = (sums / counts.clamp(min=1)).sum() * world
+        logged = sums.detach().clone()
+        if world > 1:
+            dist.all_reduce(logged)
+        logged = dict(zip(terms, (logged / counts.clamp(min=1)).tolist()))
+        total = sum(logged.values())
+        if not math.isfinite(total) and scaler is None:
+            raise SystemExit(f"step {step + 1}: non-finite loss ({', '.join(f'{k} {v_:.4g}' for k, v_ in logged.items())}); "
+                             f"stopping, the last good checkpoint is {ckpt_path}")
         optimizer.zero_grad(set_to_none=True)
-        if scaler:
+        if scaler:  # under fp16 a non-finite gradient makes the scaler skip the step and lower its scale
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
         else:
@@ -303,33 +376,41 @@ def main(argv=None):
         else:
             optimizer.step()
         step += 1
-        seen += next(iter(batch.values())).shape[0]
-        if step % args.log_every == 0 or step == args.max_steps:
-            dt = (time.time() - t0) / args.log_every if step > args.log_every else (time.time() - t0) / step
-            record = {"step": step, "loss": loss.item(), "lr": lr, "modality": name, "grad_norm": norm.item(),
-                      **{k: v_.item() for k, v_ in terms.items()}}
+        window["steps"] += 1
+        window["samples"] += B
+        window["tokens"] += B * T
+        window["flops"] += train_flops(model.cfg, B, T, predicted)
+        if master and (step % args.log_every == 0 or step == args.max_steps):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.time() - t0
+            record = {"step": step, "loss": total, "lr": lr, "modality": name, "grad_norm": norm.item(), **logged}
             log.write(json.dumps(record) + "\n")
             log.flush()
-            eta = dt * (args.max_steps - step)
-            print(f"step {step}/{args.max_steps} | {name:<22} | loss {loss.item():.3f} ("
-                  + " ".join(f"{k} {v_.item():.3f}" for k, v_ in terms.items())
-                  + f") | lr {lr:.2e} | {dt * 1000:.0f} ms/step | {seen / (time.time() - t0):.0f} samples/s | ETA {eta / 60:.1f} min", flush=True)
-            t0, seen = time.time(), 0
-        if step % args.save_every == 0 or step == args.max_steps:
+            mfu = f"{window['flops'] / dt / peak:.1%}" if peak else "n/a"
+            eta = dt / window["steps"] * (args.max_steps - step)
+            say(f"step {step}/{args.max_steps} | {name:<20} | loss {total:.3f} (" + " ".join(f"{k} {v_:.3f}" for k, v_ in logged.items())
+                + f") | lr {lr:.2e} | norm {norm.item():.2f} | {dt / window['steps'] * 1000:.0f} ms/step | {window['samples'] / dt:.0f} samples/s"
+                + f" | {window['tokens'] / dt:.0f} tokens/s | MFU {mfu} | ETA {eta / 60:.1f} min", flush=True)
+            t0, window = time.time(), {"steps": 0, "samples": 0, "tokens": 0, "flops": 0.0}
+        if master and (step % args.save_every == 0 or step == args.max_steps):
             save_checkpoint(ckpt_path, model, optimizer, scaler, step, args, vocab, class_names)
-    log.close()
+    if log:
+        log.close()
 
     after = evaluate(model, heldout, device, ctx) if heldout else None
     if after:
         if before:
-            print("held-out loss   before  ->  after")
+            say("held-out loss   before  ->  after")
             for k in after:
-                print(f"  {k:<8} {before.get(k, float('nan')):9.3f} -> {after[k]:7.3f}")
+                say(f"  {k:<8} {before.get(k, float('nan')):9.3f} -> {after[k]:7.3f}")
         else:
-            print("held-out after: " + ", ".join(f"{k} {v_:.3f}" for k, v_ in after.items()))
+            say("held-out after: " + ", ".join(f"{k} {v_:.3f}" for k, v_ in after.items()))
         with open(os.path.join(args.out, "eval.json"), "w") as f:
             json.dump({"before": before, "after": after, "step": step}, f, indent=1)
-    print(f"checkpoint: {ckpt_path}")
+    say(f"checkpoint: {ckpt_path}")
+    if world > 1:
+        dist.destroy_process_group()
     return after
 
 

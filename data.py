@@ -922,6 +922,8 @@ class Corpus:
     def __len__(self):
         if self.kind == "text":
             return len(self.starts) if self.nsp else len(self.chunks)
+        if self.kind == "pair":
+            return len(self.items[0])
         return len(self.items)
 
     def batch(self, idx, gen):

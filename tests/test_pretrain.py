@@ -40,8 +40,14 @@ EXPECTED = {  # variant -> objectives each kind of batch must log
 
 
 @pytest.mark.parametrize("flags", list(EXPECTED), ids=[" ".join(f) for f in EXPECTED])
-def test_every_variant_runs(toy, tmp_path, flags):
+def test_every_variant_runs(toy, tmp_path, flags, capsys):
     after = run(toy, tmp_path, *flags, "--max-steps", "40")
+    printed = capsys.readouterr().out
+    lines = lambda f: sum(1 for line in open(os.path.join(toy, "pretrain", f)) if line.strip())
+    sizes = {"pair": lines("pairs.jsonl"), "caption": lines("captions.txt"), "image": None, "text": None}
+    for kind, n in sizes.items():  # each data set is as large as its source
+        if n is not None and f"({kind})" in printed:
+            assert f"({kind}), {n} items" in printed, printed
     log = read_log(tmp_path)
     assert [r["step"] for r in log] == list(range(1, 41))
     kinds = {}

@@ -98,11 +98,16 @@ class FeatureStore:
         return list(self._where)
 
     def __getitem__(self, image_id):
+        return self.get(image_id)
+
+    def get(self, image_id, dtype=np.float32):
+        """The image's entry; features as `dtype`. float16 is what is stored: it skips a conversion,
+        and the features are then a read-only view of the memory map."""
         if image_id not in self._where:
             raise KeyError(f"{self.path}: no features for image {image_id!r}")
         s, start, count, width, height = self._where[image_id]
         rows = slice(start, start + count)
-        out = {"features": np.asarray(self._array(s, "features")[rows], dtype=np.float32),  # (K, D)
+        out = {"features": np.asarray(self._array(s, "features")[rows], dtype=dtype),  # (K, D)
                "boxes": np.array(self._array(s, "boxes")[rows]),  # (K, 4)
                "labels": np.array(self._array(s, "labels")[rows]),  # (K,)
                "scores": np.array(self._array(s, "scores")[rows]),  # (K,)
@@ -808,16 +813,14 @@ CAPTION_LEN, TEXT_LEN, MAX_TAGS = 30, 64, 50  # pieces, [CLS] and [SEP] included
 
 
 def pad(seqs, value=0, dtype=torch.long):
-    """A list of equal-rank arrays -> one tensor padded along the first axis, and the valid mask."""
-    T = max(1, max(len(s) for s in seqs))
-    shape = (len(seqs), T) + tuple(np.shape(seqs[0])[1:])
-    out = torch.full(shape, value, dtype=dtype)
-    mask = torch.zeros(len(seqs), T, dtype=torch.bool)
+    """A list of arrays (or lists) -> one tensor padded along the first axis, and the valid mask."""
+    lengths = np.array([len(s) for s in seqs])
+    T = max(1, int(lengths.max()))
+    tail = np.shape(seqs[int(lengths.argmax())])[1:]
+    out = np.full((len(seqs), T) + tail, value, dtype=torch.empty(0, dtype=dtype).numpy().dtype)
     for i, s in enumerate(seqs):
-        if len(s):
-            out[i, : len(s)] = torch.as_tensor(np.asarray(s), dtype=dtype)
-            mask[i, : len(s)] = True
-    return out, mask
+        out[i, : len(s)] = s
+    return torch.from_numpy(out), torch.from_numpy(np.arange(T) < lengths[:, None])
 
 
 def text_inputs(seqs, vocab, max_len, second=None):
@@ -826,13 +829,14 @@ def text_inputs(seqs, vocab, max_len, second=None):
     token_type_ids."""
     rows, types = [], []
     for i, a in enumerate(seqs):
+        a = np.asarray(a).tolist()  # plain ints: slicing a memory map element by element is slow
         if second is None:
-            a = list(a[: max_len - 2])
+            a = a[: max_len - 2]
             rows.append([vocab.cls] + a + [vocab.sep])
             types.append([0] * (len(a) + 2))
         else:
-            b = list(second[i][: max_len - 3 - min(len(a), (max_len - 3) // 2)])
-            a = list(a[: max_len - 3 - len(b)])
+            b = np.asarray(second[i][: max_len - 3 - min(len(a), (max_len - 3) // 2)]).tolist()
+            a = a[: max_len - 3 - len(b)]
             rows.append([vocab.cls] + a + [vocab.sep] + b + [vocab.sep])
             types.append([0] * (len(a) + 2) + [1] * (len(b) + 1))
     ids, mask = pad(rows, vocab.pad)
@@ -842,7 +846,8 @@ def text_inputs(seqs, vocab, max_len, second=None):
 def image_inputs(entries, tag_pieces, tags=True, max_tags=MAX_TAGS):
     """Store entries -> padded region and tag tensors. Each region's tag is its detector class's
     word pieces, every piece with the region's box (SPEC 1); tags stop at `max_tags` pieces."""
-    feats, valid = pad([e["features"] for e in entries], 0.0, torch.float32)  # (B, K, D)
+    half = entries[0]["features"].dtype == np.float16
+    feats, valid = pad([e["features"] for e in entries], 0.0, torch.float16 if half else torch.float32)  # (B, K, D)
     out = {"feats": feats, "region_mask": valid,
            "boxes": pad([e["boxes"] for e in entries], 0.0, torch.float32)[0],  # (B, K, 4)
            "obj_labels": pad([e["labels"] for e in entries], -100)[0],  # (B, K)
@@ -893,7 +898,7 @@ class Images:
     def __getitem__(self, image_id):
         if image_id not in self.where:
             raise KeyError(f"image {image_id!r} is in none of the feature stores {[s.path for s in self.stores]}")
-        return self.where[image_id][image_id]
+        return self.where[image_id].get(image_id, np.float16)  # half the bytes to move; the model casts
 
     def __contains__(self, image_id):
         return image_id in self.where

@@ -88,6 +88,7 @@ class Embeddings(nn.Module):
         return self.tag_ln(self.word_embeddings(tag_ids)) + self.box(tag_boxes)  # (B, L, H)
 
     def regions(self, feats, boxes):
+        feats = feats.to(self.feat[0].weight.dtype)  # features may come as stored, in float16
         return self.feat(feats) + self.box(boxes)  # (B, K, H)
 
 

@@ -308,6 +308,14 @@ def main(argv=None):
         step = resume["step"]
         torch.set_rng_state(resume["rng"]["torch"])
         np.random.set_state(resume["rng"]["numpy"])
+        if master:  # steps logged after the checkpoint are done again: drop their lines
+            log_file = os.path.join(args.out, "log.jsonl")
+            if os.path.exists(log_file):
+                with open(log_file) as f:
+                    kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+                with open(log_file, "w") as f:
+                    f.writelines(kept)
+        say(f"resuming from {ckpt_path} at step {step}")
 
     # what runs: the objectives, compiled and/or wrapped in DDP; checkpoints keep the plain model
     run = Objectives(model)
@@ -332,8 +340,10 @@ def main(argv=None):
         say("held-out before: " + ", ".join(f"{k} {v_:.3f}" for k, v_ in before.items()))
 
     workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
+    # the loader's own generator: drawing its base seed from the global one would shift dropout on resume
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, sampler=range(step, args.max_steps), num_workers=workers,
-                                         pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+                                         pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                                         generator=torch.Generator().manual_seed(args.seed))
     log = open(os.path.join(args.out, "log.jsonl"), "a") if master else None
     peak = peak_flops(device, dtype)
     model.train()

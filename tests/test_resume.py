@@ -1,0 +1,112 @@
+"""Nothing lost: exact resume, checkpoints that survive kill -9, a clear stop on a non-finite loss."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import data  # noqa: E402
+import pretrain  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    return data.make_toy_world(str(tmp_path_factory.mktemp("toy") / "world"), seed=0, scale=0.03)
+
+
+def args(toy, out, *extra):
+    return ["--unaligned", "--toy-root", toy, "--out", str(out), "--cache-dir", os.path.join(toy, "cache"), "--batch-size", "8",
+            "--log-every", "1", "--eval-batches", "1", "--max-steps", "16", "--save-every", "8", *extra]
+
+
+def log(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_killed_and_resumed_run_logs_what_an_uninterrupted_one_does(toy, tmp_path, monkeypatch):
+    pretrain.main(args(toy, tmp_path / "whole"))
+    calls = {"n": 0}
+    real = pretrain.train_flops
+
+    def dies_at_step_11(*a):  # called once per step, after the optimiser step
+        calls["n"] += 1
+        if calls["n"] == 11:
+            raise KeyboardInterrupt("killed")
+        return real(*a)
+
+    monkeypatch.setattr(pretrain, "train_flops", dies_at_step_11)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain.main(args(toy, tmp_path / "split"))
+    monkeypatch.setattr(pretrain, "train_flops", real)
+    assert len(log(tmp_path / "split")) == 10  # steps 9 and 10 were logged after the checkpoint at step 8
+    pretrain.main(args(toy, tmp_path / "split", "--resume"))
+    whole, split = log(tmp_path / "whole"), log(tmp_path / "split")
+    assert [r["step"] for r in split] == list(range(1, 17))
+    assert whole == split  # same data order, masks, dropout and updates: identical numbers
+
+
+def test_checkpoint_survives_kill_during_save(toy, tmp_path):
+    """kill -9 at random moments of a run that saves at every step: ckpt.pt always loads."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "pretrain.py", *args(toy, out, "--save-every", "1", "--max-steps", "400", "--model", "small")]
+    for delay in (3.0, 3.7, 4.3):
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        deadline = time.time() + 120
+        while not os.path.exists(out / "ckpt.pt") and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(delay - 3.0 + 0.5)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        ckpt = torch.load(out / "ckpt.pt", weights_only=False)  # the previous checkpoint, whole
+        assert ckpt["step"] >= 1 and set(ckpt["model"]) == set(pretrain.VisualBERT(pretrain.Config(**ckpt["config"])).state_dict())
+
+
+def test_non_finite_loss_stops_with_one_clear_line(toy, tmp_path, monkeypatch):
+    real = pretrain.VisualBERT.pretrain_terms
+    calls = {"n": 0}
+
+    def nan_at_step_5(self, batch):
+        calls["n"] += self.training  # held-out evaluation (eval mode) does not count
+        terms = real(self, batch)
+        if calls["n"] == 5 and self.training:
+            name = next(iter(terms))
+            terms[name] = (terms[name][0] * float("nan"), terms[name][1])
+        return terms
+
+    monkeypatch.setattr(pretrain.VisualBERT, "pretrain_terms", nan_at_step_5)
+    with pytest.raises(SystemExit, match=r"step 5: non-finite loss \(.*nan.*\); stopping, the last good checkpoint is .*ckpt.pt"):
+        pretrain.main(args(toy, tmp_path, "--save-every", "2"))
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["step"] == 4
+    assert [r["step"] for r in log(tmp_path)] == [1, 2, 3, 4]
+
+
+def test_fp16_scaler_skips_a_non_finite_step(toy, tmp_path, monkeypatch):
+    real = pretrain.VisualBERT.pretrain_terms
+    calls = {"n": 0}
+    seen = {}
+
+    def nan_at_step_3(self, batch):
+        calls["n"] += self.training
+        if calls["n"] == 3 and "before" not in seen:
+            seen["before"] = {k: v.detach().clone() for k, v in self.state_dict().items()}
+        if calls["n"] == 4 and "after" not in seen:
+            seen["after"] = {k: v.detach().clone() for k, v in self.state_dict().items()}
+        terms = real(self, batch)
+        if calls["n"] == 3 and self.training:
+            name = next(iter(terms))
+            terms[name] = (terms[name][0] * float("inf"), terms[name][1])
+        return terms
+
+    monkeypatch.setattr(pretrain.VisualBERT, "pretrain_terms", nan_at_step_3)
+    pretrain.main(args(toy, tmp_path, "--dtype", "fp16", "--max-steps", "6"))
+    assert all(torch.equal(seen["before"][k], seen["after"][k]) for k in seen["before"])  # step 3 skipped
+    assert [r["step"] for r in log(tmp_path)] == list(range(1, 7))  # and the run went on

@@ -4,6 +4,7 @@ import json
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -115,9 +116,10 @@ def test_bad_input_gets_one_clear_line(toy, tmp_path):
     ]:
         with pytest.raises(SystemExit, match=message):
             pretrain.main(base + extra + ["--cache-dir", str(tmp_path / "cache")])
-    # a checkpoint of another size
-    run(toy, tmp_path / "small", "--text-only", "--model", "small")
-    with pytest.raises(RuntimeError, match="size mismatch"):
-        ckpt = torch.load(tmp_path / "small" / "ckpt.pt", weights_only=False)
-        model = pretrain.VisualBERT(pretrain.Config(**{**ckpt["config"], "hidden": 128, "heads": 2, "ffn": 512}))
-        model.load_state_dict(ckpt["model"])
+    # a checkpoint made for other features than the images given
+    other = tmp_path / "wide"
+    w = data.FeatureWriter(str(other), 32, data.CLASSES, attr_names=data.COLORS, extractor={"other": True})
+    w.add("x", np.zeros((2, 32)), np.zeros((2, 4)), [0, 1], [0.5, 0.5], 10, 10, [0, 0], [0.5, 0.5])
+    w.close()
+    with pytest.raises(SystemExit, match=r"ckpt.pt: the checkpoint has feat_dim=64, the images have 32"):
+        pretrain.main(base + ["--images", str(other), "--text", os.path.join(toy, "pretrain", "text.txt"), "--cache-dir", str(tmp_path / "cache")])

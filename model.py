@@ -281,8 +281,7 @@ class VisualBERT(nn.Module):
         if has_tags:
             terms["tag"] = masked_lm_terms(self.mlm, h[:, spans["tags"]], batch["tag_labels"])
         if has_image:
-            feat, label, attr = self.visual(h[:, spans["regions"]])
-            terms.update(visual_terms(feat, label, attr, batch))
+            terms.update(visual_terms(self.visual, h[:, spans["regions"]], batch))
         return terms
 
 
@@ -297,34 +296,26 @@ def masked_lm_terms(head, h, labels):
 MASK_PROB = 0.15
 
 
-def visual_terms(feat_pred, label_logits, attr_logits, batch):
+def visual_terms(head, h, batch):
     """Feature regression, detector-label (and attribute) classification of masked regions.
 
     Paper: the visual objectives are computed on masked regions; the authors' code (from LXMERT)
-    classifies every region. We follow the paper. Both weight each region by the detector's
-    confidence, average over all regions of the batch, and scale by 1/0.15 (authors' code), so a
-    term is about the mean over masked regions. Regression is smooth-L1 (beta 1), averaged over
-    the feature dimension, as in the authors' code.
+    classifies every region. We follow the paper, so the head runs on masked regions alone. Both
+    weight each region by the detector's confidence, average over all regions of the batch, and
+    scale by 1/0.15 (authors' code), so a term is about the mean over masked regions. Regression
+    is smooth-L1 (beta 1), averaged over the feature dimension, as in the authors' code.
+    h (B, K, H) the regions' hidden states; head(x) -> (features, label logits, attribute logits).
     """
-    valid = batch["region_mask"].float()  # (B, K)
-    masked = batch["region_masked"].float() * valid  # (B, K)
-    n = valid.sum()  # every valid region counts in the denominator
-    out = {}
-    feat_err = F.smooth_l1_loss(feat_pred.float(), batch["feat_targets"].float(), reduction="none", beta=1.0).mean(-1)  # (B, K)
-    out["feat"] = ((feat_err * masked).sum() / MASK_PROB, n)
-    B, K, C = label_logits.shape
-    ce = F.cross_entropy(label_logits.float().view(B * K, C), batch["obj_labels"].view(-1).clamp(min=0), reduction="none").view(B, K)
-    out["label"] = ((ce * batch["obj_conf"] * masked).sum() / MASK_PROB, n)
-    if attr_logits is not None and "attr_labels" in batch:
-        A = attr_logits.shape[-1]
-        ce = F.cross_entropy(attr_logits.float().view(B * K, A), batch["attr_labels"].view(-1).clamp(min=0), reduction="none").view(B, K)
-        out["attr"] = ((ce * batch["attr_conf"] * masked).sum() / MASK_PROB, n)
+    valid = batch["region_mask"].bool()  # (B, K)
+    sel = batch["region_masked"].bool() & valid  # (B, K)
+    n = valid.sum().float()  # every valid region counts in the denominator
+    feat, label, attr = head(h[sel])  # (N, D), (N, C), (N, A)
+    out = {"feat": (F.smooth_l1_loss(feat.float(), batch["feat_targets"][sel].float(), reduction="none", beta=1.0).mean(-1).sum() / MASK_PROB, n),
+           "label": ((F.cross_entropy(label.float(), batch["obj_labels"][sel], reduction="none") * batch["obj_conf"][sel]).sum() / MASK_PROB, n)}
+    if attr is not None and "attr_labels" in batch:
+        ce = F.cross_entropy(attr.float(), batch["attr_labels"][sel].clamp(min=0), reduction="none")
+        out["attr"] = ((ce * batch["attr_conf"][sel]).sum() / MASK_PROB, n)
     return out
-
-
-def visual_losses(feat_pred, label_logits, attr_logits, batch):
-    """visual_terms as means: each sum divided by the number of valid regions."""
-    return {k: s / c.clamp(min=1) for k, (s, c) in visual_terms(feat_pred, label_logits, attr_logits, batch).items()}
 
 
 # -----------------------------------------------------------------------------

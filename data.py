@@ -255,21 +255,6 @@ class Vocab:
         return [self.encode(name.split(",")[0].strip()) or [self.unk] for name in class_names]
 
 
-def read_lines(path):
-    """The lines of a UTF-8 text file, with a clear error naming the file and line otherwise."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: text file not found")
-    with open(path, "rb") as f:
-        raw = f.read()
-    if not raw.strip():
-        raise ValueError(f"{path}: the file is empty")
-    try:
-        return raw.decode("utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise ValueError(f"{path}: line {line} is not valid UTF-8 (byte {raw[e.start]:#x} at offset {e.start})") from None
-
-
 class TokenCorpus:
     """Token pieces of many text items (captions, or sentences grouped into documents) in one
     flat memory-mapped int32 array with offsets: item i is tokens[offsets[i]:offsets[i+1]].
@@ -281,6 +266,8 @@ class TokenCorpus:
     kind "pairs": JSON lines {"image_id", "caption"}; items are captions, `image_ids` beside.
     """
 
+    MAX_LINE = 100_000  # characters; a longer "line" is not a sentence (a binary file, a missing newline)
+
     def __init__(self, path, vocab, kind, cache_dir="cache"):
         st = os.stat(path) if os.path.exists(path) else None
         if st is None:
@@ -290,47 +277,70 @@ class TokenCorpus:
         if not os.path.exists(os.path.join(folder, "done")):
             self._build(path, vocab, kind, folder)
         self.path = path
-        self.tokens = np.load(os.path.join(folder, "tokens.npy"), mmap_mode="r")
+        self.tokens = np.memmap(os.path.join(folder, "tokens.bin"), dtype=np.int32, mode="r") if os.path.getsize(os.path.join(folder, "tokens.bin")) else np.zeros(0, np.int32)
         self.offsets = np.load(os.path.join(folder, "offsets.npy"))
         self.docs = np.load(os.path.join(folder, "docs.npy"))  # (N,) document of each item
-        self.image_ids = None
-        if kind == "pairs":
-            with open(os.path.join(folder, "image_ids.json")) as f:
-                self.image_ids = json.load(f)
+        self.skipped = read_json(os.path.join(folder, "skipped.json"))  # [[line, reason]]: bad records left out
+        self.image_ids = read_json(os.path.join(folder, "image_ids.json")) if kind == "pairs" else None
 
     @staticmethod
     def _build(path, vocab, kind, folder):
-        lines = read_lines(path)
-        texts, docs, image_ids, doc = [], [], [], 0
-        for n, line in enumerate(lines, 1):
-            if kind == "pairs":
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                    image_ids.append(str(record["image_id"]))
-                    texts.append(record["caption"])
-                except (ValueError, KeyError, TypeError):
-                    raise ValueError(f"{path}: line {n} is not a JSON object with image_id and caption") from None
-            elif not line.strip():
-                if kind == "docs" and docs and docs[-1] == doc:
-                    doc += 1  # a blank line ends a document
-                continue
-            else:
-                texts.append(line)
-            docs.append(doc if kind == "docs" else len(docs))
-        if not texts:
-            raise ValueError(f"{path}: no text in the file")
-        ids = []
-        for i in range(0, len(texts), 10000):
-            ids.extend(vocab.encode_batch(texts[i:i + 10000]))
+        """Read the file line by line (it may be far larger than memory), tokenise in blocks and
+        append to tokens.bin. A bad line is skipped and listed; a file with no usable line is fatal."""
         os.makedirs(folder, exist_ok=True)
-        _save_npy(os.path.join(folder, "tokens.npy"), np.concatenate([np.asarray(x, dtype=np.int32) for x in ids]))
-        _save_npy(os.path.join(folder, "offsets.npy"), np.concatenate([[0], np.cumsum([len(x) for x in ids])]).astype(np.int64))
+        lengths, docs, image_ids, skipped, block, doc, blank = [], [], [], [], [], 0, True
+        with open(path, "rb") as f, open(os.path.join(folder, "tokens.bin"), "wb") as out:
+            def flush():
+                for ids in vocab.encode_batch(block):
+                    out.write(np.asarray(ids, dtype=np.int32).tobytes())
+                    lengths.append(len(ids))
+                block.clear()
+
+            for n, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8").rstrip("\r\n")
+                except UnicodeDecodeError as e:
+                    skipped.append([n, f"not valid UTF-8 (byte {raw[e.start]:#x} at column {e.start + 1})"])
+                    continue
+                if len(line) > TokenCorpus.MAX_LINE:
+                    skipped.append([n, f"{len(line)} characters long, over {TokenCorpus.MAX_LINE}"])
+                    continue
+                if not line.strip():
+                    if kind == "docs" and not blank:
+                        doc += 1  # a blank line ends a document; several in a row, or an empty document, change nothing
+                    blank = True
+                    continue
+                blank = False
+                if kind == "pairs":
+                    try:
+                        record = json.loads(line)
+                        image_id, text = str(record["image_id"]), str(record["caption"])
+                    except (ValueError, KeyError, TypeError):
+                        skipped.append([n, "not a JSON object with image_id and caption"])
+                        continue
+                    image_ids.append(image_id)
+                else:
+                    text = line
+                block.append(text)
+                docs.append(doc if kind == "docs" else len(docs))
+                if len(block) == 10000:
+                    flush()
+            flush()
+        if not docs:
+            reason = f"no usable line ({len(skipped)} bad, the first: line {skipped[0][0]}, {skipped[0][1]})" if skipped else "the file is empty"
+            raise ValueError(f"{path}: {reason}")
+        _save_npy(os.path.join(folder, "offsets.npy"), np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
         _save_npy(os.path.join(folder, "docs.npy"), np.asarray(docs, dtype=np.int64))
+        write_json(os.path.join(folder, "skipped.json"), skipped)
         if kind == "pairs":
             write_json(os.path.join(folder, "image_ids.json"), image_ids)
         open(os.path.join(folder, "done"), "w").close()
+
+    def report(self):
+        """One line on the records left out, or None."""
+        if self.skipped:
+            first = "; ".join(f"line {n}: {why}" for n, why in self.skipped[:3])
+            return f"{self.path}: skipped {len(self.skipped)} bad line(s) ({first}{'; ...' if len(self.skipped) > 3 else ''})"
 
     def __len__(self):
         return len(self.offsets) - 1
@@ -568,7 +578,8 @@ def make_toy_world(root=TOY_DIR, seed=0, scale=1.0, log=print):
     tok = BertWordPieceTokenizer(lowercase=True)
     words = [" ".join(CLASSES + COLORS + SIZES + NUMBERS + list(SCENES) + [plural(c) for c in CLASSES])]
     words += [q["question"] for q in read_json(os.path.join(root, "tasks", "vqa", "v2_OpenEnded_mscoco_train2014_questions.json"))["questions"]]
-    tok.train_from_iterator(words + read_lines(os.path.join(root, "pretrain", "text.txt")) + read_lines(os.path.join(root, "pretrain", "captions.txt")),
+    text = [line for f in ("text.txt", "captions.txt") for line in open(os.path.join(root, "pretrain", f)).read().splitlines()]
+    tok.train_from_iterator(words + text,
                             vocab_size=500, min_frequency=2, show_progress=False, special_tokens=list(Vocab.SPECIALS))
     write_lines(os.path.join(root, "vocab.txt"), [t for t, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])])
     write_json(os.path.join(root, "scenes.json"), scenes)

@@ -103,6 +103,12 @@ def build_corpora(args, vocab, images):
     return corpora
 
 
+def skipped_report(corpora):
+    """Lines on the bad records each text corpus left out (tokenised text keeps the list)."""
+    texts = [c.items[0] if c.kind == "pair" else c.items for c in corpora if c.kind != "image"]
+    return [r for r in (t.report() for t in texts) if r]
+
+
 def heldout_batches(args, vocab, class_names, n):
     """Fixed masked batches of the held-out sets, the same before and after training."""
     out = {}
@@ -334,6 +340,8 @@ def main(argv=None):
     for c in corpora:
         say(f"data: {c.name} ({c.kind}), {len(c)} items")
     say(f"{dataset.steps_per_epoch} steps per epoch, {args.max_steps} steps, global batch {args.batch_size}")
+    for line in skipped_report(corpora):
+        say("warning: " + line)
 
     before = evaluate(model, heldout, device, ctx) if heldout and step == 0 else None
     if before:
@@ -418,6 +426,8 @@ def main(argv=None):
             say("held-out after: " + ", ".join(f"{k} {v_:.3f}" for k, v_ in after.items()))
         with open(os.path.join(args.out, "eval.json"), "w") as f:
             json.dump({"before": before, "after": after, "step": step}, f, indent=1)
+    for line in skipped_report(corpora):  # said again at the end, where it is seen
+        say("warning: " + line)
     say(f"checkpoint: {ckpt_path}")
     if world > 1:
         dist.destroy_process_group()

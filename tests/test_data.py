@@ -68,7 +68,7 @@ def test_feature_store_bad_input(tmp_path):
 
 def test_tokenised_corpus(tmp_path):
     f = tmp_path / "text.txt"
-    f.write_text("the red car sat .\nthe dog sat on the mat\n\n\na big truck\n\nthe fire truck\nhot dogs\n")
+    f.write_text("\nthe red car sat .\nthe dog sat on the mat\n\n\na big truck\n\nthe fire truck\nhot dogs\n")
     c = data.TokenCorpus(str(f), VOCAB, "docs", str(tmp_path / "cache"))
     assert len(c) == 5 and c.docs.tolist() == [0, 0, 1, 2, 2]
     assert VOCAB.decode(c[2]) == "a big truck"
@@ -76,14 +76,26 @@ def test_tokenised_corpus(tmp_path):
     assert c.chunks(6).tolist() == [[0, 1], [1, 2], [2, 3], [3, 5]]
     again = data.TokenCorpus(str(f), VOCAB, "docs", str(tmp_path / "cache"))  # cached
     assert np.array_equal(again.tokens, c.tokens)
+    # bad lines are skipped and listed; a file with nothing usable is fatal, with file and line
     bad = tmp_path / "bad.txt"
-    bad.write_bytes(b"fine\nalso fine\nnot \xff fine\n")
-    with pytest.raises(ValueError, match=r"bad.txt: line 3 is not valid UTF-8"):
-        data.TokenCorpus(str(bad), VOCAB, "lines", str(tmp_path / "cache"))
+    bad.write_bytes(b"fine\nalso fine\nnot \xff fine\n" + b"x" * 100_001 + b"\nthe end\n")
+    c = data.TokenCorpus(str(bad), VOCAB, "lines", str(tmp_path / "cache"))
+    assert len(c) == 3 and [n for n, _ in c.skipped] == [3, 4]
+    assert "bad.txt: skipped 2 bad line(s) (line 3: not valid UTF-8 (byte 0xff at column 5); line 4: 100001 characters long" in c.report()
+    again = data.TokenCorpus(str(bad), VOCAB, "lines", str(tmp_path / "cache"))  # the cache remembers what was skipped
+    assert again.skipped == c.skipped
+    worse = tmp_path / "worse.txt"
+    worse.write_bytes(b"\xc3\x28\n\n")
+    with pytest.raises(ValueError, match=r"worse.txt: no usable line \(1 bad, the first: line 1, not valid UTF-8"):
+        data.TokenCorpus(str(worse), VOCAB, "lines", str(tmp_path / "cache"))
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
     with pytest.raises(ValueError, match="empty.txt: the file is empty"):
         data.TokenCorpus(str(empty), VOCAB, "lines", str(tmp_path / "cache"))
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"image_id": 7, "caption": "a red car"}\n{"image": 8}\nnot json\n')
+    c = data.TokenCorpus(str(pairs), VOCAB, "pairs", str(tmp_path / "cache"))
+    assert c.image_ids == ["7"] and [n for n, _ in c.skipped] == [2, 3]
 
 
 def test_text_masking_statistics():

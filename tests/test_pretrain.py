@@ -104,14 +104,14 @@ def test_init_from_text_only_checkpoint_and_huggingface(toy, tmp_path):
 def test_bad_input_gets_one_clear_line(toy, tmp_path):
     store = os.path.join(toy, "features", "pretrain")
     bad = tmp_path / "bad.txt"
-    bad.write_bytes(b"a fine line\n\xc3\x28 broken\n")
+    bad.write_bytes(b"\xc3\x28 broken\n")
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     base = ["--unaligned", "--out", str(tmp_path / "o"), "--init-from", str(tmp_path / "ck" / "ckpt.pt"), "--max-steps", "2"]
     run(toy, tmp_path / "ck", "--text-only")
     for extra, message in [
         (["--images", str(tmp_path / "nowhere"), "--text", str(bad)], "nowhere: not a feature store"),
-        (["--images", store, "--text", str(bad)], "bad.txt: line 2 is not valid UTF-8"),
+        (["--images", store, "--text", str(bad)], r"bad.txt: no usable line \(1 bad, the first: line 1, not valid UTF-8"),
         (["--images", store, "--text", str(empty)], "empty.txt: the file is empty"),
     ]:
         with pytest.raises(SystemExit, match=message):
@@ -123,3 +123,19 @@ def test_bad_input_gets_one_clear_line(toy, tmp_path):
     w.close()
     with pytest.raises(SystemExit, match=r"ckpt.pt: the checkpoint has feat_dim=64, the images have 32"):
         pretrain.main(base + ["--images", str(other), "--text", os.path.join(toy, "pretrain", "text.txt"), "--cache-dir", str(tmp_path / "cache")])
+
+
+def test_bad_lines_are_skipped_counted_and_reported(toy, tmp_path, capsys):
+    text = tmp_path / "text.txt"
+    good = open(os.path.join(toy, "pretrain", "text.txt"), "rb").read()
+    text.write_bytes(good + b"\nbroken \xff line\n")
+    run(toy, tmp_path / "o", "--text-only", "--text", str(text), "--init-from", str(_bert(toy, tmp_path)))
+    out = capsys.readouterr().out
+    n = good.count(b"\n") + 2  # the line after the good text and the added newline
+    line = f"warning: {text}: skipped 1 bad line(s) (line {n}: not valid UTF-8 (byte 0xff at column 8))"
+    assert out.count(line) == 2  # at the start and again at the end
+
+
+def _bert(toy, tmp_path):
+    run(toy, tmp_path / "bert", "--text-only", "--max-steps", "1")
+    return tmp_path / "bert" / "ckpt.pt"

@@ -272,7 +272,7 @@ class TokenCorpus:
         st = os.stat(path) if os.path.exists(path) else None
         if st is None:
             raise FileNotFoundError(f"{path}: text file not found")
-        key = hashlib.sha1(json.dumps([os.path.abspath(path), st.st_size, st.st_mtime_ns, kind, vocab.tokens]).encode()).hexdigest()[:16]
+        key = hashlib.sha1(json.dumps(["tokens.bin v1", os.path.abspath(path), st.st_size, st.st_mtime_ns, kind, vocab.tokens]).encode()).hexdigest()[:16]
         folder = os.path.join(cache_dir, f"{os.path.basename(path)}-{key}")
         if not os.path.exists(os.path.join(folder, "done")):
             self._build(path, vocab, kind, folder)

@@ -119,7 +119,7 @@ class FeatureStore:
 
 
 def _save_npy(file, arr):
-    tmp = file + ".tmp"
+    tmp = f"{file}.{os.getpid()}.tmp"  # one temporary name per process: writers may run side by side
     with open(tmp, "wb") as f:
         np.save(f, arr)
     os.replace(tmp, file)
@@ -132,7 +132,7 @@ def read_json(file):
 
 def write_json(file, obj):
     """Write JSON to a temporary file and rename it: readers never see half a file."""
-    tmp = file + ".tmp"
+    tmp = f"{file}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
         f.write(json.dumps(obj))  # json.dumps runs in C, json.dump does not
     os.replace(tmp, file)

@@ -799,7 +799,7 @@ def mask_regions(feats, valid, gen):
     masked = (torch.rand(B, K, generator=gen) < MASK_PROB) & valid
     action = torch.rand(B, K, generator=gen)
     out = feats.clone()
-    out[masked & (action < 0.8)] = 0
+    out[(masked & (action < 0.8)).nonzero(as_tuple=True)] = 0  # by row index: a (B, K) boolean mask is slow on float16
     replace = (masked & (action >= 0.8) & (action < 0.9)).nonzero()  # (N, 2): image, region
     if B > 1 and len(replace):
         other = (replace[:, 0] + torch.randint(1, B, (len(replace),), generator=gen)) % B  # never the same image

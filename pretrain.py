@@ -111,23 +111,20 @@ def skipped_report(corpora):
 
 def heldout_batches(args, vocab, class_names, n):
     """Fixed masked batches of the held-out sets, the same before and after training."""
+    sets = [(f"text:{f}", data.Corpus("text", "text", vocab, data.TokenCorpus(f, vocab, "docs", args.cache_dir)))
+            for f in args.heldout_text or []]
+    if not args.text_only:
+        sets += [(f"captions:{f}", data.Corpus("captions", "caption", vocab, data.TokenCorpus(f, vocab, "lines", args.cache_dir)))
+                 for f in args.heldout_captions or []]
+        if args.heldout_images:
+            images = data.Images(args.heldout_images)
+            if images.class_names != class_names:
+                raise SystemExit("--heldout-images: other detector classes than the training images")
+            sets.append(("images", data.Corpus("images", "image", vocab, sorted(images.where), images, tags=not args.no_tags)))
     out = {}
-    gen = lambda: torch.Generator().manual_seed(1234)
-    for f in args.heldout_text or []:
-        c = data.Corpus("text", "text", vocab, data.TokenCorpus(f, vocab, "docs", args.cache_dir))
-        g = gen()
-        out[f"text:{f}"] = [c.batch(np.arange(i, min(i + 64, len(c))), g) for i in range(0, min(len(c), 64 * n), 64)]
-    for f in (args.heldout_captions or []) if not args.text_only else []:
-        c = data.Corpus("captions", "caption", vocab, data.TokenCorpus(f, vocab, "lines", args.cache_dir))
-        g = gen()
-        out[f"captions:{f}"] = [c.batch(np.arange(i, min(i + 64, len(c))), g) for i in range(0, min(len(c), 64 * n), 64)]
-    if args.heldout_images and not args.text_only:
-        images = data.Images(args.heldout_images)
-        if images.class_names != class_names:
-            raise SystemExit(f"--heldout-images: other detector classes than the training images")
-        c = data.Corpus("images", "image", vocab, sorted(images.where), images, tags=not args.no_tags)
-        g = gen()
-        out["images"] = [c.batch(np.arange(i, min(i + 64, len(c))), g) for i in range(0, min(len(c), 64 * n), 64)]
+    for name, c in sets:
+        g = torch.Generator().manual_seed(1234)
+        out[name] = [c.batch(np.arange(i, min(i + 64, len(c))), g) for i in range(0, min(len(c), 64 * n), 64)]
     return out
 
 

@@ -1,0 +1,839 @@
+"""
+Fine-tune U-VisualBERT on the paper's four downstream tasks (SPEC 6) and report their metrics.
+
+    python finetune.py --task vqa --init-from out/pretrain/ckpt.pt        # VQA 2.0: soft accuracy
+    python finetune.py --task nlvr2 --init-from out/pretrain/ckpt.pt      # NLVR2: accuracy and consistency
+    python finetune.py --task retrieval --init-from out/pretrain/ckpt.pt  # Flickr30K image retrieval: R@1, R@5, R@10
+    python finetune.py --task refcoco --init-from out/pretrain/ckpt.pt    # RefCOCO+: the top region's box has IoU >= 0.5
+
+With no data flags a task uses the toy world's files (made by data.py on first use); --data DIR and
+--features STORE... point it at the real benchmark files (SPEC 7) and a feature store made by
+extract_features.py. Every run writes OUT/results.json, OUT/baseline.json, OUT/log.jsonl and
+OUT/args.json, and prints each split's result beside a trivial baseline.
+
+The file reads from the top: settings, metrics (each against the official definition), loaders
+of the real file formats, the four tasks (each a small class: its data, head, loss, evaluation and
+baseline), and one training loop that all four share.
+"""
+
+import argparse
+import copy
+import json
+import os
+import pickle
+import platform
+import re
+import sys
+import time
+from collections import Counter
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+from model import PRESETS, Config, VisualBERT, config_from_hf, load_bert
+from pretrain import load_checkpoint, pick_dtype
+
+# -----------------------------------------------------------------------------
+# settings: every flag, in one place; `python finetune.py -h` is the manual
+
+# Defaults sized for the toy world (each task in <= 3 min on a 2-core CPU, the tiny model). For the
+# real benchmarks with BERT-base use the paper's settings (SPEC 6), listed in PAPER and in --help.
+DEFAULTS = {  # task: epochs, batch size, peak learning rate
+    "vqa": dict(epochs=4, batch_size=32, lr=1e-3),
+    "nlvr2": dict(epochs=5, batch_size=32, lr=5e-4),
+    "retrieval": dict(epochs=3, batch_size=32, lr=5e-4),
+    "refcoco": dict(epochs=20, batch_size=32, lr=1e-3),
+}
+PAPER = {
+    "vqa": "--epochs 8 --batch-size 32 --lr 5e-5",
+    "nlvr2": "--epochs 8 --batch-size 32 --lr 2e-5 --task-pretrain-epochs 5 (at most)",
+    "retrieval": "--epochs 0.28 --batch-size 8 --lr 5e-5 (5K steps of 8 on the 145K training captions)",
+    "refcoco": "--epochs 12 --batch-size 32 --lr 5e-5",
+}
+TOY = {  # task: its folder under toy_world/tasks, its feature stores under toy_world/features
+    "vqa": ("vqa", ["vqa_train", "vqa_val"]),
+    "nlvr2": ("nlvr2", ["nlvr2_train", "nlvr2_dev", "nlvr2_test1"]),
+    "retrieval": ("flickr30k", ["flickr30k"]),
+    "refcoco": ("refcoco+", ["refcoco"]),
+}
+REAL_DATA = """
+real benchmarks (SPEC 7): --data DIR holds the task's files under their official names, and
+--features the feature stores of its images (extract_features.py; several stores are read as one):
+  vqa        DIR/v2_OpenEnded_mscoco_{train2014,val2014}_questions.json, DIR/v2_mscoco_{train2014,val2014}_annotations.json;
+             trains on train2014, reports val2014. COCO images are found as "42" or "COCO_val2014_000000000042".
+  nlvr2      DIR/{train,dev,test1}.json (test2.json too if present); images "dev-850-0-img0", "dev-850-0-img1".
+  retrieval  DIR/dataset_flickr30k.json (Karpathy's split); images by file stem ("1000092795"); reports test.
+  refcoco    DIR/refs(unc).p and DIR/instances.json (RefCOCO+, UNC split; the COCO train2014 images); reports val, testA, testB.
+paper settings for BERT-base (SPEC 6):
+""" + "\n".join(f"  {t:<10} {s}" for t, s in PAPER.items())
+
+p = argparse.ArgumentParser(description="Fine-tune U-VisualBERT on VQA, NLVR2, Flickr30K retrieval or RefCOCO+ (SPEC 6).",
+                            epilog=REAL_DATA, formatter_class=argparse.RawDescriptionHelpFormatter)
+p.add_argument("--task", required=True, choices=list(TOY), help="which downstream task")
+d = p.add_argument_group("data (default: the toy world's task files and feature stores)")
+d.add_argument("--data", metavar="DIR", help="folder holding the task's files under their official names (see below)")
+d.add_argument("--features", nargs="+", metavar="STORE", help="feature stores holding every image the task's files name")
+d.add_argument("--toy-root", default=data.TOY_DIR, metavar="DIR", help="where the toy world is made and cached")
+d.add_argument("--min-answer-count", type=int, default=9, metavar="N",
+               help="vqa: the answer set is every answer that is the multiple_choice_answer of at least this many "
+                    "training questions (9 over train+val gives the usual 3129)")
+m = p.add_argument_group("model and optimisation (SPEC 6); a task's defaults suit the toy world, see the paper's below")
+m.add_argument("--init-from", metavar="PATH", help="our checkpoint (ckpt.pt), a Hugging Face BERT directory (the Base row), "
+                                                   "or nothing: random weights of --model")
+m.add_argument("--model", default="tiny", choices=sorted(PRESETS), help="size preset when there is no --init-from")
+m.add_argument("--no-tags", action="store_true", help="regions only, no detector tags (the _NT rows)")
+m.add_argument("--epochs", type=float, metavar="E", help="epochs, may be fractional (toy: " + ", ".join(f"{t} {v['epochs']}" for t, v in DEFAULTS.items()) + ")")
+m.add_argument("--batch-size", type=int, metavar="B", help="examples per step (toy: 32)")
+m.add_argument("--lr", type=float, metavar="LR", help="peak learning rate (toy: " + ", ".join(f"{t} {v['lr']:g}" for t, v in DEFAULTS.items()) + ")")
+m.add_argument("--warmup", type=float, default=0.1, metavar="F", help="share of steps for linear warm-up, then linear decay to zero")
+m.add_argument("--weight-decay", type=float, default=0.01, metavar="W")
+m.add_argument("--clip", type=float, default=1.0, metavar="NORM", help="gradient-norm clip")
+m.add_argument("--dropout", type=float, default=None, metavar="P", help="override the model's dropout")
+m.add_argument("--hard-negatives", type=int, default=4, metavar="N",
+               help="retrieval: the wrong image of each positive is the most tag-alike of N random other images (1: a random one)")
+m.add_argument("--task-pretrain-epochs", type=int, default=0, metavar="N",
+               help="nlvr2: first this many epochs of mask-and-predict on NLVR2's own data, keeping the epoch with the "
+                    "best dev MLM loss (paper: at most 5)")
+r = p.add_argument_group("run")
+r.add_argument("--out", metavar="DIR", help="output folder (default out/finetune/TASK): results.json, baseline.json, log.jsonl, args.json")
+r.add_argument("--seed", type=int, default=0)
+r.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if there is one)")
+r.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="autocast dtype (auto: bf16 on a GPU that has it, else fp32)")
+r.add_argument("--log-every", type=int, default=50, metavar="STEPS")
+r.add_argument("--eval-batch-size", type=int, default=256, metavar="N", help="sequences per forward pass when evaluating")
+
+# -----------------------------------------------------------------------------
+# metrics
+
+# VQA answer normalisation, as the official evaluation (vqaEval.py of the VQA API) does it:
+# punctuation, then number words to digits, articles dropped, contractions given their apostrophes.
+PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
+NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+                "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+ARTICLES = {"a", "an", "the"}
+COMMA_IN_NUMBER = re.compile(r"(\d)(,)(\d)")
+# the official pattern is "(?!<=\d)(\.)(?!\d)": its look-behind is mistyped and never applies, so a
+# period goes unless a digit follows it ("2.5" stays, "dog." loses it)
+PERIOD = re.compile(r"\.(?!\d)")
+CONTRACTED = """ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've hasn't haven't
+he'd he'd've he's how'd how'll how's isn't it'd it'd've it'll ma'am mightn't mightn't've might've mustn't must've
+needn't not've o'clock oughtn't 'ow's'at shan't she'd've should've shouldn't shouldn't've somebody'd've somebody'll
+somebody's someone'd someone'd've someone'll someone's something'd something'd've something'll that's there'd
+there'd've there're there's they'd they'd've they'll they're they've 'twas wasn't we'd've we've weren't what'll
+what're what's what've when's where'd where's where've who'd who'd've who'll who's who've why'll why're why's won't
+would've wouldn't wouldn't've y'all y'all'll y'all'd've you'd you'd've you'll you're you've""".split()
+# the official table spells each form with any one of its apostrophes missing: "couldnt've" and
+# "couldn'tve" -> "couldn't've", "dont" -> "don't". (Its I-forms, "Im", "Ive", "Id've", have capitals
+# and never match lower-cased text, so they are left out.)
+CONTRACTIONS = {c[:i] + c[i + 1:]: c for c in CONTRACTED for i, ch in enumerate(c) if ch == "'"}
+CONTRACTIONS["somebody'd"] = "somebodyd"  # sic: the official table has this one backwards
+
+
+def process_punctuation(text):
+    """Official: a punctuation mark next to a space (or any, when the text has a comma between
+    digits, "1,000") is deleted, one between two characters becomes a space ("red-and-white")."""
+    out = text
+    delete = COMMA_IN_NUMBER.search(text) is not None
+    for p_ in PUNCT:
+        out = out.replace(p_, "" if delete or p_ + " " in text or " " + p_ in text else " ")
+    return PERIOD.sub("", out)
+
+
+def process_digit_article(text):
+    words = [NUMBER_WORDS.get(w, w) for w in text.lower().split()]
+    return " ".join(CONTRACTIONS.get(w, w) for w in words if w not in ARTICLES)
+
+
+def normalize_answer(answer):
+    """An answer as the official evaluation compares it: "Two dogs!" -> "2 dogs"."""
+    return process_digit_article(process_punctuation(answer.replace("\n", " ").replace("\t", " ").strip()))
+
+
+def vqa_accuracy(pred, gt_answers):
+    """The official VQA accuracy of one predicted answer: over the 10 ways of leaving one annotator
+    out, the mean of min(1, matches among the other 9 / 3). As in the official code the prediction
+    is fully normalised, and the annotators' answers (clean in the released files) only lose
+    punctuation, and only when they disagree."""
+    pred = normalize_answer(pred)
+    gts = [process_punctuation(a) for a in gt_answers] if len(set(gt_answers)) > 1 else list(gt_answers)
+    return sum(min(1.0, sum(g == pred for j, g in enumerate(gts) if j != i) / 3) for i in range(len(gts))) / len(gts)
+
+
+def soft_score(k, n=10):
+    """vqa_accuracy of an answer that k of n annotators gave; for n = 10 it is min(1, 0.3 k) (SPEC 6):
+    0, 0.3, 0.6, 0.9, then 1."""
+    return (k * min(1.0, (k - 1) / 3) + (n - k) * min(1.0, k / 3)) / n
+
+
+def recall_at_k(scores, gold, ks=(1, 5, 10)):
+    """Image retrieval. scores (M, N): caption m against image n; gold (M,): each caption's image.
+    R@K is the share of captions whose image is among the K best; a tie counts against it."""
+    g = scores.gather(1, gold[:, None])  # (M, 1)
+    rank = (scores >= g).sum(1) - 1  # (M,) other images scoring at least as high
+    return {f"R@{k}": (rank < k).float().mean().item() for k in ks}
+
+
+def box_iou(a, b):
+    """Intersection over union of boxes x1, y1, x2, y2 (..., 4), broadcast against each other."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    inter = (np.minimum(a[..., 2:], b[..., 2:]) - np.maximum(a[..., :2], b[..., :2])).clip(min=0).prod(-1)
+    area = lambda x: (x[..., 2:] - x[..., :2]).clip(min=0).prod(-1)
+    return inter / np.maximum(area(a) + area(b) - inter, 1e-12)
+
+
+def consistency(keys, correct):
+    """NLVR2: the share of unique sentences (key: the identifier without its pair index) whose every
+    example is right."""
+    ok = {}
+    for k, c in zip(keys, correct):
+        ok[k] = ok.get(k, True) and bool(c)
+    return sum(ok.values()) / max(1, len(ok))
+
+
+# -----------------------------------------------------------------------------
+# loaders of the real file formats (SPEC 7). Each names the file and the record on a bad input.
+
+
+def read_json(file):
+    try:
+        with open(file) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{file}: not found") from None
+    except ValueError as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from None
+
+
+def field(record, name, file, where):
+    if not isinstance(record, dict) or name not in record:
+        raise ValueError(f"{file}: {where} has no field {name!r}")
+    return record[name]
+
+
+def find_image(images, candidates, file, where):
+    """The first of `candidates` that the feature stores hold, or a clear error."""
+    for c in candidates:
+        if c in images:
+            return c
+    raise ValueError(f"{file}: {where}: its image has no features in {', '.join(s.path for s in images.stores)} "
+                     f"(looked for {', '.join(map(repr, candidates))})")
+
+
+def coco_ids(image_id):
+    """The ids a COCO image can have in a store: its number (toy world, bottom-up TSV imports) or its
+    file stem (extract_features.py names images by file)."""
+    try:
+        n = int(image_id)
+    except (TypeError, ValueError):
+        return [str(image_id)]
+    return [str(image_id)] + [f"COCO_{s}_{n:012d}" for s in ("train2014", "val2014", "test2015")]
+
+
+def load_vqa(questions_file, annotations_file, images):
+    """VQA v2: a questions file and its annotations -> [{qid, image, text, answers, qtype, mc}]."""
+    annotations = field(read_json(annotations_file), "annotations", annotations_file, "the file")
+    by_qid = {}
+    for n, a in enumerate(annotations):
+        qid = field(a, "question_id", annotations_file, f"record {n}")
+        where = f"record {n} (question_id {qid})"
+        answers = [field(x, "answer", annotations_file, f"{where}, answer {k},") for k, x in enumerate(field(a, "answers", annotations_file, where))]
+        if not answers:
+            raise ValueError(f"{annotations_file}: {where} has no answers")
+        mc = a.get("multiple_choice_answer") or Counter(answers).most_common(1)[0][0]
+        by_qid[qid] = {"answers": answers, "qtype": field(a, "question_type", annotations_file, where), "mc": mc,
+                       "atype": a.get("answer_type", "all")}
+    out = []
+    for n, q in enumerate(field(read_json(questions_file), "questions", questions_file, "the file")):
+        qid = field(q, "question_id", questions_file, f"record {n}")
+        where = f"record {n} (question_id {qid})"
+        text, image_id = field(q, "question", questions_file, where), field(q, "image_id", questions_file, where)
+        if qid not in by_qid:
+            raise ValueError(f"{questions_file}: {where}: {annotations_file} has no annotation for this question")
+        out.append({"qid": qid, "image": find_image(images, coco_ids(image_id), questions_file, where), "text": text, **by_qid[qid]})
+    return out
+
+
+def load_nlvr2(file, images):
+    """NLVR2 JSON lines -> [{id, text, images: (img0, img1), label, sentence}]. The images are named
+    from the identifier split-set-pair-sentence: split-set-pair-img0 and -img1."""
+    if not os.path.exists(file):
+        raise FileNotFoundError(f"{file}: not found")
+    out = []
+    with open(file) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                raise ValueError(f"{file}: line {n} is not JSON") from None
+            ident = field(rec, "identifier", file, f"line {n}")
+            where = f"line {n} ({ident})"
+            text, label = field(rec, "sentence", file, where), str(field(rec, "label", file, where))
+            if label not in ("True", "False"):
+                raise ValueError(f"{file}: {where}: label {label!r}, expected 'True' or 'False'")
+            parts = str(ident).split("-")
+            if len(parts) != 4:
+                raise ValueError(f"{file}: {where}: the identifier is not split-set-pair-sentence")
+            pair = "-".join(parts[:3])
+            imgs = tuple(find_image(images, [f"{pair}-img{i}"], file, where) for i in (0, 1))
+            out.append({"id": ident, "text": text, "images": imgs, "label": int(label == "True"),
+                        "sentence": "-".join(parts[:2] + parts[3:])})  # split-set-*-sentence: one per unique sentence
+    return out
+
+
+KARPATHY_SPLITS = ("train", "restval", "val", "test")
+
+
+def load_karpathy(file, images):
+    """Karpathy's split file (Flickr30K, COCO) -> {split: [{image, captions}]}; restval joins train."""
+    splits = {}
+    for n, im in enumerate(field(read_json(file), "images", file, "the file")):
+        name = field(im, "filename", file, f"image record {n}")
+        where = f"image record {n} ({name})"
+        split = field(im, "split", file, where)
+        if split not in KARPATHY_SPLITS:
+            raise ValueError(f"{file}: {where}: unknown split {split!r}, expected one of {', '.join(KARPATHY_SPLITS)}")
+        captions = []
+        for k, s in enumerate(field(im, "sentences", file, where)):
+            captions.append(s["raw"] if isinstance(s, dict) and "raw" in s else " ".join(field(s, "tokens", file, f"{where}, sentence {k},")))
+        image = find_image(images, [os.path.splitext(name)[0]], file, where)
+        splits.setdefault("train" if split == "restval" else split, []).append({"image": image, "captions": captions})
+    return splits
+
+
+REF_SPLITS = ("train", "val", "test", "testA", "testB", "testC")
+
+
+def load_refcoco(refs_file, instances_file, images):
+    """RefCOCO+ (UNC): refs(unc).p and COCO's instances.json -> {split: [{ref_id, image, text, gold,
+    size}]}, one example per sentence; gold is the referred box as x1, y1, x2, y2 in pixels."""
+    try:
+        with open(refs_file, "rb") as f:
+            refs = pickle.load(f, encoding="latin1")  # pickled by Python 2; a pickle can run code: load files you trust
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{refs_file}: not found") from None
+    except Exception as e:
+        raise ValueError(f"{refs_file}: not a readable pickle ({type(e).__name__}: {e})") from None
+    instances = read_json(instances_file)
+    boxes = {field(a, "id", instances_file, f"annotation {n}"): field(a, "bbox", instances_file, f"annotation {n}")
+             for n, a in enumerate(field(instances, "annotations", instances_file, "the file"))}
+    sizes = {field(im, "id", instances_file, f"image {n}"): (field(im, "width", instances_file, f"image {n}"), field(im, "height", instances_file, f"image {n}"))
+             for n, im in enumerate(field(instances, "images", instances_file, "the file"))}
+    splits = {}
+    for n, ref in enumerate(refs):
+        ref_id = field(ref, "ref_id", refs_file, f"record {n}")
+        where = f"record {n} (ref_id {ref_id})"
+        split, ann_id, image_id = (field(ref, k, refs_file, where) for k in ("split", "ann_id", "image_id"))
+        if split not in REF_SPLITS:
+            raise ValueError(f"{refs_file}: {where}: unknown split {split!r}, expected one of {', '.join(REF_SPLITS)}")
+        if ann_id not in boxes:
+            raise ValueError(f"{refs_file}: {where}: annotation {ann_id} is not in {instances_file}")
+        if image_id not in sizes:
+            raise ValueError(f"{refs_file}: {where}: image {image_id} is not in {instances_file}")
+        x, y, w, h = boxes[ann_id]
+        image = find_image(images, coco_ids(image_id), refs_file, where)
+        for k, s in enumerate(field(ref, "sentences", refs_file, where)):
+            splits.setdefault(split, []).append({"ref_id": ref_id, "image": image, "text": field(s, "sent", refs_file, f"{where}, sentence {k},"),
+                                                 "gold": [x, y, x + w, y + h], "size": sizes[image_id]})
+    return splits
+
+
+# -----------------------------------------------------------------------------
+# the tasks: each has .splits, .train (examples), .eval_splits, and makes a head, a loss, metrics
+
+INPUTS = ("input_ids", "attention_mask", "token_type_ids", "tag_ids", "tag_boxes", "tag_mask", "feats", "boxes", "region_mask")
+
+
+def chunks(items, size):
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+class Task:
+    """What the four tasks share: the vocabulary, the images, and making the model's inputs."""
+
+    max_len = 20  # text pieces, [CLS] and [SEP] included
+    unit = "examples"  # what a split is a list of
+
+    def __init__(self, args, vocab, images):
+        self.vocab, self.images, self.tags = vocab, images, not args.no_tags
+        self.tag_pieces = vocab.tag_pieces(images.class_names)
+        self.eval_batch_size, self.device, self.info = args.eval_batch_size, torch.device("cpu"), []
+
+    def tokenize(self, items):
+        for x, ids in zip(items, self.vocab.encode_batch([x["text"] for x in items])):
+            x["ids"] = ids
+
+    def encode(self, texts, image_ids):
+        """Pieces of each text and its image's id -> the model's inputs, [text ; tags ; regions] (SPEC 1)."""
+        b = data.text_inputs(texts, self.vocab, self.max_len)
+        b.update(data.image_inputs([self.images[i] for i in image_ids], self.tag_pieces, self.tags))
+        return {k: b[k].to(self.device, non_blocking=True) for k in INPUTS if k in b}
+
+    def pooled(self, model, texts, image_ids):
+        h, _ = model(**self.encode(texts, image_ids))
+        return model.pool(h)  # (B, H)
+
+
+class VQA(Task):
+    """VQA 2.0 (SPEC 6): question + tags + regions; an MLP on the pooled output scores every answer."""
+
+    max_len = 20
+
+    def __init__(self, args, vocab, images, root):
+        super().__init__(args, vocab, images)
+        files = lambda sub: (os.path.join(root, f"v2_OpenEnded_mscoco_{sub}_questions.json"), os.path.join(root, f"v2_mscoco_{sub}_annotations.json"))
+        self.splits = {"train": load_vqa(*files("train2014"), images), "val": load_vqa(*files("val2014"), images)}
+        self.train, self.eval_splits = self.splits["train"], ["val"]
+        # the answer set: normalised answers that are the multiple_choice_answer of >= N training questions
+        counts = Counter(normalize_answer(x["mc"]) for x in self.train)
+        self.answers = sorted((a for a, c in counts.items() if c >= args.min_answer_count), key=lambda a: (-counts[a], a))
+        if not self.answers:
+            raise ValueError(f"no answer is given to {args.min_answer_count} training questions: lower --min-answer-count")
+        index = {a: i for i, a in enumerate(self.answers)}
+        for items in self.splits.values():
+            self.tokenize(items)
+            for x in items:
+                # BCE targets: the official accuracy each answer would get, min(1, 0.3 k) with 10 annotators
+                ks = Counter(normalize_answer(a) for a in x["answers"])
+                x["target"] = {index[a]: soft_score(k, len(x["answers"])) for a, k in ks.items() if a in index}
+        lost = ", ".join(f"{s} {sum(not x['target'] for x in xs)}/{len(xs)}" for s, xs in self.splits.items())
+        self.info.append(f"{len(self.answers)} answers (each the answer of >= {args.min_answer_count} training questions); "
+                         f"questions with no answer in the set: {lost}")
+        # baseline: the most frequent answer of each question type in train (of all of train for a new type)
+        self.by_type = {}
+        for x in self.train:
+            self.by_type.setdefault(x["qtype"], Counter())[normalize_answer(x["mc"])] += 1
+        self.overall = counts
+        self.baseline_name = "most frequent answer per question type"
+
+    def make_head(self, model):
+        H, eps = model.cfg.hidden, model.cfg.ln_eps  # SPEC 6: Linear(H, 2H), GELU, LN, Linear(2H, #answers)
+        return nn.Sequential(nn.Linear(H, 2 * H), nn.GELU(), nn.LayerNorm(2 * H, eps=eps), nn.Linear(2 * H, len(self.answers)))
+
+    def logits(self, model, head, items):
+        return head(self.pooled(model, [x["ids"] for x in items], [x["image"] for x in items])).float()  # (B, A)
+
+    def loss(self, model, head, items, gen):
+        logits = self.logits(model, head, items)
+        target = torch.zeros_like(logits)  # (B, A) soft scores
+        for i, x in enumerate(items):
+            for a, s in x["target"].items():
+                target[i, a] = s
+        # SPEC 6: binary cross-entropy against the soft scores, scaled by the number of answers
+        return F.binary_cross_entropy_with_logits(logits, target) * logits.shape[1]
+
+    def evaluate(self, model, head, split):
+        acc, by_type = [], {}
+        for items in chunks(self.splits[split], self.eval_batch_size):
+            pred = self.logits(model, head, items).argmax(1).tolist()
+            for a, x in zip(pred, items):
+                acc.append(vqa_accuracy(self.answers[a], x["answers"]))
+                by_type.setdefault(x["atype"], []).append(acc[-1])
+        print(f"{split} accuracy by answer type: " + ", ".join(f"{t} {np.mean(v):.3f}" for t, v in sorted(by_type.items())))
+        return {"accuracy": float(np.mean(acc))}
+
+    def baseline(self, split):
+        guess = lambda x: self.by_type.get(x["qtype"], self.overall).most_common(1)[0][0]
+        return {"accuracy": float(np.mean([vqa_accuracy(guess(x), x["answers"]) for x in self.splits[split]]))}
+
+
+class NLVR2(Task):
+    """NLVR2 (SPEC 6): the sentence with each of its two images, the two pooled outputs side by side,
+    an MLP -> true / false."""
+
+    max_len = 32
+
+    def __init__(self, args, vocab, images, root):
+        super().__init__(args, vocab, images)
+        files = {s: os.path.join(root, f"{s}.json") for s in ("train", "dev", "test1", "test2")}
+        self.splits = {s: load_nlvr2(f, images) for s, f in files.items() if s == "train" or os.path.exists(f)}
+        for items in self.splits.values():
+            self.tokenize(items)
+        self.train, self.eval_splits = self.splits["train"], [s for s in ("dev", "test1", "test2") if s in self.splits]
+        self.majority = int(np.mean([x["label"] for x in self.train]) >= 0.5)
+        self.baseline_name = f"majority class ({bool(self.majority)})"
+
+    def make_head(self, model):
+        H, eps = model.cfg.hidden, model.cfg.ln_eps  # on (B, 2H), as LXMERT's NLVR2 head
+        return nn.Sequential(nn.Linear(2 * H, 2 * H), nn.GELU(), nn.LayerNorm(2 * H, eps=eps), nn.Linear(2 * H, 2))
+
+    def logits(self, model, head, items):
+        B = len(items)
+        texts = [x["ids"] for x in items] * 2  # each sentence with img0, then with img1: one pass of 2B
+        pooled = self.pooled(model, texts, [x["images"][0] for x in items] + [x["images"][1] for x in items])  # (2B, H)
+        return head(torch.cat([pooled[:B], pooled[B:]], dim=1)).float()  # (B, 2H) -> (B, 2)
+
+    def loss(self, model, head, items, gen):
+        labels = torch.tensor([x["label"] for x in items], device=self.device)
+        return F.cross_entropy(self.logits(model, head, items), labels)
+
+    def metrics(self, split, pred):
+        correct = [int(p_ == x["label"]) for p_, x in zip(pred, self.splits[split])]
+        return {"accuracy": float(np.mean(correct)), "consistency": consistency([x["sentence"] for x in self.splits[split]], correct)}
+
+    def evaluate(self, model, head, split):
+        pred = [a for items in chunks(self.splits[split], self.eval_batch_size // 2) for a in self.logits(model, head, items).argmax(1).tolist()]
+        return self.metrics(split, pred)
+
+    def baseline(self, split):
+        return self.metrics(split, [self.majority] * len(self.splits[split]))
+
+    # SPEC 6: task-specific pre-training, mask-and-predict on NLVR2's own sentences and images. We
+    # pair each sentence with one of its two images, drawn at random (it speaks of both), and mask
+    # both as in aligned pre-training (SPEC 2), without the match loss.
+    def pretrain_batch(self, items, gen, attrs):
+        pick = torch.randint(2, (len(items),), generator=gen).tolist()
+        b = data.text_inputs([x["ids"] for x in items], self.vocab, self.max_len)
+        b["input_ids"], b["mlm_labels"] = data.mask_text(b["input_ids"], self.vocab, gen)
+        b.update(data.image_inputs([self.images[x["images"][k]] for x, k in zip(items, pick)], self.tag_pieces, self.tags))
+        if not attrs:  # the model has no attribute head of this size
+            b.pop("attr_labels", None), b.pop("attr_conf", None)
+        return data.mask_image(b, self.vocab, gen)
+
+    def task_pretrain(self, model, args, ctx):
+        dev = self.splits.get("dev") or self.splits["train"][: len(self.splits["train"]) // 10]
+        attrs = model.cfg.num_attrs == len(self.images.attr_names or [])
+        gen = torch.Generator().manual_seed(1234)
+        dev_batches = [self.pretrain_batch(items, gen, attrs) for items in chunks(dev, args.batch_size)]  # fixed masks
+
+        @torch.no_grad()
+        def dev_mlm():
+            model.eval()
+            with ctx:
+                losses = [model.pretrain_losses({k: v.to(self.device) for k, v in b.items()})[1]["mlm"].item() for b in dev_batches]
+            model.train()
+            return float(np.mean(losses))
+
+        steps = args.task_pretrain_epochs * max(1, len(self.train) // args.batch_size)
+        optimizer, lr_at, scaler = make_optimizer([model], args, steps, self.device)
+        best, gen, step = (float("inf"), None, 0), torch.Generator().manual_seed(args.seed), 0
+        print(f"task-specific pre-training: {args.task_pretrain_epochs} epochs; dev MLM loss before {dev_mlm():.3f}")
+        model.train()
+        for epoch in range(args.task_pretrain_epochs):
+            order = np.random.default_rng([args.seed, 99, epoch]).permutation(len(self.train))
+            for idx in chunks(order, args.batch_size)[: steps // args.task_pretrain_epochs]:
+                b = {k: v.to(self.device) for k, v in self.pretrain_batch([self.train[i] for i in idx], gen, attrs).items()}
+                with ctx:
+                    loss, _ = model.pretrain_losses(b)
+                optimizer_step(loss, optimizer, scaler, lr_at(step), [model], args.clip)
+                step += 1
+            mlm = dev_mlm()
+            print(f"task-specific pre-training epoch {epoch + 1}: train loss {loss.item():.3f}, dev MLM loss {mlm:.3f}")
+            if mlm < best[0]:
+                best = (mlm, copy.deepcopy(model.state_dict()), epoch + 1)
+        model.load_state_dict(best[1])
+        print(f"kept epoch {best[2]} (dev MLM loss {best[0]:.3f})")
+        return {"task_pretrain_epoch": best[2], "dev_mlm": best[0]}
+
+
+class Retrieval(Task):
+    """Flickr30K image retrieval (SPEC 6): a score for a caption and an image from the pooled output;
+    each positive with two negatives, cross-entropy over the three."""
+
+    max_len = 30  # as captions in pre-training
+    unit = "images"
+
+    def __init__(self, args, vocab, images, root):
+        super().__init__(args, vocab, images)
+        self.splits = load_karpathy(os.path.join(root, "dataset_flickr30k.json"), images)
+        missing = [s for s in ("train", "test") if s not in self.splits]
+        if missing:
+            raise ValueError(f"{root}/dataset_flickr30k.json: no {' or '.join(missing)} images")
+        for ims in self.splits.values():
+            ids = vocab.encode_batch([c for im in ims for c in im["captions"]])
+            for im in ims:
+                im["ids"], ids = ids[: len(im["captions"])], ids[len(im["captions"]):]
+        self.train = [{"ids": c, "image": im["image"], "k": k} for k, im in enumerate(self.splits["train"]) for c in im["ids"]]
+        self.eval_splits = ["test"]
+        self.info.append("captions (images): " + ", ".join(f"{s} {sum(len(im['ids']) for im in ims)} ({len(ims)})" for s, ims in self.splits.items()))
+        # which detector classes each training image has: how alike two images look, for hard negatives
+        self.hard = args.hard_negatives
+        self.tag_sets = np.zeros((len(self.splits["train"]), len(images.class_names)), dtype=bool)  # (N, C)
+        for k, im in enumerate(self.splits["train"]):
+            self.tag_sets[k, self.images[im["image"]]["labels"]] = True
+        self.baseline_name = "chance, K / number of images"
+
+    def make_head(self, model):
+        # a linear score on the pooled output, started from the pre-trained match head's "matched
+        # minus not matched" (model.nsp, class 0 = matched): the S model's matching carries over
+        head = nn.Linear(model.cfg.hidden, 1)
+        with torch.no_grad():
+            head.weight.copy_(model.nsp.weight[0:1] - model.nsp.weight[1:2])
+            head.bias.copy_(model.nsp.bias[0:1] - model.nsp.bias[1:2])
+        return head
+
+    def scores(self, model, head, texts, image_ids):
+        return head(self.pooled(model, texts, image_ids)).squeeze(-1).float()  # (B,)
+
+    def negative(self, k, gen, hard):
+        """Another training image than k: of `hard` random candidates, the one whose detector tags
+        overlap image k's most (Jaccard); with 1 candidate, a random image."""
+        n = len(self.splits["train"])
+        cand = (k + torch.randint(1, n, (hard,), generator=gen).numpy()) % n  # (C,) never k itself
+        t = self.tag_sets
+        overlap = (t[cand] & t[k]).sum(1) / np.maximum((t[cand] | t[k]).sum(1), 1)  # (C,)
+        return int(cand[overlap.argmax()])
+
+    def loss(self, model, head, items, gen):
+        B, train = len(items), self.splits["train"]
+        # SPEC 6: each positive with two negatives, its caption with a wrong image (a tag-alike one,
+        # --hard-negatives) and a wrong caption (of a random other image) with its image
+        wrong_img = [train[self.negative(x["k"], gen, self.hard)]["image"] for x in items]  # hard: the metric ranks images
+        wrong_cap = []
+        for x in items:
+            other = train[self.negative(x["k"], gen, hard=1)]["ids"]
+            wrong_cap.append(other[int(torch.randint(len(other), (1,), generator=gen))])
+        caps, imgs = [x["ids"] for x in items], [x["image"] for x in items]
+        s = self.scores(model, head, caps + caps + wrong_cap, imgs + wrong_img + imgs)  # (3B,)
+        s = s.view(3, B).T  # (B, 3): the positive, its caption with a wrong image, a wrong caption with its image
+        return F.cross_entropy(s, torch.zeros(B, dtype=torch.long, device=self.device))
+
+    def score_matrix(self, model, head, split):
+        """Every caption of the split against every image: (M captions, N images), and each caption's image."""
+        ims = self.splits[split]
+        caps = [(c, k) for k, im in enumerate(ims) for c in im["ids"]]
+        M, N = len(caps), len(ims)
+        txt = data.text_inputs([c for c, _ in caps], self.vocab, self.max_len)  # every caption once (M, T)
+        img = data.image_inputs([self.images[im["image"]] for im in ims], self.tag_pieces, self.tags)  # every image once (N, K, ...)
+        scores = torch.empty(M * N)
+        for start in range(0, M * N, self.eval_batch_size):
+            pair = torch.arange(start, min(start + self.eval_batch_size, M * N))
+            m, n = pair // N, pair % N  # caption, image of each pair
+            inputs = {k: (txt[k][m] if k in txt else img[k][n]).to(self.device) for k in INPUTS if k in txt or k in img}
+            h, _ = model(**inputs)
+            scores[pair] = head(model.pool(h)).squeeze(-1).float().cpu()
+        return scores.view(M, N), torch.tensor([k for _, k in caps])
+
+    def evaluate(self, model, head, split):
+        return recall_at_k(*self.score_matrix(model, head, split))
+
+    def baseline(self, split):
+        N = len(self.splits[split])
+        return {f"R@{k}": min(1.0, k / N) for k in (1, 5, 10)}
+
+
+class RefCOCO(Task):
+    """RefCOCO+ (SPEC 6): a linear score on each region's output; right when the top region's box has
+    IoU >= 0.5 with the gold box. Trained with cross-entropy over the regions toward the region
+    whose box best overlaps the gold box."""
+
+    max_len = 20
+
+    def __init__(self, args, vocab, images, root):
+        super().__init__(args, vocab, images)
+        self.splits = load_refcoco(os.path.join(root, "refs(unc).p"), os.path.join(root, "instances.json"), images)
+        if "train" not in self.splits:
+            raise ValueError(f"{root}/refs(unc).p: no train split")
+        cache = {}
+        for items in self.splits.values():
+            self.tokenize(items)
+            for x in items:
+                key = (x["image"], tuple(x["gold"]))
+                if key not in cache:  # store boxes are x1/W, y1/H, x2/W, y2/H; COCO's are pixels
+                    e = self.images[x["image"]]
+                    W, H = x["size"]
+                    cache[key] = (box_iou(e["boxes"] * np.array([W, H, W, H]), np.array(x["gold"])), e["scores"])
+                x["iou"], x["conf"] = cache[key]  # (K,) each region's IoU with the gold box, the detector's confidence
+        self.train = self.splits["train"]
+        self.eval_splits = [s for s in ("val", "testA", "testB", "test", "testC") if s in self.splits]
+        self.info.append("upper bound (some region has IoU >= 0.5): " + ", ".join(
+            f"{s} {np.mean([x['iou'].max() >= 0.5 for x in self.splits[s]]):.3f}" for s in self.eval_splits))
+        self.baseline_name = "the detector's most confident box"
+
+    def make_head(self, model):
+        return nn.Linear(model.cfg.hidden, 1)
+
+    def region_logits(self, model, head, items):
+        inputs = self.encode([x["ids"] for x in items], [x["image"] for x in items])
+        h, spans = model(**inputs)
+        logits = head(h[:, spans["regions"]]).squeeze(-1).float()  # (B, K)
+        return logits.masked_fill(~inputs["region_mask"], float("-inf"))
+
+    def loss(self, model, head, items, gen):
+        target = torch.tensor([int(x["iou"].argmax()) for x in items], device=self.device)
+        return F.cross_entropy(self.region_logits(model, head, items), target)
+
+    def evaluate(self, model, head, split):
+        top = [k for items in chunks(self.splits[split], self.eval_batch_size) for k in self.region_logits(model, head, items).argmax(1).tolist()]
+        return {"accuracy": float(np.mean([x["iou"][k] >= 0.5 for k, x in zip(top, self.splits[split])]))}
+
+    def baseline(self, split):
+        return {"accuracy": float(np.mean([x["iou"][x["conf"].argmax()] >= 0.5 for x in self.splits[split]]))}
+
+
+TASKS = {"vqa": VQA, "nlvr2": NLVR2, "retrieval": Retrieval, "refcoco": RefCOCO}
+
+# -----------------------------------------------------------------------------
+# model, optimiser, the shared loop
+
+
+def build_model(args, images, toy_vocab):
+    """--init-from our checkpoint (config and vocabulary inside), a Hugging Face BERT directory (the
+    Base row: BERT's weights, new visual modules sized from the store), or nothing (random weights
+    of --model with the toy vocabulary)."""
+    visual = dict(feat_dim=images.feature_dim, num_labels=len(images.class_names), num_attrs=len(images.attr_names or []))
+    drop = {} if args.dropout is None else {"dropout": args.dropout}
+    src = args.init_from
+    if src and os.path.isdir(src):
+        return load_bert(VisualBERT(config_from_hf(src, **visual, **drop)), src), data.Vocab.from_file(os.path.join(src, "vocab.txt"))
+    if src:
+        ckpt = load_checkpoint(src)
+        cfg = Config(**{**ckpt["config"], **drop})
+        for k, what in (("feat_dim", "feature size"), ("num_labels", "detector classes")):
+            if getattr(cfg, k) != visual[k]:
+                raise SystemExit(f"{src}: the checkpoint was pre-trained with {what} {getattr(cfg, k)}, the feature stores "
+                                 f"{' '.join(s.path for s in images.stores)} have {visual[k]}: use features from the same extractor")
+        if ckpt.get("class_names") and list(ckpt["class_names"]) != list(images.class_names):
+            print(f"warning: {src} was pre-trained with other detector class names than the feature stores have")
+        model = VisualBERT(cfg)
+        model.load_state_dict(ckpt["model"])
+        return model, data.Vocab(ckpt["vocab"], source=src)
+    if toy_vocab is None:
+        raise SystemExit("real data needs a vocabulary: give --init-from (a BERT directory or one of our checkpoints)")
+    vocab = data.Vocab.from_file(toy_vocab)
+    return VisualBERT(Config(**{**PRESETS[args.model], "vocab_size": len(vocab), **visual, **drop})), vocab
+
+
+def make_optimizer(modules, args, steps, device):
+    """AdamW without decay on biases and LayerNorms (BERT); linear warm-up, then linear decay to zero."""
+    params = [p_ for mod in modules for p_ in mod.parameters()]
+    groups = [{"params": [p_ for p_ in params if p_.dim() >= 2], "weight_decay": args.weight_decay},
+              {"params": [p_ for p_ in params if p_.dim() < 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-6, **({"fused": True} if device.type == "cuda" else {}))
+    warmup = max(1, int(args.warmup * steps))
+    lr_at = lambda s: args.lr * min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup)))
+    scaler = torch.amp.GradScaler(device.type) if args.dtype == "fp16" else None
+    return optimizer, lr_at, scaler
+
+
+def optimizer_step(loss, optimizer, scaler, lr, modules, clip):
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    if scaler:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_([p_ for mod in modules for p_ in mod.parameters()], clip)
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return norm
+
+
+@torch.no_grad()
+def evaluate(task, model, head, ctx):
+    model.eval(), head.eval()
+    with ctx:
+        results = {s: task.evaluate(model, head, s) for s in task.eval_splits}
+    model.train(), head.train()
+    return results
+
+
+def main(argv=None):
+    args = p.parse_args(argv)
+    for k, v in DEFAULTS[args.task].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.task_pretrain_epochs and args.task != "nlvr2":
+        p.error("--task-pretrain-epochs is NLVR2's task-specific pre-training (SPEC 6)")
+    if (args.data is None) != (args.features is None):
+        p.error("--data and --features go together: the task's files and the stores of their images")
+    args.out = args.out or os.path.join("out", "finetune", args.task)
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
+    args.dtype, why = pick_dtype(args, device)
+    ctx = torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]) if args.dtype != "fp32" else torch.autocast(device.type, enabled=False)
+    os.makedirs(args.out, exist_ok=True)
+    t_start = time.time()
+
+    # data: the toy world's task unless --data/--features are given
+    toy_vocab = None
+    if args.data is None:
+        root = data.make_toy_world(args.toy_root)
+        folder, stores = TOY[args.task]
+        args.data, args.features = os.path.join(root, "tasks", folder), [os.path.join(root, "features", s) for s in stores]
+        toy_vocab = os.path.join(root, "vocab.txt")
+    try:
+        images = data.Images(args.features)
+        model, vocab = build_model(args, images, toy_vocab)
+        task = TASKS[args.task](args, vocab, images, args.data)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        raise SystemExit(str(e).strip('"')) from None
+    task.device = device
+    head = task.make_head(model)
+    model.to(device), head.to(device)
+
+    with open(os.path.join(args.out, "args.json"), "w") as f:
+        json.dump({"argv": sys.argv, "args": vars(args), "torch": torch.__version__, "python": platform.python_version()}, f, indent=1)
+    print(f"task: {args.task}, from {args.init_from or f'random weights ({args.model})'}, {'no tags' if args.no_tags else 'with tags'}")
+    print(f"model: {model.num_params() / 1e6:.2f}M parameters + head {sum(p_.numel() for p_ in head.parameters()) / 1e6:.2f}M, "
+          f"{model.cfg.layers} layers, hidden {model.cfg.hidden}")
+    print(f"device: {device}, dtype: {args.dtype} ({why})")
+    print("data: " + ", ".join(f"{s} {len(x)}" for s, x in task.splits.items()) + f" {task.unit}; {len(images.where)} images in {len(images.stores)} stores")
+    for line in task.info:
+        print(line)
+
+    log = open(os.path.join(args.out, "log.jsonl"), "w")
+    if args.task_pretrain_epochs:
+        log.write(json.dumps({"phase": "task_pretrain", **task.task_pretrain(model, args, ctx)}) + "\n")
+
+    steps_per_epoch = max(1, len(task.train) // args.batch_size)
+    steps = max(1, round(args.epochs * steps_per_epoch))
+    optimizer, lr_at, scaler = make_optimizer([model, head], args, steps, device)
+    print(f"{steps_per_epoch} steps per epoch, {steps} steps, batch {args.batch_size}, lr {args.lr:g}")
+    gen = torch.Generator().manual_seed(args.seed)
+    model.train(), head.train()
+    t0, seen, losses = time.time(), 0, []
+    for step in range(steps):
+        epoch, i = divmod(step, steps_per_epoch)
+        if i == 0:  # a new shuffle each epoch; the last partial batch is dropped
+            order = np.random.default_rng([args.seed, epoch]).permutation(len(task.train))
+        items = [task.train[j] for j in order[i * args.batch_size:(i + 1) * args.batch_size]]
+        with ctx:
+            loss = task.loss(model, head, items, gen)
+        if not torch.isfinite(loss):
+            raise SystemExit(f"step {step}: non-finite loss {loss.item()}; try a lower --lr")
+        norm = optimizer_step(loss, optimizer, scaler, lr_at(step), [model, head], args.clip)
+        losses.append(loss.item())
+        seen += len(items)
+        if (step + 1) % args.log_every == 0 or step + 1 == steps:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = (time.time() - t0) / (len(losses))
+            record = {"step": step + 1, "epoch": epoch + (i + 1) / steps_per_epoch, "loss": float(np.mean(losses)),
+                      "lr": lr_at(step), "grad_norm": norm.item()}
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            print(f"step {step + 1}/{steps} | epoch {record['epoch']:.2f} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
+                  f"norm {record['grad_norm']:.2f} | {dt * 1000:.0f} ms/step | {seen / (time.time() - t0):.0f} samples/s | "
+                  f"ETA {dt * (steps - step - 1) / 60:.1f} min", flush=True)
+            t0, seen, losses = time.time(), 0, []
+
+    # evaluation: every split the data has, each beside the baseline
+    results = {"task": args.task, **evaluate(task, model, head, ctx)}
+    baseline = {"task": args.task, "baseline": task.baseline_name, **{s: task.baseline(s) for s in task.eval_splits}}
+    for name, obj in (("results.json", results), ("baseline.json", baseline)):
+        with open(os.path.join(args.out, name), "w") as f:
+            json.dump(obj, f, indent=1)
+    log.write(json.dumps({"phase": "eval", "results": results, "baseline": baseline}) + "\n")
+    log.close()
+    print(f"\n{args.task}: result vs baseline ({task.baseline_name}), {(time.time() - t_start) / 60:.1f} min in all")
+    print(f"{'split':<8} {'metric':<12} {'result':>8} {'baseline':>9}")
+    for s in task.eval_splits:
+        for k, v_ in results[s].items():
+            print(f"{s:<8} {k:<12} {v_:8.3f} {baseline[s][k]:9.3f}")
+    print(f"results: {os.path.join(args.out, 'results.json')}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

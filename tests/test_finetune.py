@@ -1,0 +1,400 @@
+"""finetune.py: each metric against its official definition, worked by hand; the loaders on small
+files in each real format (and their errors); each head's shapes; every task end to end on a small
+toy world."""
+
+import json
+import os
+import pickle
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+import finetune as ft  # noqa: E402
+from model import Config, VisualBERT  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one thread is as fast, and does not stall when other processes share the CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# -----------------------------------------------------------------------------
+# metrics
+
+
+@pytest.mark.parametrize("raw, clean", [
+    ("Two", "2"),  # number words become digits
+    ("None", "0"),
+    ("the dog.", "dog"),  # a period not before a digit goes; articles go
+    ("An apple", "apple"),
+    ("3.5", "3.5"),  # a period before a digit stays
+    ("yes!", "yes"),  # "!" touches no space: it becomes a space, which split() then drops
+    ("red-and-white", "red and white"),
+    ("hello, world", "hello world"),  # "," next to a space is deleted
+    ("1,000", "1000"),  # a comma between digits: every mark is deleted
+    ("cat/dog", "cat dog"),
+    ("the u.s.", "us"),
+    ("dont", "don't"),  # contractions get their apostrophes
+    ("hes", "he's"),
+    ("couldnt've", "couldn't've"),
+    ("couldn'tve", "couldn't've"),
+    ("im", "im"),  # the official table's "Im" has a capital and never matches
+    ("  two \t dogs \n", "2 dogs"),
+])
+def test_answer_normalisation(raw, clean):
+    assert ft.normalize_answer(raw) == clean
+
+
+def test_contraction_table_spellings():
+    assert ft.CONTRACTIONS["yall'd've"] == ft.CONTRACTIONS["y'alld've"] == ft.CONTRACTIONS["y'all'dve"] == "y'all'd've"
+    assert ft.CONTRACTIONS["twas"] == "'twas" and ft.CONTRACTIONS["ow's'at"] == "'ow's'at"
+    assert "wed" not in ft.CONTRACTIONS  # "we'd" is not in the official table ("wed" is a word)
+
+
+@pytest.mark.parametrize("k, expected", [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (7, 1.0), (10, 1.0)])
+def test_vqa_accuracy_by_hand(k, expected):
+    # k of 10 annotators said "2". Leave one annotator out, 10 ways: for k = 1, the 9 subsets that
+    # keep the matching annotator give min(1, 1/3), the other gives 0: 9/3/10 = 0.3. For k = 3:
+    # 3 subsets keep 2 matches (2/3), 7 keep 3 (1): (2 + 7)/10 = 0.9. For k = 4: every subset has >= 3.
+    gts = ["2"] * k + ["3"] * (10 - k)
+    assert ft.vqa_accuracy("2", gts) == pytest.approx(expected)
+    assert ft.soft_score(k) == pytest.approx(expected) == pytest.approx(min(1, 0.3 * k))
+
+
+def test_vqa_accuracy_normalises_as_the_official_code():
+    assert ft.vqa_accuracy("Two", ["2"] * 10) == 1.0  # the prediction is normalised
+    assert ft.vqa_accuracy("the dog", ["dog"] * 10) == 1.0
+    # annotators who disagree lose their punctuation ("yes." -> "yes")...
+    assert ft.vqa_accuracy("yes", ["yes."] * 3 + ["no"] * 7) == pytest.approx(0.9)
+    # ...unanimous ones are left as they are (the released annotations are clean)
+    assert ft.vqa_accuracy("yes", ["yes."] * 10) == 0.0
+    assert ft.soft_score(2, n=3) == pytest.approx((2 * (1 / 3) + 1 * (2 / 3)) / 3)  # fewer annotators: the same definition
+
+
+def test_recall_at_k_by_hand():
+    scores = torch.tensor([[0.9, 0.1, 0.2, 0.3],  # caption 0, image 0 first: rank 0
+                           [0.5, 0.4, 0.6, 0.1],  # caption 1, image 1 behind two: rank 2
+                           [0.3, 0.3, 0.3, 0.3]])  # caption 2, image 3 tied with all: ties count against it, rank 3
+    r = ft.recall_at_k(scores, torch.tensor([0, 1, 3]), ks=(1, 2, 3, 4))
+    assert r == pytest.approx({"R@1": 1 / 3, "R@2": 1 / 3, "R@3": 2 / 3, "R@4": 1.0})
+
+
+def test_box_iou_by_hand():
+    assert ft.box_iou([0, 0, 2, 2], [1, 1, 3, 3]) == pytest.approx(1 / 7)  # overlap 1, union 4 + 4 - 1
+    assert ft.box_iou([0, 0, 4, 4], [0, 0, 2, 2]) == pytest.approx(0.25)
+    assert ft.box_iou([0, 0, 1, 1], [2, 2, 3, 3]) == 0.0
+    assert ft.box_iou([5, 5, 9, 9], [5, 5, 9, 9]) == pytest.approx(1.0)
+    many = ft.box_iou(np.array([[0, 0, 2, 2], [1, 1, 3, 3], [10, 10, 11, 11]]), np.array([1, 1, 3, 3]))
+    assert many.shape == (3,) and many == pytest.approx([1 / 7, 1, 0])
+
+
+def test_nlvr2_consistency_by_hand():
+    # sentence a: both pairs right; b: one wrong; c: its one pair right
+    assert ft.consistency(["a", "a", "b", "b", "c"], [1, 1, 1, 0, 1]) == pytest.approx(2 / 3)
+    assert ft.consistency(["a", "a"], [0, 0]) == 0.0
+
+
+# -----------------------------------------------------------------------------
+# loaders, on small files in each real format
+
+
+@pytest.fixture
+def store(tmp_path):
+    """A feature store of five images named as real stores name them."""
+    ids = ["COCO_val2014_000000000042", "7", "dev-1-0-img0", "dev-1-0-img1", "1000092795"]
+    w = data.FeatureWriter(str(tmp_path / "store"), 4, ["cat", "dog"])
+    for i in ids:
+        w.add(i, np.ones((2, 4), np.float32), np.array([[0, 0, 0.5, 0.5], [0.5, 0.5, 1, 1]], np.float32),
+              np.array([0, 1]), np.array([0.9, 0.4], np.float32), 100, 50)
+    w.close()
+    return data.Images([str(tmp_path / "store")])
+
+
+def write(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f)
+    return str(path)
+
+
+def vqa_files(tmp_path, questions, annotations):
+    q = write(tmp_path / "questions.json", {"questions": questions})
+    a = write(tmp_path / "annotations.json", {"annotations": annotations})
+    return q, a
+
+
+def annotation(qid, image_id, answers):
+    return {"question_id": qid, "image_id": image_id, "question_type": "how many", "answer_type": "number",
+            "multiple_choice_answer": answers[0], "answers": [{"answer": a, "answer_id": k + 1} for k, a in enumerate(answers)]}
+
+
+def test_vqa_loader(tmp_path, store):
+    q, a = vqa_files(tmp_path, [{"image_id": 42, "question": "how many cats?", "question_id": 1},
+                                {"image_id": 7, "question": "how many dogs?", "question_id": 2}],
+                     [annotation(1, 42, ["2"] * 10), annotation(2, 7, ["1"] * 10)])
+    items = ft.load_vqa(q, a, store)
+    assert [x["image"] for x in items] == ["COCO_val2014_000000000042", "7"]  # the file stem, then the number
+    assert items[0]["answers"] == ["2"] * 10 and items[0]["qtype"] == "how many" and items[0]["mc"] == "2"
+
+
+def test_vqa_loader_rejects_a_question_without_features(tmp_path, store):
+    q, a = vqa_files(tmp_path, [{"image_id": 42, "question": "?", "question_id": 1}, {"image_id": 99, "question": "?", "question_id": 2}],
+                     [annotation(1, 42, ["2"] * 10), annotation(2, 99, ["1"] * 10)])
+    with pytest.raises(ValueError, match=r"questions.json: record 1 \(question_id 2\): its image has no features .*'COCO_train2014_000000000099'"):
+        ft.load_vqa(q, a, store)
+
+
+def test_vqa_loader_rejects_missing_fields(tmp_path, store):
+    bad = annotation(1, 42, ["2"] * 10)
+    del bad["answers"]
+    q, a = vqa_files(tmp_path, [{"image_id": 42, "question": "?", "question_id": 1}], [bad])
+    with pytest.raises(ValueError, match=r"annotations.json: record 0 \(question_id 1\) has no field 'answers'"):
+        ft.load_vqa(q, a, store)
+    q, a = vqa_files(tmp_path, [{"image_id": 42, "question_id": 1}], [annotation(1, 42, ["2"] * 10)])
+    with pytest.raises(ValueError, match=r"questions.json: record 0 \(question_id 1\) has no field 'question'"):
+        ft.load_vqa(q, a, store)
+    q, a = vqa_files(tmp_path, [{"image_id": 42, "question": "?", "question_id": 5}], [annotation(1, 42, ["2"] * 10)])
+    with pytest.raises(ValueError, match=r"questions.json: record 0 \(question_id 5\): .*annotations.json has no annotation"):
+        ft.load_vqa(q, a, store)
+
+
+def write_lines(path, records):
+    with open(path, "w") as f:
+        f.write("\n".join(json.dumps(r) for r in records) + "\n")
+    return str(path)
+
+
+def test_nlvr2_loader(tmp_path, store):
+    f = write_lines(tmp_path / "dev.json", [{"identifier": "dev-1-0-3", "sentence": "two cats .", "label": "True"},
+                                            {"identifier": "dev-1-0-4", "sentence": "no dog .", "label": "False"}])
+    items = ft.load_nlvr2(f, store)
+    assert items[0]["images"] == ("dev-1-0-img0", "dev-1-0-img1") and [x["label"] for x in items] == [1, 0]
+    assert items[0]["sentence"] == "dev-1-3"  # the identifier without its pair index
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"identifier": "dev-1-0-3", "label": "True"}, r"dev.json: line 2 \(dev-1-0-3\) has no field 'sentence'"),
+    ({"identifier": "dev-1-0-3", "sentence": "x", "label": "maybe"}, r"dev.json: line 2 \(dev-1-0-3\): label 'maybe'"),
+    ({"identifier": "dev-2-0-3", "sentence": "x", "label": "True"}, r"dev.json: line 2 \(dev-2-0-3\): its image has no features .*'dev-2-0-img0'"),
+    ({"identifier": "dev-1-3", "sentence": "x", "label": "True"}, r"dev.json: line 2 \(dev-1-3\): the identifier is not split-set-pair-sentence"),
+])
+def test_nlvr2_loader_rejects_bad_records(tmp_path, store, record, message):
+    f = write_lines(tmp_path / "dev.json", [{"identifier": "dev-1-0-0", "sentence": "x", "label": "True"}, record])
+    with pytest.raises(ValueError, match=message):
+        ft.load_nlvr2(f, store)
+
+
+def karpathy(split="test", filename="1000092795.jpg", sentences=True):
+    im = {"filename": filename, "split": split}
+    if sentences:
+        im["sentences"] = [{"raw": "a cat .", "tokens": ["a", "cat"]}, {"tokens": ["a", "dog"]}]
+    return {"images": [im]}
+
+
+def test_karpathy_loader(tmp_path, store):
+    splits = ft.load_karpathy(write(tmp_path / "dataset_flickr30k.json", karpathy()), store)
+    assert splits == {"test": [{"image": "1000092795", "captions": ["a cat .", "a dog"]}]}
+    splits = ft.load_karpathy(write(tmp_path / "d.json", karpathy(split="restval")), store)
+    assert list(splits) == ["train"]  # restval is training data
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(split="training"), r"dataset_flickr30k.json: image record 0 \(1000092795.jpg\): unknown split 'training'"),
+    (dict(sentences=False), r"dataset_flickr30k.json: image record 0 \(1000092795.jpg\) has no field 'sentences'"),
+    (dict(filename="5.jpg"), r"dataset_flickr30k.json: image record 0 \(5.jpg\): its image has no features"),
+])
+def test_karpathy_loader_rejects_bad_records(tmp_path, store, kw, message):
+    with pytest.raises(ValueError, match=message):
+        ft.load_karpathy(write(tmp_path / "dataset_flickr30k.json", karpathy(**kw)), store)
+
+
+def refcoco_files(tmp_path, **changes):
+    ref = {"ref_id": 0, "ann_id": 5, "image_id": 42, "split": "val", "sentences": [{"sent": "the cat"}, {"sent": "left cat"}], **changes}
+    ref = {k: v for k, v in ref.items() if v is not None}
+    with open(tmp_path / "refs(unc).p", "wb") as f:
+        pickle.dump([ref], f)
+    write(tmp_path / "instances.json", {"images": [{"id": 42, "width": 100, "height": 50}],
+                                        "annotations": [{"id": 5, "image_id": 42, "bbox": [0, 0, 50, 25]}]})
+    return str(tmp_path / "refs(unc).p"), str(tmp_path / "instances.json")
+
+
+def test_refcoco_loader(tmp_path, store):
+    splits = ft.load_refcoco(*refcoco_files(tmp_path), store)
+    assert [x["text"] for x in splits["val"]] == ["the cat", "left cat"]  # one example per sentence
+    x = splits["val"][0]
+    assert x["image"] == "COCO_val2014_000000000042" and x["gold"] == [0, 0, 50, 25] and x["size"] == (100, 50)
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(split="testD"), r"refs\(unc\).p: record 0 \(ref_id 0\): unknown split 'testD'"),
+    (dict(sentences=None), r"refs\(unc\).p: record 0 \(ref_id 0\) has no field 'sentences'"),
+    (dict(ann_id=6), r"refs\(unc\).p: record 0 \(ref_id 0\): annotation 6 is not in .*instances.json"),
+])
+def test_refcoco_loader_rejects_bad_records(tmp_path, store, changes, message):
+    with pytest.raises(ValueError, match=message):
+        ft.load_refcoco(*refcoco_files(tmp_path, **changes), store)
+
+
+# -----------------------------------------------------------------------------
+# the tasks on a small toy world: heads, accuracy of the protocol, end to end
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    return data.make_toy_world(str(tmp_path_factory.mktemp("toy") / "world"), seed=0, scale=0.03)
+
+
+def make_task(toy, name, *flags):
+    args = ft.p.parse_args(["--task", name, "--min-answer-count", "1", *flags])
+    folder, stores = ft.TOY[name]
+    images = data.Images([os.path.join(toy, "features", s) for s in stores])
+    model, vocab = ft.build_model(args, images, os.path.join(toy, "vocab.txt"))
+    task = ft.TASKS[name](args, vocab, images, os.path.join(toy, "tasks", folder))
+    return task, model.eval(), task.make_head(model)
+
+
+@torch.no_grad()
+def test_head_shapes(toy):
+    task, model, head = make_task(toy, "vqa")
+    assert task.logits(model, head, task.train[:3]).shape == (3, len(task.answers))
+    task, model, head = make_task(toy, "nlvr2")
+    assert task.logits(model, head, task.train[:3]).shape == (3, 2)
+    task, model, head = make_task(toy, "retrieval")
+    assert task.scores(model, head, [x["ids"] for x in task.train[:3]], [x["image"] for x in task.train[:3]]).shape == (3,)
+    scores, gold = task.score_matrix(model, head, "test")
+    assert scores.shape == (5 * len(task.splits["test"]), len(task.splits["test"])) and gold.tolist()[:6] == [0] * 5 + [1]
+    one = task.scores(model, head, [task.splits["test"][1]["ids"][2]], [task.splits["test"][3]["image"]])
+    assert scores[5 + 2, 3].item() == pytest.approx(one.item(), abs=1e-5)  # the batched matrix is the pairwise score
+    task, model, head = make_task(toy, "refcoco")
+    items = task.train[:3]
+    logits = task.region_logits(model, head, items)
+    K = max(len(x["iou"]) for x in items)
+    assert logits.shape == (3, K)
+    assert all(torch.isinf(logits[i, len(x["iou"]):]).all() and torch.isfinite(logits[i, :len(x["iou"])]).all() for i, x in enumerate(items))
+
+
+def test_retrieval_hard_negatives(toy):
+    task, _, _ = make_task(toy, "retrieval")
+    gen = torch.Generator().manual_seed(0)
+    t = task.tag_sets
+    jaccard = lambda a, b: (t[a] & t[b]).sum() / (t[a] | t[b]).sum()
+    for k in range(len(task.splits["train"])):
+        assert task.negative(k, gen, hard=1) != k  # never the positive image
+        n = len(task.splits["train"])  # with every other image a candidate, the most tag-alike one wins
+        best = max(jaccard(k, j) for j in range(n) if j != k)
+        assert jaccard(k, task.negative(k, gen, hard=50 * n)) == best
+
+
+def test_no_tags_leaves_tags_out(toy):
+    task, _, _ = make_task(toy, "vqa", "--no-tags")
+    x = task.train[0]
+    assert "tag_ids" not in task.encode([x["ids"]], [x["image"]])
+    task, _, _ = make_task(toy, "vqa")
+    assert "tag_ids" in task.encode([x["ids"]], [x["image"]])
+
+
+def test_refcoco_boxes_compared_in_pixels(toy):
+    task, _, _ = make_task(toy, "refcoco")
+    x = task.splits["val"][0]
+    e = task.images[x["image"]]
+    W, H = x["size"]
+    assert x["iou"] == pytest.approx(ft.box_iou(e["boxes"] * [W, H, W, H], x["gold"]))
+    assert x["iou"].max() > 0.5  # the toy detector finds the referred object
+
+
+def test_vqa_answer_set_and_targets(toy):
+    task, _, _ = make_task(toy, "vqa")
+    x = task.train[0]
+    for a, s in x["target"].items():  # each target is the official accuracy of that answer
+        assert s == pytest.approx(ft.vqa_accuracy(task.answers[a], x["answers"]))
+    args = ft.p.parse_args(["--task", "vqa", "--min-answer-count", "100000"])
+    with pytest.raises(ValueError, match="lower --min-answer-count"):
+        ft.VQA(args, task.vocab, task.images, os.path.join(toy, "tasks", "vqa"))
+
+
+def run(toy, out, task, *flags):
+    return ft.main(["--task", task, "--toy-root", toy, "--out", str(out), "--epochs", "0.5", "--batch-size", "8",
+                    "--log-every", "1", "--min-answer-count", "1", *flags])
+
+
+EXPECTED = {"vqa": ({"val"}, {"accuracy"}), "nlvr2": ({"dev", "test1"}, {"accuracy", "consistency"}),
+            "retrieval": ({"test"}, {"R@1", "R@5", "R@10"}), "refcoco": ({"val", "testA", "testB"}, {"accuracy"})}
+
+
+@pytest.mark.parametrize("task", list(EXPECTED))
+def test_every_task_end_to_end(toy, tmp_path, task):
+    results = run(toy, tmp_path, task)
+    with open(tmp_path / "results.json") as f:
+        assert json.load(f) == results
+    splits, metrics = EXPECTED[task]
+    assert results["task"] == task and set(results) == {"task"} | splits
+    for s in splits:
+        assert set(results[s]) == metrics and all(0 <= v <= 1 for v in results[s].values())
+    with open(tmp_path / "baseline.json") as f:
+        baseline = json.load(f)
+    assert all(set(baseline[s]) == metrics for s in splits)
+    with open(tmp_path / "log.jsonl") as f:
+        log = [json.loads(line) for line in f]
+    assert log[0]["step"] == 1 and log[-1]["phase"] == "eval"
+    assert os.path.exists(tmp_path / "args.json")
+
+
+def test_nlvr2_task_pretraining_keeps_the_best_epoch(toy, tmp_path, capsys):
+    run(toy, tmp_path, "nlvr2", "--task-pretrain-epochs", "2", "--epochs", "0.2")
+    out = capsys.readouterr().out
+    assert "task-specific pre-training epoch 2" in out and "kept epoch" in out
+    with open(tmp_path / "log.jsonl") as f:
+        first = json.loads(f.readline())
+    assert first["phase"] == "task_pretrain" and first["task_pretrain_epoch"] in (1, 2)
+    with pytest.raises(SystemExit):
+        run(toy, tmp_path, "vqa", "--task-pretrain-epochs", "1")  # NLVR2's alone
+
+
+def save_ckpt(path, toy, **changes):
+    vocab = data.Vocab.from_file(os.path.join(toy, "vocab.txt"))
+    cfg = Config(**{**dict(vocab_size=len(vocab), hidden=32, layers=1, heads=2, ffn=64, max_positions=64, feat_dim=data.FEATURE_DIM,
+                           num_labels=len(data.CLASSES), num_attrs=len(data.COLORS)), **changes})
+    torch.save({"model": VisualBERT(cfg).state_dict(), "config": cfg.to_dict(), "vocab": vocab.tokens, "class_names": data.CLASSES}, path)
+    return str(path)
+
+
+def test_init_from_checkpoint_and_its_checks(toy, tmp_path):
+    results = run(toy, tmp_path, "refcoco", "--init-from", save_ckpt(tmp_path / "ckpt.pt", toy))
+    assert set(results) == {"task", "val", "testA", "testB"}
+    with pytest.raises(SystemExit, match=r"pre-trained with feature size 12, the feature stores .* have 64"):
+        run(toy, tmp_path, "refcoco", "--init-from", save_ckpt(tmp_path / "bad.pt", toy, feat_dim=12))
+    with pytest.raises(SystemExit, match=r"pre-trained with detector classes 5, .* have 42"):
+        run(toy, tmp_path, "refcoco", "--init-from", save_ckpt(tmp_path / "bad.pt", toy, num_labels=5))
+
+
+def test_init_from_huggingface_bert(toy, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    tokens = data.Vocab.from_file(os.path.join(toy, "vocab.txt")).tokens
+    cfg = transformers.BertConfig(vocab_size=len(tokens), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=64)
+    transformers.BertForPreTraining(cfg).save_pretrained(tmp_path / "bert")
+    with open(tmp_path / "bert" / "vocab.txt", "w") as f:
+        f.write("\n".join(tokens) + "\n")
+    results = run(toy, tmp_path / "out", "nlvr2", "--init-from", str(tmp_path / "bert"))
+    assert set(results) == {"task", "dev", "test1"}
+
+
+def test_real_data_flags(toy, tmp_path):
+    # --data and --features are the toy world's files read as real ones; one without the other is an error
+    results = run(toy, tmp_path, "retrieval", "--data", os.path.join(toy, "tasks", "flickr30k"),
+                  "--features", os.path.join(toy, "features", "flickr30k"), "--init-from", save_ckpt(tmp_path / "ckpt.pt", toy))
+    assert set(results) == {"task", "test"}
+    with pytest.raises(SystemExit):
+        run(toy, tmp_path, "retrieval", "--data", os.path.join(toy, "tasks", "flickr30k"))
+    with pytest.raises(SystemExit, match="needs a vocabulary"):  # real data and random weights: no vocabulary to use
+        run(toy, tmp_path, "retrieval", "--data", os.path.join(toy, "tasks", "flickr30k"), "--features", os.path.join(toy, "features", "flickr30k"))
+    with pytest.raises(SystemExit, match="no features"):  # a store without the task's images
+        run(toy, tmp_path, "retrieval", "--data", os.path.join(toy, "tasks", "flickr30k"),
+            "--features", os.path.join(toy, "features", "refcoco"), "--init-from", save_ckpt(tmp_path / "ckpt.pt", toy))

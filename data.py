@@ -126,8 +126,14 @@ def _save_npy(file, arr):
 
 
 def read_json(file):
-    with open(file) as f:
-        return json.load(f)
+    """A JSON file, with a clear error naming the file when it is missing or malformed."""
+    try:
+        with open(file) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{file}: not found") from None
+    except ValueError as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from None
 
 
 def write_json(file, obj):

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 import data
 from model import PRESETS, Config, VisualBERT, config_from_hf, load_bert
-from pretrain import load_checkpoint, pick_dtype
+from pretrain import autocast, load_checkpoint, pick_dtype
 
 # -----------------------------------------------------------------------------
 # settings: every flag, in one place; `python finetune.py -h` is the manual
@@ -197,16 +197,6 @@ def consistency(keys, correct):
 # loaders of the real file formats (SPEC 7). Each names the file and the record on a bad input.
 
 
-def read_json(file):
-    try:
-        with open(file) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{file}: not found") from None
-    except ValueError as e:
-        raise ValueError(f"{file}: not valid JSON ({e})") from None
-
-
 def field(record, name, file, where):
     if not isinstance(record, dict) or name not in record:
         raise ValueError(f"{file}: {where} has no field {name!r}")
@@ -234,7 +224,7 @@ def coco_ids(image_id):
 
 def load_vqa(questions_file, annotations_file, images):
     """VQA v2: a questions file and its annotations -> [{qid, image, text, answers, qtype, mc}]."""
-    annotations = field(read_json(annotations_file), "annotations", annotations_file, "the file")
+    annotations = field(data.read_json(annotations_file), "annotations", annotations_file, "the file")
     by_qid = {}
     for n, a in enumerate(annotations):
         qid = field(a, "question_id", annotations_file, f"record {n}")
@@ -246,7 +236,7 @@ def load_vqa(questions_file, annotations_file, images):
         by_qid[qid] = {"answers": answers, "qtype": field(a, "question_type", annotations_file, where), "mc": mc,
                        "atype": a.get("answer_type", "all")}
     out = []
-    for n, q in enumerate(field(read_json(questions_file), "questions", questions_file, "the file")):
+    for n, q in enumerate(field(data.read_json(questions_file), "questions", questions_file, "the file")):
         qid = field(q, "question_id", questions_file, f"record {n}")
         where = f"record {n} (question_id {qid})"
         text, image_id = field(q, "question", questions_file, where), field(q, "image_id", questions_file, where)
@@ -291,7 +281,7 @@ KARPATHY_SPLITS = ("train", "restval", "val", "test")
 def load_karpathy(file, images):
     """Karpathy's split file (Flickr30K, COCO) -> {split: [{image, captions}]}; restval joins train."""
     splits = {}
-    for n, im in enumerate(field(read_json(file), "images", file, "the file")):
+    for n, im in enumerate(field(data.read_json(file), "images", file, "the file")):
         name = field(im, "filename", file, f"image record {n}")
         where = f"image record {n} ({name})"
         split = field(im, "split", file, where)
@@ -318,7 +308,7 @@ def load_refcoco(refs_file, instances_file, images):
         raise FileNotFoundError(f"{refs_file}: not found") from None
     except Exception as e:
         raise ValueError(f"{refs_file}: not a readable pickle ({type(e).__name__}: {e})") from None
-    instances = read_json(instances_file)
+    instances = data.read_json(instances_file)
     boxes = {field(a, "id", instances_file, f"annotation {n}"): field(a, "bbox", instances_file, f"annotation {n}")
              for n, a in enumerate(field(instances, "annotations", instances_file, "the file"))}
     sizes = {field(im, "id", instances_file, f"image {n}"): (field(im, "width", instances_file, f"image {n}"), field(im, "height", instances_file, f"image {n}"))
@@ -751,7 +741,7 @@ def main(argv=None):
     np.random.seed(args.seed)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
     args.dtype, why = pick_dtype(args, device)
-    ctx = torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]) if args.dtype != "fp32" else torch.autocast(device.type, enabled=False)
+    ctx = autocast(device, args.dtype)
     os.makedirs(args.out, exist_ok=True)
     t_start = time.time()
 

@@ -192,6 +192,12 @@ def make_model(args, images, vocab_size):
     return VisualBERT(cfg), None
 
 
+def autocast(device, dtype):
+    """The autocast context for "fp32" (none), "bf16" or "fp16"."""
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
+    return torch.autocast(device.type, dtype=half) if half else torch.autocast(device.type, enabled=False)
+
+
 def pick_dtype(args, device):
     if args.dtype != "auto":
         return args.dtype, "as asked"
@@ -251,7 +257,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     dtype, why = pick_dtype(args, device)
-    ctx = torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]) if dtype != "fp32" else torch.autocast(device.type, enabled=False)
+    ctx = autocast(device, dtype)
     torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for the fp32 matmuls that remain
     torch.backends.cudnn.allow_tf32 = True
     os.makedirs(args.out, exist_ok=True)

@@ -8,8 +8,9 @@ Fine-tune U-VisualBERT on the paper's four downstream tasks (SPEC 6) and report 
 
 With no data flags a task uses the toy world's files (made by data.py on first use); --data DIR and
 --features STORE... point it at the real benchmark files (SPEC 7) and a feature store made by
-extract_features.py. Every run writes OUT/results.json, OUT/baseline.json, OUT/log.jsonl and
-OUT/args.json, and prints each split's result beside a trivial baseline.
+extract_features.py. Every run writes OUT/results.json, OUT/baseline.json, OUT/log.jsonl,
+OUT/args.json and OUT/ckpt.pt (--resume goes on from it), and prints each split's result beside a
+trivial baseline.
 
 The file reads from the top: settings, metrics (each against the official definition), loaders
 of the real file formats, the four tasks (each a small class: its data, head, loss, evaluation and
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 
 import data
 from model import PRESETS, Config, VisualBERT, config_from_hf, load_bert
-from pretrain import autocast, load_checkpoint, pick_dtype
+from pretrain import autocast, load_checkpoint, pick_dtype, save_checkpoint
 
 # -----------------------------------------------------------------------------
 # settings: every flag, in one place; `python finetune.py -h` is the manual
@@ -94,15 +95,19 @@ m.add_argument("--clip", type=float, default=1.0, metavar="NORM", help="gradient
 m.add_argument("--dropout", type=float, default=None, metavar="P", help="override the model's dropout")
 m.add_argument("--hard-negatives", type=int, default=4, metavar="N",
                help="retrieval: the wrong image of each positive is the most tag-alike of N random other images (1: a random one)")
+m.add_argument("--test-images", type=int, default=None, metavar="N",
+               help="retrieval: rank among the first N test images only (a quicker check; the paper ranks all 1,000)")
 m.add_argument("--task-pretrain-epochs", type=int, default=0, metavar="N",
                help="nlvr2: first this many epochs of mask-and-predict on NLVR2's own data, keeping the epoch with the "
                     "best dev MLM loss (paper: at most 5)")
 r = p.add_argument_group("run")
-r.add_argument("--out", metavar="DIR", help="output folder (default out/finetune/TASK): results.json, baseline.json, log.jsonl, args.json")
+r.add_argument("--out", metavar="DIR", help="output folder (default out/finetune/TASK): results.json, baseline.json, log.jsonl, args.json, ckpt.pt")
 r.add_argument("--seed", type=int, default=0)
 r.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if there is one)")
 r.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="autocast dtype (auto: bf16 on a GPU that has it, else fp32)")
 r.add_argument("--log-every", type=int, default=50, metavar="STEPS")
+r.add_argument("--save-every", type=int, default=500, metavar="STEPS", help="write OUT/ckpt.pt every this many steps, and at the end")
+r.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt; the rest of the command must be the same")
 r.add_argument("--eval-batch-size", type=int, default=256, metavar="N", help="sequences per forward pass when evaluating")
 
 # -----------------------------------------------------------------------------
@@ -194,7 +199,9 @@ def consistency(keys, correct):
 
 
 # -----------------------------------------------------------------------------
-# loaders of the real file formats (SPEC 7). Each names the file and the record on a bad input.
+# loaders of the real file formats (SPEC 7). Each names the file and the record on a bad input: a
+# malformed record (a missing field, an unknown split) stops the run, as the file is not what it
+# should be; a record whose image has no features is skipped and counted, unless none is left.
 
 
 def field(record, name, file, where):
@@ -203,13 +210,35 @@ def field(record, name, file, where):
     return record[name]
 
 
-def find_image(images, candidates, file, where):
-    """The first of `candidates` that the feature stores hold, or a clear error."""
+class Skipped:
+    """Records left out because an image they name has no features: a count per file and the first
+    such record, said at the start and at the end of the run and written to results.json."""
+
+    def __init__(self):
+        self.files = {}  # file -> [count, the first record and its image]
+
+    def add(self, file, where, candidates, images):
+        first = (f"{where}: its image has no features in {', '.join(s.path for s in images.stores)} "
+                 f"(looked for {', '.join(map(repr, candidates))})")
+        self.files.setdefault(file, [0, first])[0] += 1
+
+    def lines(self):
+        return [f"skipped {n} records of {file}: first: {first}" for file, (n, first) in self.files.items()]
+
+    def none_left(self, file, what="record"):
+        """The error for a split left with nothing to use: the task files and the stores do not fit."""
+        n, first = self.files.get(file, [0, None])
+        return ValueError(f"{file}: no usable {what}" + (f"; all {n} skipped, first: {first}" if n else ""))
+
+
+def find_image(images, candidates, file, where, skipped):
+    """The first of `candidates` that the feature stores hold; None when none is (the record is
+    counted in `skipped`)."""
     for c in candidates:
         if c in images:
             return c
-    raise ValueError(f"{file}: {where}: its image has no features in {', '.join(s.path for s in images.stores)} "
-                     f"(looked for {', '.join(map(repr, candidates))})")
+    skipped.add(file, where, candidates, images)
+    return None
 
 
 def coco_ids(image_id):
@@ -222,7 +251,7 @@ def coco_ids(image_id):
     return [str(image_id)] + [f"COCO_{s}_{n:012d}" for s in ("train2014", "val2014", "test2015")]
 
 
-def load_vqa(questions_file, annotations_file, images):
+def load_vqa(questions_file, annotations_file, images, skipped):
     """VQA v2: a questions file and its annotations -> [{qid, image, text, answers, qtype, mc}]."""
     annotations = field(data.read_json(annotations_file), "annotations", annotations_file, "the file")
     by_qid = {}
@@ -242,11 +271,15 @@ def load_vqa(questions_file, annotations_file, images):
         text, image_id = field(q, "question", questions_file, where), field(q, "image_id", questions_file, where)
         if qid not in by_qid:
             raise ValueError(f"{questions_file}: {where}: {annotations_file} has no annotation for this question")
-        out.append({"qid": qid, "image": find_image(images, coco_ids(image_id), questions_file, where), "text": text, **by_qid[qid]})
+        image = find_image(images, coco_ids(image_id), questions_file, where, skipped)
+        if image is not None:
+            out.append({"qid": qid, "image": image, "text": text, **by_qid[qid]})
+    if not out:
+        raise skipped.none_left(questions_file, "question")
     return out
 
 
-def load_nlvr2(file, images):
+def load_nlvr2(file, images, skipped):
     """NLVR2 JSON lines -> [{id, text, images: (img0, img1), label, sentence}]. The images are named
     from the identifier split-set-pair-sentence: split-set-pair-img0 and -img1."""
     if not os.path.exists(file):
@@ -269,18 +302,22 @@ def load_nlvr2(file, images):
             if len(parts) != 4:
                 raise ValueError(f"{file}: {where}: the identifier is not split-set-pair-sentence")
             pair = "-".join(parts[:3])
-            imgs = tuple(find_image(images, [f"{pair}-img{i}"], file, where) for i in (0, 1))
-            out.append({"id": ident, "text": text, "images": imgs, "label": int(label == "True"),
-                        "sentence": "-".join(parts[:2] + parts[3:])})  # split-set-*-sentence: one per unique sentence
+            img0 = find_image(images, [f"{pair}-img0"], file, where, skipped)
+            img1 = find_image(images, [f"{pair}-img1"], file, where, skipped) if img0 else None
+            if img1 is not None:
+                out.append({"id": ident, "text": text, "images": (img0, img1), "label": int(label == "True"),
+                            "sentence": "-".join(parts[:2] + parts[3:])})  # split-set-*-sentence: one per unique sentence
+    if not out:
+        raise skipped.none_left(file, "example")
     return out
 
 
 KARPATHY_SPLITS = ("train", "restval", "val", "test")
 
 
-def load_karpathy(file, images):
+def load_karpathy(file, images, skipped):
     """Karpathy's split file (Flickr30K, COCO) -> {split: [{image, captions}]}; restval joins train."""
-    splits = {}
+    splits, named = {}, set()
     for n, im in enumerate(field(data.read_json(file), "images", file, "the file")):
         name = field(im, "filename", file, f"image record {n}")
         where = f"image record {n} ({name})"
@@ -290,15 +327,21 @@ def load_karpathy(file, images):
         captions = []
         for k, s in enumerate(field(im, "sentences", file, where)):
             captions.append(s["raw"] if isinstance(s, dict) and "raw" in s else " ".join(field(s, "tokens", file, f"{where}, sentence {k},")))
-        image = find_image(images, [os.path.splitext(name)[0]], file, where)
-        splits.setdefault("train" if split == "restval" else split, []).append({"image": image, "captions": captions})
+        split = "train" if split == "restval" else split
+        named.add(split)
+        image = find_image(images, [os.path.splitext(name)[0]], file, where, skipped)
+        if image is not None:
+            splits.setdefault(split, []).append({"image": image, "captions": captions})
+    empty = sorted(named - set(splits))
+    if empty:
+        raise skipped.none_left(file, f"image of split {empty[0]!r}")
     return splits
 
 
 REF_SPLITS = ("train", "val", "test", "testA", "testB", "testC")
 
 
-def load_refcoco(refs_file, instances_file, images):
+def load_refcoco(refs_file, instances_file, images, skipped):
     """RefCOCO+ (UNC): refs(unc).p and COCO's instances.json -> {split: [{ref_id, image, text, gold,
     size}]}, one example per sentence; gold is the referred box as x1, y1, x2, y2 in pixels."""
     try:
@@ -313,7 +356,7 @@ def load_refcoco(refs_file, instances_file, images):
              for n, a in enumerate(field(instances, "annotations", instances_file, "the file"))}
     sizes = {field(im, "id", instances_file, f"image {n}"): (field(im, "width", instances_file, f"image {n}"), field(im, "height", instances_file, f"image {n}"))
              for n, im in enumerate(field(instances, "images", instances_file, "the file"))}
-    splits = {}
+    splits, named = {}, set()
     for n, ref in enumerate(refs):
         ref_id = field(ref, "ref_id", refs_file, f"record {n}")
         where = f"record {n} (ref_id {ref_id})"
@@ -325,10 +368,17 @@ def load_refcoco(refs_file, instances_file, images):
         if image_id not in sizes:
             raise ValueError(f"{refs_file}: {where}: image {image_id} is not in {instances_file}")
         x, y, w, h = boxes[ann_id]
-        image = find_image(images, coco_ids(image_id), refs_file, where)
-        for k, s in enumerate(field(ref, "sentences", refs_file, where)):
-            splits.setdefault(split, []).append({"ref_id": ref_id, "image": image, "text": field(s, "sent", refs_file, f"{where}, sentence {k},"),
+        sentences = [field(s, "sent", refs_file, f"{where}, sentence {k},") for k, s in enumerate(field(ref, "sentences", refs_file, where))]
+        named.add(split)
+        image = find_image(images, coco_ids(image_id), refs_file, where, skipped)
+        if image is None:
+            continue
+        for text in sentences:
+            splits.setdefault(split, []).append({"ref_id": ref_id, "image": image, "text": text,
                                                  "gold": [x, y, x + w, y + h], "size": sizes[image_id]})
+    empty = sorted(named - set(splits))
+    if empty:
+        raise skipped.none_left(refs_file, f"expression of split {empty[0]!r}")
     return splits
 
 
@@ -352,6 +402,7 @@ class Task:
         self.vocab, self.images, self.tags = vocab, images, not args.no_tags
         self.tag_pieces = vocab.tag_pieces(images.class_names)
         self.eval_batch_size, self.device, self.info = args.eval_batch_size, torch.device("cpu"), []
+        self.skipped, self.notes = Skipped(), []  # records left out; lines said at the start and again at the end
 
     def tokenize(self, items):
         for x, ids in zip(items, self.vocab.encode_batch([x["text"] for x in items])):
@@ -376,7 +427,7 @@ class VQA(Task):
     def __init__(self, args, vocab, images, root):
         super().__init__(args, vocab, images)
         files = lambda sub: (os.path.join(root, f"v2_OpenEnded_mscoco_{sub}_questions.json"), os.path.join(root, f"v2_mscoco_{sub}_annotations.json"))
-        self.splits = {"train": load_vqa(*files("train2014"), images), "val": load_vqa(*files("val2014"), images)}
+        self.splits = {s: load_vqa(*files(sub), images, self.skipped) for s, sub in (("train", "train2014"), ("val", "val2014"))}
         self.train, self.eval_splits = self.splits["train"], ["val"]
         # the answer set: normalised answers that are the multiple_choice_answer of >= N training questions
         counts = Counter(normalize_answer(x["mc"]) for x in self.train)
@@ -390,9 +441,11 @@ class VQA(Task):
                 # BCE targets: the official accuracy each answer would get, min(1, 0.3 k) with 10 annotators
                 ks = Counter(normalize_answer(a) for a in x["answers"])
                 x["target"] = {index[a]: soft_score(k, len(x["answers"])) for a, k in ks.items() if a in index}
+        self.info.append(f"{len(self.answers)} answers (each the answer of >= {args.min_answer_count} training questions)")
+        # a question none of whose answers is in the set stays: the official evaluation counts it (the
+        # model scores 0 on it), and it trains every answer's score toward 0
         lost = ", ".join(f"{s} {sum(not x['target'] for x in xs)}/{len(xs)}" for s, xs in self.splits.items())
-        self.info.append(f"{len(self.answers)} answers (each the answer of >= {args.min_answer_count} training questions); "
-                         f"questions with no answer in the set: {lost}")
+        self.notes.append(f"questions whose every answer is outside the answer set (kept, with an empty training target): {lost}")
         # baseline: the most frequent answer of each question type in train (of all of train for a new type)
         self.by_type = {}
         for x in self.train:
@@ -440,7 +493,7 @@ class NLVR2(Task):
     def __init__(self, args, vocab, images, root):
         super().__init__(args, vocab, images)
         files = {s: os.path.join(root, f"{s}.json") for s in ("train", "dev", "test1", "test2")}
-        self.splits = {s: load_nlvr2(f, images) for s, f in files.items() if s == "train" or os.path.exists(f)}
+        self.splits = {s: load_nlvr2(f, images, self.skipped) for s, f in files.items() if s == "train" or os.path.exists(f)}
         for items in self.splits.values():
             self.tokenize(items)
         self.train, self.eval_splits = self.splits["train"], [s for s in ("dev", "test1", "test2") if s in self.splits]
@@ -529,10 +582,12 @@ class Retrieval(Task):
 
     def __init__(self, args, vocab, images, root):
         super().__init__(args, vocab, images)
-        self.splits = load_karpathy(os.path.join(root, "dataset_flickr30k.json"), images)
+        self.splits = load_karpathy(os.path.join(root, "dataset_flickr30k.json"), images, self.skipped)
         missing = [s for s in ("train", "test") if s not in self.splits]
         if missing:
             raise ValueError(f"{root}/dataset_flickr30k.json: no {' or '.join(missing)} images")
+        if args.test_images:  # every caption of the first N test images, ranked among those N
+            self.splits["test"] = self.splits["test"][: args.test_images]
         for ims in self.splits.values():
             ids = vocab.encode_batch([c for im in ims for c in im["captions"]])
             for im in ims:
@@ -615,7 +670,7 @@ class RefCOCO(Task):
 
     def __init__(self, args, vocab, images, root):
         super().__init__(args, vocab, images)
-        self.splits = load_refcoco(os.path.join(root, "refs(unc).p"), os.path.join(root, "instances.json"), images)
+        self.splits = load_refcoco(os.path.join(root, "refs(unc).p"), os.path.join(root, "instances.json"), images, self.skipped)
         if "train" not in self.splits:
             raise ValueError(f"{root}/refs(unc).p: no train split")
         cache = {}
@@ -661,17 +716,20 @@ TASKS = {"vqa": VQA, "nlvr2": NLVR2, "retrieval": Retrieval, "refcoco": RefCOCO}
 # model, optimiser, the shared loop
 
 
-def build_model(args, images, toy_vocab):
+def build_model(args, images, toy_vocab, resume=None):
     """--init-from our checkpoint (config and vocabulary inside), a Hugging Face BERT directory (the
     Base row: BERT's weights, new visual modules sized from the store), or nothing (random weights
-    of --model with the toy vocabulary)."""
+    of --model with the toy vocabulary). With --resume, the model of the run's own checkpoint."""
     visual = dict(feat_dim=images.feature_dim, num_labels=len(images.class_names), num_attrs=len(images.attr_names or []))
     drop = {} if args.dropout is None else {"dropout": args.dropout}
-    src = args.init_from
+    src = os.path.join(args.out, "ckpt.pt") if resume is not None else args.init_from
     if src and os.path.isdir(src):
         return load_bert(VisualBERT(config_from_hf(src, **visual, **drop)), src), data.Vocab.from_file(os.path.join(src, "vocab.txt"))
     if src:
-        ckpt = load_checkpoint(src)
+        ckpt = resume if resume is not None else load_checkpoint(src)
+        if not isinstance(ckpt, dict) or not {"model", "config", "vocab"} <= set(ckpt):
+            raise SystemExit(f"{src}: not a checkpoint of pretrain.py or finetune.py (no model, config and vocab inside); "
+                             f"--init-from takes one of those or a Hugging Face BERT directory")
         cfg = Config(**{**ckpt["config"], **drop})
         for k, what in (("feat_dim", "feature size"), ("num_labels", "detector classes")):
             if getattr(cfg, k) != visual[k]:
@@ -680,12 +738,46 @@ def build_model(args, images, toy_vocab):
         if ckpt.get("class_names") and list(ckpt["class_names"]) != list(images.class_names):
             print(f"warning: {src} was pre-trained with other detector class names than the feature stores have")
         model = VisualBERT(cfg)
-        model.load_state_dict(ckpt["model"])
+        load_weights(model, ckpt["model"], src)
         return model, data.Vocab(ckpt["vocab"], source=src)
     if toy_vocab is None:
         raise SystemExit("real data needs a vocabulary: give --init-from (a BERT directory or one of our checkpoints)")
     vocab = data.Vocab.from_file(toy_vocab)
     return VisualBERT(Config(**{**PRESETS[args.model], "vocab_size": len(vocab), **visual, **drop})), vocab
+
+
+def load_weights(module, state, src):
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:  # the first line names the mismatch; the rest lists every tensor
+        raise SystemExit(f"{src}: its weights do not fit the model ({str(e).splitlines()[0].strip()} ...)") from None
+
+
+# what a resumed run may change; any other setting makes it another run, which --resume refuses
+RESUME_MAY_CHANGE = ("out", "resume", "save_every", "log_every", "eval_batch_size", "device", "dtype", "toy_root")
+
+
+def load_resume(path, args):
+    """OUT/ckpt.pt of an earlier run of this same command, or one clear line naming the file."""
+    ckpt = load_checkpoint(path)
+    if not isinstance(ckpt, dict) or "head" not in ckpt:
+        raise SystemExit(f"{path}: not a checkpoint of finetune.py (no head inside); --resume goes on from a run of this command in --out")
+    changed = [f"--{k.replace('_', '-')} {v!r} (now {getattr(args, k, None)!r})" for k, v in ckpt["args"].items()
+               if k not in RESUME_MAY_CHANGE and getattr(args, k, None) != v]
+    if changed:
+        raise SystemExit(f"{path}: saved by a run with other settings: {', '.join(changed)}; resume with the same command, or give another --out")
+    return ckpt
+
+
+def trim_log(file, step):
+    """--resume: the steps logged after the checkpoint's are done again; drop their lines, and the
+    evaluation's of a finished run. The task-specific pre-training's line stays."""
+    if not os.path.exists(file):
+        return
+    with open(file) as f:
+        lines = [(line, json.loads(line)) for line in f if line.strip()]
+    with open(file, "w") as f:
+        f.writelines(line for line, r in lines if r.get("phase") == "task_pretrain" or r.get("step", step + 1) <= step)
 
 
 def make_optimizer(modules, args, steps, device):
@@ -752,15 +844,32 @@ def main(argv=None):
         folder, stores = TOY[args.task]
         args.data, args.features = os.path.join(root, "tasks", folder), [os.path.join(root, "features", s) for s in stores]
         toy_vocab = os.path.join(root, "vocab.txt")
+    ckpt_path = os.path.join(args.out, "ckpt.pt")
+    resume = load_resume(ckpt_path, args) if args.resume else None
     try:
         images = data.Images(args.features)
-        model, vocab = build_model(args, images, toy_vocab)
+        model, vocab = build_model(args, images, toy_vocab, resume)
         task = TASKS[args.task](args, vocab, images, args.data)
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise SystemExit(str(e).strip('"')) from None
     task.device = device
     head = task.make_head(model)
+    if resume is not None:
+        load_weights(head, resume["head"], ckpt_path)
     model.to(device), head.to(device)
+    steps_per_epoch = max(1, len(task.train) // args.batch_size)
+    steps = max(1, round(args.epochs * steps_per_epoch))
+    optimizer, lr_at, scaler = make_optimizer([model, head], args, steps, device)
+    gen = torch.Generator().manual_seed(args.seed)  # the task's own draws (retrieval's negatives)
+    start, losses = 0, []
+    if resume is not None:  # the state after step `start`: weights, optimiser, random states, the log's open window
+        optimizer.load_state_dict(resume["optimizer"])
+        if scaler and resume["scaler"]:
+            scaler.load_state_dict(resume["scaler"])
+        start, losses = resume["step"], resume["losses"]
+        torch.set_rng_state(resume["rng"]["torch"])
+        np.random.set_state(resume["rng"]["numpy"])
+        gen.set_state(resume["gen"])
 
     with open(os.path.join(args.out, "args.json"), "w") as f:
         json.dump({"argv": sys.argv, "args": vars(args), "torch": torch.__version__, "python": platform.python_version()}, f, indent=1)
@@ -769,29 +878,33 @@ def main(argv=None):
           f"{model.cfg.layers} layers, hidden {model.cfg.hidden}")
     print(f"device: {device}, dtype: {args.dtype} ({why})")
     print("data: " + ", ".join(f"{s} {len(x)}" for s, x in task.splits.items()) + f" {task.unit}; {len(images.where)} images in {len(images.stores)} stores")
-    for line in task.info:
+    for line in task.info + ["warning: " + s_ for s_ in task.skipped.lines()] + task.notes:
         print(line)
+    print(f"{steps_per_epoch} steps per epoch, {steps} steps, batch {args.batch_size}, lr {args.lr:g}")
 
-    log = open(os.path.join(args.out, "log.jsonl"), "w")
-    if args.task_pretrain_epochs:
+    log_file = os.path.join(args.out, "log.jsonl")
+    if resume is not None:
+        trim_log(log_file, start)
+        print(f"resuming from {ckpt_path} at step {start}")
+    log = open(log_file, "a" if resume is not None else "w")
+    # NLVR2's task-specific pre-training runs before the first checkpoint, which holds its result: a
+    # resumed run skips it; a run killed during it has no checkpoint of its own and starts over
+    if args.task_pretrain_epochs and resume is None:
         log.write(json.dumps({"phase": "task_pretrain", **task.task_pretrain(model, args, ctx)}) + "\n")
 
-    steps_per_epoch = max(1, len(task.train) // args.batch_size)
-    steps = max(1, round(args.epochs * steps_per_epoch))
-    optimizer, lr_at, scaler = make_optimizer([model, head], args, steps, device)
-    print(f"{steps_per_epoch} steps per epoch, {steps} steps, batch {args.batch_size}, lr {args.lr:g}")
-    gen = torch.Generator().manual_seed(args.seed)
     model.train(), head.train()
-    t0, seen, losses = time.time(), 0, []
-    for step in range(steps):
+    t0, seen, saved = time.time(), 0, start
+    for step in range(start, steps):
         epoch, i = divmod(step, steps_per_epoch)
-        if i == 0:  # a new shuffle each epoch; the last partial batch is dropped
+        if i == 0 or step == start:  # a new shuffle each epoch; the last partial batch is dropped
             order = np.random.default_rng([args.seed, epoch]).permutation(len(task.train))
         items = [task.train[j] for j in order[i * args.batch_size:(i + 1) * args.batch_size]]
         with ctx:
             loss = task.loss(model, head, items, gen)
-        if not torch.isfinite(loss):
-            raise SystemExit(f"step {step}: non-finite loss {loss.item()}; try a lower --lr")
+        if not torch.isfinite(loss) and scaler is None:  # under fp16 the scaler skips the step and lowers its scale
+            raise SystemExit(f"step {step + 1}: non-finite loss {loss.item()}; stopping, "
+                             + (f"the last good checkpoint is {ckpt_path} (step {saved})" if saved else "no checkpoint was saved yet")
+                             + "; try a lower --lr")
         norm = optimizer_step(loss, optimizer, scaler, lr_at(step), [model, head], args.clip)
         losses.append(loss.item())
         seen += len(items)
@@ -807,21 +920,29 @@ def main(argv=None):
                   f"norm {record['grad_norm']:.2f} | {dt * 1000:.0f} ms/step | {seen / (time.time() - t0):.0f} samples/s | "
                   f"ETA {dt * (steps - step - 1) / 60:.1f} min", flush=True)
             t0, seen, losses = time.time(), 0, []
+        if (step + 1) % args.save_every == 0 or step + 1 == steps:
+            save_checkpoint(ckpt_path, model, optimizer, scaler, step + 1, args, vocab, images.class_names,
+                            head=head.state_dict(), gen=gen.get_state(), losses=losses)
+            saved = step + 1
 
     # evaluation: every split the data has, each beside the baseline
     results = {"task": args.task, **evaluate(task, model, head, ctx)}
+    if task.skipped.files:
+        results["skipped"] = {file: n for file, (n, _) in task.skipped.files.items()}
     baseline = {"task": args.task, "baseline": task.baseline_name, **{s: task.baseline(s) for s in task.eval_splits}}
     for name, obj in (("results.json", results), ("baseline.json", baseline)):
         with open(os.path.join(args.out, name), "w") as f:
             json.dump(obj, f, indent=1)
     log.write(json.dumps({"phase": "eval", "results": results, "baseline": baseline}) + "\n")
     log.close()
+    for line in ["warning: " + s_ for s_ in task.skipped.lines()] + task.notes:  # said again at the end, where it is seen
+        print(line)
     print(f"\n{args.task}: result vs baseline ({task.baseline_name}), {(time.time() - t_start) / 60:.1f} min in all")
     print(f"{'split':<8} {'metric':<12} {'result':>8} {'baseline':>9}")
     for s in task.eval_splits:
         for k, v_ in results[s].items():
             print(f"{s:<8} {k:<12} {v_:8.3f} {baseline[s][k]:9.3f}")
-    print(f"results: {os.path.join(args.out, 'results.json')}")
+    print(f"results: {os.path.join(args.out, 'results.json')}, fine-tuned model: {ckpt_path}")
     return results
 
 

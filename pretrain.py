@@ -152,10 +152,11 @@ def to_device(batch, device):
 # checkpoints
 
 
-def save_checkpoint(path, model, optimizer, scaler, step, args, vocab, class_names):
+def save_checkpoint(path, model, optimizer, scaler, step, args, vocab, class_names, **extra):
+    """Everything to resume, written atomically; `extra` adds entries (finetune.py: its head, its generator)."""
     ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
             "step": step, "config": model.cfg.to_dict(), "vocab": vocab.tokens, "class_names": class_names,
-            "args": vars(args), "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()}}
+            "args": vars(args), "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()}, **extra}
     tmp = path + ".tmp"
     torch.save(ckpt, tmp)
     os.replace(tmp, path)  # atomic: a kill mid-save leaves the previous checkpoint whole

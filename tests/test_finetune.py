@@ -139,16 +139,26 @@ def test_vqa_loader(tmp_path, store):
     q, a = vqa_files(tmp_path, [{"image_id": 42, "question": "how many cats?", "question_id": 1},
                                 {"image_id": 7, "question": "how many dogs?", "question_id": 2}],
                      [annotation(1, 42, ["2"] * 10), annotation(2, 7, ["1"] * 10)])
-    items = ft.load_vqa(q, a, store)
+    skipped = ft.Skipped()
+    items = ft.load_vqa(q, a, store, skipped)
     assert [x["image"] for x in items] == ["COCO_val2014_000000000042", "7"]  # the file stem, then the number
     assert items[0]["answers"] == ["2"] * 10 and items[0]["qtype"] == "how many" and items[0]["mc"] == "2"
+    assert skipped.files == {}
 
 
-def test_vqa_loader_rejects_a_question_without_features(tmp_path, store):
-    q, a = vqa_files(tmp_path, [{"image_id": 42, "question": "?", "question_id": 1}, {"image_id": 99, "question": "?", "question_id": 2}],
-                     [annotation(1, 42, ["2"] * 10), annotation(2, 99, ["1"] * 10)])
-    with pytest.raises(ValueError, match=r"questions.json: record 1 \(question_id 2\): its image has no features .*'COCO_train2014_000000000099'"):
-        ft.load_vqa(q, a, store)
+def test_vqa_loader_skips_a_question_without_features(tmp_path, store):
+    q, a = vqa_files(tmp_path, [{"image_id": 42, "question": "?", "question_id": 1}, {"image_id": 99, "question": "?", "question_id": 2},
+                                {"image_id": 98, "question": "?", "question_id": 3}],
+                     [annotation(1, 42, ["2"] * 10), annotation(2, 99, ["1"] * 10), annotation(3, 98, ["1"] * 10)])
+    skipped = ft.Skipped()
+    assert [x["qid"] for x in ft.load_vqa(q, a, store, skipped)] == [1]  # the question with features stays
+    [line] = skipped.lines()
+    assert line.startswith(f"skipped 2 records of {q}: first: record 1 (question_id 2): its image has no features in {tmp_path / 'store'}")
+    assert "'99', 'COCO_train2014_000000000099'" in line  # what was looked for
+    # a split with no usable question left is fatal: the task files and the stores do not fit
+    q, a = vqa_files(tmp_path, [{"image_id": 99, "question": "?", "question_id": 2}], [annotation(2, 99, ["1"] * 10)])
+    with pytest.raises(ValueError, match=r"questions.json: no usable question; all 1 skipped, first: record 0 \(question_id 2\): its image has no"):
+        ft.load_vqa(q, a, store, ft.Skipped())
 
 
 def test_vqa_loader_rejects_missing_fields(tmp_path, store):
@@ -156,13 +166,13 @@ def test_vqa_loader_rejects_missing_fields(tmp_path, store):
     del bad["answers"]
     q, a = vqa_files(tmp_path, [{"image_id": 42, "question": "?", "question_id": 1}], [bad])
     with pytest.raises(ValueError, match=r"annotations.json: record 0 \(question_id 1\) has no field 'answers'"):
-        ft.load_vqa(q, a, store)
-    q, a = vqa_files(tmp_path, [{"image_id": 42, "question_id": 1}], [annotation(1, 42, ["2"] * 10)])
+        ft.load_vqa(q, a, store, ft.Skipped())
+    q, a = vqa_files(tmp_path, [{"image_id": 99, "question_id": 1}], [annotation(1, 99, ["2"] * 10)])  # malformed beats unseen image
     with pytest.raises(ValueError, match=r"questions.json: record 0 \(question_id 1\) has no field 'question'"):
-        ft.load_vqa(q, a, store)
+        ft.load_vqa(q, a, store, ft.Skipped())
     q, a = vqa_files(tmp_path, [{"image_id": 42, "question": "?", "question_id": 5}], [annotation(1, 42, ["2"] * 10)])
     with pytest.raises(ValueError, match=r"questions.json: record 0 \(question_id 5\): .*annotations.json has no annotation"):
-        ft.load_vqa(q, a, store)
+        ft.load_vqa(q, a, store, ft.Skipped())
 
 
 def write_lines(path, records):
@@ -174,7 +184,7 @@ def write_lines(path, records):
 def test_nlvr2_loader(tmp_path, store):
     f = write_lines(tmp_path / "dev.json", [{"identifier": "dev-1-0-3", "sentence": "two cats .", "label": "True"},
                                             {"identifier": "dev-1-0-4", "sentence": "no dog .", "label": "False"}])
-    items = ft.load_nlvr2(f, store)
+    items = ft.load_nlvr2(f, store, ft.Skipped())
     assert items[0]["images"] == ("dev-1-0-img0", "dev-1-0-img1") and [x["label"] for x in items] == [1, 0]
     assert items[0]["sentence"] == "dev-1-3"  # the identifier without its pair index
 
@@ -182,13 +192,24 @@ def test_nlvr2_loader(tmp_path, store):
 @pytest.mark.parametrize("record, message", [
     ({"identifier": "dev-1-0-3", "label": "True"}, r"dev.json: line 2 \(dev-1-0-3\) has no field 'sentence'"),
     ({"identifier": "dev-1-0-3", "sentence": "x", "label": "maybe"}, r"dev.json: line 2 \(dev-1-0-3\): label 'maybe'"),
-    ({"identifier": "dev-2-0-3", "sentence": "x", "label": "True"}, r"dev.json: line 2 \(dev-2-0-3\): its image has no features .*'dev-2-0-img0'"),
     ({"identifier": "dev-1-3", "sentence": "x", "label": "True"}, r"dev.json: line 2 \(dev-1-3\): the identifier is not split-set-pair-sentence"),
 ])
 def test_nlvr2_loader_rejects_bad_records(tmp_path, store, record, message):
     f = write_lines(tmp_path / "dev.json", [{"identifier": "dev-1-0-0", "sentence": "x", "label": "True"}, record])
     with pytest.raises(ValueError, match=message):
-        ft.load_nlvr2(f, store)
+        ft.load_nlvr2(f, store, ft.Skipped())
+
+
+def test_nlvr2_loader_skips_a_pair_without_features(tmp_path, store):
+    f = write_lines(tmp_path / "dev.json", [{"identifier": "dev-2-0-3", "sentence": "x", "label": "True"},  # neither image is stored
+                                            {"identifier": "dev-1-0-0", "sentence": "x", "label": "True"}])
+    skipped = ft.Skipped()
+    assert [x["id"] for x in ft.load_nlvr2(f, store, skipped)] == ["dev-1-0-0"]
+    assert skipped.lines() == [f"skipped 1 records of {f}: first: line 1 (dev-2-0-3): its image has no features in "
+                               f"{tmp_path / 'store'} (looked for 'dev-2-0-img0')"]  # one record, counted once
+    f = write_lines(tmp_path / "dev.json", [{"identifier": "dev-2-0-3", "sentence": "x", "label": "True"}])
+    with pytest.raises(ValueError, match=r"dev.json: no usable example; all 1 skipped, first: line 1 \(dev-2-0-3\)"):
+        ft.load_nlvr2(f, store, ft.Skipped())
 
 
 def karpathy(split="test", filename="1000092795.jpg", sentences=True):
@@ -199,34 +220,43 @@ def karpathy(split="test", filename="1000092795.jpg", sentences=True):
 
 
 def test_karpathy_loader(tmp_path, store):
-    splits = ft.load_karpathy(write(tmp_path / "dataset_flickr30k.json", karpathy()), store)
+    splits = ft.load_karpathy(write(tmp_path / "dataset_flickr30k.json", karpathy()), store, ft.Skipped())
     assert splits == {"test": [{"image": "1000092795", "captions": ["a cat .", "a dog"]}]}
-    splits = ft.load_karpathy(write(tmp_path / "d.json", karpathy(split="restval")), store)
+    splits = ft.load_karpathy(write(tmp_path / "d.json", karpathy(split="restval")), store, ft.Skipped())
     assert list(splits) == ["train"]  # restval is training data
+
+
+def test_karpathy_loader_skips_an_image_without_features(tmp_path, store):
+    f = write(tmp_path / "dataset_flickr30k.json", {"images": karpathy(filename="5.jpg")["images"] + karpathy()["images"]})
+    skipped = ft.Skipped()
+    assert [im["image"] for im in ft.load_karpathy(f, store, skipped)["test"]] == ["1000092795"]
+    assert skipped.files == {f: [1, f"image record 0 (5.jpg): its image has no features in {tmp_path / 'store'} (looked for '5')"]}
 
 
 @pytest.mark.parametrize("kw, message", [
     (dict(split="training"), r"dataset_flickr30k.json: image record 0 \(1000092795.jpg\): unknown split 'training'"),
     (dict(sentences=False), r"dataset_flickr30k.json: image record 0 \(1000092795.jpg\) has no field 'sentences'"),
-    (dict(filename="5.jpg"), r"dataset_flickr30k.json: image record 0 \(5.jpg\): its image has no features"),
+    (dict(filename="5.jpg"), r"dataset_flickr30k.json: no usable image of split 'test'; all 1 skipped, first: image record 0 \(5.jpg\): "
+                             r"its image has no features"),  # a split left empty
 ])
 def test_karpathy_loader_rejects_bad_records(tmp_path, store, kw, message):
     with pytest.raises(ValueError, match=message):
-        ft.load_karpathy(write(tmp_path / "dataset_flickr30k.json", karpathy(**kw)), store)
+        ft.load_karpathy(write(tmp_path / "dataset_flickr30k.json", karpathy(**kw)), store, ft.Skipped())
 
 
-def refcoco_files(tmp_path, **changes):
+def refcoco_files(tmp_path, *more, **changes):
+    """refs(unc).p with one ref (changed as asked), then `more`; image 43 is in COCO, not in the store."""
     ref = {"ref_id": 0, "ann_id": 5, "image_id": 42, "split": "val", "sentences": [{"sent": "the cat"}, {"sent": "left cat"}], **changes}
     ref = {k: v for k, v in ref.items() if v is not None}
     with open(tmp_path / "refs(unc).p", "wb") as f:
-        pickle.dump([ref], f)
-    write(tmp_path / "instances.json", {"images": [{"id": 42, "width": 100, "height": 50}],
+        pickle.dump([ref, *more], f)
+    write(tmp_path / "instances.json", {"images": [{"id": 42, "width": 100, "height": 50}, {"id": 43, "width": 100, "height": 50}],
                                         "annotations": [{"id": 5, "image_id": 42, "bbox": [0, 0, 50, 25]}]})
     return str(tmp_path / "refs(unc).p"), str(tmp_path / "instances.json")
 
 
 def test_refcoco_loader(tmp_path, store):
-    splits = ft.load_refcoco(*refcoco_files(tmp_path), store)
+    splits = ft.load_refcoco(*refcoco_files(tmp_path), store, ft.Skipped())
     assert [x["text"] for x in splits["val"]] == ["the cat", "left cat"]  # one example per sentence
     x = splits["val"][0]
     assert x["image"] == "COCO_val2014_000000000042" and x["gold"] == [0, 0, 50, 25] and x["size"] == (100, 50)
@@ -236,10 +266,19 @@ def test_refcoco_loader(tmp_path, store):
     (dict(split="testD"), r"refs\(unc\).p: record 0 \(ref_id 0\): unknown split 'testD'"),
     (dict(sentences=None), r"refs\(unc\).p: record 0 \(ref_id 0\) has no field 'sentences'"),
     (dict(ann_id=6), r"refs\(unc\).p: record 0 \(ref_id 0\): annotation 6 is not in .*instances.json"),
+    (dict(image_id=43), r"refs\(unc\).p: no usable expression of split 'val'; all 1 skipped, first: record 0 \(ref_id 0\): its image has no"),
 ])
 def test_refcoco_loader_rejects_bad_records(tmp_path, store, changes, message):
     with pytest.raises(ValueError, match=message):
-        ft.load_refcoco(*refcoco_files(tmp_path, **changes), store)
+        ft.load_refcoco(*refcoco_files(tmp_path, **changes), store, ft.Skipped())
+
+
+def test_refcoco_loader_skips_a_ref_without_features(tmp_path, store):
+    unseen = {"ref_id": 1, "ann_id": 5, "image_id": 43, "split": "val", "sentences": [{"sent": "a dog"}]}
+    refs, instances = refcoco_files(tmp_path, unseen)
+    skipped = ft.Skipped()
+    assert [x["ref_id"] for x in ft.load_refcoco(refs, instances, store, skipped)["val"]] == [0, 0]  # ref 0's two sentences
+    assert skipped.files[refs][0] == 1 and skipped.files[refs][1].startswith("record 1 (ref_id 1): its image has no features")
 
 
 # -----------------------------------------------------------------------------
@@ -398,3 +437,64 @@ def test_real_data_flags(toy, tmp_path):
     with pytest.raises(SystemExit, match="no features"):  # a store without the task's images
         run(toy, tmp_path, "retrieval", "--data", os.path.join(toy, "tasks", "flickr30k"),
             "--features", os.path.join(toy, "features", "refcoco"), "--init-from", save_ckpt(tmp_path / "ckpt.pt", toy))
+
+
+# -----------------------------------------------------------------------------
+# bad input in a whole run: what is skipped is said at the start and the end; what is fatal stops
+# the run before it trains
+
+
+def test_a_record_without_features_is_skipped_and_reported(toy, tmp_path, capsys):
+    with open(os.path.join(toy, "tasks", "flickr30k", "dataset_flickr30k.json")) as f:
+        split_file = json.load(f)
+    split_file["images"] += [{"filename": f"nowhere{k}.jpg", "split": s, "sentences": [{"raw": "a cat ."}]} for k, s in enumerate(["train", "test"])]
+    file = write(tmp_path / "dataset_flickr30k.json", split_file)
+    results = run(toy, tmp_path / "out", "retrieval", "--data", str(tmp_path), "--features", os.path.join(toy, "features", "flickr30k"),
+                  "--init-from", save_ckpt(tmp_path / "ckpt.pt", toy))
+    assert results["skipped"] == {file: 2}
+    with open(tmp_path / "out" / "results.json") as f:
+        assert json.load(f)["skipped"] == {file: 2}
+    out = capsys.readouterr().out
+    line = f"warning: skipped 2 records of {file}: first: image record {len(split_file['images']) - 2} (nowhere0.jpg): its image has no features"
+    assert out.count(line) == 2  # at the start and at the end
+    assert out.index(line) < out.index("steps per epoch") and out.rindex(line) > out.rindex("ms/step")  # before training, after it
+
+
+def test_vqa_answers_outside_the_answer_set_stay_and_are_reported(toy, tmp_path, capsys):
+    task, _, _ = make_task(toy, "vqa", "--min-answer-count", "10")
+    annotations = data.read_json(os.path.join(toy, "tasks", "vqa", "v2_mscoco_val2014_annotations.json"))["annotations"]
+    outside = {a["question_id"] for a in annotations if not {ft.normalize_answer(x["answer"]) for x in a["answers"]} & set(task.answers)}
+    val = task.splits["val"]
+    assert outside and len(val) == len(annotations)  # every question stays, the official evaluation counts it...
+    assert {x["qid"] for x in val if not x["target"]} == outside  # ...with an empty training target
+    run(toy, tmp_path, "vqa", "--min-answer-count", "10", "--epochs", "0.1")
+    out = capsys.readouterr().out
+    assert out.count("outside the answer set (kept, with an empty training target): train ") == 2  # at the start and the end
+    assert f", val {len(outside)}/{len(val)}" in out
+
+
+def test_resume_and_init_from_refuse_a_checkpoint_that_does_not_fit(toy, tmp_path):
+    run(toy, tmp_path, "vqa", "--epochs", "0.1")  # a finished run of the tiny model: OUT/ckpt.pt
+    with open(tmp_path / "log.jsonl") as f:
+        before = f.read()
+    with pytest.raises(SystemExit, match=r"ckpt.pt: saved by a run with other settings: --model 'tiny' \(now 'small'\); resume with the same"):
+        run(toy, tmp_path, "vqa", "--epochs", "0.1", "--model", "small", "--resume")
+    with open(tmp_path / "log.jsonl") as f:
+        assert f.read() == before  # refused before any work
+    os.makedirs(tmp_path / "pre")
+    save_ckpt(tmp_path / "pre" / "ckpt.pt", toy)  # pretrain.py's: no head
+    with pytest.raises(SystemExit, match=r"pre/ckpt.pt: not a checkpoint of finetune.py \(no head inside\)"):
+        run(toy, tmp_path / "pre", "vqa", "--resume")
+    with pytest.raises(SystemExit, match=r"empty/ckpt.pt: checkpoint not found"):
+        run(toy, tmp_path / "empty", "vqa", "--resume")
+    torch.save({"state_dict": {}}, tmp_path / "other.pt")
+    with pytest.raises(SystemExit, match=r"other.pt: not a checkpoint of pretrain.py or finetune.py"):
+        run(toy, tmp_path, "vqa", "--init-from", str(tmp_path / "other.pt"))
+    (tmp_path / "notes.txt").write_text("not a checkpoint\n")
+    with pytest.raises(SystemExit, match=r"notes.txt: not a readable checkpoint"):
+        run(toy, tmp_path, "vqa", "--init-from", str(tmp_path / "notes.txt"))
+    wrong = torch.load(save_ckpt(tmp_path / "wrong.pt", toy), weights_only=False)
+    wrong["config"]["hidden"] = 64  # weights of a hidden size of 32 under a config of 64
+    torch.save(wrong, tmp_path / "wrong.pt")
+    with pytest.raises(SystemExit, match=r"wrong.pt: its weights do not fit the model \(Error\(s\) in loading state_dict"):
+        run(toy, tmp_path, "vqa", "--init-from", str(tmp_path / "wrong.pt"))

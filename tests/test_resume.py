@@ -1,4 +1,5 @@
-"""Nothing lost: exact resume, checkpoints that survive kill -9, a clear stop on a non-finite loss."""
+"""Nothing lost: exact resume, checkpoints that survive kill -9, a clear stop on a non-finite loss;
+pretrain.py first, then finetune.py."""
 
 import json
 import os
@@ -13,6 +14,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import data  # noqa: E402
+import finetune  # noqa: E402
 import pretrain  # noqa: E402
 
 
@@ -110,3 +112,76 @@ def test_fp16_scaler_skips_a_non_finite_step(toy, tmp_path, monkeypatch):
     pretrain.main(args(toy, tmp_path, "--dtype", "fp16", "--max-steps", "6"))
     assert all(torch.equal(seen["before"][k], seen["after"][k]) for k in seen["before"])  # step 3 skipped
     assert [r["step"] for r in log(tmp_path)] == list(range(1, 7))  # and the run went on
+
+
+# -----------------------------------------------------------------------------
+# finetune.py: the same guarantees
+
+
+def ft_args(toy, out, task, *extra):
+    # more than an epoch (a reshuffle after the resume), a checkpoint (step 8) inside a logging window (steps 7-9)
+    return ["--task", task, "--toy-root", toy, "--out", str(out), "--batch-size", "8", "--epochs", "1.2", "--log-every", "3",
+            "--save-every", "4", "--min-answer-count", "1", *extra]
+
+
+@pytest.mark.parametrize("task", ["vqa", "retrieval"])  # retrieval draws its negatives from the task's generator
+def test_killed_and_resumed_finetune_logs_what_an_uninterrupted_one_does(toy, tmp_path, monkeypatch, task):
+    finetune.main(ft_args(toy, tmp_path / "whole", task))
+    calls = {"n": 0}
+    real = finetune.optimizer_step
+
+    def dies_at_step_11(*a):  # called once per step
+        calls["n"] += 1
+        if calls["n"] == 11:
+            raise KeyboardInterrupt("killed")
+        return real(*a)
+
+    monkeypatch.setattr(finetune, "optimizer_step", dies_at_step_11)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.main(ft_args(toy, tmp_path / "split", task))
+    monkeypatch.setattr(finetune, "optimizer_step", real)
+    assert [r["step"] for r in log(tmp_path / "split")] == [3, 6, 9]  # step 9 was logged after the checkpoint at step 8
+    finetune.main(ft_args(toy, tmp_path / "split", task, "--resume"))
+    whole, split = log(tmp_path / "whole"), log(tmp_path / "split")
+    steps = [r["step"] for r in whole if "step" in r]
+    assert steps[-1] > 18 and whole[-1]["phase"] == "eval"
+    assert whole == split  # same batches, dropout, negatives and updates: identical losses and results
+    finetune.main(ft_args(toy, tmp_path / "split", task, "--resume"))  # a finished run: evaluated again, logged once
+    assert log(tmp_path / "split") == whole
+
+
+def test_finetune_non_finite_loss_stops_with_one_clear_line(toy, tmp_path, monkeypatch):
+    real = finetune.VQA.loss
+    calls = {"n": 0}
+
+    def nan_at_step_5(self, *a):
+        calls["n"] += 1
+        loss = real(self, *a)
+        return loss * float("nan") if calls["n"] == 5 else loss
+
+    monkeypatch.setattr(finetune.VQA, "loss", nan_at_step_5)
+    with pytest.raises(SystemExit, match=r"^step 5: non-finite loss nan; stopping, the last good checkpoint is .*ckpt.pt \(step 4\); try a lower --lr$"):
+        finetune.main(ft_args(toy, tmp_path, "vqa", "--save-every", "2", "--log-every", "1"))
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["step"] == 4
+    assert [r["step"] for r in log(tmp_path)] == [1, 2, 3, 4]
+    calls["n"] = 0
+    with pytest.raises(SystemExit, match=r"^step 5: non-finite loss nan; stopping, no checkpoint was saved yet"):
+        finetune.main(ft_args(toy, tmp_path / "early", "vqa", "--save-every", "10"))
+
+
+def test_finetune_fp16_scaler_skips_a_non_finite_step(toy, tmp_path, monkeypatch):
+    real = finetune.VQA.loss
+    calls, before = {"n": 0}, {}
+
+    def inf_at_step_3(self, model, head, items, gen):
+        calls["n"] += 1
+        before[calls["n"]] = [t.detach().clone() for t in [*model.parameters(), *head.parameters()]]
+        loss = real(self, model, head, items, gen)
+        return loss * float("inf") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(finetune.VQA, "loss", inf_at_step_3)
+    finetune.main(ft_args(toy, tmp_path, "vqa", "--dtype", "fp16", "--epochs", "0.25", "--log-every", "1"))
+    assert all(torch.equal(a, b) for a, b in zip(before[3], before[4]))  # step 3 skipped
+    assert not all(torch.equal(a, b) for a, b in zip(before[4], before[5]))  # step 4 not
+    steps = [r["step"] for r in log(tmp_path) if "step" in r]
+    assert steps == list(range(1, calls["n"] + 1)) and len(steps) >= 5  # and the run went on

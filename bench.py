@@ -4,10 +4,11 @@ Benchmark one pre-training step at the paper's shapes, and the data pipeline tha
     python bench.py --device cpu --batch-size 16 --text-len 32 --regions 36 --steps 6
     python bench.py --device cuda --dtype bf16 --compile --batch-size 144      # on a GPU: prints MFU
     python bench.py --compare-hf ...   # also time transformers' VisualBertForPreTraining, side by side
+    python bench.py --steps 0 --batch-size 144 --workers 8                    # the data loader alone
 
 BERT-base dimensions, 2048-d region features, one tag piece per region, an aligned batch (text +
 tags + regions), forward + backward + optimiser step, warm-up steps left out. Tokens are
-batch x (text + tags + regions). The last line is exactly `tokens/s: N`.
+batch x (text + tags + regions). The last line is exactly `tokens/s: N` (unless --steps 0).
 """
 
 import argparse
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 import data
-from model import PRESETS, Config, VisualBERT, peak_flops, train_flops
+from model import PEAK_FLOPS, PRESETS, Config, VisualBERT, peak_flops, train_flops
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -30,7 +31,7 @@ p.add_argument("--batch-size", type=int, default=16)
 p.add_argument("--text-len", type=int, default=32)
 p.add_argument("--regions", type=int, default=36)
 p.add_argument("--feat-dim", type=int, default=2048)
-p.add_argument("--steps", type=int, default=6, help="timed steps")
+p.add_argument("--steps", type=int, default=6, help="timed steps (0: time the data loader alone)")
 p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
 p.add_argument("--compare-hf", action="store_true", help="time transformers' VisualBertForPreTraining too (eager, its defaults)")
 p.add_argument("--loader-images", type=int, default=256, help="images in the temporary feature store for the loader benchmark (0: skip)")
@@ -115,7 +116,8 @@ def bench_hf(args, device, batch, cfg):
 
 
 def bench_loader(args, cfg):
-    """Samples/s that the DataLoader delivers: aligned batches read from a feature store on disk."""
+    """Samples/s that data.batches delivers with `--workers` processes: aligned batches read from a
+    feature store on disk (small enough to sit in the page cache)."""
     with tempfile.TemporaryDirectory() as tmp:
         r = np.random.default_rng(0)
         w = data.FeatureWriter(os.path.join(tmp, "store"), args.feat_dim, [f"class{i}" for i in range(cfg.num_labels)], shard_size=128)
@@ -132,9 +134,8 @@ def bench_loader(args, cfg):
         images = data.Images([os.path.join(tmp, "store")])
         corpus = data.Corpus("pairs", "pair", vocab, (captions, captions.image_ids), images)
         ds = data.PretrainData([corpus], args.batch_size, seed=0)
-        n = max(4, 2 * args.loader_images // args.batch_size)
-        loader = torch.utils.data.DataLoader(ds, batch_size=None, sampler=range(n), num_workers=args.workers)
-        it = iter(loader)
+        n = max(16, 8 * args.loader_images // args.batch_size)
+        it = data.batches(ds, range(n), args.workers, pin_memory=torch.device(args.device).type == "cuda")  # as pretrain.py
         next(it)  # workers started
         t0 = time.perf_counter()
         count = sum(next(it)[1]["input_ids"].shape[0] for _ in range(n - 1))
@@ -157,8 +158,10 @@ def main(argv=None):
     if args.loader_images:
         loader_rate = bench_loader(args, cfg)
         print(f"loader: {loader_rate:.0f} samples/s from a feature store ({args.workers} workers, {args.regions} x {args.feat_dim} features)")
-        h100 = 0.45 * 989e12 / train_flops(cfg, 1, T + 2 * K)  # samples/s an H100 eats at the 45% MFU target, bf16
-        print(f"loader: an H100 at 45% MFU consumes about {h100:.0f} samples/s at these shapes, the loader gives {loader_rate / h100:.1f}x that")
+        h100 = 0.45 * PEAK_FLOPS["H100"][0] / (flops / B)  # samples/s an H100 trains on at the 45% MFU target, bf16
+        print(f"loader: an H100 at 45% MFU consumes about {h100:.0f} samples/s at these shapes; this loader gives {loader_rate / h100:.2f}x that")
+    if args.steps == 0:
+        return
     if args.compare_hf:
         dt_hf = bench_hf(args, device, batch, cfg)
         print(f"transformers VisualBertForPreTraining (eager, fp32): {dt_hf * 1000:.0f} ms/step, {tokens / dt_hf:.0f} tokens/s")

@@ -7,12 +7,13 @@ Sections, in order:
   2. text: a WordPiece tokenizer and corpora pre-tokenised into memory-mapped arrays
   3. the toy world: scenes, a simulated detector, captions, general text, downstream tasks
   4. masking (SPEC 2)
-  5. batches and the proportional sampler (SPEC 4)
+  5. batches, the proportional sampler (SPEC 4), the worker processes that build them
 """
 
 import glob
 import hashlib
 import json
+import mmap
 import os
 
 import numpy as np
@@ -1030,6 +1031,74 @@ class PretrainData(torch.utils.data.Dataset):
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         corpus = self.corpora[d]
         return corpus.name, corpus.batch(idx, gen)
+
+
+# DataLoader workers. A worker hands a batch to the main process tensor by tensor, each in new shared
+# memory: allocating and first touching it costs more than building the batch (README, "speed").
+# So batches travel through a ring of buffers shared with the workers, allocated once: a worker
+# copies batch `step` into slot step % slots, the main process copies it out, and only the layout
+# travels through the queue.
+
+SLOT_BYTES = 256 << 20  # room for one batch; the pages are taken only as far as a batch fills them
+
+
+def pack(batch, out=None):
+    """A batch (name -> tensor) -> (buffer, layout): its tensors copied one after another into
+    `out`, or where they do not fit, into a new buffer in shared memory."""
+    layout, size = [], 0
+    for k, v in batch.items():
+        n = v.numel() * v.element_size()
+        layout.append((k, v.dtype, tuple(v.shape), size, n))
+        size += -(-n // 8) * 8  # 8-byte aligned: any dtype can view its part
+    if out is None or size > len(out):
+        out = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(size))  # as DataLoader's collate does
+    for k, dtype, shape, at, n in layout:
+        out[at:at + n].view(dtype).view(shape).copy_(batch[k])
+    return out, layout
+
+
+def unpack(buf, layout):
+    """pack's inverse: views of the buffer, nothing copied."""
+    return {k: buf[at:at + n].view(dtype).view(shape) for k, dtype, shape, at, n in layout}
+
+
+class _ViaRing(torch.utils.data.Dataset):
+    """The dataset as the workers see it: batch `step` goes into slot step % slots of the ring."""
+
+    def __init__(self, dataset, slots):
+        self.dataset = dataset
+        shared = mmap.mmap(-1, slots * SLOT_BYTES)  # anonymous and shared: the forked workers write to the same pages
+        self.ring = torch.frombuffer(shared, dtype=torch.uint8).view(slots, SLOT_BYTES)
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, step):
+        name, batch = self.dataset[step]
+        slot = self.ring[step % len(self.ring)]
+        buf, layout = pack(batch, slot)
+        return name, step % len(self.ring) if buf is slot else buf, layout  # a slot number, or a batch too big for one
+
+
+def batches(dataset, steps, workers=0, pin_memory=False):
+    """(name, batch) for each step of `steps`, in order, built by `workers` processes (0: by this
+    one): the same batches whatever the number of workers. A batch stays valid after the next."""
+    seed = torch.Generator().manual_seed(0)  # the loader's own: drawing from the global one would shift dropout on resume
+    if workers == 0 or not hasattr(os, "fork"):  # without fork (Windows) the workers hand tensors over one by one
+        yield from torch.utils.data.DataLoader(dataset, batch_size=None, sampler=steps, num_workers=workers,
+                                               pin_memory=pin_memory, generator=seed)
+        return
+    # The loader asks a worker for batch i as it hands out batch i - 2 * workers (prefetch 2), before
+    # that one is copied out; with 2 * workers + 1 slots, batch i's slot last held batch
+    # i - 2 * workers - 1, copied out by then. (A test fails with one slot fewer.)
+    ring = _ViaRing(dataset, 2 * workers + 1)
+    loader = torch.utils.data.DataLoader(ring, batch_size=None, sampler=steps, num_workers=workers, prefetch_factor=2,
+                                         multiprocessing_context="fork", generator=seed)  # forked: they share the ring
+    for name, where, layout in loader:
+        src = ring.ring[where] if isinstance(where, int) else where
+        size = layout[-1][3] + layout[-1][4]
+        buf = torch.empty(size, dtype=torch.uint8, pin_memory=pin_memory).copy_(src[:size])
+        yield name, unpack(buf, layout)
 
 
 def draw_scene(root, image_id, out_png):

@@ -65,7 +65,7 @@ r.add_argument("--seed", type=int, default=0)
 r.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if there is one)")
 r.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="autocast dtype (auto: bf16 on a GPU that has it, else fp32)")
 r.add_argument("--compile", action="store_true", help="torch.compile the model (worth it on a GPU)")
-r.add_argument("--workers", type=int, default=None, help="DataLoader worker processes (default: 4 on a GPU, 0 on a CPU)")
+r.add_argument("--workers", type=int, default=None, help="processes building batches (default: on a GPU, this process's share of the cores less one, at most 8; 0 on a CPU)")
 r.add_argument("--log-every", type=int, default=50)
 r.add_argument("--save-every", type=int, default=1000)
 r.add_argument("--eval-batches", type=int, default=4, help="batches per held-out set")
@@ -351,11 +351,10 @@ def main(argv=None):
     if before:
         say("held-out before: " + ", ".join(f"{k} {v_:.3f}" for k, v_ in before.items()))
 
-    workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
-    # the loader's own generator: drawing its base seed from the global one would shift dropout on resume
-    loader = torch.utils.data.DataLoader(dataset, batch_size=None, sampler=range(step, args.max_steps), num_workers=workers,
-                                         pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                                         generator=torch.Generator().manual_seed(args.seed))
+    cores = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # torchrun: the processes of a machine share it
+    workers = args.workers if args.workers is not None else (max(1, min(8, cores - 1)) if device.type == "cuda" else 0)
+    loader = data.batches(dataset, range(step, args.max_steps), workers, pin_memory=device.type == "cuda")
+    say(f"batches built by {workers} worker process(es)" if workers else "batches built in this process (--workers 0)")
     log = open(os.path.join(args.out, "log.jsonl"), "a") if master else None
     peak = peak_flops(device, dtype)
     model.train()

@@ -235,3 +235,37 @@ def test_toy_detector_features_follow_classes_and_groups():
     feats = {c: np.mean([world.detect(world.scene(classes=[c, c]))["features"][0] for _ in range(30)], 0) for c in ["car", "truck", "dog"]}
     d = lambda a, b: np.linalg.norm(feats[a] - feats[b])
     assert d("car", "truck") < d("car", "dog") and d("car", "truck") < d("truck", "dog")
+
+
+@pytest.mark.parametrize("slot_bytes", [data.SLOT_BYTES, 1024])  # 1024: caption batches fit a slot, image batches do not
+def test_batches_through_workers_are_the_batches_built_here(tmp_path, monkeypatch, slot_bytes):
+    """data.batches with worker processes (each batch packed into a shared ring of buffers) gives
+    exactly dataset[step], step after step, for batches of every kind and size; each stays valid."""
+    monkeypatch.setattr(data, "SLOT_BYTES", slot_bytes)
+    write_store(str(tmp_path / "store"), n=9, K=3, D=8)
+    images = data.Images([str(tmp_path / "store")])
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(" ".join(WORDS[j % 12] for j in range(i, i + 3 + i % 5)) for i in range(30)) + "\n")
+    lines = data.TokenCorpus(str(text), VOCAB, "lines", str(tmp_path / "cache"))
+    corpora = [data.Corpus("images", "image", VOCAB, sorted(images.where), images),
+               data.Corpus("captions", "caption", VOCAB, lines)]
+    ds = data.PretrainData(corpora, 4, seed=1)
+    steps = range(3, 3 + 2 * ds.steps_per_epoch)
+    want = [ds[s] for s in steps]
+    for workers in (0, 2):
+        got = list(data.batches(ds, steps, workers))  # all held at once: a later batch must not overwrite an earlier one
+        assert [n for n, _ in got] == [n for n, _ in want]
+        assert {n for n, _ in got} == {"images", "captions"}
+        for (_, a), (_, b) in zip(got, want):
+            assert a.keys() == b.keys()
+            for k in a:
+                assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
+def test_bench_reports_the_loader_and_what_an_h100_consumes(capsys):
+    import bench
+    bench.main(["--device", "cpu", "--steps", "0", "--batch-size", "4", "--regions", "5", "--feat-dim", "16", "--loader-images", "12",
+                "--workers", "1"])
+    out = capsys.readouterr().out
+    assert "loader: " in out and " samples/s from a feature store (1 workers, 5 x 16 features)" in out
+    assert "an H100 at 45% MFU consumes about" in out and "tokens/s" not in out  # --steps 0: the loader alone

@@ -10,7 +10,10 @@ With no data flags a task uses the toy world's files (made by data.py on first u
 --features STORE... point it at the real benchmark files (SPEC 7) and a feature store made by
 extract_features.py. Every run writes OUT/results.json, OUT/baseline.json, OUT/log.jsonl,
 OUT/args.json and OUT/ckpt.pt (--resume goes on from it), and prints each split's result beside a
-trivial baseline.
+trivial baseline. Under torchrun the same command trains data-parallel (--batch-size stays the global
+batch), as pretrain.py does:
+
+    torchrun --standalone --nproc_per_node 8 finetune.py --task vqa --init-from out/pretrain/ckpt.pt
 
 The file reads from the top: settings, metrics (each against the official definition), loaders
 of the real file formats, the four tasks (each a small class: its data, head, loss, evaluation and
@@ -30,12 +33,13 @@ from collections import Counter
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 import data
 from model import PRESETS, Config, VisualBERT, config_from_hf, load_bert
-from pretrain import autocast, load_checkpoint, pick_dtype, save_checkpoint
+from pretrain import autocast, load_checkpoint, pick_dtype, save_checkpoint, setup_device, shard
 
 # -----------------------------------------------------------------------------
 # settings: every flag, in one place; `python finetune.py -h` is the manual
@@ -87,7 +91,7 @@ m.add_argument("--init-from", metavar="PATH", help="our checkpoint (ckpt.pt), a 
 m.add_argument("--model", default="tiny", choices=sorted(PRESETS), help="size preset when there is no --init-from")
 m.add_argument("--no-tags", action="store_true", help="regions only, no detector tags (the _NT rows)")
 m.add_argument("--epochs", type=float, metavar="E", help="epochs, may be fractional (toy: " + ", ".join(f"{t} {v['epochs']}" for t, v in DEFAULTS.items()) + ")")
-m.add_argument("--batch-size", type=int, metavar="B", help="examples per step (toy: 32)")
+m.add_argument("--batch-size", type=int, metavar="B", help="examples per step, the global batch: with N processes (torchrun) each takes 1/N of it (toy: 32)")
 m.add_argument("--lr", type=float, metavar="LR", help="peak learning rate (toy: " + ", ".join(f"{t} {v['lr']:g}" for t, v in DEFAULTS.items()) + ")")
 m.add_argument("--warmup", type=float, default=0.1, metavar="F", help="share of steps for linear warm-up, then linear decay to zero")
 m.add_argument("--weight-decay", type=float, default=0.01, metavar="W")
@@ -105,6 +109,7 @@ r.add_argument("--out", metavar="DIR", help="output folder (default out/finetune
 r.add_argument("--seed", type=int, default=0)
 r.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if there is one)")
 r.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="autocast dtype (auto: bf16 on a GPU that has it, else fp32)")
+r.add_argument("--compile", action="store_true", help="torch.compile the model for the training steps (worth it on a GPU)")
 r.add_argument("--log-every", type=int, default=50, metavar="STEPS")
 r.add_argument("--save-every", type=int, default=500, metavar="STEPS", help="write OUT/ckpt.pt every this many steps, and at the end")
 r.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt; the rest of the command must be the same")
@@ -383,7 +388,9 @@ def load_refcoco(refs_file, instances_file, images, skipped):
 
 
 # -----------------------------------------------------------------------------
-# the tasks: each has .splits, .train (examples), .eval_splits, and makes a head, a loss, metrics
+# the tasks: each has .splits, .train (examples), .eval_splits, and makes a head, a loss, metrics.
+# A training step is task.draw(items, gen) on the global batch, then task.loss(model, head, items)
+# on this process's share of it (all of it with one process): the mean over those items.
 
 INPUTS = ("input_ids", "attention_mask", "token_type_ids", "tag_ids", "tag_boxes", "tag_mask", "feats", "boxes", "region_mask")
 
@@ -417,6 +424,11 @@ class Task:
     def pooled(self, model, texts, image_ids):
         h, _ = model(**self.encode(texts, image_ids))
         return model.pool(h)  # (B, H)
+
+    def draw(self, items, gen):
+        """The step's random choices, made for the whole global batch before it is split among the
+        processes, so that every process draws the same (retrieval: the negatives). Most tasks have none."""
+        return items
 
 
 class VQA(Task):
@@ -460,7 +472,7 @@ class VQA(Task):
     def logits(self, model, head, items):
         return head(self.pooled(model, [x["ids"] for x in items], [x["image"] for x in items])).float()  # (B, A)
 
-    def loss(self, model, head, items, gen):
+    def loss(self, model, head, items):
         logits = self.logits(model, head, items)
         target = torch.zeros_like(logits)  # (B, A) soft scores
         for i, x in enumerate(items):
@@ -510,7 +522,7 @@ class NLVR2(Task):
         pooled = self.pooled(model, texts, [x["images"][0] for x in items] + [x["images"][1] for x in items])  # (2B, H)
         return head(torch.cat([pooled[:B], pooled[B:]], dim=1)).float()  # (B, 2H) -> (B, 2)
 
-    def loss(self, model, head, items, gen):
+    def loss(self, model, head, items):
         labels = torch.tensor([x["label"] for x in items], device=self.device)
         return F.cross_entropy(self.logits(model, head, items), labels)
 
@@ -537,7 +549,7 @@ class NLVR2(Task):
             b.pop("attr_labels", None), b.pop("attr_conf", None)
         return data.mask_image(b, self.vocab, gen)
 
-    def task_pretrain(self, model, args, ctx):
+    def task_pretrain(self, model, args, ctx, rank=0, world=1):
         dev = self.splits.get("dev") or self.splits["train"][: len(self.splits["train"]) // 10]
         attrs = model.cfg.num_attrs == len(self.images.attr_names or [])
         gen = torch.Generator().manual_seed(1234)
@@ -559,13 +571,18 @@ class NLVR2(Task):
         for epoch in range(args.task_pretrain_epochs):
             order = np.random.default_rng([args.seed, 99, epoch]).permutation(len(self.train))
             for idx in chunks(order, args.batch_size)[: steps // args.task_pretrain_epochs]:
-                b = {k: v.to(self.device) for k, v in self.pretrain_batch([self.train[i] for i in idx], gen, attrs).items()}
+                b = self.pretrain_batch([self.train[i] for i in idx], gen, attrs)  # the global batch: the same masks on every process
+                b = {k: v.to(self.device) for k, v in shard(b, rank, world).items()}  # this process's rows
                 with ctx:
-                    loss, _ = model.pretrain_losses(b)
+                    terms = model.pretrain_terms(b)  # each objective: (sum over these rows, count)
+                # each sum over the count of the global batch: summed over the processes (as
+                # optimizer_step sums the gradients), the mean over the global batch
+                counts = all_sum(torch.stack([c_ for _, c_ in terms.values()]).float())
+                loss = sum(s_ / c_.clamp(min=1) for (s_, _), c_ in zip(terms.values(), counts))
                 optimizer_step(loss, optimizer, scaler, lr_at(step), [model], args.clip)
                 step += 1
             mlm = dev_mlm()
-            print(f"task-specific pre-training epoch {epoch + 1}: train loss {loss.item():.3f}, dev MLM loss {mlm:.3f}")
+            print(f"task-specific pre-training epoch {epoch + 1}: train loss {all_sum(loss.detach().clone()).item():.3f}, dev MLM loss {mlm:.3f}")
             if mlm < best[0]:
                 best = (mlm, copy.deepcopy(model.state_dict()), epoch + 1)
         model.load_state_dict(best[1])
@@ -623,8 +640,8 @@ class Retrieval(Task):
         overlap = (t[cand] & t[k]).sum(1) / np.maximum((t[cand] | t[k]).sum(1), 1)  # (C,)
         return int(cand[overlap.argmax()])
 
-    def loss(self, model, head, items, gen):
-        B, train = len(items), self.splits["train"]
+    def draw(self, items, gen):
+        train = self.splits["train"]
         # SPEC 6: each positive with two negatives, its caption with a wrong image (a tag-alike one,
         # --hard-negatives) and a wrong caption (of a random other image) with its image
         wrong_img = [train[self.negative(x["k"], gen, self.hard)]["image"] for x in items]  # hard: the metric ranks images
@@ -632,7 +649,12 @@ class Retrieval(Task):
         for x in items:
             other = train[self.negative(x["k"], gen, hard=1)]["ids"]
             wrong_cap.append(other[int(torch.randint(len(other), (1,), generator=gen))])
+        return [{**x, "wrong_img": i, "wrong_cap": c} for x, i, c in zip(items, wrong_img, wrong_cap)]
+
+    def loss(self, model, head, items):
+        B = len(items)
         caps, imgs = [x["ids"] for x in items], [x["image"] for x in items]
+        wrong_cap, wrong_img = [x["wrong_cap"] for x in items], [x["wrong_img"] for x in items]
         s = self.scores(model, head, caps + caps + wrong_cap, imgs + wrong_img + imgs)  # (3B,)
         s = s.view(3, B).T  # (B, 3): the positive, its caption with a wrong image, a wrong caption with its image
         return F.cross_entropy(s, torch.zeros(B, dtype=torch.long, device=self.device))
@@ -698,7 +720,7 @@ class RefCOCO(Task):
         logits = head(h[:, spans["regions"]]).squeeze(-1).float()  # (B, K)
         return logits.masked_fill(~inputs["region_mask"], float("-inf"))
 
-    def loss(self, model, head, items, gen):
+    def loss(self, model, head, items):
         target = torch.tensor([int(x["iou"].argmax()) for x in items], device=self.device)
         return F.cross_entropy(self.region_logits(model, head, items), target)
 
@@ -754,7 +776,7 @@ def load_weights(module, state, src):
 
 
 # what a resumed run may change; any other setting makes it another run, which --resume refuses
-RESUME_MAY_CHANGE = ("out", "resume", "save_every", "log_every", "eval_batch_size", "device", "dtype", "toy_root")
+RESUME_MAY_CHANGE = ("out", "resume", "save_every", "log_every", "eval_batch_size", "device", "dtype", "compile", "toy_root")
 
 
 def load_resume(path, args):
@@ -792,15 +814,27 @@ def make_optimizer(modules, args, steps, device):
     return optimizer, lr_at, scaler
 
 
+def all_sum(t):
+    """`t` summed over the processes, in place (itself when there is one process)."""
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
 def optimizer_step(loss, optimizer, scaler, lr, modules, clip):
+    """Backward, then one AdamW step. With N processes each `loss` is its share's sum over the global
+    batch's count, so the sum of the N gradients is the gradient of the global batch's mean loss: we sum
+    them by hand (DDP would wrap one module; a task calls the model, model.pool and its head apart).
+    Every process then holds the same gradients, clips by the same norm, and takes the same step."""
     for g in optimizer.param_groups:
         g["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
+    (scaler.scale(loss) if scaler else loss).backward()
+    for p_ in [p_ for mod in modules for p_ in mod.parameters()]:
+        if p_.grad is not None:  # the same parameters on every process: the same code ran on each
+            all_sum(p_.grad)
     if scaler:
-        scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
-    else:
-        loss.backward()
     norm = torch.nn.utils.clip_grad_norm_([p_ for mod in modules for p_ in mod.parameters()], clip)
     if scaler:
         scaler.step(optimizer)
@@ -829,9 +863,14 @@ def main(argv=None):
     if (args.data is None) != (args.features is None):
         p.error("--data and --features go together: the task's files and the stores of their images")
     args.out = args.out or os.path.join("out", "finetune", args.task)
+    device, rank, world = setup_device(args)  # under torchrun: this process's rank of `world`
+    master = rank == 0  # only rank 0 writes the log, the checkpoints and the results
+    if not master:
+        sys.stdout = open(os.devnull, "w")  # and only rank 0 prints; errors still reach stderr
+    if args.batch_size < world:
+        raise SystemExit(f"--batch-size {args.batch_size} is the global batch; it must be at least the {world} processes")
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
     args.dtype, why = pick_dtype(args, device)
     ctx = autocast(device, args.dtype)
     os.makedirs(args.out, exist_ok=True)
@@ -840,7 +879,9 @@ def main(argv=None):
     # data: the toy world's task unless --data/--features are given
     toy_vocab = None
     if args.data is None:
-        root = data.make_toy_world(args.toy_root)
+        root = data.make_toy_world(args.toy_root) if master else args.toy_root
+        if world > 1:
+            dist.barrier()  # rank 0 made the toy world; the others wait for it
         folder, stores = TOY[args.task]
         args.data, args.features = os.path.join(root, "tasks", folder), [os.path.join(root, "features", s) for s in stores]
         toy_vocab = os.path.join(root, "vocab.txt")
@@ -871,42 +912,51 @@ def main(argv=None):
         np.random.set_state(resume["rng"]["numpy"])
         gen.set_state(resume["gen"])
 
-    with open(os.path.join(args.out, "args.json"), "w") as f:
-        json.dump({"argv": sys.argv, "args": vars(args), "torch": torch.__version__, "python": platform.python_version()}, f, indent=1)
+    if master:
+        with open(os.path.join(args.out, "args.json"), "w") as f:
+            json.dump({"argv": sys.argv, "args": vars(args), "world_size": world, "torch": torch.__version__,
+                       "python": platform.python_version()}, f, indent=1)
     print(f"task: {args.task}, from {args.init_from or f'random weights ({args.model})'}, {'no tags' if args.no_tags else 'with tags'}")
     print(f"model: {model.num_params() / 1e6:.2f}M parameters + head {sum(p_.numel() for p_ in head.parameters()) / 1e6:.2f}M, "
           f"{model.cfg.layers} layers, hidden {model.cfg.hidden}")
-    print(f"device: {device}, dtype: {args.dtype} ({why})")
+    print(f"device: {device} x {world} process(es), dtype: {args.dtype} ({why}), compile: {args.compile}")
     print("data: " + ", ".join(f"{s} {len(x)}" for s, x in task.splits.items()) + f" {task.unit}; {len(images.where)} images in {len(images.stores)} stores")
     for line in task.info + ["warning: " + s_ for s_ in task.skipped.lines()] + task.notes:
         print(line)
-    print(f"{steps_per_epoch} steps per epoch, {steps} steps, batch {args.batch_size}, lr {args.lr:g}")
+    print(f"{steps_per_epoch} steps per epoch, {steps} steps, global batch {args.batch_size}, lr {args.lr:g}")
 
     log_file = os.path.join(args.out, "log.jsonl")
     if resume is not None:
-        trim_log(log_file, start)
+        if master:
+            trim_log(log_file, start)
         print(f"resuming from {ckpt_path} at step {start}")
-    log = open(log_file, "a" if resume is not None else "w")
+    log = open(log_file, "a" if resume is not None else "w") if master else open(os.devnull, "w")  # rank 0 alone logs
     # NLVR2's task-specific pre-training runs before the first checkpoint, which holds its result: a
     # resumed run skips it; a run killed during it has no checkpoint of its own and starts over
     if args.task_pretrain_epochs and resume is None:
-        log.write(json.dumps({"phase": "task_pretrain", **task.task_pretrain(model, args, ctx)}) + "\n")
+        log.write(json.dumps({"phase": "task_pretrain", **task.task_pretrain(model, args, ctx, rank, world)}) + "\n")
 
     model.train(), head.train()
+    run = torch.compile(model) if args.compile else model  # the training steps' model; the plain one is saved and evaluated
     t0, seen, saved = time.time(), 0, start
     for step in range(start, steps):
         epoch, i = divmod(step, steps_per_epoch)
         if i == 0 or step == start:  # a new shuffle each epoch; the last partial batch is dropped
             order = np.random.default_rng([args.seed, epoch]).permutation(len(task.train))
-        items = [task.train[j] for j in order[i * args.batch_size:(i + 1) * args.batch_size]]
+        items = [task.train[j] for j in order[i * args.batch_size:(i + 1) * args.batch_size]]  # the global batch
+        items = task.draw(items, gen)  # its random choices, the same on every process
+        mine = items[len(items) * rank // world:len(items) * (rank + 1) // world]  # this process's share
         with ctx:
-            loss = task.loss(model, head, items, gen)
-        if not torch.isfinite(loss) and scaler is None:  # under fp16 the scaler skips the step and lowers its scale
-            raise SystemExit(f"step {step + 1}: non-finite loss {loss.item()}; stopping, "
+            # the task's mean over `mine`, times len(mine) / len(items): this share's sum over the global
+            # count, so the sum over the processes (optimizer_step sums gradients) is the global mean
+            loss = task.loss(run, head, mine) * (len(mine) / len(items))
+        logged = all_sum(loss.detach().clone()).item()  # the global batch's mean loss
+        if not np.isfinite(logged) and scaler is None:  # under fp16 the scaler skips the step and lowers its scale
+            raise SystemExit(f"step {step + 1}: non-finite loss {logged}; stopping, "
                              + (f"the last good checkpoint is {ckpt_path} (step {saved})" if saved else "no checkpoint was saved yet")
                              + "; try a lower --lr")
         norm = optimizer_step(loss, optimizer, scaler, lr_at(step), [model, head], args.clip)
-        losses.append(loss.item())
+        losses.append(logged)
         seen += len(items)
         if (step + 1) % args.log_every == 0 or step + 1 == steps:
             if device.type == "cuda":
@@ -921,18 +971,21 @@ def main(argv=None):
                   f"ETA {dt * (steps - step - 1) / 60:.1f} min", flush=True)
             t0, seen, losses = time.time(), 0, []
         if (step + 1) % args.save_every == 0 or step + 1 == steps:
-            save_checkpoint(ckpt_path, model, optimizer, scaler, step + 1, args, vocab, images.class_names,
-                            head=head.state_dict(), gen=gen.get_state(), losses=losses)
+            if master:  # the plain model, never the compiled one
+                save_checkpoint(ckpt_path, model, optimizer, scaler, step + 1, args, vocab, images.class_names,
+                                head=head.state_dict(), gen=gen.get_state(), losses=losses)
             saved = step + 1
 
-    # evaluation: every split the data has, each beside the baseline
+    # evaluation: every split the data has, each beside the baseline. Every process evaluates all of it
+    # (the same weights, the same numbers: the simplest correct way); rank 0 alone writes.
     results = {"task": args.task, **evaluate(task, model, head, ctx)}
     if task.skipped.files:
         results["skipped"] = {file: n for file, (n, _) in task.skipped.files.items()}
     baseline = {"task": args.task, "baseline": task.baseline_name, **{s: task.baseline(s) for s in task.eval_splits}}
     for name, obj in (("results.json", results), ("baseline.json", baseline)):
-        with open(os.path.join(args.out, name), "w") as f:
-            json.dump(obj, f, indent=1)
+        if master:
+            with open(os.path.join(args.out, name), "w") as f:
+                json.dump(obj, f, indent=1)
     log.write(json.dumps({"phase": "eval", "results": results, "baseline": baseline}) + "\n")
     log.close()
     for line in ["warning: " + s_ for s_ in task.skipped.lines()] + task.notes:  # said again at the end, where it is seen
@@ -943,6 +996,8 @@ def main(argv=None):
         for k, v_ in results[s].items():
             print(f"{s:<8} {k:<12} {v_:8.3f} {baseline[s][k]:9.3f}")
     print(f"results: {os.path.join(args.out, 'results.json')}, fine-tuned model: {ckpt_path}")
+    if world > 1:
+        dist.destroy_process_group()
     return results
 
 

@@ -1,4 +1,5 @@
-"""A 2-process DDP run (gloo, CPU) logs the same losses as 1 process on the same global batch."""
+"""A 2-process run (gloo, CPU) logs the same losses as 1 process on the same global batch: pretrain.py
+(DDP), then finetune.py (gradients summed by hand)."""
 
 import json
 import os
@@ -6,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -33,3 +35,32 @@ def test_two_processes_match_one(tmp_path):
             if k not in ("modality", "grad_norm"):
                 assert b[k] == pytest.approx(a[k], abs=1e-4, rel=1e-4), (a["step"], k, a[k], b[k])
     assert kinds == {"text", "images", "captions"}  # text and image steps both checked
+
+
+# finetune.py: the same, for tasks whose steps draw at random (retrieval's negatives, NLVR2's
+# task-pretraining masks): each is drawn once for the global batch, then split among the processes
+@pytest.mark.parametrize("task, flags", [("vqa", []), ("retrieval", ["--lr", "3e-3"]), ("nlvr2", ["--task-pretrain-epochs", "1"])])
+def test_finetune_two_processes_match_one(tmp_path, task, flags):
+    toy = data.make_toy_world(str(tmp_path / "toy"), seed=0, scale=0.03)
+    common = ["finetune.py", "--task", task, "--toy-root", toy, "--device", "cpu", "--batch-size", "8", "--epochs", "0.4",
+              "--log-every", "1", "--dropout", "0", "--min-answer-count", "1", *flags]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, *common, "--out", str(tmp_path / "one")], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *common,
+                          "--out", str(tmp_path / "two")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "x 2 process(es)" in two.stdout and two.stdout.count("steps per epoch") == 1  # rank 0 alone prints
+    logs = [[json.loads(line) for line in open(tmp_path / run / "log.jsonl")] for run in ("one", "two")]
+    steps = [r for r in logs[0] if "step" in r]
+    assert len(logs[0]) == len(logs[1]) and len(steps) >= 4 and len({round(r["loss"], 3) for r in steps}) > 1  # the losses move
+    for a, b in zip(*logs):
+        if "step" in a:
+            assert a["step"] == b["step"] and b["loss"] == pytest.approx(a["loss"], abs=1e-4, rel=1e-4), (a, b)
+        elif a["phase"] == "task_pretrain":  # the dev MLM loss after task-pretraining under 2 processes
+            assert a["task_pretrain_epoch"] == b["task_pretrain_epoch"] and b["dev_mlm"] == pytest.approx(a["dev_mlm"], abs=1e-4)
+    assert logs[0][-1]["phase"] == logs[1][-1]["phase"] == "eval"
+    results = [json.load(open(tmp_path / run / "results.json")) for run in ("one", "two")]
+    assert results[0] == results[1]  # every process evaluates the same weights; rank 0 wrote them
+    ckpt = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=False)  # the plain model: no DDP or compile prefixes
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])

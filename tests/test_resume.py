@@ -173,10 +173,10 @@ def test_finetune_fp16_scaler_skips_a_non_finite_step(toy, tmp_path, monkeypatch
     real = finetune.VQA.loss
     calls, before = {"n": 0}, {}
 
-    def inf_at_step_3(self, model, head, items, gen):
+    def inf_at_step_3(self, model, head, items):
         calls["n"] += 1
         before[calls["n"]] = [t.detach().clone() for t in [*model.parameters(), *head.parameters()]]
-        loss = real(self, model, head, items, gen)
+        loss = real(self, model, head, items)
         return loss * float("inf") if calls["n"] == 3 else loss
 
     monkeypatch.setattr(finetune.VQA, "loss", inf_at_step_3)

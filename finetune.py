@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 import data
 from model import PRESETS, Config, VisualBERT, config_from_hf, load_bert
-from pretrain import autocast, load_checkpoint, pick_dtype, save_checkpoint, setup_device, shard
+from pretrain import autocast, load_checkpoint, pick_dtype, restore, save_checkpoint, setup_device, shard, trim_log
 
 # -----------------------------------------------------------------------------
 # settings: every flag, in one place; `python finetune.py -h` is the manual
@@ -791,17 +791,6 @@ def load_resume(path, args):
     return ckpt
 
 
-def trim_log(file, step):
-    """--resume: the steps logged after the checkpoint's are done again; drop their lines, and the
-    evaluation's of a finished run. The task-specific pre-training's line stays."""
-    if not os.path.exists(file):
-        return
-    with open(file) as f:
-        lines = [(line, json.loads(line)) for line in f if line.strip()]
-    with open(file, "w") as f:
-        f.writelines(line for line, r in lines if r.get("phase") == "task_pretrain" or r.get("step", step + 1) <= step)
-
-
 def make_optimizer(modules, args, steps, device):
     """AdamW without decay on biases and LayerNorms (BERT); linear warm-up, then linear decay to zero."""
     params = [p_ for mod in modules for p_ in mod.parameters()]
@@ -904,12 +893,7 @@ def main(argv=None):
     gen = torch.Generator().manual_seed(args.seed)  # the task's own draws (retrieval's negatives)
     start, losses = 0, []
     if resume is not None:  # the state after step `start`: weights, optimiser, random states, the log's open window
-        optimizer.load_state_dict(resume["optimizer"])
-        if scaler and resume["scaler"]:
-            scaler.load_state_dict(resume["scaler"])
-        start, losses = resume["step"], resume["losses"]
-        torch.set_rng_state(resume["rng"]["torch"])
-        np.random.set_state(resume["rng"]["numpy"])
+        start, losses = restore(resume, optimizer, scaler), resume["losses"]
         gen.set_state(resume["gen"])
 
     if master:
@@ -928,7 +912,7 @@ def main(argv=None):
     log_file = os.path.join(args.out, "log.jsonl")
     if resume is not None:
         if master:
-            trim_log(log_file, start)
+            trim_log(log_file, start, keep_phases=("task_pretrain",))  # the evaluation's line goes; task pre-training's stays
         print(f"resuming from {ckpt_path} at step {start}")
     log = open(log_file, "a" if resume is not None else "w") if master else open(os.devnull, "w")  # rank 0 alone logs
     # NLVR2's task-specific pre-training runs before the first checkpoint, which holds its result: a

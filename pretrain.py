@@ -162,6 +162,28 @@ def save_checkpoint(path, model, optimizer, scaler, step, args, vocab, class_nam
     os.replace(tmp, path)  # atomic: a kill mid-save leaves the previous checkpoint whole
 
 
+def restore(ckpt, optimizer, scaler):
+    """--resume: the optimiser, the scaler and the global random states as the checkpoint left them;
+    returns its step."""
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if scaler and ckpt["scaler"]:
+        scaler.load_state_dict(ckpt["scaler"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    np.random.set_state(ckpt["rng"]["numpy"])
+    return ckpt["step"]
+
+
+def trim_log(file, step, keep_phases=()):
+    """--resume: the steps logged after the checkpoint's are done again; drop their lines (and any
+    line without a step, such as an evaluation's, unless its phase is in `keep_phases`)."""
+    if not os.path.exists(file):
+        return
+    with open(file) as f:
+        records = [(line, json.loads(line)) for line in f if line.strip()]
+    with open(file, "w") as f:
+        f.writelines(line for line, r in records if r.get("step", step + 1) <= step or r.get("phase") in keep_phases)
+
+
 def load_checkpoint(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
@@ -312,19 +334,9 @@ def main(argv=None):
     scaler = torch.amp.GradScaler(device.type) if dtype == "fp16" else None  # fp16 alone needs loss scaling
     step = 0
     if resume is not None:
-        optimizer.load_state_dict(resume["optimizer"])
-        if scaler and resume["scaler"]:
-            scaler.load_state_dict(resume["scaler"])
-        step = resume["step"]
-        torch.set_rng_state(resume["rng"]["torch"])
-        np.random.set_state(resume["rng"]["numpy"])
-        if master:  # steps logged after the checkpoint are done again: drop their lines
-            log_file = os.path.join(args.out, "log.jsonl")
-            if os.path.exists(log_file):
-                with open(log_file) as f:
-                    kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-                with open(log_file, "w") as f:
-                    f.writelines(kept)
+        step = restore(resume, optimizer, scaler)
+        if master:
+            trim_log(os.path.join(args.out, "log.jsonl"), step)
         say(f"resuming from {ckpt_path} at step {step}")
 
     # what runs: the objectives, compiled and/or wrapped in DDP; checkpoints keep the plain model

@@ -20,12 +20,15 @@ import os
 import subprocess
 import sys
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
 import data
+from model import Config, VisualBERT
+from pretrain import load_checkpoint
 
 # -----------------------------------------------------------------------------
 # settings
@@ -157,6 +160,11 @@ def collect(out, variants, seeds):
     return table
 
 
+def spread(runs):
+    """Each column's sample standard deviation over the seeds (rows); 0 with one seed."""
+    return runs.std(0, ddof=1) if len(runs) > 1 else np.zeros(runs.shape[1])
+
+
 def markdown(table):
     """The table as the paper lays it out, mean +- std over seeds, the paper's number beside each."""
     n = len(next(iter(table.values())))
@@ -165,7 +173,7 @@ def markdown(table):
              head, "|" + " --- |" * (len(COLUMNS) + 1)]
     for v, runs in table.items():
         cells = [f"{m:.1f} ± {s:.1f} ({pp:.1f})" if n > 1 else f"{m:.1f} ({pp:.1f})"
-                 for m, s, pp in zip(runs.mean(0), runs.std(0, ddof=1) if n > 1 else runs.mean(0) * 0, PAPER[v])]
+                 for m, s, pp in zip(runs.mean(0), spread(runs), PAPER[v])]
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -174,8 +182,7 @@ def claims(table):
     """The paper's four claims (SPEC 10), each checked on the means: (claim, shown?, the figures).
     "Close" means within twice the seeds' standard deviation, and at least within 1 point."""
     mean = {v: t.mean(0) for v, t in table.items()}
-    n = len(next(iter(table.values())))
-    noise = max(1.0, 2 * float(np.mean([t.std(0, ddof=1).mean() for t in table.values()]))) if n > 1 else 1.0
+    noise = max(1.0, 2 * float(np.mean([spread(t).mean() for t in table.values()])))
     retrieval = np.array([c[1] == "retrieval" for c in COLUMNS])
     out = []
     if {"U", "Base"} <= set(mean):
@@ -235,21 +242,19 @@ def tsne(x, perplexity=20.0, steps=600, seed=0):
 
 
 @torch.no_grad()
-def representations(ckpt_path, root, classes, per_class=30, tags=True):
+def representations(ckpt_path, root, images, scenes, classes, per_class=30, tags=True):
     """Last-layer states of words (class words in held-out captions), tags (each region's tag piece)
     and regions (held-out images), for the given classes -> (N, H) states, class index, modality."""
-    from pretrain import load_checkpoint
-    from model import Config, VisualBERT
-
     ckpt = load_checkpoint(ckpt_path)
     model = VisualBERT(Config(**ckpt["config"]))
     model.load_state_dict(ckpt["model"])
     model.eval()
     vocab = data.Vocab(ckpt["vocab"], source=ckpt_path)
-    states, cls, modality = [], [], []
+    states, cls, modality, taken = [], [], [], Counter()  # taken: (class, modality) -> points kept
 
     def keep(h, c, m):
-        if c in classes and sum(1 for x, y in zip(cls, modality) if x == classes.index(c) and y == m) < per_class:
+        if c in classes and taken[c, m] < per_class:
+            taken[c, m] += 1
             states.append(h), cls.append(classes.index(c)), modality.append(m)
 
     # words: the first piece of each class word in held-out captions
@@ -265,8 +270,6 @@ def representations(ckpt_path, root, classes, per_class=30, tags=True):
                 if piece == first_piece[c] and c in words:
                     keep(h[i, t], c, "word")
     # tags and regions: each region coloured by its true class (the scene's object), tags by theirs
-    images = data.Images([os.path.join(root, "features", "heldout")])
-    scenes = data.read_json(os.path.join(root, "scenes.json"))
     ids = sorted(images.where)[:300]
     b = data.image_inputs([images[i] for i in ids], vocab.tag_pieces(images.class_names), tags)
     inputs = {k: b[k] for k in ("tag_ids", "tag_boxes", "tag_mask", "feats", "boxes", "region_mask") if k in b}
@@ -341,7 +344,7 @@ def figure2(args, seed):
         ckpt = os.path.join(args.out, f"seed{seed}", v, "pretrain", "ckpt.pt")
         if not os.path.exists(ckpt):
             continue
-        h, cls, modality = representations(ckpt, root, classes, tags=not v.endswith("_NT"))
+        h, cls, modality = representations(ckpt, root, images, scenes, classes, tags=not v.endswith("_NT"))
         panels.append((f"{v} (t-SNE of last-layer states)", tsne(h).numpy(), cls, modality))
     if panels:
         return draw_figure(panels, classes, os.path.join(args.out, "figure2.png"))
@@ -374,7 +377,7 @@ def main(argv=None):
         "columns": [c[0] for c in COLUMNS], "seeds": seeds, "budget": budget,
         "runs": {v: t.round(2).tolist() for v, t in table.items()},
         "mean": {v: t.mean(0).round(2).tolist() for v, t in table.items()},
-        "std": {v: (t.std(0, ddof=1) if len(seeds) > 1 else 0 * t.mean(0)).round(2).tolist() for v, t in table.items()},
+        "std": {v: spread(t).round(2).tolist() for v, t in table.items()},
         "paper": {v: PAPER[v] for v in table}, "claims": [{"claim": c, "shown": ok, "figures": why} for c, ok, why in verdicts]})
     print("\n" + md)
     size = figure2(args, seeds[0])

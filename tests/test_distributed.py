@@ -14,18 +14,24 @@ sys.path.insert(0, ROOT)
 import data  # noqa: E402
 
 
-def test_two_processes_match_one(tmp_path):
-    toy = data.make_toy_world(str(tmp_path / "toy"), seed=0, scale=0.03)
-    common = ["pretrain.py", "--unaligned", "--toy-root", toy, "--cache-dir", str(tmp_path / "cache"), "--max-steps", "8",
-              "--batch-size", "8", "--log-every", "1", "--dropout", "0", "--eval-batches", "1", "--lr", "3e-3"]
+def one_and_two(common, tmp_path):
+    """Run a script's command line as 1 process, then as 2 under torchrun (gloo): the 2-process run's
+    output and both runs' log.jsonl records."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, *common, "--out", str(tmp_path / "one")], cwd=ROOT, env=env, capture_output=True, text=True)
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *common,
                           "--out", str(tmp_path / "two")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
+    return two, [[json.loads(line) for line in open(tmp_path / run / "log.jsonl")] for run in ("one", "two")]
+
+
+def test_two_processes_match_one(tmp_path):
+    toy = data.make_toy_world(str(tmp_path / "toy"), seed=0, scale=0.03)
+    common = ["pretrain.py", "--unaligned", "--toy-root", toy, "--cache-dir", str(tmp_path / "cache"), "--max-steps", "8",
+              "--batch-size", "8", "--log-every", "1", "--dropout", "0", "--eval-batches", "1", "--lr", "3e-3"]
+    two, logs = one_and_two(common, tmp_path)
     assert "x 2 process(es)" in two.stdout
-    logs = [[json.loads(line) for line in open(tmp_path / run / "log.jsonl")] for run in ("one", "two")]
     assert len(logs[0]) == len(logs[1]) == 8
     kinds = set()
     for a, b in zip(*logs):
@@ -44,14 +50,8 @@ def test_finetune_two_processes_match_one(tmp_path, task, flags):
     toy = data.make_toy_world(str(tmp_path / "toy"), seed=0, scale=0.03)
     common = ["finetune.py", "--task", task, "--toy-root", toy, "--device", "cpu", "--batch-size", "8", "--epochs", "0.4",
               "--log-every", "1", "--dropout", "0", "--min-answer-count", "1", *flags]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, *common, "--out", str(tmp_path / "one")], cwd=ROOT, env=env, capture_output=True, text=True)
-    assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *common,
-                          "--out", str(tmp_path / "two")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert two.returncode == 0, two.stderr[-3000:]
+    two, logs = one_and_two(common, tmp_path)
     assert "x 2 process(es)" in two.stdout and two.stdout.count("steps per epoch") == 1  # rank 0 alone prints
-    logs = [[json.loads(line) for line in open(tmp_path / run / "log.jsonl")] for run in ("one", "two")]
     steps = [r for r in logs[0] if "step" in r]
     assert len(logs[0]) == len(logs[1]) and len(steps) >= 4 and len({round(r["loss"], 3) for r in steps}) > 1  # the losses move
     for a, b in zip(*logs):

@@ -67,23 +67,14 @@ def test_every_variant_runs(toy, tmp_path, flags, capsys):
         assert set(after) == {"mlm"}
 
 
-def test_worker_processes_change_nothing_even_across_a_resume(toy, tmp_path, monkeypatch):
+def test_worker_processes_change_nothing_even_across_a_resume(toy, tmp_path, kill_at):
     """--workers 2 (batches built in other processes, handed over in shared memory), killed after
     the checkpoint at step 6 and resumed: the same log as one process building every batch."""
     common = ("--hybrid", "--max-steps", "10", "--save-every", "6")  # pairs, images and text: batches of every shape
     run(toy, tmp_path / "here", *common, "--workers", "0")
-    real, calls = pretrain.train_flops, {"n": 0}
-
-    def dies_at_step_8(*a):  # called once per step, after the optimiser step
-        calls["n"] += 1
-        if calls["n"] == 8:
-            raise KeyboardInterrupt("killed")
-        return real(*a)
-
-    monkeypatch.setattr(pretrain, "train_flops", dies_at_step_8)
+    kill_at(pretrain, "train_flops", 8)  # called once per step, after the optimiser step
     with pytest.raises(KeyboardInterrupt):
         run(toy, tmp_path / "workers", *common, "--workers", "2")
-    monkeypatch.setattr(pretrain, "train_flops", real)
     run(toy, tmp_path / "workers", *common, "--workers", "2", "--resume")
     here, workers = read_log(tmp_path / "here"), read_log(tmp_path / "workers")
     assert [r["step"] for r in workers] == list(range(1, 11))

@@ -33,21 +33,11 @@ def log(out):
         return [json.loads(line) for line in f]
 
 
-def test_killed_and_resumed_run_logs_what_an_uninterrupted_one_does(toy, tmp_path, monkeypatch):
+def test_killed_and_resumed_run_logs_what_an_uninterrupted_one_does(toy, tmp_path, kill_at):
     pretrain.main(args(toy, tmp_path / "whole"))
-    calls = {"n": 0}
-    real = pretrain.train_flops
-
-    def dies_at_step_11(*a):  # called once per step, after the optimiser step
-        calls["n"] += 1
-        if calls["n"] == 11:
-            raise KeyboardInterrupt("killed")
-        return real(*a)
-
-    monkeypatch.setattr(pretrain, "train_flops", dies_at_step_11)
+    kill_at(pretrain, "train_flops", 11)  # called once per step, after the optimiser step
     with pytest.raises(KeyboardInterrupt):
         pretrain.main(args(toy, tmp_path / "split"))
-    monkeypatch.setattr(pretrain, "train_flops", real)
     assert len(log(tmp_path / "split")) == 10  # steps 9 and 10 were logged after the checkpoint at step 8
     pretrain.main(args(toy, tmp_path / "split", "--resume"))
     whole, split = log(tmp_path / "whole"), log(tmp_path / "split")
@@ -125,21 +115,11 @@ def ft_args(toy, out, task, *extra):
 
 
 @pytest.mark.parametrize("task", ["vqa", "retrieval"])  # retrieval draws its negatives from the task's generator
-def test_killed_and_resumed_finetune_logs_what_an_uninterrupted_one_does(toy, tmp_path, monkeypatch, task):
+def test_killed_and_resumed_finetune_logs_what_an_uninterrupted_one_does(toy, tmp_path, kill_at, task):
     finetune.main(ft_args(toy, tmp_path / "whole", task))
-    calls = {"n": 0}
-    real = finetune.optimizer_step
-
-    def dies_at_step_11(*a):  # called once per step
-        calls["n"] += 1
-        if calls["n"] == 11:
-            raise KeyboardInterrupt("killed")
-        return real(*a)
-
-    monkeypatch.setattr(finetune, "optimizer_step", dies_at_step_11)
+    kill_at(finetune, "optimizer_step", 11)  # called once per step
     with pytest.raises(KeyboardInterrupt):
         finetune.main(ft_args(toy, tmp_path / "split", task))
-    monkeypatch.setattr(finetune, "optimizer_step", real)
     assert [r["step"] for r in log(tmp_path / "split")] == [3, 6, 9]  # step 9 was logged after the checkpoint at step 8
     finetune.main(ft_args(toy, tmp_path / "split", task, "--resume"))
     whole, split = log(tmp_path / "whole"), log(tmp_path / "split")

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import MASK_PROB, Config, VisualBERT, hf_to_ours, visual_terms  # noqa: E402
+from model import MASK_PROB, PRESETS, Config, VisualBERT, hf_to_ours, visual_terms  # noqa: E402
 
 
 def tiny(**kw):
@@ -231,7 +231,6 @@ def test_tiny_preset_learns_whether_a_word_is_among_the_tags():
     """The grounding every toy task needs, in its barest form: [CLS] is there a X [SEP] ; four tags ->
     is X one of them? The tiny preset, from its own initialisation, learns it from fresh batches in a
     few hundred steps. (At BERT's 0.02 this stays near the 67% prior for 800 steps: model.PRESETS.)"""
-    from model import PRESETS
     torch.manual_seed(0)
     V, C, K, B = 60, 12, 4, 32  # vocabulary, class words, tags per image, batch
     model = VisualBERT(Config(**{**PRESETS["tiny"], "vocab_size": V, "feat_dim": 8, "num_labels": C, "dropout": 0.0}))

@@ -146,7 +146,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = True
-    cfg = Config(**PRESETS[args.model], feat_dim=args.feat_dim, num_labels=1600, dropout=0.1)
+    cfg = Config(**{**PRESETS[args.model], "feat_dim": args.feat_dim, "num_labels": 1600})  # the preset's own dropout
     B, T, K = args.batch_size, args.text_len, args.regions
     batch = aligned_batch(cfg, B, T, K, torch.Generator().manual_seed(0))
     tokens = B * (T + K + K)  # text + one tag piece per region + regions

@@ -46,10 +46,11 @@ from pretrain import autocast, load_checkpoint, pick_dtype, restore, save_checkp
 
 # Defaults sized for the toy world (each task in <= 3 min on a 2-core CPU, the tiny model). For the
 # real benchmarks with BERT-base use the paper's settings (SPEC 6), listed in PAPER and in --help.
+# VQA and retrieval learn at 3e-4, not 1e-3, at which the word-to-tag match they need is not found.
 DEFAULTS = {  # task: epochs, batch size, peak learning rate
-    "vqa": dict(epochs=4, batch_size=32, lr=1e-3),
+    "vqa": dict(epochs=16, batch_size=32, lr=3e-4),
     "nlvr2": dict(epochs=5, batch_size=32, lr=5e-4),
-    "retrieval": dict(epochs=3, batch_size=32, lr=5e-4),
+    "retrieval": dict(epochs=10, batch_size=32, lr=3e-4),
     "refcoco": dict(epochs=20, batch_size=32, lr=1e-3),
 }
 PAPER = {

@@ -264,7 +264,7 @@ def test_batches_through_workers_are_the_batches_built_here(tmp_path, monkeypatc
 
 def test_bench_reports_the_loader_and_what_an_h100_consumes(capsys):
     import bench
-    bench.main(["--device", "cpu", "--steps", "0", "--batch-size", "4", "--regions", "5", "--feat-dim", "16", "--loader-images", "12",
+    bench.main(["--device", "cpu", "--model", "tiny", "--steps", "0", "--batch-size", "4", "--regions", "5", "--feat-dim", "16", "--loader-images", "12",
                 "--workers", "1"])
     out = capsys.readouterr().out
     assert "loader: " in out and " samples/s from a feature store (1 workers, 5 x 16 features)" in out

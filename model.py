@@ -59,8 +59,8 @@ PRESETS = {
 # stays at its 67% prior for 800 steps at 0.02 and is solved by step 300 at 1/sqrt(128).
 # tiny has 4 heads and no dropout. With BERT-tiny's 2 heads and dropout 0.1 the toy VQA learned little
 # beyond each question type's commonest answer (0.341 against 0.322 after 3,920 steps; 0.360 with either
-# change alone, 0.40-0.43 with both). [CLS] reads the answer in the last layer alone (in the first its
-# query is the same for every input), so 2 heads are 2 reads for 4 question types; and dropout blurs
+# change alone, 0.38-0.43 with both). [CLS] reads the answer in the last layer alone (in the first its
+# query is the same for every input), so 2 heads are 2 reads for 4 question types; and dropout slows
 # the exact word-to-tag matches that a model this small must learn in minutes (README, "fine-tuning").
 
 

@@ -233,7 +233,7 @@ def test_tiny_preset_learns_whether_a_word_is_among_the_tags():
     few hundred steps. (At BERT's 0.02 this stays near the 67% prior for 800 steps: model.PRESETS.)"""
     torch.manual_seed(0)
     V, C, K, B = 60, 12, 4, 32  # vocabulary, class words, tags per image, batch
-    model = VisualBERT(Config(**{**PRESETS["tiny"], "vocab_size": V, "feat_dim": 8, "num_labels": C, "dropout": 0.0}))
+    model = VisualBERT(Config(**{**PRESETS["tiny"], "vocab_size": V, "feat_dim": 8, "num_labels": C}))
     head = torch.nn.Linear(model.cfg.hidden, 2)
     opt = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=3e-4)
 

@@ -6,7 +6,7 @@ Fine-tune U-VisualBERT on the paper's four downstream tasks (SPEC 6) and report 
     python finetune.py --task retrieval --init-from out/pretrain/ckpt.pt  # Flickr30K image retrieval: R@1, R@5, R@10
     python finetune.py --task refcoco --init-from out/pretrain/ckpt.pt    # RefCOCO+: the top region's box has IoU >= 0.5
 
-With no data flags a task uses the toy world's files (made by data.py on first use); --data DIR and
+With no data flags a task uses the toy world's files (made by toy.py on first use); --data DIR and
 --features STORE... point it at the real benchmark files (SPEC 7) and a feature store made by
 extract_features.py. Every run writes OUT/results.json, OUT/baseline.json, OUT/log.jsonl,
 OUT/args.json and OUT/ckpt.pt (--resume goes on from it), and prints each split's result beside a
@@ -38,6 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
+import toy
 from model import PRESETS, Config, VisualBERT, config_from_hf, load_bert
 from pretrain import autocast, load_checkpoint, pick_dtype, restore, save_checkpoint, setup_device, shard, trim_log
 
@@ -82,7 +83,7 @@ p.add_argument("--task", required=True, choices=list(TOY), help="which downstrea
 d = p.add_argument_group("data (default: the toy world's task files and feature stores)")
 d.add_argument("--data", metavar="DIR", help="folder holding the task's files under their official names (see below)")
 d.add_argument("--features", nargs="+", metavar="STORE", help="feature stores holding every image the task's files name")
-d.add_argument("--toy-root", default=data.TOY_DIR, metavar="DIR", help="where the toy world is made and cached")
+d.add_argument("--toy-root", default=toy.TOY_DIR, metavar="DIR", help="where the toy world is made and cached")
 d.add_argument("--min-answer-count", type=int, default=9, metavar="N",
                help="vqa: the answer set is every answer that is the multiple_choice_answer of at least this many "
                     "training questions (9 over train+val gives the usual 3129)")
@@ -869,7 +870,7 @@ def main(argv=None):
     # data: the toy world's task unless --data/--features are given
     toy_vocab = None
     if args.data is None:
-        root = data.make_toy_world(args.toy_root) if master else args.toy_root
+        root = toy.make_toy_world(args.toy_root) if master else args.toy_root
         if world > 1:
             dist.barrier()  # rank 0 made the toy world; the others wait for it
         folder, stores = TOY[args.task]

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
+import toy
 from model import PRESETS, Config, VisualBERT, config_from_hf, load_bert, peak_flops, train_flops
 
 # -----------------------------------------------------------------------------
@@ -46,7 +47,7 @@ d.add_argument("--text-rate", type=float, default=1.0, help="share of the genera
 d.add_argument("--heldout-images", nargs="+", metavar="STORE", help="held-out images for the before/after losses")
 d.add_argument("--heldout-captions", nargs="+", metavar="FILE", help="held-out captions")
 d.add_argument("--heldout-text", nargs="+", metavar="FILE", help="held-out general text")
-d.add_argument("--toy-root", default=data.TOY_DIR, help="where the toy world is made and cached")
+d.add_argument("--toy-root", default=toy.TOY_DIR, help="where the toy world is made and cached")
 d.add_argument("--cache-dir", default="cache", help="where tokenised corpora are cached")
 m = p.add_argument_group("model and optimisation (SPEC 5)")
 m.add_argument("--model", default="tiny", choices=sorted(PRESETS), help="size preset, unless --init-from sets it")
@@ -287,7 +288,7 @@ def main(argv=None):
 
     # data: the toy world unless real data is given
     if not (args.images or args.captions or args.text or args.pairs):
-        root = data.make_toy_world(args.toy_root) if master else args.toy_root
+        root = toy.make_toy_world(args.toy_root) if master else args.toy_root
         if world > 1:
             dist.barrier()  # rank 0 made the toy world; the others wait for it
         args.text = [os.path.join(root, "pretrain", "text.txt")]

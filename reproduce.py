@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 import data
+import toy
 from model import Config, VisualBERT
 from pretrain import load_checkpoint
 
@@ -67,7 +68,7 @@ p.add_argument("--seeds", type=int, default=None, help="how many seeds (default 
 p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), help="which rows")
 p.add_argument("--out", default="out/reproduce", help="output folder: one folder per run, table.md, table.json, figure2.png")
 p.add_argument("--jobs", type=int, default=max(1, min(2, os.cpu_count() or 1)), help="runs side by side (one thread each when several)")
-p.add_argument("--toy-root", default=data.TOY_DIR, help="where the toy world is made and cached")
+p.add_argument("--toy-root", default=toy.TOY_DIR, help="where the toy world is made and cached")
 p.add_argument("--budget", nargs="+", default=[], metavar="KEY=N",
                help="change a budget: " + ", ".join(f"{k}={v}" for k, v in BUDGET.items()) + " (steps; fine-tuning epochs)")
 
@@ -86,8 +87,8 @@ class Run:
 def plan(args, budget, seeds):
     """Every run the table needs: the toy BERT, each variant's pre-training per seed, and each
     (variant, task, seed) fine-tuning, each from its variant's checkpoint."""
-    O, toy = args.out, ["--toy-root", args.toy_root, "--cache-dir", os.path.join(args.out, "cache")]
-    bert = Run("bert", ["pretrain.py", "--text-only", "--max-steps", str(budget["bert"]), "--out", f"{O}/bert", *toy],
+    O, toy_flags = args.out, ["--toy-root", args.toy_root, "--cache-dir", os.path.join(args.out, "cache")]
+    bert = Run("bert", ["pretrain.py", "--text-only", "--max-steps", str(budget["bert"]), "--out", f"{O}/bert", *toy_flags],
                f"{O}/bert", "eval.json")
     runs = [bert]
     for seed in seeds:
@@ -97,7 +98,7 @@ def plan(args, budget, seeds):
             else:
                 pre = Run(f"{v} seed {seed}", ["pretrain.py", *VARIANTS[v], "--init-from", f"{O}/bert/ckpt.pt",
                                                "--max-steps", str(budget["pretrain"]), "--seed", str(seed),
-                                               "--out", f"{O}/seed{seed}/{v}/pretrain", *toy],
+                                               "--out", f"{O}/seed{seed}/{v}/pretrain", *toy_flags],
                           f"{O}/seed{seed}/{v}/pretrain", "eval.json", [bert])
                 runs.append(pre)
             for task in dict.fromkeys(c[1] for c in COLUMNS):
@@ -360,7 +361,7 @@ def main(argv=None):
         budget[k] = float(v) if k in ("vqa", "nlvr2", "retrieval", "refcoco") else int(v)
     seeds = list(range(args.seeds or (1 if args.quick else 3)))
     t0 = time.time()
-    data.make_toy_world(args.toy_root)
+    toy.make_toy_world(args.toy_root)
     os.makedirs(args.out, exist_ok=True)
     print(f"variants {', '.join(args.variants)}; seeds {seeds}; budget " + ", ".join(f"{k} {v}" for k, v in budget.items()))
     runs = plan(args, budget, seeds)

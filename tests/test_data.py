@@ -1,6 +1,7 @@
 """Data: the feature store, tokenised corpora, masking statistics (SPEC 2), the sampler (SPEC 4)."""
 
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -9,6 +10,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
+from toy import CLASSES, ToyWorld, draw_scene, make_toy_world  # noqa: E402
 from data import FeatureStore, FeatureWriter, Vocab  # noqa: E402
 
 WORDS = ["the", "a", "red", "car", "dog", "big", "truck", "sat", "on", "mat", "fire", "hot"]
@@ -211,7 +213,7 @@ def test_nsp_layout():
 
 
 def test_toy_world_is_deterministic_and_complete(tmp_path):
-    a, b = data.make_toy_world(str(tmp_path / "a"), seed=3, scale=0.01), data.make_toy_world(str(tmp_path / "b"), seed=3, scale=0.01)
+    a, b = make_toy_world(str(tmp_path / "a"), seed=3, scale=0.01), make_toy_world(str(tmp_path / "b"), seed=3, scale=0.01)
     # everything but vocab.txt: the `tokenizers` trainer breaks ties between equally frequent
     # merges in hash-map order, so two trainings on the same text can differ in a few pieces
     for rel in ["pretrain/captions.txt", "pretrain/text.txt", "tasks/nlvr2/dev.json",
@@ -223,15 +225,25 @@ def test_toy_world_is_deterministic_and_complete(tmp_path):
     np.testing.assert_array_equal(sa[i]["features"], sb[i]["features"])
     assert set(sa[i]) >= {"features", "boxes", "labels", "scores", "width", "height", "attributes"}
     assert ((sa[i]["boxes"] >= 0) & (sa[i]["boxes"] <= 1)).all()
-    assert sa.class_names == data.CLASSES
-    png = data.draw_scene(a, i, str(tmp_path / "scene.png"))
+    assert sa.class_names == CLASSES
+    png = draw_scene(a, i, str(tmp_path / "scene.png"))
     from PIL import Image
     assert Image.open(png).size == (640, 520)
 
 
+def test_a_drawn_scene_is_the_same_in_every_process(tmp_path):
+    """toy.py --show draws the same caption whatever Python's per-process string hash seed is."""
+    root = make_toy_world(str(tmp_path / "w"), seed=3, scale=0.01)
+    script = f"import toy; toy.draw_scene({root!r}, 'pt000001', {str(tmp_path)!r} + '/' + __import__('os').environ['PYTHONHASHSEED'] + '.png')"
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for seed in ["1", "2"]:
+        subprocess.run([sys.executable, "-c", script], cwd=here, check=True, env={**os.environ, "PYTHONHASHSEED": seed})
+    assert open(tmp_path / "1.png", "rb").read() == open(tmp_path / "2.png", "rb").read()
+
+
 def test_toy_detector_features_follow_classes_and_groups():
     """Related classes get related features: same class closest, then same group, then others."""
-    world = data.ToyWorld(0)
+    world = ToyWorld(0)
     feats = {c: np.mean([world.detect(world.scene(classes=[c, c]))["features"][0] for _ in range(30)], 0) for c in ["car", "truck", "dog"]}
     d = lambda a, b: np.linalg.norm(feats[a] - feats[b])
     assert d("car", "truck") < d("car", "dog") and d("car", "truck") < d("truck", "dog")

@@ -12,6 +12,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import data  # noqa: E402
+from toy import make_toy_world  # noqa: E402
 
 
 def one_and_two(common, tmp_path):
@@ -27,7 +28,7 @@ def one_and_two(common, tmp_path):
 
 
 def test_two_processes_match_one(tmp_path):
-    toy = data.make_toy_world(str(tmp_path / "toy"), seed=0, scale=0.03)
+    toy = make_toy_world(str(tmp_path / "toy"), seed=0, scale=0.03)
     common = ["pretrain.py", "--unaligned", "--toy-root", toy, "--cache-dir", str(tmp_path / "cache"), "--max-steps", "8",
               "--batch-size", "8", "--log-every", "1", "--dropout", "0", "--eval-batches", "1", "--lr", "3e-3"]
     two, logs = one_and_two(common, tmp_path)
@@ -47,7 +48,7 @@ def test_two_processes_match_one(tmp_path):
 # task-pretraining masks): each is drawn once for the global batch, then split among the processes
 @pytest.mark.parametrize("task, flags", [("vqa", []), ("retrieval", ["--lr", "3e-3"]), ("nlvr2", ["--task-pretrain-epochs", "1"])])
 def test_finetune_two_processes_match_one(tmp_path, task, flags):
-    toy = data.make_toy_world(str(tmp_path / "toy"), seed=0, scale=0.03)
+    toy = make_toy_world(str(tmp_path / "toy"), seed=0, scale=0.03)
     common = ["finetune.py", "--task", task, "--toy-root", toy, "--device", "cpu", "--batch-size", "8", "--epochs", "0.4",
               "--log-every", "1", "--dropout", "0", "--min-answer-count", "1", *flags]
     two, logs = one_and_two(common, tmp_path)

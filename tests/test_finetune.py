@@ -13,6 +13,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
+from toy import CLASSES, COLORS, FEATURE_DIM, make_toy_world  # noqa: E402
 import finetune as ft  # noqa: E402
 from model import Config, VisualBERT  # noqa: E402
 
@@ -287,7 +288,7 @@ def test_refcoco_loader_skips_a_ref_without_features(tmp_path, store):
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
-    return data.make_toy_world(str(tmp_path_factory.mktemp("toy") / "world"), seed=0, scale=0.03)
+    return make_toy_world(str(tmp_path_factory.mktemp("toy") / "world"), seed=0, scale=0.03)
 
 
 def make_task(toy, name, *flags):
@@ -398,9 +399,9 @@ def test_nlvr2_task_pretraining_keeps_the_best_epoch(toy, tmp_path, capsys):
 
 def save_ckpt(path, toy, **changes):
     vocab = data.Vocab.from_file(os.path.join(toy, "vocab.txt"))
-    cfg = Config(**{**dict(vocab_size=len(vocab), hidden=32, layers=1, heads=2, ffn=64, max_positions=64, feat_dim=data.FEATURE_DIM,
-                           num_labels=len(data.CLASSES), num_attrs=len(data.COLORS)), **changes})
-    torch.save({"model": VisualBERT(cfg).state_dict(), "config": cfg.to_dict(), "vocab": vocab.tokens, "class_names": data.CLASSES}, path)
+    cfg = Config(**{**dict(vocab_size=len(vocab), hidden=32, layers=1, heads=2, ffn=64, max_positions=64, feat_dim=FEATURE_DIM,
+                           num_labels=len(CLASSES), num_attrs=len(COLORS)), **changes})
+    torch.save({"model": VisualBERT(cfg).state_dict(), "config": cfg.to_dict(), "vocab": vocab.tokens, "class_names": CLASSES}, path)
     return str(path)
 
 

@@ -10,12 +10,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
+from toy import CLASSES, COLORS, make_toy_world  # noqa: E402
 import pretrain  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
-    return data.make_toy_world(str(tmp_path_factory.mktemp("toy") / "world"), seed=0, scale=0.03)
+    return make_toy_world(str(tmp_path_factory.mktemp("toy") / "world"), seed=0, scale=0.03)
 
 
 def run(toy, out, *flags):
@@ -132,7 +133,7 @@ def test_bad_input_gets_one_clear_line(toy, tmp_path):
             pretrain.main(base + extra + ["--cache-dir", str(tmp_path / "cache")])
     # a checkpoint made for other features than the images given
     other = tmp_path / "wide"
-    w = data.FeatureWriter(str(other), 32, data.CLASSES, attr_names=data.COLORS, extractor={"other": True})
+    w = data.FeatureWriter(str(other), 32, CLASSES, attr_names=COLORS, extractor={"other": True})
     w.add("x", np.zeros((2, 32)), np.zeros((2, 4)), [0, 1], [0.5, 0.5], 10, 10, [0, 0], [0.5, 0.5])
     w.close()
     with pytest.raises(SystemExit, match=r"ckpt.pt: the checkpoint has feat_dim=64, the images have 32"):

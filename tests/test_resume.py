@@ -14,13 +14,14 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import data  # noqa: E402
+from toy import make_toy_world  # noqa: E402
 import finetune  # noqa: E402
 import pretrain  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
-    return data.make_toy_world(str(tmp_path_factory.mktemp("toy") / "world"), seed=0, scale=0.03)
+    return make_toy_world(str(tmp_path_factory.mktemp("toy") / "world"), seed=0, scale=0.03)
 
 
 def args(toy, out, *extra):

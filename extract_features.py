@@ -193,6 +193,19 @@ def build_model(args):
     return model.eval(), categories, name
 
 
+def box_policy(args):
+    """Fixed K, or adaptive min..max: fills in args.adaptive, the box counts and args.max_k; returns the
+    policy's name as the store records it (ask.py reads it back)."""
+    if args.min_boxes is None and args.max_boxes is None:
+        args.adaptive, args.boxes = False, args.boxes or 36
+        args.max_k = args.boxes
+        return f"fixed {args.boxes}"
+    assert args.boxes is None, "choose --boxes K (fixed) or --min-boxes/--max-boxes (adaptive), not both"
+    args.adaptive, args.min_boxes, args.max_boxes = True, args.min_boxes or 10, args.max_boxes or 100
+    args.max_k = args.max_boxes
+    return f"adaptive {args.min_boxes}-{args.max_boxes} at score >= {args.score_thresh}"
+
+
 def feature_dim(model, kind):
     return model.backbone.fpn.inner_blocks[-1][0].in_channels if kind == "c5" else model.roi_heads.box_predictor.cls_score.in_features
 
@@ -325,13 +338,7 @@ def main(argv=None):
         assert args.out, "--out is required"
         return import_tsv(args, rank, world)
     assert args.bench or (args.images and args.out), "--images and --out are required (or --from-tsv, or --bench)"
-    if args.min_boxes is None and args.max_boxes is None:  # the box policy: fixed K, or adaptive min..max
-        args.adaptive, args.boxes = False, args.boxes or 36
-        args.max_k, policy = args.boxes, f"fixed {args.boxes}"
-    else:
-        assert args.boxes is None, "choose --boxes K (fixed) or --min-boxes/--max-boxes (adaptive), not both"
-        args.adaptive, args.min_boxes, args.max_boxes = True, args.min_boxes or 10, args.max_boxes or 100
-        args.max_k, policy = args.max_boxes, f"adaptive {args.min_boxes}-{args.max_boxes} at score >= {args.score_thresh}"
+    policy = box_policy(args)
     if args.device == "auto":
         local = int(os.environ.get("LOCAL_RANK", 0))
         args.device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"

@@ -958,8 +958,11 @@ def main(argv=None):
             t0, seen, losses = time.time(), 0, []
         if (step + 1) % args.save_every == 0 or step + 1 == steps:
             if master:  # the plain model, never the compiled one
+                # ask.py answers from it: the task, its answer set, tags or not, how the features were made
                 save_checkpoint(ckpt_path, model, optimizer, scaler, step + 1, args, vocab, images.class_names,
-                                head=head.state_dict(), gen=gen.get_state(), losses=losses)
+                                head=head.state_dict(), gen=gen.get_state(), losses=losses, task=args.task,
+                                answers=getattr(task, "answers", None), tags=task.tags,
+                                extractor=images.stores[0].meta.get("extractor", {}))
             saved = step + 1
 
     # evaluation: every split the data has, each beside the baseline. Every process evaluates all of it

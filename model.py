@@ -116,6 +116,7 @@ class SelfAttention(nn.Module):
         self.value = nn.Linear(cfg.hidden, cfg.hidden)
         self.out = nn.Linear(cfg.hidden, cfg.hidden)
         self.dropout = cfg.dropout
+        self.keep_probs, self.probs = False, None  # ask.py --show sets keep_probs to see what each position attends to
 
     def forward(self, x, key_mask):
         B, T, C = x.shape
@@ -124,6 +125,9 @@ class SelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=key_mask[:, None, None, :],  # (B, 1, 1, T): True = attend
             dropout_p=self.dropout if self.training else 0.0)
+        if self.keep_probs:  # the fused kernel does not return its weights: the same softmax again, by hand
+            logits = (q @ k.transpose(-2, -1)) / math.sqrt(C // self.heads)  # (B, nh, T, T)
+            self.probs = logits.float().masked_fill(~key_mask[:, None, None, :], float("-inf")).softmax(-1)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.out(y)
 

@@ -158,18 +158,30 @@ def process_digit_article(text):
     return " ".join(CONTRACTIONS.get(w, w) for w in words if w not in ARTICLES)
 
 
+def clean_answer(answer):
+    """The official evaluation's first step on every answer: newlines and tabs to spaces, stripped."""
+    return answer.replace("\n", " ").replace("\t", " ").strip()
+
+
 def normalize_answer(answer):
-    """An answer as the official evaluation compares it: "Two dogs!" -> "2 dogs"."""
-    return process_digit_article(process_punctuation(answer.replace("\n", " ").replace("\t", " ").strip()))
+    """An answer as the official evaluation compares it when annotators disagree: "Two dogs!" -> "2 dogs"."""
+    return process_digit_article(process_punctuation(clean_answer(answer)))
+
+
+def as_compared(gt_answers):
+    """The annotators' answers as the official evaluation (vqaEval.py of the VQA API, since its 2021
+    fix) compares them, and what it does to the prediction: both normalised when the annotators
+    disagree, both only cleaned when all agree ("two" does not match ten "2"s, nor "Yes" ten "yes")."""
+    gts = [clean_answer(a) for a in gt_answers]
+    norm = normalize_answer if len(set(gts)) > 1 else clean_answer
+    return [norm(a) for a in gts], norm
 
 
 def vqa_accuracy(pred, gt_answers):
     """The official VQA accuracy of one predicted answer: over the 10 ways of leaving one annotator
-    out, the mean of min(1, matches among the other 9 / 3). As in the official code the prediction
-    is fully normalised, and the annotators' answers (clean in the released files) only lose
-    punctuation, and only when they disagree."""
-    pred = normalize_answer(pred)
-    gts = [process_punctuation(a) for a in gt_answers] if len(set(gt_answers)) > 1 else list(gt_answers)
+    out, the mean of min(1, matches among the other 9 / 3)."""
+    gts, norm = as_compared(gt_answers)
+    pred = norm(pred)
     return sum(min(1.0, sum(g == pred for j, g in enumerate(gts) if j != i) / 3) for i in range(len(gts))) / len(gts)
 
 
@@ -451,8 +463,9 @@ class VQA(Task):
         for items in self.splits.values():
             self.tokenize(items)
             for x in items:
-                # BCE targets: the official accuracy each answer would get, min(1, 0.3 k) with 10 annotators
-                ks = Counter(normalize_answer(a) for a in x["answers"])
+                # BCE targets: the official accuracy each answer would get, min(1, 0.3 k) with 10 annotators,
+                # the answers normalised (or not) as the official evaluation compares them
+                ks = Counter(as_compared(x["answers"])[0])
                 x["target"] = {index[a]: soft_score(k, len(x["answers"])) for a, k in ks.items() if a in index}
         self.info.append(f"{len(self.answers)} answers (each the answer of >= {args.min_answer_count} training questions)")
         # a question none of whose answers is in the set stays: the official evaluation counts it (the

@@ -47,6 +47,15 @@ def one_thread():
     ("couldnt've", "couldn't've"),
     ("couldn'tve", "couldn't've"),
     ("im", "im"),  # the official table's "Im" has a capital and never matches
+    ("isnt it", "isn't it"),
+    ("it's", "it's"),  # the apostrophe and the colon are not among the official marks
+    ("10:30", "10:30"),
+    ("1,000 cats!", "1000 cats"),  # with a comma between digits even "!" is deleted, not made a space
+    ("a man and a dog", "man and dog"),
+    ("Ten", "10"),
+    ("eleven", "eleven"),  # the official map stops at ten
+    ("(left)", "left"),
+    ("yes;no", "yes no"),
     ("  two \t dogs \n", "2 dogs"),
 ])
 def test_answer_normalisation(raw, clean):
@@ -69,14 +78,27 @@ def test_vqa_accuracy_by_hand(k, expected):
     assert ft.soft_score(k) == pytest.approx(expected) == pytest.approx(min(1, 0.3 * k))
 
 
-def test_vqa_accuracy_normalises_as_the_official_code():
-    assert ft.vqa_accuracy("Two", ["2"] * 10) == 1.0  # the prediction is normalised
-    assert ft.vqa_accuracy("the dog", ["dog"] * 10) == 1.0
-    # annotators who disagree lose their punctuation ("yes." -> "yes")...
-    assert ft.vqa_accuracy("yes", ["yes."] * 3 + ["no"] * 7) == pytest.approx(0.9)
-    # ...unanimous ones are left as they are (the released annotations are clean)
-    assert ft.vqa_accuracy("yes", ["yes."] * 10) == 0.0
-    assert ft.soft_score(2, n=3) == pytest.approx((2 * (1 / 3) + 1 * (2 / 3)) / 3)  # fewer annotators: the same definition
+@pytest.mark.parametrize("pred, answers, expected", [
+    # the official evaluation since its 2021 fix: annotators who disagree have their answers normalised
+    # as the prediction is, so these four differ from the 2016 code (which gave 0.6, 0.9, 0.6 and 1.0)
+    ("2", ["two"] * 4 + ["2"] * 2 + ["3"] * 4, 1.0),  # six "2" once "two" is a digit
+    ("dog", ["a dog"] * 3 + ["dog"] * 3 + ["cat"] * 4, 1.0),  # six "dog" without the article
+    ("yes", ["Yes"] * 5 + ["yes"] * 2 + ["no"] * 3, 1.0),  # seven "yes" in lower case
+    ("two", ["2"] * 10, 0.0),  # all ten agree: nothing is normalised, "two" is not "2"
+    ("Two", ["two"] * 10, 0.0),
+    ("2", ["2"] * 10, 1.0),
+    (" 2\n", ["2\t"] * 10, 1.0),  # but newlines and tabs become spaces, then both ends are stripped
+    ("the dog.", ["dog"] * 3 + ["cat"] * 7, 0.9),  # disagreeing: the prediction is normalised too
+    ("yes", ["yes."] * 3 + ["no"] * 7, 0.9),
+    ("yes", ["yes."] * 10, 0.0),
+])
+def test_vqa_accuracy_is_the_official_one(pred, answers, expected):
+    assert ft.vqa_accuracy(pred, answers) == pytest.approx(expected)
+
+
+def test_soft_score_with_fewer_annotators():
+    assert ft.soft_score(2, n=3) == pytest.approx((2 * (1 / 3) + 1 * (2 / 3)) / 3)  # the same definition
+    assert ft.vqa_accuracy("a", ["a", "a", "b"]) == pytest.approx(ft.soft_score(2, n=3))
 
 
 def test_recall_at_k_by_hand():

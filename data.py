@@ -970,17 +970,23 @@ class Corpus:
             return b
         if self.kind == "image":
             return mask_image(image_inputs([self.images[self.items[i]] for i in idx], self.tag_pieces, self.tags), v, gen)
-        # aligned pairs: with p 0.5 the image is swapped for another one of the batch (label 1)
+        # aligned pairs: with p 0.5 the image is swapped for a different image, the image of a random
+        # pair of the set redrawn until it differs (LXMERT), label 1. A set whose pairs all show one
+        # image has none to swap in: its pairs stay matched. The caption is masked either way (LXMERT,
+        # the authors' code base): only the match label tells the two apart.
         captions, image_ids = self.items
-        idx = np.asarray(idx)
-        swap = (torch.rand(len(idx), generator=gen) < 0.5) & (len(idx) > 1)
-        shift = torch.randint(1, max(2, len(idx)), (len(idx),), generator=gen)
-        image_of = np.where(swap.numpy(), idx[(np.arange(len(idx)) + shift.numpy()) % len(idx)], idx)
+        several = any(i != image_ids[0] for i in image_ids)
+        swap = (torch.rand(len(idx), generator=gen) < 0.5) & several
+        image_of = [image_ids[i] for i in idx]
+        for j in np.nonzero(swap.numpy())[0]:
+            other = image_of[j]
+            while other == image_of[j]:
+                other = image_ids[int(torch.randint(len(image_ids), (1,), generator=gen))]
+            image_of[j] = other
         b = text_inputs([captions[i] for i in idx], v, CAPTION_LEN)
         b["input_ids"], b["mlm_labels"] = mask_text(b["input_ids"], v, gen)
-        b["mlm_labels"][swap] = -100  # no MLM on a mismatched pair (LXMERT, the authors' code base)
         b["match_labels"] = swap.long()
-        b.update(mask_image(image_inputs([self.images[image_ids[i]] for i in image_of], self.tag_pieces, self.tags), v, gen))
+        b.update(mask_image(image_inputs([self.images[i] for i in image_of], self.tag_pieces, self.tags), v, gen))
         return b
 
 

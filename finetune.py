@@ -85,7 +85,11 @@ d.add_argument("--features", nargs="+", metavar="STORE", help="feature stores ho
 d.add_argument("--toy-root", default=data.TOY_DIR, metavar="DIR", help="where the toy world is made and cached")
 d.add_argument("--min-answer-count", type=int, default=9, metavar="N",
                help="vqa: the answer set is every answer that is the multiple_choice_answer of at least this many "
-                    "training questions (9 over train+val gives the usual 3129)")
+                    "training questions (or questions of --answers)")
+d.add_argument("--answers", nargs="+", metavar="FILE",
+               help="vqa: count the answer set over these VQA annotation files instead of the training questions "
+                    "(train2014 + val2014 with the default count of 9 gives the usual 3,129 answers), or read it from "
+                    "one ans2label JSON file {\"answer\": index}")
 m = p.add_argument_group("model and optimisation (SPEC 6); a task's defaults suit the toy world, see the paper's below")
 m.add_argument("--init-from", metavar="PATH", help="our checkpoint (ckpt.pt), a Hugging Face BERT directory (the Base row), "
                                                    "or nothing: random weights of --model")
@@ -400,6 +404,35 @@ def load_refcoco(refs_file, instances_file, images, skipped):
     return splits
 
 
+def frequent(counts, min_count, where="training questions"):
+    """The answers counted at least `min_count` times, the most frequent first."""
+    answers = sorted((a for a, c in counts.items() if c >= min_count), key=lambda a: (-counts[a], a))
+    if not answers:
+        raise ValueError(f"no answer is given to {min_count} {where}: lower --min-answer-count")
+    return answers
+
+
+def read_answer_set(files, min_count):
+    """--answers: VQA annotation files, over which the normalised multiple_choice_answers are counted
+    (train + val at 9: the usual 3,129), or one ans2label file {"answer": index} (LXMERT's
+    trainval_ans2label.json). Returns (the answers in index order, where they come from)."""
+    objs = [data.read_json(f) for f in files]
+    if len(files) == 1 and isinstance(objs[0], dict) and "annotations" not in objs[0]:
+        table = objs[0]
+        if not table or not all(isinstance(a, str) and type(i) is int for a, i in table.items()) \
+                or sorted(table.values()) != list(range(len(table))):
+            raise ValueError(f"{files[0]}: not a VQA annotations file, nor an ans2label file "
+                             f"{{\"answer\": index}} with the indices 0 to N-1")
+        return sorted(table, key=table.get), f"read from {files[0]}"
+    counts = Counter()
+    for f, obj in zip(files, objs):
+        if not isinstance(obj, dict) or "annotations" not in obj:
+            raise ValueError(f"{f}: not a VQA annotations file (no 'annotations'); an ans2label file goes alone")
+        for n, a in enumerate(field(obj, "annotations", f, "the file")):
+            counts[normalize_answer(str(field(a, "multiple_choice_answer", f, f"record {n}")))] += 1
+    return frequent(counts, min_count, f"questions of {' '.join(files)}"), f"each the answer of >= {min_count} questions of {' '.join(files)}"
+
+
 # -----------------------------------------------------------------------------
 # the tasks: each has .splits, .train (examples), .eval_splits, and makes a head, a loss, metrics.
 # A training step is task.draw(items, gen) on the global batch, then task.loss(model, head, items)
@@ -454,11 +487,13 @@ class VQA(Task):
         files = lambda sub: (os.path.join(root, f"v2_OpenEnded_mscoco_{sub}_questions.json"), os.path.join(root, f"v2_mscoco_{sub}_annotations.json"))
         self.splits = {s: load_vqa(*files(sub), images, self.skipped) for s, sub in (("train", "train2014"), ("val", "val2014"))}
         self.train, self.eval_splits = self.splits["train"], ["val"]
-        # the answer set: normalised answers that are the multiple_choice_answer of >= N training questions
+        # the answer set: normalised answers that are the multiple_choice_answer of >= N training
+        # questions, or of the questions of --answers, or an ans2label file's
         counts = Counter(normalize_answer(x["mc"]) for x in self.train)
-        self.answers = sorted((a for a, c in counts.items() if c >= args.min_answer_count), key=lambda a: (-counts[a], a))
-        if not self.answers:
-            raise ValueError(f"no answer is given to {args.min_answer_count} training questions: lower --min-answer-count")
+        if args.answers:
+            self.answers, source = read_answer_set(args.answers, args.min_answer_count)
+        else:
+            self.answers, source = frequent(counts, args.min_answer_count), f"each the answer of >= {args.min_answer_count} training questions"
         index = {a: i for i, a in enumerate(self.answers)}
         for items in self.splits.values():
             self.tokenize(items)
@@ -467,7 +502,7 @@ class VQA(Task):
                 # the answers normalised (or not) as the official evaluation compares them
                 ks = Counter(as_compared(x["answers"])[0])
                 x["target"] = {index[a]: soft_score(k, len(x["answers"])) for a, k in ks.items() if a in index}
-        self.info.append(f"{len(self.answers)} answers (each the answer of >= {args.min_answer_count} training questions)")
+        self.info.append(f"{len(self.answers)} answers ({source})")
         # a question none of whose answers is in the set stays: the official evaluation counts it (the
         # model scores 0 on it), and it trains every answer's score toward 0
         lost = ", ".join(f"{s} {sum(not x['target'] for x in xs)}/{len(xs)}" for s, xs in self.splits.items())
@@ -865,6 +900,8 @@ def main(argv=None):
         p.error("--task-pretrain-epochs is NLVR2's task-specific pre-training (SPEC 6)")
     if (args.data is None) != (args.features is None):
         p.error("--data and --features go together: the task's files and the stores of their images")
+    if args.answers and args.task != "vqa":
+        p.error("--answers is VQA's answer set")
     args.out = args.out or os.path.join("out", "finetune", args.task)
     device, rank, world = setup_device(args)  # under torchrun: this process's rank of `world`
     master = rank == 0  # only rank 0 writes the log, the checkpoints and the results

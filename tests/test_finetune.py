@@ -203,6 +203,53 @@ def write_lines(path, records):
     return str(path)
 
 
+def vqa_folder(tmp_path):
+    """VQA files under their official names: three training and three validation questions."""
+    ten = lambda *parts: [a for n, a in parts for _ in range(n)]  # noqa: E731
+    splits = {"train2014": [(1, 42, "yes", ten((10, "yes"))), (2, 7, "yes", ten((7, "yes"), (3, "no"))),
+                            (3, 42, "Two", ten((4, "two"), (2, "2"), (4, "3")))],
+              "val2014": [(11, 42, "2", ten((10, "2"))), (12, 7, "2", ten((6, "2"), (4, "3"))), (13, 7, "Two", ten((10, "Two")))]}
+    for sub, qs in splits.items():
+        write(tmp_path / f"v2_OpenEnded_mscoco_{sub}_questions.json",
+              {"questions": [{"image_id": i, "question": "how many cats?", "question_id": q} for q, i, _, _ in qs]})
+        write(tmp_path / f"v2_mscoco_{sub}_annotations.json",
+              {"annotations": [{**annotation(q, i, answers), "multiple_choice_answer": mc} for q, i, mc, answers in qs]})
+    return {sub: str(tmp_path / f"v2_mscoco_{sub}_annotations.json") for sub in splits}
+
+
+def test_answer_set_counted_over_the_files_named(tmp_path):
+    files = vqa_folder(tmp_path)
+    # multiple_choice_answer, normalised: train "yes" 2, "2" 1 ("Two"); val "2" 3 ("2", "2", "Two")
+    assert ft.read_answer_set([files["train2014"]], 2)[0] == ["yes"]
+    answers, source = ft.read_answer_set([files["train2014"], files["val2014"]], 2)
+    assert answers == ["2", "yes"] and source.startswith("each the answer of >= 2 questions of ")
+    assert ft.read_answer_set([files["train2014"], files["val2014"]], 3)[0] == ["2"]
+    with pytest.raises(ValueError, match="no answer is given to 5 questions of .*: lower --min-answer-count"):
+        ft.read_answer_set([files["train2014"], files["val2014"]], 5)
+    ans2label = write(tmp_path / "trainval_ans2label.json", {"no": 1, "3": 3, "yes": 0, "2": 2})
+    assert ft.read_answer_set([ans2label], 9) == (["yes", "no", "2", "3"], f"read from {ans2label}")  # in index order
+    for bad in ({"yes": 0, "no": 0}, {"yes": 1}, {"yes": "0"}, {"yes": True}, {}):
+        with pytest.raises(ValueError, match="nor an ans2label file"):
+            ft.read_answer_set([write(tmp_path / "bad.json", bad)], 9)
+
+
+def test_answer_flag_and_training_targets_follow_the_official_evaluation(tmp_path, store):
+    files = vqa_folder(tmp_path)
+    vocab = data.Vocab(list(data.Vocab.SPECIALS) + ["how", "many", "cat", "##s", "?", "dog"])
+    ans2label = write(tmp_path / "trainval_ans2label.json", {"yes": 0, "no": 1, "2": 2, "3": 3})
+    counted = ft.VQA(ft.p.parse_args(["--task", "vqa", "--answers", *files.values(), "--min-answer-count", "2"]), vocab, store, str(tmp_path))
+    assert counted.answers == ["2", "yes"] and counted.info[-1].startswith("2 answers (each the answer of >= 2 questions of")
+    task = ft.VQA(ft.p.parse_args(["--task", "vqa", "--answers", ans2label]), vocab, store, str(tmp_path))
+    assert task.answers == ["yes", "no", "2", "3"] and task.info[-1] == f"4 answers (read from {ans2label})"
+    # each target is the official accuracy of that answer: question 3's "two" counts as "2" (its
+    # annotators disagree), question 13's ten "Two" match no answer of the set (they agree: kept as said)
+    for x in task.splits["train"] + task.splits["val"]:
+        assert {a: x["target"].get(a, 0.0) for a in range(4)} == pytest.approx(
+            {a: ft.vqa_accuracy(label, x["answers"]) for a, label in enumerate(task.answers)}), x["qid"]
+    by_qid = {x["qid"]: x["target"] for x in task.splits["train"] + task.splits["val"]}
+    assert by_qid[3] == pytest.approx({2: 1.0, 3: 1.0}) and by_qid[2] == pytest.approx({0: 1.0, 1: 0.9}) and by_qid[13] == {}
+
+
 def test_nlvr2_loader(tmp_path, store):
     f = write_lines(tmp_path / "dev.json", [{"identifier": "dev-1-0-3", "sentence": "two cats .", "label": "True"},
                                             {"identifier": "dev-1-0-4", "sentence": "no dog .", "label": "False"}])

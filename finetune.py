@@ -119,6 +119,9 @@ r.add_argument("--log-every", type=int, default=50, metavar="STEPS")
 r.add_argument("--save-every", type=int, default=500, metavar="STEPS", help="write OUT/ckpt.pt every this many steps, and at the end")
 r.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt; the rest of the command must be the same")
 r.add_argument("--eval-batch-size", type=int, default=256, metavar="N", help="sequences per forward pass when evaluating")
+# every flag that names a path, and what it must be (data.check_path)
+PATH_FLAGS = {"data": "folder", "features": "folder", "answers": "file", "init_from": "checkpoint", "out": "out",
+              "toy_root": "out"}
 
 # -----------------------------------------------------------------------------
 # metrics
@@ -304,31 +307,35 @@ def load_vqa(questions_file, annotations_file, images, skipped):
 def load_nlvr2(file, images, skipped):
     """NLVR2 JSON lines -> [{id, text, images: (img0, img1), label, sentence}]. The images are named
     from the identifier split-set-pair-sentence: split-set-pair-img0 and -img1."""
-    if not os.path.exists(file):
-        raise FileNotFoundError(f"{file}: not found")
+    try:
+        with open(file, encoding="utf-8") as f:
+            lines = f.readlines()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{file}: not found") from None
+    except (OSError, UnicodeDecodeError) as e:  # a folder, no permission, not text
+        raise ValueError(f"{file}: cannot be read as text ({getattr(e, 'strerror', None) or e})") from None
     out = []
-    with open(file) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                raise ValueError(f"{file}: line {n} is not JSON") from None
-            ident = field(rec, "identifier", file, f"line {n}")
-            where = f"line {n} ({ident})"
-            text, label = field(rec, "sentence", file, where), str(field(rec, "label", file, where))
-            if label not in ("True", "False"):
-                raise ValueError(f"{file}: {where}: label {label!r}, expected 'True' or 'False'")
-            parts = str(ident).split("-")
-            if len(parts) != 4:
-                raise ValueError(f"{file}: {where}: the identifier is not split-set-pair-sentence")
-            pair = "-".join(parts[:3])
-            img0 = find_image(images, [f"{pair}-img0"], file, where, skipped)
-            img1 = find_image(images, [f"{pair}-img1"], file, where, skipped) if img0 else None
-            if img1 is not None:
-                out.append({"id": ident, "text": text, "images": (img0, img1), "label": int(label == "True"),
-                            "sentence": "-".join(parts[:2] + parts[3:])})  # split-set-*-sentence: one per unique sentence
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            raise ValueError(f"{file}: line {n} is not JSON") from None
+        ident = field(rec, "identifier", file, f"line {n}")
+        where = f"line {n} ({ident})"
+        text, label = field(rec, "sentence", file, where), str(field(rec, "label", file, where))
+        if label not in ("True", "False"):
+            raise ValueError(f"{file}: {where}: label {label!r}, expected 'True' or 'False'")
+        parts = str(ident).split("-")
+        if len(parts) != 4:
+            raise ValueError(f"{file}: {where}: the identifier is not split-set-pair-sentence")
+        pair = "-".join(parts[:3])
+        img0 = find_image(images, [f"{pair}-img0"], file, where, skipped)
+        img1 = find_image(images, [f"{pair}-img1"], file, where, skipped) if img0 else None
+        if img1 is not None:
+            out.append({"id": ident, "text": text, "images": (img0, img1), "label": int(label == "True"),
+                        "sentence": "-".join(parts[:2] + parts[3:])})  # split-set-*-sentence: one per unique sentence
     if not out:
         raise skipped.none_left(file, "example")
     return out
@@ -902,6 +909,7 @@ def main(argv=None):
         p.error("--data and --features go together: the task's files and the stores of their images")
     if args.answers and args.task != "vqa":
         p.error("--answers is VQA's answer set")
+    data.check_paths(args, PATH_FLAGS)
     args.out = args.out or os.path.join("out", "finetune", args.task)
     device, rank, world = setup_device(args)  # under torchrun: this process's rank of `world`
     master = rank == 0  # only rank 0 writes the log, the checkpoints and the results
@@ -913,7 +921,6 @@ def main(argv=None):
     np.random.seed(args.seed)
     args.dtype, why = pick_dtype(args, device)
     ctx = autocast(device, args.dtype)
-    os.makedirs(args.out, exist_ok=True)
     t_start = time.time()
 
     # data: the toy world's task unless --data/--features are given
@@ -948,6 +955,7 @@ def main(argv=None):
         gen.set_state(resume["gen"])
 
     if master:
+        os.makedirs(args.out, exist_ok=True)  # only now: a bad input leaves no output folder behind
         with open(os.path.join(args.out, "args.json"), "w") as f:
             json.dump({"argv": sys.argv, "args": vars(args), "world_size": world, "torch": torch.__version__,
                        "python": platform.python_version()}, f, indent=1)

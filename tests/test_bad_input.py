@@ -32,7 +32,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    """The toy world, a checkpoint that fits it, and bad inputs of every kind under one folder (IN)."""
+    """The toy world, a checkpoint that fits it, and bad inputs of every kind in one folder ({i} in CASES)."""
     toy = data.make_toy_world(str(tmp_path_factory.mktemp("toy") / "world"), seed=0, scale=0.03)
     d = tmp_path_factory.mktemp("inputs")
     e = {"toy": toy, "in": str(d), "cache": str(tmp_path_factory.mktemp("cache")), "missing": str(d / "nowhere.txt")}

@@ -14,6 +14,7 @@ import hashlib
 import json
 import mmap
 import os
+import shutil
 
 import numpy as np
 import torch
@@ -45,18 +46,17 @@ class FeatureStore:
         meta_file = os.path.join(path, "meta.json")
         if not os.path.exists(meta_file):
             raise FileNotFoundError(f"{path}: not a feature store (no meta.json); make one with extract_features.py")
-        with open(meta_file) as f:
-            self.meta = json.load(f)
-        if self.meta.get("format") != STORE_FORMAT:
-            raise ValueError(f"{meta_file}: format {self.meta.get('format')!r}, expected {STORE_FORMAT!r}")
+        self.meta = read_json(meta_file)
+        if not isinstance(self.meta, dict) or self.meta.get("format") != STORE_FORMAT:
+            raise ValueError(f"{meta_file}: not the meta.json of a feature store (format {STORE_FORMAT!r}); "
+                             "make one with extract_features.py")
         self.class_names = self.meta["class_names"]
         self.attr_names = self.meta.get("attr_names")
         self.feature_dim = self.meta["feature_dim"]
         self._shards, self._where, self._arrays = [], {}, {}
         for index_file in sorted(glob.glob(os.path.join(path, "*.index.json"))):
             shard = index_file[: -len(".index.json")]
-            with open(index_file) as f:
-                index = json.load(f)
+            index = read_json(index_file)
             self._check_shard(shard, index)
             s = len(self._shards)
             self._shards.append(shard)
@@ -67,6 +67,8 @@ class FeatureStore:
                 self._where[image_id] = (s, index["start"][i], index["count"][i], index["width"][i], index["height"][i])
 
     def _check_shard(self, shard, index):
+        if not isinstance(index, dict) or not {"ids", "start", "count", "width", "height"} <= set(index):
+            raise ValueError(f"{shard}.index.json: not a shard index (ids, start, count, width, height)")
         rows = sum(index["count"])
         for name in ARRAYS:
             file = f"{shard}.{name}.npy"
@@ -126,14 +128,62 @@ def _save_npy(file, arr):
 
 
 def read_json(file):
-    """A JSON file, with a clear error naming the file when it is missing or malformed."""
+    """A JSON file, with a clear error naming the file when it is missing, unreadable or malformed."""
     try:
         with open(file) as f:
             return json.load(f)
     except FileNotFoundError:
         raise FileNotFoundError(f"{file}: not found") from None
-    except ValueError as e:
+    except OSError as e:  # a folder, no permission
+        raise ValueError(f"{file}: cannot be read ({e.strerror or e})") from None
+    except ValueError as e:  # bad JSON, bad UTF-8, an empty file
         raise ValueError(f"{file}: not valid JSON ({e})") from None
+
+
+def check_path(path, kind, flag):
+    """A path a command-line flag names, checked before any work so that a bad one costs one clear
+    line naming it (SystemExit) and writes nothing. kind: "file" (readable, not empty), "folder", "file or
+    folder", "checkpoint" (a file, or a Hugging Face BERT folder), "out" (a folder to write: absent or a folder)."""
+    where = f"{flag} {path}"
+    if kind == "out":
+        up = os.path.abspath(path)
+        while not os.path.exists(up):
+            up = os.path.dirname(up)
+        if not os.path.isdir(up):
+            raise SystemExit(f"{where}: {up} is a file, where a folder is wanted")
+        if not os.access(up, os.W_OK):
+            raise SystemExit(f"{where}: {up} is not writable")
+        return
+    if not os.path.exists(path):
+        raise SystemExit(f"{where}: not found")
+    if kind == "checkpoint" and os.path.isdir(path):  # a BERT folder: its config, vocabulary and weights
+        weights = [f for f in ("model.safetensors", "pytorch_model.bin") if os.path.exists(os.path.join(path, f))]
+        for f in ("config.json", "vocab.txt", *(weights[:1] or ["model.safetensors"])):
+            check_path(os.path.join(path, f), "file", f"{flag} (a Hugging Face BERT folder)")
+        return
+    if os.path.isdir(path):
+        if kind in ("file", "checkpoint"):
+            raise SystemExit(f"{where}: a folder, where a file is wanted")
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise SystemExit(f"{where}: cannot be read (permission denied)")
+        return
+    if kind == "folder":
+        raise SystemExit(f"{where}: a file, where a folder is wanted")
+    try:
+        with open(path, "rb") as f:
+            empty = not f.read(1)
+    except OSError as e:
+        raise SystemExit(f"{where}: cannot be read ({e.strerror or e})") from None
+    if empty:
+        raise SystemExit(f"{where}: the file is empty")
+
+
+def check_paths(args, kinds):
+    """check_path on every path of the flags in `kinds` ({dest: kind}) that were given."""
+    for dest, kind in kinds.items():
+        value = getattr(args, dest, None)
+        for path in [value] if isinstance(value, str) else value or []:
+            check_path(path, kind, "--" + dest.replace("_", "-"))
 
 
 def write_json(file, obj):
@@ -159,8 +209,7 @@ class FeatureWriter:
                 "attr_names": list(attr_names) if attr_names is not None else None, "extractor": extractor or {}}
         meta_file = os.path.join(path, "meta.json")
         if os.path.exists(meta_file):
-            with open(meta_file) as f:
-                old = json.load(f)
+            old = read_json(meta_file)
             meta = json.loads(json.dumps(meta))  # as it would read back (tuples become lists)
             if old != meta:
                 diff = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
@@ -240,6 +289,8 @@ class Vocab:
                 tokens = [line.rstrip("\n") for line in f]
         except FileNotFoundError:
             raise FileNotFoundError(f"{path}: vocabulary file not found") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"{path}: not a vocabulary (one word piece a line, UTF-8)") from None
         while tokens and tokens[-1] == "":
             tokens.pop()
         return cls(tokens, source=path)
@@ -281,7 +332,14 @@ class TokenCorpus:
         key = hashlib.sha1(json.dumps(["tokens.bin v1", os.path.abspath(path), st.st_size, st.st_mtime_ns, kind, vocab.tokens]).encode()).hexdigest()[:16]
         folder = os.path.join(cache_dir, f"{os.path.basename(path)}-{key}")
         if not os.path.exists(os.path.join(folder, "done")):
-            self._build(path, vocab, kind, folder)
+            new_cache = not os.path.exists(cache_dir)
+            try:
+                self._build(path, vocab, kind, folder)
+            except BaseException:  # a file with no usable line, a kill: no half cache is left behind
+                shutil.rmtree(folder, ignore_errors=True)
+                if new_cache:
+                    shutil.rmtree(cache_dir, ignore_errors=True)
+                raise
         self.path = path
         self.tokens = np.memmap(os.path.join(folder, "tokens.bin"), dtype=np.int32, mode="r") if os.path.getsize(os.path.join(folder, "tokens.bin")) else np.zeros(0, np.int32)
         self.offsets = np.load(os.path.join(folder, "offsets.npy"))
@@ -525,6 +583,8 @@ class Images:
                 raise ValueError(f"{s.path}: other classes or feature size than {first.path}; stores must come from one extractor")
         self.class_names, self.attr_names, self.feature_dim = first.class_names, first.attr_names, first.feature_dim
         self.where = {i: s for s in self.stores for i in s.ids()}
+        if not self.where:
+            raise ValueError(f"{', '.join(paths)}: no images in the feature store{'s' * (len(paths) > 1)}")
 
     def __getitem__(self, image_id):
         if image_id not in self.where:
@@ -583,17 +643,23 @@ class Corpus:
             return b
         if self.kind == "image":
             return mask_image(image_inputs([self.images[self.items[i]] for i in idx], self.tag_pieces, self.tags), v, gen)
-        # aligned pairs: with p 0.5 the image is swapped for another one of the batch (label 1)
+        # aligned pairs: with p 0.5 the image is swapped for a different image, the image of a random
+        # pair of the set redrawn until it differs (LXMERT), label 1. A set whose pairs all show one
+        # image has none to swap in: its pairs stay matched. The caption is masked either way (LXMERT,
+        # the authors' code base): only the match label tells the two apart.
         captions, image_ids = self.items
-        idx = np.asarray(idx)
-        swap = (torch.rand(len(idx), generator=gen) < 0.5) & (len(idx) > 1)
-        shift = torch.randint(1, max(2, len(idx)), (len(idx),), generator=gen)
-        image_of = np.where(swap.numpy(), idx[(np.arange(len(idx)) + shift.numpy()) % len(idx)], idx)
+        several = any(i != image_ids[0] for i in image_ids)
+        swap = (torch.rand(len(idx), generator=gen) < 0.5) & several
+        image_of = [image_ids[i] for i in idx]
+        for j in np.nonzero(swap.numpy())[0]:
+            other = image_of[j]
+            while other == image_of[j]:
+                other = image_ids[int(torch.randint(len(image_ids), (1,), generator=gen))]
+            image_of[j] = other
         b = text_inputs([captions[i] for i in idx], v, CAPTION_LEN)
         b["input_ids"], b["mlm_labels"] = mask_text(b["input_ids"], v, gen)
-        b["mlm_labels"][swap] = -100  # no MLM on a mismatched pair (LXMERT, the authors' code base)
         b["match_labels"] = swap.long()
-        b.update(mask_image(image_inputs([self.images[image_ids[i]] for i in image_of], self.tag_pieces, self.tags), v, gen))
+        b.update(mask_image(image_inputs([self.images[i] for i in image_of], self.tag_pieces, self.tags), v, gen))
         return b
 
 

@@ -44,7 +44,6 @@ import base64
 import contextlib
 import csv
 import hashlib
-import json
 import math
 import os
 import sys
@@ -96,18 +95,46 @@ parser.add_argument("--num-shards", type=int, default=None, help="number of proc
 parser.add_argument("--shard-size", type=int, default=1000, help="images per written shard, the most a kill can lose (%(default)s)")
 parser.add_argument("--bench", action="store_true", help="images/s of extraction vs torchvision's plain model(images), nothing written")
 parser.add_argument("--bench-images", type=int, default=16, help="--bench: images to time, the first of --images, else random ones (%(default)s)")
+# every flag that names a path, and what it must be (data.check_path); --weights is checked where it is read
+PATH_FLAGS = {"images": "file or folder", "out": "out", "given_boxes": "file", "from_tsv": "file", "vocab": "file",
+              "attr_vocab": "file"}
 
 # -----------------------------------------------------------------------------
 # images: find, decode to upright 8-bit RGB
 
 
 def find_images(spec):
-    """A folder (searched recursively) or a list file -> sorted paths."""
+    """A folder (searched recursively) or a list file -> sorted paths; none is an error."""
     if os.path.isdir(spec):
-        return sorted(os.path.join(d, f) for d, _, files in os.walk(spec) for f in files if f.lower().endswith(EXTENSIONS))
-    with open(spec) as f:
-        lines = [line.strip() for line in f if line.strip()]
+        paths = sorted(os.path.join(d, f) for d, _, fs in os.walk(spec) for f in fs if f.lower().endswith(EXTENSIONS))
+        if not paths:
+            sys.exit(f"--images {spec}: no images in this folder ({', '.join(EXTENSIONS)})")
+        return paths
+    if spec.lower().endswith(EXTENSIONS):
+        sys.exit(f"--images {spec}: an image; --images takes a folder of images or a text file listing them")
+    try:
+        with open(spec, encoding="utf-8") as f:
+            lines = [line.strip() for line in f if line.strip()]
+    except UnicodeDecodeError:
+        sys.exit(f"--images {spec}: not a text file listing image paths, one a line")
+    if not lines:
+        sys.exit(f"--images {spec}: lists no images")
     return [os.path.join(os.path.dirname(os.path.abspath(spec)), p) for p in lines]
+
+
+def read_given_boxes(file):
+    """--given-boxes: {image id or file name: [[x1, y1, x2, y2], ...]} in pixels, checked before any work."""
+    try:
+        given = data.read_json(file)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(str(e))
+    if not isinstance(given, dict):
+        sys.exit(f"--given-boxes {file}: not a JSON object {{image id or file name: [[x1, y1, x2, y2], ...]}}")
+    box = lambda b: isinstance(b, list) and len(b) == 4 and all(type(v) in (int, float) for v in b)  # noqa: E731
+    for k, boxes in given.items():
+        if not isinstance(boxes, list) or not all(map(box, boxes)):
+            sys.exit(f"--given-boxes {file}: image {k!r}: not a list of [x1, y1, x2, y2] pixel boxes")
+    return {str(k): v for k, v in given.items()}
 
 
 def stem(path):
@@ -170,20 +197,32 @@ def build_model(args):
     kw = dict(min_size=args.min_size, max_size=args.max_size, rpn_post_nms_top_n_test=args.proposals,
               box_score_thresh=args.score_thresh, box_nms_thresh=args.nms, box_detections_per_img=args.max_k)
     categories = torchvision.models.get_model_weights(args.model).DEFAULT.meta["categories"]  # 91 COCO ids, offline
+    weights_file = os.path.isfile(args.weights) or args.weights.endswith((".pth", ".pt")) or os.sep in args.weights
     if args.weights.lower() == "none":
         torch.manual_seed(args.seed)  # the same random detector in every process and rerun
         model = torchvision.models.get_model(args.model, weights=None, weights_backbone=None, **kw)
         name = f"none (random, seed {args.seed})"
-    elif os.path.isfile(args.weights):
-        state = torch.load(args.weights, map_location="cpu", weights_only=True)
-        state = state.get("model", state)  # torchvision's reference scripts save {"model": ...}
-        num_classes = state["roi_heads.box_predictor.cls_score.weight"].shape[0]
-        model = torchvision.models.get_model(args.model, weights=None, weights_backbone=None, num_classes=num_classes, **kw)
-        model.load_state_dict(state)
+    elif weights_file:
+        data.check_path(args.weights, "file", "--weights")
+        try:
+            state = torch.load(args.weights, map_location="cpu", weights_only=True)
+            state = state.get("model", state)  # torchvision's reference scripts save {"model": ...}
+            num_classes = state["roi_heads.box_predictor.cls_score.weight"].shape[0]
+            model = torchvision.models.get_model(args.model, weights=None, weights_backbone=None,
+                                                 num_classes=num_classes, **kw)
+            model.load_state_dict(state)
+        except Exception as e:  # not a torch file, not a state dict, another model's
+            first = (str(e).splitlines() or [""])[0][:200]
+            sys.exit(f"--weights {args.weights}: not a state dict of {args.model} ({type(e).__name__}: {first})")
         with open(args.weights, "rb") as f:
             name = f"{os.path.basename(args.weights)} sha256:{hashlib.sha256(f.read()).hexdigest()[:16]}"
         categories = categories if num_classes == len(categories) else [f"class_{i}" for i in range(num_classes)]
     else:  # DEFAULT or an enum name: torchvision downloads the file once, on a machine with internet
+        try:
+            torchvision.models.get_model_weights(args.model).verify(args.weights)
+        except (ValueError, KeyError):
+            sys.exit(f"--weights {args.weights}: not a file, nor a name of {args.model}'s weights in torchvision "
+                     f"({', '.join(torchvision.models.get_model_weights(args.model).__members__)}), nor none")
         try:
             model = torchvision.models.get_model(args.model, weights=args.weights, **kw)
         except OSError as e:  # offline: no cached file and no internet
@@ -200,7 +239,6 @@ def box_policy(args):
         args.adaptive, args.boxes = False, args.boxes or 36
         args.max_k = args.boxes
         return f"fixed {args.boxes}"
-    assert args.boxes is None, "choose --boxes K (fixed) or --min-boxes/--max-boxes (adaptive), not both"
     args.adaptive, args.min_boxes, args.max_boxes = True, args.min_boxes or 10, args.max_boxes or 100
     args.max_k = args.max_boxes
     return f"adaptive {args.min_boxes}-{args.max_boxes} at score >= {args.score_thresh}"
@@ -288,8 +326,14 @@ def read_vocab(file, n, prefix):
     """One class a line, first synonym of "a,b,c"; no file: n names prefix_<i> (Visual Genome's sizes)."""
     if file is None:
         return [f"{prefix}_{i}" for i in range(n)]
-    with open(file) as f:
-        return [line.strip().split(",")[0] for line in f if line.strip()]
+    try:
+        with open(file, encoding="utf-8") as f:
+            names = [line.strip().split(",")[0] for line in f if line.strip()]
+    except UnicodeDecodeError:
+        names = []
+    if not names:
+        sys.exit(f"{file}: not a list of names, one a line")
+    return names
 
 
 def import_tsv(args, rank, world):
@@ -300,27 +344,41 @@ def import_tsv(args, rank, world):
     settings = {"source": "bottom-up-attention TSV", "tsv": os.path.basename(args.from_tsv),
                 "vocab": args.vocab and os.path.basename(args.vocab), "attr_vocab": args.attr_vocab and os.path.basename(args.attr_vocab),
                 "boxes": "as in the TSV, normalised by img_w, img_h"}
-    writer, done, n = None, set(), 0
-    decode = lambda s, dtype: np.frombuffer(base64.b64decode(s), dtype=dtype)  # noqa: E731
-    with open(args.from_tsv) as f:
+    writer, done, n, rows = None, set(), 0, 0
+    decode = lambda s, dtype: np.frombuffer(base64.b64decode(s, validate=True), dtype=dtype)  # noqa: E731
+    with open(args.from_tsv, encoding="utf-8", errors="replace") as f:
         for r, row in enumerate(csv.DictReader(f, TSV_FIELDS, delimiter="\t")):
+            rows += 1
             if r % world != rank:
                 continue
-            K = int(row["num_boxes"])
-            w, h = int(float(row["img_w"])), int(float(row["img_h"]))
-            feats = decode(row["features"], np.float32).reshape(K, -1)  # (K, 2048)
+            try:
+                K = int(row["num_boxes"])
+                w, h = int(float(row["img_w"])), int(float(row["img_h"]))
+                feats = decode(row["features"], np.float32).reshape(K, -1)  # (K, 2048)
+                labels, attrs = decode(row["objects_id"], np.int64), decode(row["attrs_id"], np.int64)
+                boxes = decode(row["boxes"], np.float32).reshape(K, 4) / np.array([w, h, w, h], np.float32)  # (K, 4)
+                conf, attr_conf = decode(row["objects_conf"], np.float32), decode(row["attrs_conf"], np.float32)
+                if not len(labels) == len(attrs) == len(conf) == len(attr_conf) == K or feats.shape[1] == 0:
+                    raise ValueError(f"{K} boxes, {len(labels)} classes, {len(conf)} scores, {len(attrs)} attributes")
+            except (ValueError, TypeError) as e:  # a missing field is None: TypeError
+                sys.exit(f"{args.from_tsv}: row {r + 1} is not a bottom-up-attention TSV row "
+                         f"({', '.join(TSV_FIELDS)}): {type(e).__name__}: {str(e)[:200]}")
+            if labels.size and (labels.max() >= len(names) or attrs.max() >= len(attr_names)):
+                sys.exit(f"{args.from_tsv}: image {row['img_id']} has class ids beyond the vocabulary "
+                         f"({len(names)}, {len(attr_names)})")
             if writer is None:
-                writer = data.FeatureWriter(args.out, feats.shape[1], names, attr_names, extractor=settings, prefix=f"shard{rank}", shard_size=args.shard_size)
+                try:
+                    writer = data.FeatureWriter(args.out, feats.shape[1], names, attr_names, extractor=settings,
+                                                prefix=f"shard{rank}", shard_size=args.shard_size)
+                except ValueError as e:  # a store made with other settings, a broken meta.json
+                    sys.exit(str(e))
                 done = writer.done_ids()
             if row["img_id"] in done:
                 continue
-            labels, attrs = decode(row["objects_id"], np.int64), decode(row["attrs_id"], np.int64)
-            if labels.size and (labels.max() >= len(names) or attrs.max() >= len(attr_names)):
-                sys.exit(f"{args.from_tsv}: image {row['img_id']} has class ids beyond the vocabulary ({len(names)}, {len(attr_names)})")
-            boxes = decode(row["boxes"], np.float32).reshape(K, 4) / np.array([w, h, w, h], np.float32)  # (K, 4) in [0, 1]
-            writer.add(row["img_id"], feats, np.clip(boxes, 0, 1), labels, decode(row["objects_conf"], np.float32), w, h,
-                       attributes=attrs, attr_scores=decode(row["attrs_conf"], np.float32))
+            writer.add(row["img_id"], feats, np.clip(boxes, 0, 1), labels, conf, w, h, attrs, attr_conf)
             n += 1
+    if not rows:
+        sys.exit(f"{args.from_tsv}: no rows")
     if writer is not None:
         writer.close()
     print(f"imported {n} images from {args.from_tsv} into {args.out}")
@@ -333,11 +391,17 @@ def main(argv=None):
     args = parser.parse_args(argv)
     rank = args.shard if args.shard is not None else int(os.environ.get("RANK", 0))
     world = args.num_shards if args.num_shards is not None else int(os.environ.get("WORLD_SIZE", 1))
-    assert 0 <= rank < world, f"--shard {rank} is not in [0, --num-shards {world})"
+    if not 0 <= rank < world:
+        parser.error(f"--shard {rank} is not in [0, --num-shards {world})")
+    data.check_paths(args, PATH_FLAGS)
     if args.from_tsv:
-        assert args.out, "--out is required"
+        if not args.out:
+            parser.error("--out is required")
         return import_tsv(args, rank, world)
-    assert args.bench or (args.images and args.out), "--images and --out are required (or --from-tsv, or --bench)"
+    if not (args.bench or (args.images and args.out)):
+        parser.error("--images and --out are required (or --from-tsv, or --bench)")
+    if args.boxes is not None and (args.min_boxes is not None or args.max_boxes is not None):
+        parser.error("choose --boxes K (fixed) or --min-boxes/--max-boxes (adaptive), not both")
     policy = box_policy(args)
     if args.device == "auto":
         local = int(os.environ.get("LOCAL_RANK", 0))
@@ -349,6 +413,7 @@ def main(argv=None):
     autocast = torch.autocast(device.type, half) if half else contextlib.nullcontext()
     paths = find_images(args.images) if args.images else []
     ids = image_ids(paths)  # fails at start on two files with one stem
+    given = read_given_boxes(args.given_boxes) if args.given_boxes and not args.bench else None
     model, categories, weights_name = build_model(args)
     model.to(device)
     dim = feature_dim(model, args.feature)
@@ -366,14 +431,15 @@ def main(argv=None):
 
     if args.bench:
         return bench(model, paths, args, device, autocast)
-    given = None
-    if args.given_boxes:
-        with open(args.given_boxes) as f:
-            given = {str(k): v for k, v in json.load(f).items()}
+    if given is not None:
         keep = [i for i, (p, k) in enumerate(zip(paths, ids)) if k in given or os.path.basename(p) in given]
         print(f"--given-boxes: {len(keep)} of {len(paths)} images have boxes; the others are left out")
         paths, ids = [paths[i] for i in keep], [ids[i] for i in keep]
-    writer = data.FeatureWriter(args.out, dim, categories, extractor=settings, prefix=f"shard{rank}", shard_size=args.shard_size)
+    try:
+        writer = data.FeatureWriter(args.out, dim, categories, extractor=settings, prefix=f"shard{rank}",
+                                    shard_size=args.shard_size)
+    except ValueError as e:  # a store made with other settings, a broken meta.json
+        sys.exit(str(e))
     done = writer.done_ids()
     skipped_file = os.path.join(args.out, "skipped.txt")
     listed = set()

@@ -86,7 +86,11 @@ d.add_argument("--features", nargs="+", metavar="STORE", help="feature stores ho
 d.add_argument("--toy-root", default=toy.TOY_DIR, metavar="DIR", help="where the toy world is made and cached")
 d.add_argument("--min-answer-count", type=int, default=9, metavar="N",
                help="vqa: the answer set is every answer that is the multiple_choice_answer of at least this many "
-                    "training questions (9 over train+val gives the usual 3129)")
+                    "training questions (or questions of --answers)")
+d.add_argument("--answers", nargs="+", metavar="FILE",
+               help="vqa: count the answer set over these VQA annotation files instead of the training questions "
+                    "(train2014 + val2014 with the default count of 9 gives the usual 3,129 answers), or read it from "
+                    "one ans2label JSON file {\"answer\": index}")
 m = p.add_argument_group("model and optimisation (SPEC 6); a task's defaults suit the toy world, see the paper's below")
 m.add_argument("--init-from", metavar="PATH", help="our checkpoint (ckpt.pt), a Hugging Face BERT directory (the Base row), "
                                                    "or nothing: random weights of --model")
@@ -116,6 +120,9 @@ r.add_argument("--log-every", type=int, default=50, metavar="STEPS")
 r.add_argument("--save-every", type=int, default=500, metavar="STEPS", help="write OUT/ckpt.pt every this many steps, and at the end")
 r.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt; the rest of the command must be the same")
 r.add_argument("--eval-batch-size", type=int, default=256, metavar="N", help="sequences per forward pass when evaluating")
+# every flag that names a path, and what it must be (data.check_path)
+PATH_FLAGS = {"data": "folder", "features": "folder", "answers": "file", "init_from": "checkpoint", "out": "out",
+              "toy_root": "out"}
 
 # -----------------------------------------------------------------------------
 # metrics
@@ -159,18 +166,30 @@ def process_digit_article(text):
     return " ".join(CONTRACTIONS.get(w, w) for w in words if w not in ARTICLES)
 
 
+def clean_answer(answer):
+    """The official evaluation's first step on every answer: newlines and tabs to spaces, stripped."""
+    return answer.replace("\n", " ").replace("\t", " ").strip()
+
+
 def normalize_answer(answer):
-    """An answer as the official evaluation compares it: "Two dogs!" -> "2 dogs"."""
-    return process_digit_article(process_punctuation(answer.replace("\n", " ").replace("\t", " ").strip()))
+    """An answer as the official evaluation compares it when annotators disagree: "Two dogs!" -> "2 dogs"."""
+    return process_digit_article(process_punctuation(clean_answer(answer)))
+
+
+def as_compared(gt_answers):
+    """The annotators' answers as the official evaluation (vqaEval.py of the VQA API, since its 2021
+    fix) compares them, and what it does to the prediction: both normalised when the annotators
+    disagree, both only cleaned when all agree ("two" does not match ten "2"s, nor "Yes" ten "yes")."""
+    gts = [clean_answer(a) for a in gt_answers]
+    norm = normalize_answer if len(set(gts)) > 1 else clean_answer
+    return [norm(a) for a in gts], norm
 
 
 def vqa_accuracy(pred, gt_answers):
     """The official VQA accuracy of one predicted answer: over the 10 ways of leaving one annotator
-    out, the mean of min(1, matches among the other 9 / 3). As in the official code the prediction
-    is fully normalised, and the annotators' answers (clean in the released files) only lose
-    punctuation, and only when they disagree."""
-    pred = normalize_answer(pred)
-    gts = [process_punctuation(a) for a in gt_answers] if len(set(gt_answers)) > 1 else list(gt_answers)
+    out, the mean of min(1, matches among the other 9 / 3)."""
+    gts, norm = as_compared(gt_answers)
+    pred = norm(pred)
     return sum(min(1.0, sum(g == pred for j, g in enumerate(gts) if j != i) / 3) for i in range(len(gts))) / len(gts)
 
 
@@ -289,31 +308,35 @@ def load_vqa(questions_file, annotations_file, images, skipped):
 def load_nlvr2(file, images, skipped):
     """NLVR2 JSON lines -> [{id, text, images: (img0, img1), label, sentence}]. The images are named
     from the identifier split-set-pair-sentence: split-set-pair-img0 and -img1."""
-    if not os.path.exists(file):
-        raise FileNotFoundError(f"{file}: not found")
+    try:
+        with open(file, encoding="utf-8") as f:
+            lines = f.readlines()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{file}: not found") from None
+    except (OSError, UnicodeDecodeError) as e:  # a folder, no permission, not text
+        raise ValueError(f"{file}: cannot be read as text ({getattr(e, 'strerror', None) or e})") from None
     out = []
-    with open(file) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                raise ValueError(f"{file}: line {n} is not JSON") from None
-            ident = field(rec, "identifier", file, f"line {n}")
-            where = f"line {n} ({ident})"
-            text, label = field(rec, "sentence", file, where), str(field(rec, "label", file, where))
-            if label not in ("True", "False"):
-                raise ValueError(f"{file}: {where}: label {label!r}, expected 'True' or 'False'")
-            parts = str(ident).split("-")
-            if len(parts) != 4:
-                raise ValueError(f"{file}: {where}: the identifier is not split-set-pair-sentence")
-            pair = "-".join(parts[:3])
-            img0 = find_image(images, [f"{pair}-img0"], file, where, skipped)
-            img1 = find_image(images, [f"{pair}-img1"], file, where, skipped) if img0 else None
-            if img1 is not None:
-                out.append({"id": ident, "text": text, "images": (img0, img1), "label": int(label == "True"),
-                            "sentence": "-".join(parts[:2] + parts[3:])})  # split-set-*-sentence: one per unique sentence
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            raise ValueError(f"{file}: line {n} is not JSON") from None
+        ident = field(rec, "identifier", file, f"line {n}")
+        where = f"line {n} ({ident})"
+        text, label = field(rec, "sentence", file, where), str(field(rec, "label", file, where))
+        if label not in ("True", "False"):
+            raise ValueError(f"{file}: {where}: label {label!r}, expected 'True' or 'False'")
+        parts = str(ident).split("-")
+        if len(parts) != 4:
+            raise ValueError(f"{file}: {where}: the identifier is not split-set-pair-sentence")
+        pair = "-".join(parts[:3])
+        img0 = find_image(images, [f"{pair}-img0"], file, where, skipped)
+        img1 = find_image(images, [f"{pair}-img1"], file, where, skipped) if img0 else None
+        if img1 is not None:
+            out.append({"id": ident, "text": text, "images": (img0, img1), "label": int(label == "True"),
+                        "sentence": "-".join(parts[:2] + parts[3:])})  # split-set-*-sentence: one per unique sentence
     if not out:
         raise skipped.none_left(file, "example")
     return out
@@ -389,6 +412,35 @@ def load_refcoco(refs_file, instances_file, images, skipped):
     return splits
 
 
+def frequent(counts, min_count, where="training questions"):
+    """The answers counted at least `min_count` times, the most frequent first."""
+    answers = sorted((a for a, c in counts.items() if c >= min_count), key=lambda a: (-counts[a], a))
+    if not answers:
+        raise ValueError(f"no answer is given to {min_count} {where}: lower --min-answer-count")
+    return answers
+
+
+def read_answer_set(files, min_count):
+    """--answers: VQA annotation files, over which the normalised multiple_choice_answers are counted
+    (train + val at 9: the usual 3,129), or one ans2label file {"answer": index} (LXMERT's
+    trainval_ans2label.json). Returns (the answers in index order, where they come from)."""
+    objs = [data.read_json(f) for f in files]
+    if len(files) == 1 and isinstance(objs[0], dict) and "annotations" not in objs[0]:
+        table = objs[0]
+        if not table or not all(isinstance(a, str) and type(i) is int for a, i in table.items()) \
+                or sorted(table.values()) != list(range(len(table))):
+            raise ValueError(f"{files[0]}: not a VQA annotations file, nor an ans2label file "
+                             f"{{\"answer\": index}} with the indices 0 to N-1")
+        return sorted(table, key=table.get), f"read from {files[0]}"
+    counts = Counter()
+    for f, obj in zip(files, objs):
+        if not isinstance(obj, dict) or "annotations" not in obj:
+            raise ValueError(f"{f}: not a VQA annotations file (no 'annotations'); an ans2label file goes alone")
+        for n, a in enumerate(field(obj, "annotations", f, "the file")):
+            counts[normalize_answer(str(field(a, "multiple_choice_answer", f, f"record {n}")))] += 1
+    return frequent(counts, min_count, f"questions of {' '.join(files)}"), f"each the answer of >= {min_count} questions of {' '.join(files)}"
+
+
 # -----------------------------------------------------------------------------
 # the tasks: each has .splits, .train (examples), .eval_splits, and makes a head, a loss, metrics.
 # A training step is task.draw(items, gen) on the global batch, then task.loss(model, head, items)
@@ -443,19 +495,22 @@ class VQA(Task):
         files = lambda sub: (os.path.join(root, f"v2_OpenEnded_mscoco_{sub}_questions.json"), os.path.join(root, f"v2_mscoco_{sub}_annotations.json"))
         self.splits = {s: load_vqa(*files(sub), images, self.skipped) for s, sub in (("train", "train2014"), ("val", "val2014"))}
         self.train, self.eval_splits = self.splits["train"], ["val"]
-        # the answer set: normalised answers that are the multiple_choice_answer of >= N training questions
+        # the answer set: normalised answers that are the multiple_choice_answer of >= N training
+        # questions, or of the questions of --answers, or an ans2label file's
         counts = Counter(normalize_answer(x["mc"]) for x in self.train)
-        self.answers = sorted((a for a, c in counts.items() if c >= args.min_answer_count), key=lambda a: (-counts[a], a))
-        if not self.answers:
-            raise ValueError(f"no answer is given to {args.min_answer_count} training questions: lower --min-answer-count")
+        if args.answers:
+            self.answers, source = read_answer_set(args.answers, args.min_answer_count)
+        else:
+            self.answers, source = frequent(counts, args.min_answer_count), f"each the answer of >= {args.min_answer_count} training questions"
         index = {a: i for i, a in enumerate(self.answers)}
         for items in self.splits.values():
             self.tokenize(items)
             for x in items:
-                # BCE targets: the official accuracy each answer would get, min(1, 0.3 k) with 10 annotators
-                ks = Counter(normalize_answer(a) for a in x["answers"])
+                # BCE targets: the official accuracy each answer would get, min(1, 0.3 k) with 10 annotators,
+                # the answers normalised (or not) as the official evaluation compares them
+                ks = Counter(as_compared(x["answers"])[0])
                 x["target"] = {index[a]: soft_score(k, len(x["answers"])) for a, k in ks.items() if a in index}
-        self.info.append(f"{len(self.answers)} answers (each the answer of >= {args.min_answer_count} training questions)")
+        self.info.append(f"{len(self.answers)} answers ({source})")
         # a question none of whose answers is in the set stays: the official evaluation counts it (the
         # model scores 0 on it), and it trains every answer's score toward 0
         lost = ", ".join(f"{s} {sum(not x['target'] for x in xs)}/{len(xs)}" for s, xs in self.splits.items())
@@ -853,6 +908,9 @@ def main(argv=None):
         p.error("--task-pretrain-epochs is NLVR2's task-specific pre-training (SPEC 6)")
     if (args.data is None) != (args.features is None):
         p.error("--data and --features go together: the task's files and the stores of their images")
+    if args.answers and args.task != "vqa":
+        p.error("--answers is VQA's answer set")
+    data.check_paths(args, PATH_FLAGS)
     args.out = args.out or os.path.join("out", "finetune", args.task)
     device, rank, world = setup_device(args)  # under torchrun: this process's rank of `world`
     master = rank == 0  # only rank 0 writes the log, the checkpoints and the results
@@ -864,7 +922,6 @@ def main(argv=None):
     np.random.seed(args.seed)
     args.dtype, why = pick_dtype(args, device)
     ctx = autocast(device, args.dtype)
-    os.makedirs(args.out, exist_ok=True)
     t_start = time.time()
 
     # data: the toy world's task unless --data/--features are given
@@ -899,6 +956,7 @@ def main(argv=None):
         gen.set_state(resume["gen"])
 
     if master:
+        os.makedirs(args.out, exist_ok=True)  # only now: a bad input leaves no output folder behind
         with open(os.path.join(args.out, "args.json"), "w") as f:
             json.dump({"argv": sys.argv, "args": vars(args), "world_size": world, "torch": torch.__version__,
                        "python": platform.python_version()}, f, indent=1)

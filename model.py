@@ -398,7 +398,10 @@ def read_safetensors(path):
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:  # UnicodeDecodeError too
+            raise ValueError(f"{path}: not a safetensors file (no JSON header)") from None
         data = f.read()
     tensors = {}
     for name, info in header.items():
@@ -413,10 +416,18 @@ def read_safetensors(path):
 
 
 def config_from_hf(path, **overrides):
-    with open(os.path.join(path, "config.json")) as f:
-        c = json.load(f)
+    file = os.path.join(path, "config.json")
+    try:
+        with open(file) as f:
+            c = json.load(f)
+    except ValueError as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from None
+    keys = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+            "max_position_embeddings")
+    if not isinstance(c, dict) or not set(keys) <= set(c):
+        raise ValueError(f"{file}: not a BERT config (it needs {', '.join(keys)})")
     if c.get("hidden_act", "gelu") != "gelu":
-        raise ValueError(f"{path}/config.json: hidden_act {c['hidden_act']!r}, this model implements BERT's erf GELU only")
+        raise ValueError(f"{file}: hidden_act {c['hidden_act']!r}, this model implements BERT's erf GELU only")
     return Config(vocab_size=c["vocab_size"], hidden=c["hidden_size"], layers=c["num_hidden_layers"],
                   heads=c["num_attention_heads"], ffn=c["intermediate_size"],
                   max_positions=c["max_position_embeddings"], type_vocab=c.get("type_vocab_size", 2),
@@ -432,7 +443,11 @@ def load_bert(model, path):
     if os.path.exists(st):
         src = read_safetensors(st)
     elif os.path.exists(binf):
-        src = torch.load(binf, map_location="cpu", weights_only=True)
+        try:
+            src = torch.load(binf, map_location="cpu", weights_only=True)
+        except Exception as e:  # not a torch file, truncated, not plain tensors
+            first = (str(e).splitlines() or [""])[0][:200]
+            raise ValueError(f"{binf}: not a readable PyTorch weights file ({type(e).__name__}: {first})") from None
     else:
         raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin in this BERT directory")
     src = {hf_to_ours(k): v for k, v in src.items() if not HF_IGNORED.search(k)}
@@ -441,10 +456,13 @@ def load_bert(model, path):
     missing, unexpected = bert_keys - src.keys(), src.keys() - bert_keys
     if "nsp.weight" in missing and "nsp.bias" in missing:  # a checkpoint without NSP head (BertForMaskedLM)
         missing -= {"nsp.weight", "nsp.bias"}
-    assert not missing and not unexpected, f"{path}: keys do not match BERT's. missing {sorted(missing)[:8]}, unexpected {sorted(unexpected)[:8]}"
+    if missing or unexpected:
+        raise ValueError(f"{path}: keys do not match BERT's. missing {sorted(missing)[:8]}, "
+                         f"unexpected {sorted(unexpected)[:8]}")
     with torch.no_grad():
         for k, v in src.items():
-            assert ours[k].shape == v.shape, f"{path}: {k} has shape {tuple(v.shape)}, the model expects {tuple(ours[k].shape)}"
+            if ours[k].shape != v.shape:
+                raise ValueError(f"{path}: {k} has shape {tuple(v.shape)}, the model expects {tuple(ours[k].shape)}")
             ours[k].copy_(v)
     return model
 

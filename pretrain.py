@@ -70,6 +70,10 @@ r.add_argument("--workers", type=int, default=None, help="processes building bat
 r.add_argument("--log-every", type=int, default=50)
 r.add_argument("--save-every", type=int, default=1000)
 r.add_argument("--eval-batches", type=int, default=4, help="batches per held-out set")
+# every flag that names a path, and what it must be (data.check_path)
+PATH_FLAGS = {"images": "folder", "captions": "file", "text": "file", "pairs": "file", "heldout_images": "folder",
+              "heldout_captions": "file", "heldout_text": "file", "init_from": "checkpoint", "out": "out",
+              "cache_dir": "out", "toy_root": "out"}
 
 
 # -----------------------------------------------------------------------------
@@ -201,16 +205,26 @@ def make_model(args, images, vocab_size):
     drop = {} if args.dropout is None else {"dropout": args.dropout}
     src = args.init_from
     if src and os.path.isdir(src):
-        cfg = config_from_hf(src, **visual, **drop)
-        return load_bert(VisualBERT(cfg), src), data.Vocab.from_file(os.path.join(src, "vocab.txt"))
+        try:
+            cfg = config_from_hf(src, **visual, **drop)
+            return load_bert(VisualBERT(cfg), src), data.Vocab.from_file(os.path.join(src, "vocab.txt"))
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
     if src:
         ckpt = load_checkpoint(src)
+        if not isinstance(ckpt, dict) or not {"model", "config", "vocab"} <= set(ckpt):
+            raise SystemExit(f"{src}: not a checkpoint of pretrain.py or finetune.py (no model, config and vocab "
+                             f"inside); --init-from takes one of those or a Hugging Face BERT directory")
         cfg = Config(**{**ckpt["config"], **drop})
         for k, val in visual.items():
             if getattr(cfg, k) != val:
                 raise SystemExit(f"{src}: the checkpoint has {k}={getattr(cfg, k)}, the images have {val}")
         model = VisualBERT(cfg)
-        model.load_state_dict(ckpt["model"])
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            first = str(e).splitlines()[0].strip()  # the first line names the mismatch; the rest lists every tensor
+            raise SystemExit(f"{src}: its weights do not fit the model ({first} ...)") from None
         return model, data.Vocab(ckpt["vocab"], source=src)
     cfg = Config(**{**PRESETS[args.model], "vocab_size": vocab_size, **visual, **drop})
     return VisualBERT(cfg), None
@@ -273,6 +287,10 @@ def main(argv=None):
         p.error("choose exactly one of --unaligned, --aligned, --hybrid, --text-only")
     if args.no_captions and not args.unaligned:
         p.error("--no-captions goes with --unaligned (the U_NC row)")
+    data.check_paths(args, PATH_FLAGS)
+    real = args.images or args.captions or args.text or args.pairs
+    if real and not (args.init_from or args.resume):  # before any model is built: its size comes from the vocabulary
+        raise SystemExit("real data needs a vocabulary: give --init-from (a BERT directory or a checkpoint)")
     device, rank, world = setup_device(args)
     master = rank == 0  # only rank 0 prints, logs and saves
     say = print if master else (lambda *a, **k: None)
@@ -284,10 +302,9 @@ def main(argv=None):
     ctx = autocast(device, dtype)
     torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for the fp32 matmuls that remain
     torch.backends.cudnn.allow_tf32 = True
-    os.makedirs(args.out, exist_ok=True)
 
     # data: the toy world unless real data is given
-    if not (args.images or args.captions or args.text or args.pairs):
+    if not real:
         root = toy.make_toy_world(args.toy_root) if master else args.toy_root
         if world > 1:
             dist.barrier()  # rank 0 made the toy world; the others wait for it
@@ -312,17 +329,16 @@ def main(argv=None):
         args.init_from = ckpt_path
     model, vocab = make_model(args, images, None if vocab_file is None else len(data.Vocab.from_file(vocab_file)))
     if vocab is None:
-        if vocab_file is None:
-            raise SystemExit("real data needs a vocabulary: give --init-from (a BERT directory or a checkpoint)")
         vocab = data.Vocab.from_file(vocab_file)
     model.to(device)
+    class_names = images.class_names if images is not None else None
     try:
         corpora = build_corpora(args, vocab, images)
+        heldout = heldout_batches(args, vocab, class_names, args.eval_batches) if master else {}
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(str(e)) from None
     dataset = data.PretrainData(corpora, args.batch_size, args.seed)
-    class_names = images.class_names if images is not None else None
-    heldout = heldout_batches(args, vocab, class_names, args.eval_batches) if master else {}
+    os.makedirs(args.out, exist_ok=True)  # only now: a bad input leaves no output folder behind
 
     # AdamW, no decay on biases and LayerNorms (BERT); linear warm-up, then linear decay to zero
     decay = [p_ for n, p_ in model.named_parameters() if p_.dim() >= 2]

@@ -358,8 +358,13 @@ def main(argv=None):
         k, _, v = kv.partition("=")
         if k not in budget:
             p.error(f"--budget {kv}: the budgets are {', '.join(budget)}")
-        budget[k] = float(v) if k in ("vqa", "nlvr2", "retrieval", "refcoco") else int(v)
+        epochs = k in ("vqa", "nlvr2", "retrieval", "refcoco")  # fine-tuning epochs; the rest are steps
+        try:
+            budget[k] = float(v) if epochs else int(v)
+        except ValueError:
+            p.error(f"--budget {kv}: {v!r} is not a {'number' if epochs else 'whole number'}")
     seeds = list(range(args.seeds or (1 if args.quick else 3)))
+    data.check_paths(args, {"out": "out", "toy_root": "out"})
     t0 = time.time()
     toy.make_toy_world(args.toy_root)
     os.makedirs(args.out, exist_ok=True)

@@ -203,6 +203,40 @@ def test_image_inputs_tags_carry_their_region_box(tmp_path):
     assert not any(k.startswith("tag") for k in data.image_inputs(entries, pieces, tags=False))
 
 
+def pair_corpus(path, image_of_pair):
+    """Aligned pairs over a store whose image k has every feature equal to k + 1, so that the image a
+    batch row shows can be read back from its feature targets."""
+    ids = sorted(set(image_of_pair))
+    w = FeatureWriter(path, 4, ["car", "dog", "man,men"])
+    for k, i in enumerate(ids):
+        w.add(i, np.full((2, 4), k + 1, np.float32), np.array([[0, 0, 0.5, 0.5], [0.5, 0.5, 1, 1]], np.float32),
+              np.array([0, 1]), np.array([0.9, 0.8], np.float32), 10, 10)
+    w.close()
+    captions = [np.array([VOCAB.tokens.index(t) for t in "the big red dog sat on the mat".split()])] * len(image_of_pair)
+    return data.Corpus("pairs", "pair", VOCAB, (captions, list(image_of_pair)), data.Images([path])), ids
+
+
+def test_a_swapped_image_is_another_image_and_its_caption_is_still_masked(tmp_path):
+    image_of_pair = [f"im{k // 5}" for k in range(15)]  # five captions of each of three images, as COCO has
+    corpus, ids = pair_corpus(str(tmp_path / "a"), image_of_pair)
+    rows = []
+    for seed in range(20):
+        b = corpus.batch(np.arange(15), torch.Generator().manual_seed(seed))
+        shown = [ids[int(k) - 1] for k in b["feat_targets"][:, 0, 0]]  # (15,) the image each row shows
+        for j in range(15):
+            rows.append((int(b["match_labels"][j]), shown[j] != image_of_pair[j], int((b["mlm_labels"][j] != -100).sum())))
+    swapped = [r for r in rows if r[0] == 1]
+    assert 0.4 < len(swapped) / len(rows) < 0.6  # label 1 with p 0.5
+    assert all(other == bool(label) for label, other, _ in rows)  # label 1 exactly when the image is another one
+    # the caption is masked and predicted whether or not the pair matches, at the same rate
+    masked = lambda label: np.mean([n for lab, _, n in rows if lab == label])  # noqa: E731
+    assert masked(1) > 0.5 and masked(0) > 0.5 and abs(masked(1) - masked(0)) < 0.5, (masked(1), masked(0))
+    # a set of pairs that all show one image has no other image: every pair stays matched
+    one, _ = pair_corpus(str(tmp_path / "b"), ["im0"] * 6)
+    b = one.batch(np.arange(6), torch.Generator().manual_seed(0))
+    assert b["match_labels"].tolist() == [0] * 6 and (b["mlm_labels"] != -100).any()
+
+
 def test_nsp_layout():
     a, b = [VOCAB.tokens.index("red"), VOCAB.tokens.index("car")], [VOCAB.tokens.index("dog")]
     x = data.text_inputs([a], VOCAB, 64, second=[b])

@@ -102,7 +102,7 @@ def test_store_holds_every_good_image_and_lists_bad_files(folder, tmp_path, caps
     ef.main(FAST + ["--images", str(folder), "--out", out])
     assert open(os.path.join(out, "skipped.txt")).read().splitlines() == lines
     assert "0 to go" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="other settings"):
+    with pytest.raises(SystemExit, match="meta.json: this store was made with other settings"):
         ef.main(FAST + ["--boxes", "5", "--images", str(folder), "--out", out])
 
 

@@ -70,7 +70,7 @@ def test_from_bert_rejects_wrong_shapes(tmp_path):
     write_hf_bert(str(tmp_path), safe=True)
     model = VisualBERT(tiny(hidden=48, heads=4))
     from model import load_bert
-    with pytest.raises(AssertionError, match="shape"):
+    with pytest.raises(ValueError, match="shape"):
         load_bert(model, str(tmp_path))
 
 

@@ -78,7 +78,8 @@ parser.add_argument("--min-boxes", type=int, default=None, help="adaptive: at le
 parser.add_argument("--max-boxes", type=int, default=None, help="adaptive: at most this many boxes (default 100)")
 parser.add_argument("--score-thresh", type=float, default=0.2, help="adaptive: keep boxes scoring at least this (%(default)s)")
 parser.add_argument("--nms", type=float, default=0.3, help="IoU of the class-agnostic NMS (%(default)s)")
-parser.add_argument("--proposals", type=int, default=1000, help="RPN proposals per image (%(default)s, torchvision's)")
+parser.add_argument("--proposals", type=int, default=1000,
+                    help="RPN proposals per image (%(default)s, torchvision's; fewer are faster: see --bench-proposals)")
 parser.add_argument("--min-size", type=int, default=800, help="resize the shorter side to this (%(default)s, torchvision's)")
 parser.add_argument("--max-size", type=int, default=1333, help="... unless the longer side would exceed this (%(default)s)")
 parser.add_argument("--given-boxes", default=None, help="JSON {image id or file name: [[x1, y1, x2, y2], ...]} pixel boxes to pool")

@@ -36,10 +36,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
-from model import PRESETS, Config, VisualBERT, config_from_hf, load_bert
-from pretrain import (Objectives, all_sum, autocast, check_batch, load_checkpoint, make_optimizer, optimizer_step, pick_dtype,
-                      pretrain_step, restore, save_checkpoint, say, setup_device, shard, to_device, toy_world, trim_log,
-                      with_positions, wrap, write_args)
+from model import PRESETS
+from pretrain import (Objectives, all_sum, autocast, check_batch, load_checkpoint, load_weights, make_model, make_optimizer,
+                      optimizer_step, pick_dtype, pretrain_step, restore, save_checkpoint, say, setup_device, shard, to_device,
+                      toy_world, trim_log, with_positions, wrap, write_args)
 
 # -----------------------------------------------------------------------------
 # settings: every flag, in one place; `python finetune.py -h` is the manual
@@ -743,40 +743,21 @@ TASKS = {"vqa": VQA, "nlvr2": NLVR2, "retrieval": Retrieval, "refcoco": RefCOCO}
 
 
 def build_model(args, images, toy_vocab, resume=None):
-    """--init-from our checkpoint (config and vocabulary inside), a Hugging Face BERT directory (the
-    Base row: BERT's weights, new visual modules sized from the store), or nothing (random weights
-    of --model with the toy vocabulary). With --resume, the model of the run's own checkpoint."""
-    visual = dict(feat_dim=images.feature_dim, num_labels=len(images.class_names), num_attrs=len(images.attr_names or []))
-    drop = {} if args.dropout is None else {"dropout": args.dropout}
-    src = os.path.join(args.out, "ckpt.pt") if resume is not None else args.init_from
-    if src and os.path.isdir(src):
-        return load_bert(VisualBERT(config_from_hf(src, **visual, **drop)), src), data.Vocab.from_file(os.path.join(src, "vocab.txt"))
-    if src:
-        ckpt = resume if resume is not None else load_checkpoint(src)
-        if not isinstance(ckpt, dict) or not {"model", "config", "vocab"} <= set(ckpt):
-            raise SystemExit(f"{src}: not a checkpoint of pretrain.py or finetune.py (no model, config and vocab inside); "
-                             f"--init-from takes one of those or a Hugging Face BERT directory")
-        cfg = Config(**{**ckpt["config"], **drop})
-        for k, what in (("feat_dim", "feature size"), ("num_labels", "detector classes")):
-            if getattr(cfg, k) != visual[k]:
+    """--init-from our checkpoint, a Hugging Face BERT directory (the Base row: BERT's weights, new
+    visual modules sized from the store), or nothing (random weights of --model with the toy
+    vocabulary); with --resume, the model of the run's own checkpoint (pretrain.make_model). The
+    attribute head may differ: fine-tuning does not use it."""
+    def check(cfg, ckpt):
+        sizes = (("feat_dim", "feature size", images.feature_dim), ("num_labels", "detector classes", len(images.class_names)))
+        for k, what, have in sizes:
+            if getattr(cfg, k) != have:
                 raise SystemExit(f"{src}: the checkpoint was pre-trained with {what} {getattr(cfg, k)}, the feature stores "
-                                 f"{' '.join(s.path for s in images.stores)} have {visual[k]}: use features from the same extractor")
+                                 f"{' '.join(s.path for s in images.stores)} have {have}: use features from the same extractor")
         if ckpt.get("class_names") and list(ckpt["class_names"]) != list(images.class_names):
             say(f"warning: {src} was pre-trained with other detector class names than the feature stores have")
-        model = VisualBERT(cfg)
-        load_weights(model, ckpt["model"], src)
-        return model, data.Vocab(ckpt["vocab"], source=src)
-    if toy_vocab is None:
-        raise SystemExit("real data needs a vocabulary: give --init-from (a BERT directory or one of our checkpoints)")
-    vocab = data.Vocab.from_file(toy_vocab)
-    return VisualBERT(Config(**{**PRESETS[args.model], "vocab_size": len(vocab), **visual, **drop})), vocab
 
-
-def load_weights(module, state, src):
-    try:
-        module.load_state_dict(state)
-    except RuntimeError as e:  # the first line names the mismatch; the rest lists every tensor
-        raise SystemExit(f"{src}: its weights do not fit the model ({str(e).splitlines()[0].strip()} ...)") from None
+    src = os.path.join(args.out, "ckpt.pt") if resume is not None else args.init_from
+    return make_model(args, images, toy_vocab, src, resume, check)
 
 
 # what a resumed run may change; any other setting makes it another run, which --resume refuses

@@ -211,26 +211,46 @@ def load_checkpoint(path):
         raise SystemExit(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
 
 
-def make_model(args, images, vocab_size):
-    """A model per --init-from (a Hugging Face BERT directory, our checkpoint) or --model."""
+def make_model(args, images, vocab_file, src=None, ckpt=None, check=None):
+    """A model and its vocabulary, from `src` (default: --init-from): a Hugging Face BERT directory
+    (its weights and vocabulary, new visual modules sized from `images`) or a checkpoint of
+    pretrain.py or finetune.py (its config, weights and vocabulary; `ckpt` if loaded already), which
+    check(cfg, ckpt) stops when it does not fit the data (default: every visual size must match);
+    without either, random weights of --model and the vocabulary in `vocab_file` (the toy world's)."""
     visual = dict(feat_dim=images.feature_dim, num_labels=len(images.class_names),
                   num_attrs=len(images.attr_names or [])) if images is not None else {}
     drop = {} if args.dropout is None else {"dropout": args.dropout}
-    src = args.init_from
+    src = src or args.init_from
+
+    def same_sizes(cfg, ckpt):  # pre-training trains every visual head on
+        for k, val in visual.items():
+            if getattr(cfg, k) != val:
+                raise SystemExit(f"{src}: the checkpoint has {k}={getattr(cfg, k)}, the images have {val}")
+
     if src and os.path.isdir(src):
         cfg = config_from_hf(src, **visual, **drop)
         return load_bert(VisualBERT(cfg), src), data.Vocab.from_file(os.path.join(src, "vocab.txt"))
     if src:
-        ckpt = load_checkpoint(src)
+        ckpt = load_checkpoint(src) if ckpt is None else ckpt
+        if not isinstance(ckpt, dict) or not {"model", "config", "vocab"} <= set(ckpt):
+            raise SystemExit(f"{src}: not a checkpoint of pretrain.py or finetune.py (no model, config and vocab inside); "
+                             f"--init-from takes one of those or a Hugging Face BERT directory")
         cfg = Config(**{**ckpt["config"], **drop})
-        for k, val in visual.items():
-            if getattr(cfg, k) != val:
-                raise SystemExit(f"{src}: the checkpoint has {k}={getattr(cfg, k)}, the images have {val}")
+        (check or same_sizes)(cfg, ckpt)
         model = VisualBERT(cfg)
-        model.load_state_dict(ckpt["model"])
+        load_weights(model, ckpt["model"], src)
         return model, data.Vocab(ckpt["vocab"], source=src)
-    cfg = Config(**{**PRESETS[args.model], "vocab_size": vocab_size, **visual, **drop})
-    return VisualBERT(cfg), None
+    if vocab_file is None:
+        raise SystemExit("real data needs a vocabulary: give --init-from (a BERT directory or one of our checkpoints)")
+    vocab = data.Vocab.from_file(vocab_file)
+    return VisualBERT(Config(**{**PRESETS[args.model], "vocab_size": len(vocab), **visual, **drop})), vocab
+
+
+def load_weights(module, state, src):
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:  # the first line names the mismatch; the rest lists every tensor
+        raise SystemExit(f"{src}: its weights do not fit the model ({str(e).splitlines()[0].strip()} ...)") from None
 
 
 def autocast(device, dtype):
@@ -498,11 +518,7 @@ def main(argv=None):
     resume = load_checkpoint(ckpt_path) if args.resume else None
     if resume is not None:
         args.init_from = ckpt_path
-    model, vocab = make_model(args, images, None if vocab_file is None else len(data.Vocab.from_file(vocab_file)))
-    if vocab is None:
-        if vocab_file is None:
-            raise SystemExit("real data needs a vocabulary: give --init-from (a BERT directory or a checkpoint)")
-        vocab = data.Vocab.from_file(vocab_file)
+    model, vocab = make_model(args, images, vocab_file, ckpt=resume)
     model.to(device)
     try:
         corpora = build_corpora(args, vocab, images)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 import data
+import pretrain
 from model import PEAK_FLOPS, PRESETS, Config, VisualBERT, peak_flops, train_flops
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -36,6 +37,8 @@ p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
 p.add_argument("--compare-hf", action="store_true", help="time transformers' VisualBertForPreTraining too (eager, its defaults)")
 p.add_argument("--loader-images", type=int, default=256, help="images in the temporary feature store for the loader benchmark (0: skip)")
 p.add_argument("--workers", type=int, default=2, help="DataLoader workers for the loader benchmark")
+p.add_argument("--processes", type=int, default=1, metavar="N",
+               help="the loader builds 1/N of each global batch, as each of N processes under torchrun does")
 
 
 def aligned_batch(cfg, B, T, K, gen):
@@ -68,25 +71,14 @@ def time_steps(step, n_warmup, n_steps, device):
 
 
 def bench_ours(args, device, batch, cfg):
+    """pretrain.py's training step: its optimiser, autocast, loss scaling (fp16), clip and compile."""
     model = VisualBERT(cfg).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **({"fused": True} if device.type == "cuda" else {"foreach": True}))
-    run = torch.compile(model.pretrain_losses) if args.compile else model.pretrain_losses
-    ctx = torch.autocast(device.type, dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float16, enabled=args.dtype != "fp32")
-    scaler = torch.amp.GradScaler(device.type) if args.dtype == "fp16" else None
-    b = {k: v.to(device) for k, v in batch.items()}
-
-    def step():
-        with ctx:
-            loss, _ = run(b)
-        opt.zero_grad(set_to_none=True)
-        if scaler:
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-        else:
-            loss.backward()
-            opt.step()
-
+    settings = argparse.Namespace(lr=1e-4, warmup=0.0, weight_decay=0.01)
+    optimizer, _, scaler = pretrain.make_optimizer(model.parameters(), settings, 1, device, args.dtype)
+    run = pretrain.wrap(pretrain.Objectives(model), device, 1, args.compile)
+    ctx = pretrain.autocast(device, args.dtype)
+    b = pretrain.to_device(pretrain.with_positions(batch), device)
+    step = lambda: pretrain.pretrain_step(model, run, [b], 1, optimizer, scaler, 1e-4, 1.0, ctx)  # noqa: E731
     return time_steps(step, args.warmup, args.steps, device)
 
 
@@ -133,7 +125,7 @@ def bench_loader(args, cfg):
         captions = data.TokenCorpus(os.path.join(tmp, "pairs.jsonl"), vocab, "pairs", os.path.join(tmp, "cache"))
         images = data.Images([os.path.join(tmp, "store")])
         corpus = data.Corpus("pairs", "pair", vocab, (captions, captions.image_ids), images)
-        ds = data.PretrainData([corpus], args.batch_size, seed=0)
+        ds = data.PretrainData([corpus], args.batch_size, seed=0, rank=0, world=args.processes)  # this process's rows
         n = max(16, 8 * args.loader_images // args.batch_size)
         it = data.batches(ds, range(n), args.workers, pin_memory=torch.device(args.device).type == "cuda")  # as pretrain.py
         next(it)  # workers started
@@ -157,9 +149,12 @@ def main(argv=None):
 
     if args.loader_images:
         loader_rate = bench_loader(args, cfg)
-        print(f"loader: {loader_rate:.0f} samples/s from a feature store ({args.workers} workers, {args.regions} x {args.feat_dim} features)")
+        print(f"loader: {loader_rate:.0f} samples/s from a feature store ({args.workers} workers, {args.regions} x "
+              f"{args.feat_dim} features) in one process, which builds {B // args.processes} rows of each global batch "
+              f"of {B} (--processes {args.processes})")
         h100 = 0.45 * PEAK_FLOPS["H100"][0] / (flops / B)  # samples/s an H100 trains on at the 45% MFU target, bf16
-        print(f"loader: an H100 at 45% MFU consumes about {h100:.0f} samples/s at these shapes; this loader gives {loader_rate / h100:.2f}x that")
+        print(f"loader: an H100 at 45% MFU consumes about {h100:.0f} samples/s at these shapes; one process's loader gives "
+              f"{loader_rate / h100:.2f}x that")
     if args.steps == 0:
         return
     if args.compare_hf:

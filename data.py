@@ -119,6 +119,11 @@ class FeatureStore:
             out["attr_scores"] = np.array(self._array(s, "attr_scores")[rows])
         return out
 
+    def region(self, image_id, u):
+        """The features (D,) of region floor(u * regions) of the image, as stored (float16): one row read."""
+        s, start, count, _, _ = self._where[image_id]
+        return np.asarray(self._array(s, "features")[start + int(u * count)])
+
 
 def _save_npy(file, arr):
     tmp = f"{file}.{os.getpid()}.tmp"  # one temporary name per process: writers may run side by side
@@ -435,26 +440,56 @@ class TokenCorpus:
 MASK_PROB, TAG_JOINT_PROB = 0.15, 0.9
 
 
-def mask_units(ids, units, chosen, vocab, gen):
+class RowRandom:
+    """Uniform random numbers for some rows of a batch. Number t of draw d of row i is a hash of
+    (seed, step, i, d, t) alone (SplitMix64's mixing), so what row i gets does not depend on the
+    other rows built with it nor on the padded width: a process that builds only its rows of the
+    global batch gets what one process building all of them gets for those rows."""
+
+    def __init__(self, seed, step, rows, size=None):
+        self.rows = np.asarray(rows, dtype=np.int64)  # the rows built, numbered in the whole batch
+        self.size = len(self.rows) if size is None else size  # rows in the whole batch
+        self.key = _mix(_mix(np.uint64(seed % 2**64)) ^ np.uint64(step % 2**64))
+        self.draws = 0
+
+    def uniform(self, n):
+        """(rows, n) float64 in [0, 1), new numbers at each call."""
+        self.draws += 1
+        row = _mix(self.key ^ _mix(self.rows.astype(np.uint64) * GOLDEN + np.uint64(self.draws)))  # (rows,)
+        x = _mix(row[:, None] + np.arange(n, dtype=np.uint64) * GOLDEN)  # (rows, n)
+        return torch.from_numpy((x >> np.uint64(11)).astype(np.float64) / 2.0**53)
+
+
+GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix(x):
+    """SplitMix64's finaliser (uint64 arithmetic wraps around)."""
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def mask_units(ids, units, chosen, vocab, rng):
     """Mask whole units (a piece, a word, a tag) together: each chosen unit's pieces all become
     [MASK] (80%), all become random pieces (10%) or all stay (10%).
 
     ids (B, T) pieces; units (B, T) the unit of each piece, -1 for pieces never masked ([CLS],
     [SEP], padding); chosen (B, U) which units are masked. Returns (inputs, labels), labels -100
     where nothing is predicted."""
-    action = torch.rand(chosen.shape, generator=gen)  # (B, U)
+    action = rng.uniform(chosen.shape[1])  # (B, U)
+    pieces = (rng.uniform(ids.shape[1]) * len(vocab)).long()  # (B, T) a random piece for each position
     u = units.clamp(min=0)
     picked = chosen.gather(1, u) & (units >= 0)  # (B, T)
     act = action.gather(1, u)
     labels = torch.where(picked, ids, torch.full_like(ids, -100))
-    inputs = ids.clone()
-    inputs[picked & (act < 0.8)] = vocab.mask
+    inputs = torch.where(picked & (act < 0.8), vocab.mask, ids)
     rand = picked & (act >= 0.8) & (act < 0.9)
-    inputs[rand] = torch.randint(len(vocab), (int(rand.sum()),), generator=gen)
-    return inputs, labels
+    return torch.where(rand, pieces, inputs), labels
 
 
-def mask_text(ids, vocab, gen, whole_word=False):
+def mask_text(ids, vocab, rng, whole_word=False):
     """Masked LM inputs for padded text (B, T): piece by piece (captions) or by whole words
     (general text: a word's "##" pieces go with it)."""
     maskable = torch.from_numpy(~vocab.special)[ids]  # (B, T)
@@ -464,35 +499,39 @@ def mask_text(ids, vocab, gen, whole_word=False):
     else:
         units = torch.arange(ids.shape[1]).expand_as(ids)
     units = torch.where(maskable, units, torch.full_like(units, -1))
-    chosen = torch.rand(ids.shape, generator=gen) < MASK_PROB  # (B, U), U = T bounds the unit count
-    return mask_units(ids, units, chosen, vocab, gen)
+    chosen = rng.uniform(ids.shape[1]) < MASK_PROB  # (B, U), U = T bounds the unit count
+    return mask_units(ids, units, chosen, vocab, rng)
 
 
-def mask_regions(feats, valid, gen):
+def mask_regions(feats, valid, rng, donor=None):
     """Region masking: each region with p 0.15; of those 80% zeroed, 10% replaced by a region of
-    another image of the batch, 10% kept. The box is never masked. feats (B, K, D), valid (B, K).
-    Returns the new features and which regions were masked. With one image in the batch there is
-    no other image, and regions drawn for replacement stay as they are."""
+    another row's image, 10% kept. The box is never masked. feats (B, K, D), valid (B, K), valid
+    regions first. donor(j, u) -> (N, D) region features: for each row j of the whole batch, its
+    image's region at fraction u of its regions (default: the rows of `feats`, then the whole
+    batch). Returns the new features and which regions were masked. A batch of one row has no
+    other image, and regions drawn for replacement stay as they are."""
     B, K, _ = feats.shape
-    masked = (torch.rand(B, K, generator=gen) < MASK_PROB) & valid
-    action = torch.rand(B, K, generator=gen)
+    masked = (rng.uniform(K) < MASK_PROB) & valid
+    action, other, which = rng.uniform(K), rng.uniform(K), rng.uniform(K)
     out = feats.clone()
     out[(masked & (action < 0.8)).nonzero(as_tuple=True)] = 0  # by row index: a (B, K) boolean mask is slow on float16
-    replace = (masked & (action >= 0.8) & (action < 0.9)).nonzero()  # (N, 2): image, region
-    if B > 1 and len(replace):
-        other = (replace[:, 0] + torch.randint(1, B, (len(replace),), generator=gen)) % B  # never the same image
-        region = torch.multinomial(valid[other].float(), 1, generator=gen).squeeze(1)  # a valid region of it
-        out[replace[:, 0], replace[:, 1]] = feats[other, region]
+    i, k = (masked & (action >= 0.8) & (action < 0.9)).nonzero(as_tuple=True)
+    if rng.size > 1 and len(i):
+        if donor is None:
+            n = valid.sum(1)
+            donor = lambda j, u: feats[j, (u * n[j]).long()]  # noqa: E731
+        j = (torch.from_numpy(rng.rows)[i] + 1 + (other[i, k] * (rng.size - 1)).long()) % rng.size  # never the same row
+        out[i, k] = donor(j, which[i, k]).to(out.dtype)
     return out, masked
 
 
-def mask_tags(tag_ids, tag_region, region_masked, vocab, gen):
+def mask_tags(tag_ids, tag_region, region_masked, vocab, rng):
     """Tag masking: a tag with p 0.15, and with p 0.9 when its region is masked, so the model
     cannot read a masked region's class off its tag. A tag's pieces go together (its unit is its
     region). tag_region (B, L): the region of each tag piece, -1 for padding."""
-    B, K = region_masked.shape
-    chosen = (torch.rand(B, K, generator=gen) < MASK_PROB) | (region_masked & (torch.rand(B, K, generator=gen) < TAG_JOINT_PROB))
-    return mask_units(tag_ids, tag_region, chosen, vocab, gen)
+    K = region_masked.shape[1]
+    chosen = (rng.uniform(K) < MASK_PROB) | (region_masked & (rng.uniform(K) < TAG_JOINT_PROB))
+    return mask_units(tag_ids, tag_region, chosen, vocab, rng)
 
 
 # -----------------------------------------------------------------------------
@@ -563,13 +602,23 @@ def image_inputs(entries, tag_pieces, tags=True, max_tags=MAX_TAGS):
     return out
 
 
-def mask_image(batch, vocab, gen):
-    """Add the image objectives' masks and targets to an image batch (SPEC 2)."""
+def mask_image(batch, vocab, rng, donor=None):
+    """Add the image objectives' masks and targets to an image batch; donor: see mask_regions."""
     batch["feat_targets"] = batch["feats"]
-    batch["feats"], batch["region_masked"] = mask_regions(batch["feats"], batch["region_mask"], gen)
+    batch["feats"], batch["region_masked"] = mask_regions(batch["feats"], batch["region_mask"], rng, donor)
     if "tag_ids" in batch:
-        batch["tag_ids"], batch["tag_labels"] = mask_tags(batch["tag_ids"], batch["tag_region"], batch["region_masked"], vocab, gen)
+        batch["tag_ids"], batch["tag_labels"] = mask_tags(batch["tag_ids"], batch["tag_region"], batch["region_masked"],
+                                                          vocab, rng)
     return batch
+
+
+def donor(images, image_ids):
+    """mask_regions' source of replacement regions: row j of the whole batch is image image_ids[j],
+    of which one region is read, not the image."""
+    def regions(rows, u):
+        return torch.from_numpy(np.stack([images.region(image_ids[j], f) for j, f in zip(rows.tolist(), u.tolist())]))
+
+    return regions
 
 
 class Images:
@@ -590,6 +639,9 @@ class Images:
         if image_id not in self.where:
             raise KeyError(f"image {image_id!r} is in none of the feature stores {[s.path for s in self.stores]}")
         return self.where[image_id].get(image_id, np.float16)  # half the bytes to move; the model casts
+
+    def region(self, image_id, u):
+        return self.where[image_id].region(image_id, u)
 
     def __contains__(self, image_id):
         return image_id in self.where
@@ -622,44 +674,52 @@ class Corpus:
             return len(self.items[0])
         return len(self.items)
 
-    def batch(self, idx, gen):
-        v = self.vocab
+    def batch(self, idx, rng):
+        """Rows rng.rows of the masked batch of items `idx` (all of the batch's items: a row may take
+        another row's image)."""
+        v, idx = self.vocab, np.asarray(idx)
+        mine = idx[rng.rows]
         if self.kind == "caption":
-            b = text_inputs([self.items[i] for i in idx], v, CAPTION_LEN)
-            b["input_ids"], b["mlm_labels"] = mask_text(b["input_ids"], v, gen)
+            b = text_inputs([self.items[i] for i in mine], v, CAPTION_LEN)
+            b["input_ids"], b["mlm_labels"] = mask_text(b["input_ids"], v, rng)
             return b
         if self.kind == "text":
             span = lambda c: self.items.span(*self.chunks[c])
             if not self.nsp:
-                b = text_inputs([span(i) for i in idx], v, TEXT_LEN)
+                b = text_inputs([span(i) for i in mine], v, TEXT_LEN)
             else:  # B is the next chunk with p 0.5, else a random chunk (label 1, as BERT)
-                first = self.starts[idx]
-                is_random = torch.rand(len(idx), generator=gen) < 0.5
-                rand = torch.randint(len(self.chunks), (len(idx),), generator=gen).numpy()
+                first = self.starts[mine]
+                is_random = rng.uniform(1)[:, 0] < 0.5
+                rand = (rng.uniform(1)[:, 0] * len(self.chunks)).long().numpy()
                 second = np.where(is_random.numpy(), rand, first + 1)
                 b = text_inputs([span(i) for i in first], v, TEXT_LEN, second=[span(i) for i in second])
                 b["nsp_labels"] = is_random.long()
-            b["input_ids"], b["mlm_labels"] = mask_text(b["input_ids"], v, gen, whole_word=True)
+            b["input_ids"], b["mlm_labels"] = mask_text(b["input_ids"], v, rng, whole_word=True)
             return b
         if self.kind == "image":
-            return mask_image(image_inputs([self.images[self.items[i]] for i in idx], self.tag_pieces, self.tags), v, gen)
+            b = image_inputs([self.images[self.items[i]] for i in mine], self.tag_pieces, self.tags)
+            return mask_image(b, v, rng, donor(self.images, [self.items[i] for i in idx]))
         # aligned pairs: with p 0.5 the image is swapped for a different image, the image of a random
         # pair of the set redrawn until it differs (LXMERT), label 1. A set whose pairs all show one
         # image has none to swap in: its pairs stay matched. The caption is masked either way (LXMERT,
         # the authors' code base): only the match label tells the two apart.
         captions, image_ids = self.items
         several = any(i != image_ids[0] for i in image_ids)
-        swap = (torch.rand(len(idx), generator=gen) < 0.5) & several
-        image_of = [image_ids[i] for i in idx]
+        swap = (rng.uniform(1)[:, 0] < 0.5) & several
+        draws = (rng.uniform(16) * len(image_ids)).long().numpy()  # (rows, 16) pairs to redraw from
+        image_of = [image_ids[i] for i in mine]
         for j in np.nonzero(swap.numpy())[0]:
-            other = image_of[j]
-            while other == image_of[j]:
-                other = image_ids[int(torch.randint(len(image_ids), (1,), generator=gen))]
+            other = next((image_ids[t] for t in draws[j] if image_ids[t] != image_of[j]), None)
+            t = draws[j, -1]
+            while other is None:  # 16 draws of the same image (a set of few images): walk on from the last
+                t = (t + 1) % len(image_ids)
+                other = image_ids[t] if image_ids[t] != image_of[j] else None
             image_of[j] = other
-        b = text_inputs([captions[i] for i in idx], v, CAPTION_LEN)
-        b["input_ids"], b["mlm_labels"] = mask_text(b["input_ids"], v, gen)
+        b = text_inputs([captions[i] for i in mine], v, CAPTION_LEN)
+        b["input_ids"], b["mlm_labels"] = mask_text(b["input_ids"], v, rng)
         b["match_labels"] = swap.long()
-        b.update(mask_image(image_inputs([self.images[i] for i in image_of], self.tag_pieces, self.tags), v, gen))
+        image = image_inputs([self.images[i] for i in image_of], self.tag_pieces, self.tags)
+        b.update(mask_image(image, v, rng, donor(self.images, [image_ids[i] for i in idx])))
         return b
 
 
@@ -688,11 +748,13 @@ def epoch_plan(sizes, rates, batch_size, seed, epoch):
 
 
 class PretrainData(torch.utils.data.Dataset):
-    """Batch number `step` of the whole run, computed from (seed, step) alone: the data order and
-    the masks are the same however the run is split, stopped and resumed, and in any worker."""
+    """This process's rows of batch number `step` of the whole run (rank of `world` processes, each
+    a contiguous share). Row i of a batch is a function of (seed, step, i) alone: the data order
+    and the masks are the same however the run is split among processes and workers, stopped and
+    resumed."""
 
-    def __init__(self, corpora, batch_size, seed):
-        self.corpora, self.batch_size, self.seed = corpora, batch_size, seed
+    def __init__(self, corpora, batch_size, seed, rank=0, world=1):
+        self.corpora, self.batch_size, self.seed, self.rank, self.world = corpora, batch_size, seed, rank, world
         self.sizes = [len(c) for c in corpora]
         self.steps_per_epoch = len(epoch_plan(self.sizes, [c.rate for c in corpora], batch_size, seed, 0))
         self._plan = (None, None)
@@ -707,9 +769,9 @@ class PretrainData(torch.utils.data.Dataset):
 
     def __getitem__(self, step):
         d, idx = self.plan(step // self.steps_per_epoch)[step % self.steps_per_epoch]
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        n, r, w = len(idx), self.rank, self.world
         corpus = self.corpora[d]
-        return corpus.name, corpus.batch(idx, gen)
+        return corpus.name, corpus.batch(idx, RowRandom(self.seed, step, range(n * r // w, n * (r + 1) // w), n))
 
 
 # DataLoader workers. A worker hands a batch to the main process tensor by tensor, each in new shared

@@ -77,7 +77,8 @@ parser.add_argument("--min-boxes", type=int, default=None, help="adaptive: at le
 parser.add_argument("--max-boxes", type=int, default=None, help="adaptive: at most this many boxes (default 100)")
 parser.add_argument("--score-thresh", type=float, default=0.2, help="adaptive: keep boxes scoring at least this (%(default)s)")
 parser.add_argument("--nms", type=float, default=0.3, help="IoU of the class-agnostic NMS (%(default)s)")
-parser.add_argument("--proposals", type=int, default=1000, help="RPN proposals per image (%(default)s, torchvision's)")
+parser.add_argument("--proposals", type=int, default=1000,
+                    help="RPN proposals per image (%(default)s, torchvision's; fewer are faster: see --bench-proposals)")
 parser.add_argument("--min-size", type=int, default=800, help="resize the shorter side to this (%(default)s, torchvision's)")
 parser.add_argument("--max-size", type=int, default=1333, help="... unless the longer side would exceed this (%(default)s)")
 parser.add_argument("--given-boxes", default=None, help="JSON {image id or file name: [[x1, y1, x2, y2], ...]} pixel boxes to pool")
@@ -95,6 +96,9 @@ parser.add_argument("--num-shards", type=int, default=None, help="number of proc
 parser.add_argument("--shard-size", type=int, default=1000, help="images per written shard, the most a kill can lose (%(default)s)")
 parser.add_argument("--bench", action="store_true", help="images/s of extraction vs torchvision's plain model(images), nothing written")
 parser.add_argument("--bench-images", type=int, default=16, help="--bench: images to time, the first of --images, else random ones (%(default)s)")
+parser.add_argument("--bench-proposals", type=int, nargs="+", metavar="N",
+                    help="--bench: at each of these proposal counts, and how many of the boxes kept with the first "
+                         "are kept with each other")
 # every flag that names a path, and what it must be (data.check_path); --weights is checked where it is read
 PATH_FLAGS = {"images": "file or folder", "out": "out", "given_boxes": "file", "from_tsv": "file", "vocab": "file",
               "attr_vocab": "file"}
@@ -496,7 +500,9 @@ def main(argv=None):
 
 @torch.inference_mode()
 def bench(model, paths, args, device, autocast):
-    """Images/s of extraction (detect + pool the final boxes again) and of torchvision's model(images)."""
+    """Images/s of extraction (detect + pool the final boxes again) and of torchvision's model(images),
+    at each RPN proposal count of --bench-proposals (default: --proposals); with several, how many of
+    the boxes kept with the first count are kept again (a box of IoU >= 0.5) with each other count."""
     g = torch.Generator().manual_seed(0)
     if paths:
         images = [load_image(p, 4 * args.max_size)[0] for p in paths[: args.bench_images]]
@@ -504,25 +510,40 @@ def bench(model, paths, args, device, autocast):
         images = [torch.randint(0, 256, (3, 480, 640), generator=g, dtype=torch.uint8) for _ in range(args.bench_images)]
     images = [t.to(device).float() / 255 for t in images]
     batches = [images[i:i + args.batch_size] for i in range(0, len(images), args.batch_size)]
+    print(f"{len(images)} images, batch {args.batch_size}, {args.min_size}/{args.max_size} px, {device} {args.dtype}")
+    rows, first = {}, None
+    for n in args.bench_proposals or [args.proposals]:
+        model.rpn._post_nms_top_n["testing"] = args.proposals = n  # the proposals the RPN keeps per image
+        ips, kept = time_runs(model, batches, args, device, autocast)
+        first = first or kept
+        # each box kept with the first count: its best IoU with a box kept with this one
+        iou = torch.cat([box_ops.box_iou(torch.from_numpy(a), torch.from_numpy(b)).max(1)[0] for a, b in zip(first, kept)])
+        rows[n] = {**ips, "kept": iou.ge(0.5).float().mean().item(), "best_iou": iou.mean().item()}
+        print(f"{n:5d} proposals | extraction {ips['extraction']:.2f} images/s | model(images) "
+              f"{ips['model(images)']:.2f} images/s | overhead {100 * (ips['model(images)'] / ips['extraction'] - 1):+.1f}% | "
+              f"boxes of {next(iter(rows))} proposals kept again {rows[n]['kept']:.0%}, mean best IoU {rows[n]['best_iou']:.2f}")
+    return {**rows[next(iter(rows))], "by_proposals": rows}
+
+
+def time_runs(model, batches, args, device, autocast):
+    """Images/s of extraction and of model(images), each batch's fastest of 3 rounds after a warm-up
+    round, the two alternating batch by batch on the same images; and the boxes extraction kept."""
     runs = {"extraction": lambda b: extract(model, b, args), "model(images)": lambda b: model(b)}
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    best = {k: [float("inf")] * len(batches) for k in runs}  # per batch, the fastest of 3 rounds
-    for rep in range(4):  # a warm-up round, then 3 timed; the two alternate batch by batch, on the same images
+    best, kept = {k: [float("inf")] * len(batches) for k in runs}, []
+    for rep in range(4):
         for j, b in enumerate(batches):
             for name, fn in runs.items():
                 sync()
                 t = time.time()
                 with autocast:
-                    fn(b)
+                    out = fn(b)
                 sync()
                 if rep > 0:
                     best[name][j] = min(best[name][j], time.time() - t)
-    best = {k: sum(v) for k, v in best.items()}
-    ips = {k: len(images) / v for k, v in best.items()}
-    print(f"{len(images)} images, batch {args.batch_size}, {args.min_size}/{args.max_size} px, {args.proposals} proposals, {device} {args.dtype}")
-    print(f"extraction {ips['extraction']:.2f} images/s | model(images) {ips['model(images)']:.2f} images/s | "
-          f"overhead {100 * (best['extraction'] / best['model(images)'] - 1):+.1f}%")
-    return ips
+                if rep == 0 and name == "extraction":
+                    kept += [o["boxes"] for o in out]
+    return {k: sum(len(b) for b in batches) / sum(v) for k, v in best.items()}, kept
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ With no data flags a task uses the toy world's files (made by toy.py on first us
 extract_features.py. Every run writes OUT/results.json, OUT/baseline.json, OUT/log.jsonl,
 OUT/args.json and OUT/ckpt.pt (--resume goes on from it), and prints each split's result beside a
 trivial baseline. Under torchrun the same command trains data-parallel (--batch-size stays the global
-batch), as pretrain.py does:
+batch; --grad-accum N takes each process's share in N micro-batches), as pretrain.py does:
 
     torchrun --standalone --nproc_per_node 8 finetune.py --task vqa --init-from out/pretrain/ckpt.pt
 
@@ -25,9 +25,7 @@ import copy
 import json
 import os
 import pickle
-import platform
 import re
-import sys
 import time
 from collections import Counter
 
@@ -39,8 +37,10 @@ import torch.nn.functional as F
 
 import data
 import toy
-from model import PRESETS, Config, VisualBERT, config_from_hf, load_bert
-from pretrain import autocast, load_checkpoint, pick_dtype, restore, save_checkpoint, setup_device, shard, trim_log
+from model import PRESETS
+from pretrain import (Objectives, all_sum, autocast, check_batch, load_checkpoint, load_weights, make_model, make_optimizer,
+                      optimizer_step, pick_dtype, pretrain_step, restore, save_checkpoint, say, setup_device, shard, to_device,
+                      toy_world, trim_log, with_positions, wrap, write_args)
 
 # -----------------------------------------------------------------------------
 # settings: every flag, in one place; `python finetune.py -h` is the manual
@@ -98,6 +98,8 @@ m.add_argument("--model", default="tiny", choices=sorted(PRESETS), help="size pr
 m.add_argument("--no-tags", action="store_true", help="regions only, no detector tags (the _NT rows)")
 m.add_argument("--epochs", type=float, metavar="E", help="epochs, may be fractional (toy: " + ", ".join(f"{t} {v['epochs']}" for t, v in DEFAULTS.items()) + ")")
 m.add_argument("--batch-size", type=int, metavar="B", help="examples per step, the global batch: with N processes (torchrun) each takes 1/N of it (toy: 32)")
+m.add_argument("--grad-accum", type=int, default=1, metavar="N",
+               help="each process takes its share of the batch in N micro-batches, adding up their gradients (less memory)")
 m.add_argument("--lr", type=float, metavar="LR", help="peak learning rate (toy: " + ", ".join(f"{t} {v['lr']:g}" for t, v in DEFAULTS.items()) + ")")
 m.add_argument("--warmup", type=float, default=0.1, metavar="F", help="share of steps for linear warm-up, then linear decay to zero")
 m.add_argument("--weight-decay", type=float, default=0.01, metavar="W")
@@ -545,7 +547,7 @@ class VQA(Task):
             for a, x in zip(pred, items):
                 acc.append(vqa_accuracy(self.answers[a], x["answers"]))
                 by_type.setdefault(x["atype"], []).append(acc[-1])
-        print(f"{split} accuracy by answer type: " + ", ".join(f"{t} {np.mean(v):.3f}" for t, v in sorted(by_type.items())))
+        say(f"{split} accuracy by answer type: " + ", ".join(f"{t} {np.mean(v):.3f}" for t, v in sorted(by_type.items())))
         return {"accuracy": float(np.mean(acc))}
 
     def baseline(self, split):
@@ -580,7 +582,7 @@ class NLVR2(Task):
         return head(torch.cat([pooled[:B], pooled[B:]], dim=1)).float()  # (B, 2H) -> (B, 2)
 
     def loss(self, model, head, items):
-        labels = torch.tensor([x["label"] for x in items], device=self.device)
+        labels = torch.tensor([x["label"] for x in items]).to(self.device, non_blocking=True)
         return F.cross_entropy(self.logits(model, head, items), labels)
 
     def metrics(self, split, pred):
@@ -597,20 +599,23 @@ class NLVR2(Task):
     # SPEC 6: task-specific pre-training, mask-and-predict on NLVR2's own sentences and images. We
     # pair each sentence with one of its two images, drawn at random (it speaks of both), and mask
     # both as in aligned pre-training (SPEC 2), without the match loss.
-    def pretrain_batch(self, items, gen, attrs):
-        pick = torch.randint(2, (len(items),), generator=gen).tolist()
-        b = data.text_inputs([x["ids"] for x in items], self.vocab, self.max_len)
-        b["input_ids"], b["mlm_labels"] = data.mask_text(b["input_ids"], self.vocab, gen)
-        b.update(data.image_inputs([self.images[x["images"][k]] for x, k in zip(items, pick)], self.tag_pieces, self.tags))
+    def pretrain_batch(self, items, rng, attrs):
+        """Rows rng.rows of the masked batch of `items` (all of the batch: a region may be replaced by
+        one of another row's image)."""
+        mine = [items[i] for i in rng.rows]
+        pick = (rng.uniform(1)[:, 0] < 0.5).long().tolist()
+        b = data.text_inputs([x["ids"] for x in mine], self.vocab, self.max_len)
+        b["input_ids"], b["mlm_labels"] = data.mask_text(b["input_ids"], self.vocab, rng)
+        b.update(data.image_inputs([self.images[x["images"][k]] for x, k in zip(mine, pick)], self.tag_pieces, self.tags))
         if not attrs:  # the model has no attribute head of this size
             b.pop("attr_labels", None), b.pop("attr_conf", None)
-        return data.mask_image(b, self.vocab, gen)
+        return data.mask_image(b, self.vocab, rng, data.donor(self.images, [x["images"][0] for x in items]))
 
     def task_pretrain(self, model, args, ctx, rank=0, world=1):
         dev = self.splits.get("dev") or self.splits["train"][: len(self.splits["train"]) // 10]
         attrs = model.cfg.num_attrs == len(self.images.attr_names or [])
-        gen = torch.Generator().manual_seed(1234)
-        dev_batches = [self.pretrain_batch(items, gen, attrs) for items in chunks(dev, args.batch_size)]  # fixed masks
+        dev_batches = [self.pretrain_batch(items, data.RowRandom(1234, i, range(len(items))), attrs)  # fixed masks
+                       for i, items in enumerate(chunks(dev, args.batch_size))]
 
         @torch.no_grad()
         def dev_mlm():
@@ -621,29 +626,27 @@ class NLVR2(Task):
             return float(np.mean(losses))
 
         steps = args.task_pretrain_epochs * max(1, len(self.train) // args.batch_size)
-        optimizer, lr_at, scaler = make_optimizer([model], args, steps, self.device)
-        best, gen, step = (float("inf"), None, 0), torch.Generator().manual_seed(args.seed), 0
-        print(f"task-specific pre-training: {args.task_pretrain_epochs} epochs; dev MLM loss before {dev_mlm():.3f}")
+        optimizer, lr_at, scaler = make_optimizer(model.parameters(), args, steps, self.device, args.dtype)
+        run = wrap(Objectives(model), self.device, world)
+        best, step = (float("inf"), None, 0), 0
+        say(f"task-specific pre-training: {args.task_pretrain_epochs} epochs; dev MLM loss before {dev_mlm():.3f}")
         model.train()
         for epoch in range(args.task_pretrain_epochs):
             order = np.random.default_rng([args.seed, 99, epoch]).permutation(len(self.train))
             for idx in chunks(order, args.batch_size)[: steps // args.task_pretrain_epochs]:
-                b = self.pretrain_batch([self.train[i] for i in idx], gen, attrs)  # the global batch: the same masks on every process
-                b = {k: v.to(self.device) for k, v in shard(b, rank, world).items()}  # this process's rows
-                with ctx:
-                    terms = model.pretrain_terms(b)  # each objective: (sum over these rows, count)
-                # each sum over the count of the global batch: summed over the processes (as
-                # optimizer_step sums the gradients), the mean over the global batch
-                counts = all_sum(torch.stack([c_ for _, c_ in terms.values()]).float())
-                loss = sum(s_ / c_.clamp(min=1) for (s_, _), c_ in zip(terms.values(), counts))
-                optimizer_step(loss, optimizer, scaler, lr_at(step), [model], args.clip)
+                n = len(idx)  # this process builds its rows of the global batch alone
+                rng = data.RowRandom(args.seed, step, range(n * rank // world, n * (rank + 1) // world), n)
+                b = self.pretrain_batch([self.train[i] for i in idx], rng, attrs)
+                micro = [to_device(with_positions(shard(b, j, args.grad_accum)), self.device)
+                         for j in range(args.grad_accum)]
+                _, sums, counts, _ = pretrain_step(model, run, micro, world, optimizer, scaler, lr_at(step), args.clip, ctx)
                 step += 1
-            mlm = dev_mlm()
-            print(f"task-specific pre-training epoch {epoch + 1}: train loss {all_sum(loss.detach().clone()).item():.3f}, dev MLM loss {mlm:.3f}")
+            loss, mlm = (all_sum(sums) / counts).sum().item(), dev_mlm()
+            say(f"task-specific pre-training epoch {epoch + 1}: train loss {loss:.3f}, dev MLM loss {mlm:.3f}")
             if mlm < best[0]:
                 best = (mlm, copy.deepcopy(model.state_dict()), epoch + 1)
         model.load_state_dict(best[1])
-        print(f"kept epoch {best[2]} (dev MLM loss {best[0]:.3f})")
+        say(f"kept epoch {best[2]} (dev MLM loss {best[0]:.3f})")
         return {"task_pretrain_epoch": best[2], "dev_mlm": best[0]}
 
 
@@ -778,7 +781,7 @@ class RefCOCO(Task):
         return logits.masked_fill(~inputs["region_mask"], float("-inf"))
 
     def loss(self, model, head, items):
-        target = torch.tensor([int(x["iou"].argmax()) for x in items], device=self.device)
+        target = torch.tensor([int(x["iou"].argmax()) for x in items]).to(self.device, non_blocking=True)
         return F.cross_entropy(self.region_logits(model, head, items), target)
 
     def evaluate(self, model, head, split):
@@ -796,44 +799,26 @@ TASKS = {"vqa": VQA, "nlvr2": NLVR2, "retrieval": Retrieval, "refcoco": RefCOCO}
 
 
 def build_model(args, images, toy_vocab, resume=None):
-    """--init-from our checkpoint (config and vocabulary inside), a Hugging Face BERT directory (the
-    Base row: BERT's weights, new visual modules sized from the store), or nothing (random weights
-    of --model with the toy vocabulary). With --resume, the model of the run's own checkpoint."""
-    visual = dict(feat_dim=images.feature_dim, num_labels=len(images.class_names), num_attrs=len(images.attr_names or []))
-    drop = {} if args.dropout is None else {"dropout": args.dropout}
-    src = os.path.join(args.out, "ckpt.pt") if resume is not None else args.init_from
-    if src and os.path.isdir(src):
-        return load_bert(VisualBERT(config_from_hf(src, **visual, **drop)), src), data.Vocab.from_file(os.path.join(src, "vocab.txt"))
-    if src:
-        ckpt = resume if resume is not None else load_checkpoint(src)
-        if not isinstance(ckpt, dict) or not {"model", "config", "vocab"} <= set(ckpt):
-            raise SystemExit(f"{src}: not a checkpoint of pretrain.py or finetune.py (no model, config and vocab inside); "
-                             f"--init-from takes one of those or a Hugging Face BERT directory")
-        cfg = Config(**{**ckpt["config"], **drop})
-        for k, what in (("feat_dim", "feature size"), ("num_labels", "detector classes")):
-            if getattr(cfg, k) != visual[k]:
+    """--init-from our checkpoint, a Hugging Face BERT directory (the Base row: BERT's weights, new
+    visual modules sized from the store), or nothing (random weights of --model with the toy
+    vocabulary); with --resume, the model of the run's own checkpoint (pretrain.make_model). The
+    attribute head may differ: fine-tuning does not use it."""
+    def check(cfg, ckpt):
+        sizes = (("feat_dim", "feature size", images.feature_dim), ("num_labels", "detector classes", len(images.class_names)))
+        for k, what, have in sizes:
+            if getattr(cfg, k) != have:
                 raise SystemExit(f"{src}: the checkpoint was pre-trained with {what} {getattr(cfg, k)}, the feature stores "
-                                 f"{' '.join(s.path for s in images.stores)} have {visual[k]}: use features from the same extractor")
+                                 f"{' '.join(s.path for s in images.stores)} have {have}: use features from the same extractor")
         if ckpt.get("class_names") and list(ckpt["class_names"]) != list(images.class_names):
-            print(f"warning: {src} was pre-trained with other detector class names than the feature stores have")
-        model = VisualBERT(cfg)
-        load_weights(model, ckpt["model"], src)
-        return model, data.Vocab(ckpt["vocab"], source=src)
-    if toy_vocab is None:
-        raise SystemExit("real data needs a vocabulary: give --init-from (a BERT directory or one of our checkpoints)")
-    vocab = data.Vocab.from_file(toy_vocab)
-    return VisualBERT(Config(**{**PRESETS[args.model], "vocab_size": len(vocab), **visual, **drop})), vocab
+            say(f"warning: {src} was pre-trained with other detector class names than the feature stores have")
 
-
-def load_weights(module, state, src):
-    try:
-        module.load_state_dict(state)
-    except RuntimeError as e:  # the first line names the mismatch; the rest lists every tensor
-        raise SystemExit(f"{src}: its weights do not fit the model ({str(e).splitlines()[0].strip()} ...)") from None
+    src = os.path.join(args.out, "ckpt.pt") if resume is not None else args.init_from
+    return make_model(args, images, toy_vocab, src, resume, check)
 
 
 # what a resumed run may change; any other setting makes it another run, which --resume refuses
-RESUME_MAY_CHANGE = ("out", "resume", "save_every", "log_every", "eval_batch_size", "device", "dtype", "compile", "toy_root")
+RESUME_MAY_CHANGE = ("out", "resume", "save_every", "log_every", "eval_batch_size", "device", "dtype", "compile", "toy_root",
+                     "grad_accum")
 
 
 def load_resume(path, args):
@@ -848,46 +833,16 @@ def load_resume(path, args):
     return ckpt
 
 
-def make_optimizer(modules, args, steps, device):
-    """AdamW without decay on biases and LayerNorms (BERT); linear warm-up, then linear decay to zero."""
-    params = [p_ for mod in modules for p_ in mod.parameters()]
-    groups = [{"params": [p_ for p_ in params if p_.dim() >= 2], "weight_decay": args.weight_decay},
-              {"params": [p_ for p_ in params if p_.dim() < 2], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-6, **({"fused": True} if device.type == "cuda" else {}))
-    warmup = max(1, int(args.warmup * steps))
-    lr_at = lambda s: args.lr * min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup)))
-    scaler = torch.amp.GradScaler(device.type) if args.dtype == "fp16" else None
-    return optimizer, lr_at, scaler
+class TaskLoss(nn.Module):
+    """What DDP wraps: the model (compiled with --compile) and the task's head; forward(items) -> the
+    task's mean loss over the items. The task calls the model, model.pool and its head apart."""
 
+    def __init__(self, task, model, head, compile=False):
+        super().__init__()
+        self.task, self.model, self.head = task, torch.compile(model) if compile else model, head
 
-def all_sum(t):
-    """`t` summed over the processes, in place (itself when there is one process)."""
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t
-
-
-def optimizer_step(loss, optimizer, scaler, lr, modules, clip):
-    """Backward, then one AdamW step. With N processes each `loss` is its share's sum over the global
-    batch's count, so the sum of the N gradients is the gradient of the global batch's mean loss: we sum
-    them by hand (DDP would wrap one module; a task calls the model, model.pool and its head apart).
-    Every process then holds the same gradients, clips by the same norm, and takes the same step."""
-    for g in optimizer.param_groups:
-        g["lr"] = lr
-    optimizer.zero_grad(set_to_none=True)
-    (scaler.scale(loss) if scaler else loss).backward()
-    for p_ in [p_ for mod in modules for p_ in mod.parameters()]:
-        if p_.grad is not None:  # the same parameters on every process: the same code ran on each
-            all_sum(p_.grad)
-    if scaler:
-        scaler.unscale_(optimizer)
-    norm = torch.nn.utils.clip_grad_norm_([p_ for mod in modules for p_ in mod.parameters()], clip)
-    if scaler:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    return norm
+    def forward(self, items):
+        return self.task.loss(self.model, self.head, items)
 
 
 @torch.no_grad()
@@ -896,6 +851,86 @@ def evaluate(task, model, head, ctx):
     with ctx:
         results = {s: task.evaluate(model, head, s) for s in task.eval_splits}
     model.train(), head.train()
+    return results
+
+
+def read_losses(pending, step, scaler, saved, out):
+    """The global batches' mean losses of the steps up to `step` since the host last looked (logging
+    and saving steps), one read of the device; a non-finite one stops the run (under fp16 the scaler
+    skipped that step instead and lowered its scale)."""
+    losses = all_sum(torch.stack(pending)).tolist()
+    bad = [(step + 1 - len(losses) + k, v_) for k, v_ in enumerate(losses) if not np.isfinite(v_)]
+    if bad and not scaler.is_enabled():
+        raise SystemExit(f"step {bad[0][0]}: non-finite loss {bad[0][1]}; stopping, "
+                         + (f"the last good checkpoint is {os.path.join(out, 'ckpt.pt')} (step {saved})" if saved
+                            else "no checkpoint was saved yet") + "; try a lower --lr")
+    return losses
+
+
+def train(args, task, run, opt, start, steps, losses, gen, world, rank, ctx, log, save):
+    """Steps start + 1 to `steps` (opt: the optimiser, the learning rate of a step, the scaler); rank 0
+    logs and saves (save(step, losses)). The host reads the device on logging and saving steps alone:
+    the check for a non-finite loss waits for them."""
+    optimizer, lr_at, scaler = opt
+    steps_per_epoch = max(1, len(task.train) // args.batch_size)
+    t0, seen, saved, pending = time.time(), 0, start, []
+    for step in range(start, steps):
+        epoch, i = divmod(step, steps_per_epoch)
+        if i == 0 or step == start:  # a new shuffle each epoch; the last partial batch is dropped
+            order = np.random.default_rng([args.seed, epoch]).permutation(len(task.train))
+        items = [task.train[j] for j in order[i * args.batch_size:(i + 1) * args.batch_size]]  # the global batch
+        items = task.draw(items, gen)  # its random choices, the same on every process
+        mine, parts = shard(items, rank, world), []  # this process's share
+
+        def loss_of(mb):  # the task's mean over mb as mb's share of the global batch's mean
+            parts.append(run(mb) * (len(mb) / len(items)))
+            return parts[-1] * world  # DDP averages the processes' gradients; the loss is their sum
+
+        micro = [shard(mine, j, args.grad_accum) for j in range(args.grad_accum)]
+        norm = optimizer_step(run, micro, loss_of, optimizer, scaler, lr_at(step), args.clip, ctx)
+        pending.append(sum(parts).detach())
+        seen += len(items)
+        log_now = (step + 1) % args.log_every == 0 or step + 1 == steps
+        save_now = (step + 1) % args.save_every == 0 or step + 1 == steps
+        if not (log_now or save_now):
+            continue
+        losses, pending = losses + read_losses(pending, step + 1, scaler, saved, args.out), []
+        if log_now:
+            dt = (time.time() - t0) / len(losses)
+            record = {"step": step + 1, "epoch": epoch + (i + 1) / steps_per_epoch, "loss": float(np.mean(losses)),
+                      "lr": lr_at(step), "grad_norm": norm.item()}
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            say(f"step {step + 1}/{steps} | epoch {record['epoch']:.2f} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
+                f"norm {record['grad_norm']:.2f} | {dt * 1000:.0f} ms/step | {seen / (time.time() - t0):.0f} samples/s | "
+                f"ETA {dt * (steps - step - 1) / 60:.1f} min", flush=True)
+            t0, seen, losses = time.time(), 0, []
+        if save_now:
+            save(step + 1, losses)
+            saved = step + 1
+
+
+def report(args, task, model, head, ctx, log, t_start, rank):
+    """Every split the data has, each beside the baseline: OUT/results.json, OUT/baseline.json, a table.
+    Every process evaluates all of it (the same weights, the same numbers); rank 0 alone writes."""
+    results = {"task": args.task, **evaluate(task, model, head, ctx)}
+    if task.skipped.files:
+        results["skipped"] = {file: n for file, (n, _) in task.skipped.files.items()}
+    baseline = {"task": args.task, "baseline": task.baseline_name, **{s: task.baseline(s) for s in task.eval_splits}}
+    for name, obj in (("results.json", results), ("baseline.json", baseline)):
+        if rank == 0:
+            with open(os.path.join(args.out, name), "w") as f:
+                json.dump(obj, f, indent=1)
+    log.write(json.dumps({"phase": "eval", "results": results, "baseline": baseline}) + "\n")
+    log.close()
+    for line in ["warning: " + s_ for s_ in task.skipped.lines()] + task.notes:  # said again at the end, where it is seen
+        say(line)
+    say(f"\n{args.task}: result vs baseline ({task.baseline_name}), {(time.time() - t_start) / 60:.1f} min in all")
+    say(f"{'split':<8} {'metric':<12} {'result':>8} {'baseline':>9}")
+    for s in task.eval_splits:
+        for k, v_ in results[s].items():
+            say(f"{s:<8} {k:<12} {v_:8.3f} {baseline[s][k]:9.3f}")
+    say(f"results: {os.path.join(args.out, 'results.json')}, fine-tuned model: {os.path.join(args.out, 'ckpt.pt')}")
     return results
 
 
@@ -913,11 +948,7 @@ def main(argv=None):
     data.check_paths(args, PATH_FLAGS)
     args.out = args.out or os.path.join("out", "finetune", args.task)
     device, rank, world = setup_device(args)  # under torchrun: this process's rank of `world`
-    master = rank == 0  # only rank 0 writes the log, the checkpoints and the results
-    if not master:
-        sys.stdout = open(os.devnull, "w")  # and only rank 0 prints; errors still reach stderr
-    if args.batch_size < world:
-        raise SystemExit(f"--batch-size {args.batch_size} is the global batch; it must be at least the {world} processes")
+    check_batch(args.batch_size, world, args.grad_accum)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     args.dtype, why = pick_dtype(args, device)
@@ -927,9 +958,7 @@ def main(argv=None):
     # data: the toy world's task unless --data/--features are given
     toy_vocab = None
     if args.data is None:
-        root = toy.make_toy_world(args.toy_root) if master else args.toy_root
-        if world > 1:
-            dist.barrier()  # rank 0 made the toy world; the others wait for it
+        root = toy_world(args.toy_root, world)
         folder, stores = TOY[args.task]
         args.data, args.features = os.path.join(root, "tasks", folder), [os.path.join(root, "features", s) for s in stores]
         toy_vocab = os.path.join(root, "vocab.txt")
@@ -948,101 +977,50 @@ def main(argv=None):
     model.to(device), head.to(device)
     steps_per_epoch = max(1, len(task.train) // args.batch_size)
     steps = max(1, round(args.epochs * steps_per_epoch))
-    optimizer, lr_at, scaler = make_optimizer([model, head], args, steps, device)
+    optimizer, lr_at, scaler = make_optimizer([*model.parameters(), *head.parameters()], args, steps, device,
+                                              args.dtype)
     gen = torch.Generator().manual_seed(args.seed)  # the task's own draws (retrieval's negatives)
     start, losses = 0, []
     if resume is not None:  # the state after step `start`: weights, optimiser, random states, the log's open window
         start, losses = restore(resume, optimizer, scaler), resume["losses"]
         gen.set_state(resume["gen"])
 
-    if master:
+    if rank == 0:
         os.makedirs(args.out, exist_ok=True)  # only now: a bad input leaves no output folder behind
-        with open(os.path.join(args.out, "args.json"), "w") as f:
-            json.dump({"argv": sys.argv, "args": vars(args), "world_size": world, "torch": torch.__version__,
-                       "python": platform.python_version()}, f, indent=1)
-    print(f"task: {args.task}, from {args.init_from or f'random weights ({args.model})'}, {'no tags' if args.no_tags else 'with tags'}")
-    print(f"model: {model.num_params() / 1e6:.2f}M parameters + head {sum(p_.numel() for p_ in head.parameters()) / 1e6:.2f}M, "
-          f"{model.cfg.layers} layers, hidden {model.cfg.hidden}")
-    print(f"device: {device} x {world} process(es), dtype: {args.dtype} ({why}), compile: {args.compile}")
-    print("data: " + ", ".join(f"{s} {len(x)}" for s, x in task.splits.items()) + f" {task.unit}; {len(images.where)} images in {len(images.stores)} stores")
+    write_args(args, world)
+    say(f"task: {args.task}, from {args.init_from or f'random weights ({args.model})'}, {'no tags' if args.no_tags else 'with tags'}")
+    say(f"model: {model.num_params() / 1e6:.2f}M parameters + head {sum(p_.numel() for p_ in head.parameters()) / 1e6:.2f}M, "
+        f"{model.cfg.layers} layers, hidden {model.cfg.hidden}")
+    say(f"device: {device} x {world} process(es), dtype: {args.dtype} ({why}), compile: {args.compile}")
+    say("data: " + ", ".join(f"{s} {len(x)}" for s, x in task.splits.items())
+        + f" {task.unit}; {len(images.where)} images in {len(images.stores)} stores")
     for line in task.info + ["warning: " + s_ for s_ in task.skipped.lines()] + task.notes:
-        print(line)
-    print(f"{steps_per_epoch} steps per epoch, {steps} steps, global batch {args.batch_size}, lr {args.lr:g}")
+        say(line)
+    say(f"{steps_per_epoch} steps per epoch, {steps} steps, global batch {args.batch_size}, lr {args.lr:g}"
+        + (f", {args.grad_accum} micro-batches per process" if args.grad_accum > 1 else ""))
 
     log_file = os.path.join(args.out, "log.jsonl")
     if resume is not None:
-        if master:
+        if rank == 0:
             trim_log(log_file, start, keep_phases=("task_pretrain",))  # the evaluation's line goes; task pre-training's stays
-        print(f"resuming from {ckpt_path} at step {start}")
-    log = open(log_file, "a" if resume is not None else "w") if master else open(os.devnull, "w")  # rank 0 alone logs
+        say(f"resuming from {ckpt_path} at step {start}")
+    log = open(log_file, "a" if resume is not None else "w") if rank == 0 else open(os.devnull, "w")  # rank 0 logs
     # NLVR2's task-specific pre-training runs before the first checkpoint, which holds its result: a
     # resumed run skips it; a run killed during it has no checkpoint of its own and starts over
     if args.task_pretrain_epochs and resume is None:
         log.write(json.dumps({"phase": "task_pretrain", **task.task_pretrain(model, args, ctx, rank, world)}) + "\n")
 
-    model.train(), head.train()
-    run = torch.compile(model) if args.compile else model  # the training steps' model; the plain one is saved and evaluated
-    t0, seen, saved = time.time(), 0, start
-    for step in range(start, steps):
-        epoch, i = divmod(step, steps_per_epoch)
-        if i == 0 or step == start:  # a new shuffle each epoch; the last partial batch is dropped
-            order = np.random.default_rng([args.seed, epoch]).permutation(len(task.train))
-        items = [task.train[j] for j in order[i * args.batch_size:(i + 1) * args.batch_size]]  # the global batch
-        items = task.draw(items, gen)  # its random choices, the same on every process
-        mine = items[len(items) * rank // world:len(items) * (rank + 1) // world]  # this process's share
-        with ctx:
-            # the task's mean over `mine`, times len(mine) / len(items): this share's sum over the global
-            # count, so the sum over the processes (optimizer_step sums gradients) is the global mean
-            loss = task.loss(run, head, mine) * (len(mine) / len(items))
-        logged = all_sum(loss.detach().clone()).item()  # the global batch's mean loss
-        if not np.isfinite(logged) and scaler is None:  # under fp16 the scaler skips the step and lowers its scale
-            raise SystemExit(f"step {step + 1}: non-finite loss {logged}; stopping, "
-                             + (f"the last good checkpoint is {ckpt_path} (step {saved})" if saved else "no checkpoint was saved yet")
-                             + "; try a lower --lr")
-        norm = optimizer_step(loss, optimizer, scaler, lr_at(step), [model, head], args.clip)
-        losses.append(logged)
-        seen += len(items)
-        if (step + 1) % args.log_every == 0 or step + 1 == steps:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            dt = (time.time() - t0) / (len(losses))
-            record = {"step": step + 1, "epoch": epoch + (i + 1) / steps_per_epoch, "loss": float(np.mean(losses)),
-                      "lr": lr_at(step), "grad_norm": norm.item()}
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            print(f"step {step + 1}/{steps} | epoch {record['epoch']:.2f} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
-                  f"norm {record['grad_norm']:.2f} | {dt * 1000:.0f} ms/step | {seen / (time.time() - t0):.0f} samples/s | "
-                  f"ETA {dt * (steps - step - 1) / 60:.1f} min", flush=True)
-            t0, seen, losses = time.time(), 0, []
-        if (step + 1) % args.save_every == 0 or step + 1 == steps:
-            if master:  # the plain model, never the compiled one
-                # ask.py answers from it: the task, its answer set, tags or not, how the features were made
-                save_checkpoint(ckpt_path, model, optimizer, scaler, step + 1, args, vocab, images.class_names,
-                                head=head.state_dict(), gen=gen.get_state(), losses=losses, task=args.task,
-                                answers=getattr(task, "answers", None), tags=task.tags,
-                                extractor=images.stores[0].meta.get("extractor", {}))
-            saved = step + 1
+    def save(step, losses):  # the plain model, never the compiled one
+        if rank == 0:
+            save_checkpoint(ckpt_path, model, optimizer, scaler, step, args, vocab, images.class_names,
+                            head=head.state_dict(), gen=gen.get_state(), losses=losses, task=args.task,
+                            answers=getattr(task, "answers", None), tags=task.tags,  # what ask.py needs
+                            extractor=images.stores[0].meta.get("extractor", {}))
 
-    # evaluation: every split the data has, each beside the baseline. Every process evaluates all of it
-    # (the same weights, the same numbers: the simplest correct way); rank 0 alone writes.
-    results = {"task": args.task, **evaluate(task, model, head, ctx)}
-    if task.skipped.files:
-        results["skipped"] = {file: n for file, (n, _) in task.skipped.files.items()}
-    baseline = {"task": args.task, "baseline": task.baseline_name, **{s: task.baseline(s) for s in task.eval_splits}}
-    for name, obj in (("results.json", results), ("baseline.json", baseline)):
-        if master:
-            with open(os.path.join(args.out, name), "w") as f:
-                json.dump(obj, f, indent=1)
-    log.write(json.dumps({"phase": "eval", "results": results, "baseline": baseline}) + "\n")
-    log.close()
-    for line in ["warning: " + s_ for s_ in task.skipped.lines()] + task.notes:  # said again at the end, where it is seen
-        print(line)
-    print(f"\n{args.task}: result vs baseline ({task.baseline_name}), {(time.time() - t_start) / 60:.1f} min in all")
-    print(f"{'split':<8} {'metric':<12} {'result':>8} {'baseline':>9}")
-    for s in task.eval_splits:
-        for k, v_ in results[s].items():
-            print(f"{s:<8} {k:<12} {v_:8.3f} {baseline[s][k]:9.3f}")
-    print(f"results: {os.path.join(args.out, 'results.json')}, fine-tuned model: {ckpt_path}")
+    model.train(), head.train()
+    run = wrap(TaskLoss(task, model, head, args.compile), device, world)
+    train(args, task, run, (optimizer, lr_at, scaler), start, steps, losses, gen, world, rank, ctx, log, save)
+    results = report(args, task, model, head, ctx, log, t_start, rank)
     if world > 1:
         dist.destroy_process_group()
     return results

@@ -283,33 +283,56 @@ class VisualBERT(nn.Module):
         if has_image:
             inputs.update(feats=batch["feats"], boxes=batch["boxes"], region_mask=batch["region_mask"])
         h, spans = self(**inputs)
-        terms = {}
+        sums = {}
         if has_text:
-            terms["mlm"] = masked_lm_terms(self.mlm, h[:, spans["text"]], batch["mlm_labels"])
+            sums["mlm"] = masked_lm_sum(self.mlm, h[:, spans["text"]], batch["mlm_labels"], batch.get("mlm_at"))
             for key in ("nsp", "match"):
                 if f"{key}_labels" in batch:
-                    labels = batch[f"{key}_labels"]
-                    ce = F.cross_entropy(self.nsp(self.pool(h)).float(), labels, reduction="sum")
-                    terms[key] = (ce, torch.tensor(float(len(labels)), device=h.device))
+                    sums[key] = F.cross_entropy(self.nsp(self.pool(h)).float(), batch[f"{key}_labels"], reduction="sum")
         if has_tags:
-            terms["tag"] = masked_lm_terms(self.mlm, h[:, spans["tags"]], batch["tag_labels"])
+            sums["tag"] = masked_lm_sum(self.mlm, h[:, spans["tags"]], batch["tag_labels"], batch.get("tag_at"))
         if has_image:
-            terms.update(visual_terms(self.visual, h[:, spans["regions"]], batch))
-        return terms
+            sums.update(visual_sums(self.visual, h[:, spans["regions"]], batch))
+        counts = self.term_counts(batch)
+        return {k: (sums[k], counts[k]) for k in counts}
+
+    def term_counts(self, batch):
+        """What pretrain_terms divides each objective's sum by, from the batch alone (no forward):
+        a run totals them over its micro-batches and processes before the first backward."""
+        counts = {}
+        if "input_ids" in batch:
+            counts["mlm"] = (batch["mlm_labels"] != -100).sum()
+            for key in ("nsp", "match"):
+                if f"{key}_labels" in batch:
+                    counts[key] = batch[f"{key}_labels"].new_full((), len(batch[f"{key}_labels"]))
+        if "tag_ids" in batch:
+            counts["tag"] = (batch["tag_labels"] != -100).sum()
+        if "feats" in batch:
+            regions = batch["region_mask"].sum()  # every valid region counts in the denominator
+            visual = ["feat", "label"] + (["attr"] if self.visual.attr is not None and "attr_labels" in batch else [])
+            counts.update({k: regions for k in visual})
+        return {k: c.float() for k, c in counts.items()}
 
 
-def masked_lm_terms(head, h, labels):
-    """Cross-entropy summed over the masked positions, and their count. The vocabulary projection
-    runs on those positions alone, which saves most of the head's cost (15% are masked)."""
-    keep = labels != -100  # (B, T)
-    logits = head(h[keep])  # (N, vocab); N may be 0, and the sum is then a zero with a gradient graph
-    return F.cross_entropy(logits.float(), labels[keep], reduction="sum"), keep.sum().float()
+def positions(mask, given=None):
+    """(rows, columns) where `mask` holds; `given`: the same found earlier on the host (pretrain.py),
+    as finding them on a GPU would make the host wait for it."""
+    at = mask.nonzero() if given is None else given  # (N, 2)
+    return at[:, 0], at[:, 1]
+
+
+def masked_lm_sum(head, h, labels, at=None):
+    """Cross-entropy summed over the masked positions. The vocabulary projection runs on those
+    positions alone, which saves most of the head's cost (15% are masked)."""
+    at = positions(labels != -100, at)
+    logits = head(h[at])  # (N, vocab); N may be 0, and the sum is then a zero with a gradient graph
+    return F.cross_entropy(logits.float(), labels[at], reduction="sum")
 
 
 MASK_PROB = 0.15
 
 
-def visual_terms(head, h, batch):
+def visual_sums(head, h, batch):
     """Feature regression, detector-label (and attribute) classification of masked regions.
 
     Paper: the visual objectives are computed on masked regions; the authors' code (from LXMERT)
@@ -318,16 +341,16 @@ def visual_terms(head, h, batch):
     scale by 1/0.15 (authors' code), so a term is about the mean over masked regions. Regression
     is smooth-L1 (beta 1), averaged over the feature dimension, as in the authors' code.
     h (B, K, H) the regions' hidden states; head(x) -> (features, label logits, attribute logits).
+    Returns the sums; term_counts gives what they are divided by, the batch's valid regions.
     """
-    valid = batch["region_mask"].bool()  # (B, K)
-    sel = batch["region_masked"].bool() & valid  # (B, K)
-    n = valid.sum().float()  # every valid region counts in the denominator
+    sel = positions(batch["region_masked"].bool() & batch["region_mask"].bool(), batch.get("region_at"))
     feat, label, attr = head(h[sel])  # (N, D), (N, C), (N, A)
-    out = {"feat": (F.smooth_l1_loss(feat.float(), batch["feat_targets"][sel].float(), reduction="none", beta=1.0).mean(-1).sum() / MASK_PROB, n),
-           "label": ((F.cross_entropy(label.float(), batch["obj_labels"][sel], reduction="none") * batch["obj_conf"][sel]).sum() / MASK_PROB, n)}
+    regression = F.smooth_l1_loss(feat.float(), batch["feat_targets"][sel].float(), reduction="none", beta=1.0).mean(-1)
+    out = {"feat": regression.sum() / MASK_PROB,
+           "label": (F.cross_entropy(label.float(), batch["obj_labels"][sel], reduction="none") * batch["obj_conf"][sel]).sum() / MASK_PROB}
     if attr is not None and "attr_labels" in batch:
         ce = F.cross_entropy(attr.float(), batch["attr_labels"][sel].clamp(min=0), reduction="none")
-        out["attr"] = ((ce * batch["attr_conf"][sel]).sum() / MASK_PROB, n)
+        out["attr"] = (ce * batch["attr_conf"][sel]).sum() / MASK_PROB
     return out
 
 

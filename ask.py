@@ -30,17 +30,21 @@ import toy
 from model import Config, VisualBERT
 from pretrain import load_checkpoint
 
-p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-p.add_argument("checkpoint", help="OUT/ckpt.pt of finetune.py")
-p.add_argument("inputs", nargs="+", metavar="IMAGE... TEXT",
-               help="image files (retrieval: also folders) or stored image ids, then the question or sentence")
-p.add_argument("--features", nargs="+", metavar="STORE", help="stores of the image ids (default: the checkpoint's)")
-p.add_argument("--weights", help="detector weights, as extract_features.py's --weights (default: those the training "
-                                 "features came from; none: random, for offline tests)")
-p.add_argument("--show", action="store_true", help="write IMAGE.ask.png with boxes, tags and [CLS]'s attention to each")
-p.add_argument("--out", metavar="DIR", help="where the PNGs go (default: beside the image file; here for an image id)")
-p.add_argument("--top", type=int, default=5, help="vqa: how many answers to list (%(default)s)")
-p.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda if there is one)")
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("checkpoint", help="OUT/ckpt.pt of finetune.py")
+parser.add_argument("inputs", nargs="+", metavar="IMAGE... TEXT",
+                    help="image files (retrieval: also folders) or stored image ids, then the question or sentence")
+parser.add_argument("--features", nargs="+", metavar="STORE",
+                    help="stores of the image ids (default: the checkpoint's)")
+parser.add_argument("--weights",
+                    help="detector weights, as extract_features.py's --weights (default: those the training "
+                         "features came from; none: random, for offline tests)")
+parser.add_argument("--show", action="store_true",
+                    help="write IMAGE.ask.png with boxes, tags and [CLS]'s attention to each")
+parser.add_argument("--out", metavar="DIR",
+                    help="where the PNGs go (default: beside the image file; here for an image id)")
+parser.add_argument("--top", type=int, default=5, help="vqa: how many answers to list (%(default)s)")
+parser.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda if there is one)")
 
 TAKES = {"vqa": "one image and a question", "refcoco": "one image and a referring expression",
          "nlvr2": "two images (left, right) and a sentence", "retrieval": "images or folders of them, and a caption"}
@@ -172,7 +176,7 @@ def draw(picture, entry, names, out_png, caption, shares=None, chosen=None, labe
 
 
 def main(argv=None):
-    args = p.parse_args(argv)
+    args = parser.parse_args(argv)
     ckpt = load(args.checkpoint)
     name, (*specs, text) = ckpt["task"], args.inputs
     need = {"vqa": 1, "refcoco": 1, "nlvr2": 2}.get(name)
@@ -225,7 +229,7 @@ def main(argv=None):
     task.tokenize([x])
     result, chosen = {"task": name}, None
     with torch.no_grad():
-        if name == "vqa":  # an independent probability per answer: the head was trained with BCE (SPEC 6)
+        if name == "vqa":  # an independent probability per answer: the head was trained with BCE (docs/METHOD.md §6)
             x["image"] = keys[0]
             logits, probs, spans = with_attention(model, lambda: task.logits(model, head, [x]))
             top = torch.sigmoid(logits[0]).topk(min(args.top, len(task.answers)))

@@ -1,12 +1,12 @@
 """
 Data for U-VisualBERT: the feature store, text corpora, masking and batching for pre-training
-(SPEC 2, 4, 7). The built-in toy world that fills these formats with no download is in toy.py.
+(docs/METHOD.md §2, 4, 7). The built-in toy world that fills these formats with no download is in toy.py.
 
 Sections, in order:
   1. the feature store: region features of many images, memory-mapped, toy or real alike
   2. text: a WordPiece tokenizer and corpora pre-tokenised into memory-mapped arrays
-  3. masking (SPEC 2)
-  4. batches, the proportional sampler (SPEC 4), the worker processes that build them
+  3. masking (docs/METHOD.md §2)
+  4. batches, the proportional sampler (docs/METHOD.md §4), the worker processes that build them
 """
 
 import glob
@@ -18,6 +18,8 @@ import shutil
 
 import numpy as np
 import torch
+
+from model import MASK_PROB
 
 # -----------------------------------------------------------------------------
 # 1. the feature store
@@ -81,7 +83,8 @@ class FeatureStore:
             except ValueError as e:
                 raise ValueError(f"{file}: truncated or corrupt ({e})") from None
             if arr.shape[0] != rows or (name == "features" and arr.shape[1] != self.feature_dim):
-                raise ValueError(f"{file}: shape {arr.shape}, the index and meta.json expect ({rows}, ...), feature_dim {self.feature_dim}")
+                raise ValueError(f"{file}: shape {arr.shape}, the index and meta.json expect ({rows}, ...), "
+                                 f"feature_dim {self.feature_dim}")
 
     def _array(self, s, name):
         key = (s, name)
@@ -207,7 +210,8 @@ class FeatureWriter:
     extractor settings), and `done_ids()` tells which images a rerun can skip.
     """
 
-    def __init__(self, path, feature_dim, class_names, attr_names=None, extractor=None, prefix="shard", shard_size=1000):
+    def __init__(self, path, feature_dim, class_names, attr_names=None, extractor=None, prefix="shard",
+                 shard_size=1000):
         self.path, self.prefix, self.shard_size, self.feature_dim = path, prefix, shard_size, int(feature_dim)
         os.makedirs(path, exist_ok=True)
         meta = {"format": STORE_FORMAT, "feature_dim": int(feature_dim), "class_names": list(class_names),
@@ -238,7 +242,8 @@ class FeatureWriter:
         K = len(boxes)
         assert features.shape == (K, self.feature_dim) and len(labels) == K and len(scores) == K, \
             f"image {image_id}: features {features.shape}, {K} boxes, {len(labels)} labels, {len(scores)} scores"
-        self._buffer.append((str(image_id), features, boxes, labels, scores, int(width), int(height), attributes, attr_scores))
+        self._buffer.append((str(image_id), features, boxes, labels, scores, int(width), int(height),
+                             attributes, attr_scores))
         if len(self._buffer) >= self.shard_size:
             self.flush()
 
@@ -272,20 +277,20 @@ class FeatureWriter:
 class Vocab:
     """BERT's WordPiece vocabulary (uncased), through the `tokenizers` package."""
 
-    SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+    RESERVED = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
     def __init__(self, tokens, source="vocab"):
         from tokenizers import BertWordPieceTokenizer
         self.tokens = list(tokens)
         index = {t: i for i, t in enumerate(self.tokens)}
-        missing = [s for s in self.SPECIALS if s not in index]
+        missing = [s for s in self.RESERVED if s not in index]
         if missing:
             raise ValueError(f"{source}: no {', '.join(missing)} in the vocabulary")
-        self.pad, self.unk, self.cls, self.sep, self.mask = (index[s] for s in self.SPECIALS)
+        self.pad, self.unk, self.cls, self.sep, self.mask = (index[s] for s in self.RESERVED)
         self.tokenizer = BertWordPieceTokenizer(vocab=index, lowercase=True)
         # a piece that continues a word ("##ing"): whole-word masking keeps it with the word before
         self.continuation = np.array([t.startswith("##") for t in self.tokens])
-        self.special = np.array([t in self.SPECIALS for t in self.tokens])
+        self.special = np.array([t in self.RESERVED for t in self.tokens])
 
     @classmethod
     def from_file(cls, path):
@@ -419,7 +424,7 @@ class TokenCorpus:
 
     def chunks(self, max_pieces):
         """Runs of whole consecutive sentences of one document, each at most `max_pieces` long
-        (a longer sentence is a chunk of its own, cut later): (start, end) item ranges (SPEC 2)."""
+        (a longer sentence is a chunk of its own, cut later): (start, end) item ranges (docs/METHOD.md §2)."""
         lengths = np.diff(self.offsets)
         out, start, size = [], 0, 0
         for i in range(len(self)):
@@ -435,9 +440,9 @@ class TokenCorpus:
 
 
 # -----------------------------------------------------------------------------
-# 3. masking (SPEC 2)
+# 3. masking (docs/METHOD.md §2)
 
-MASK_PROB, TAG_JOINT_PROB = 0.15, 0.9
+TAG_JOINT_PROB = 0.9  # a tag whose region is masked is masked too, with this probability
 
 
 class RowRandom:
@@ -535,7 +540,7 @@ def mask_tags(tag_ids, tag_region, region_masked, vocab, rng):
 
 
 # -----------------------------------------------------------------------------
-# 4. batches (SPEC 4)
+# 4. batches (docs/METHOD.md §4)
 
 CAPTION_LEN, TEXT_LEN, MAX_TAGS = 30, 64, 50  # pieces, [CLS] and [SEP] included
 
@@ -573,7 +578,7 @@ def text_inputs(seqs, vocab, max_len, second=None):
 
 def image_inputs(entries, tag_pieces, tags=True, max_tags=MAX_TAGS):
     """Store entries -> padded region and tag tensors. Each region's tag is its detector class's
-    word pieces, every piece with the region's box (SPEC 1); tags stop at `max_tags` pieces."""
+    word pieces, every piece with the region's box (docs/METHOD.md §1); tags stop at `max_tags` pieces."""
     half = entries[0]["features"].dtype == np.float16
     feats, valid = pad([e["features"] for e in entries], 0.0, torch.float16 if half else torch.float32)  # (B, K, D)
     out = {"feats": feats, "region_mask": valid,
@@ -629,7 +634,8 @@ class Images:
         first = self.stores[0]
         for s in self.stores[1:]:
             if s.class_names != first.class_names or s.feature_dim != first.feature_dim:
-                raise ValueError(f"{s.path}: other classes or feature size than {first.path}; stores must come from one extractor")
+                raise ValueError(f"{s.path}: other classes or feature size than {first.path}; stores must come from "
+                                 f"one extractor")
         self.class_names, self.attr_names, self.feature_dim = first.class_names, first.attr_names, first.feature_dim
         self.where = {i: s for s in self.stores for i in s.ids()}
         if not self.where:
@@ -653,7 +659,7 @@ class Corpus:
     kind "image":   image ids, alone (tags + regions, or regions only without tags)
     kind "caption": captions alone, masked piece by piece
     kind "text":    general text, chunks of whole sentences, whole-word masking, NSP optional
-    kind "pair":    aligned image-caption pairs, with image-text match (SPEC 2)
+    kind "pair":    aligned image-caption pairs, with image-text match (docs/METHOD.md §2)
     """
 
     def __init__(self, name, kind, vocab, items, images=None, tags=True, nsp=False, rate=1.0):
@@ -724,7 +730,7 @@ class Corpus:
 
 
 def epoch_plan(sizes, rates, batch_size, seed, epoch):
-    """SPEC 4: each data set is shuffled and cut into full batches (a set smaller than a batch is
+    """docs/METHOD.md §4: each data set is shuffled and cut into full batches (a set smaller than a batch is
     one batch); a rate below 1 takes that share of the set, rotating so consecutive epochs cover
     all of it; then at each step a set is drawn with probability proportional to the batches it
     has left, until all are used. Returns [(set, item indices)] for the epoch."""
@@ -761,7 +767,8 @@ class PretrainData(torch.utils.data.Dataset):
 
     def plan(self, epoch):
         if self._plan[0] != epoch:
-            self._plan = (epoch, epoch_plan(self.sizes, [c.rate for c in self.corpora], self.batch_size, self.seed, epoch))
+            self._plan = (epoch,
+                          epoch_plan(self.sizes, [c.rate for c in self.corpora], self.batch_size, self.seed, epoch))
         return self._plan[1]
 
     def __len__(self):
@@ -792,7 +799,8 @@ def pack(batch, out=None):
         layout.append((k, v.dtype, tuple(v.shape), size, n))
         size += -(-n // 8) * 8  # 8-byte aligned: any dtype can view its part
     if out is None or size > len(out):
-        out = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(size))  # as DataLoader's collate does
+        # as DataLoader's collate does
+        out = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(size))
     for k, dtype, shape, at, n in layout:
         out[at:at + n].view(dtype).view(shape).copy_(batch[k])
     return out, layout
@@ -824,7 +832,8 @@ class _ViaRing(torch.utils.data.Dataset):
 def batches(dataset, steps, workers=0, pin_memory=False):
     """(name, batch) for each step of `steps`, in order, built by `workers` processes (0: by this
     one): the same batches whatever the number of workers. A batch stays valid after the next."""
-    seed = torch.Generator().manual_seed(0)  # the loader's own: drawing from the global one would shift dropout on resume
+    # the loader's own: drawing from the global one would shift dropout on resume
+    seed = torch.Generator().manual_seed(0)
     if workers == 0 or not hasattr(os, "fork"):  # without fork (Windows) the workers hand tensors over one by one
         yield from torch.utils.data.DataLoader(dataset, batch_size=None, sampler=steps, num_workers=workers,
                                                pin_memory=pin_memory, generator=seed)

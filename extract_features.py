@@ -1,7 +1,7 @@
 """
-Region features and tags from real images with torchvision's Faster R-CNN (SPEC 9), written to the
+Region features and tags from real images with torchvision's Faster R-CNN (docs/METHOD.md §9), written to the
 feature store (data.FeatureStore) that pre-training and fine-tuning read; or an import of the classic
-bottom-up-attention TSV (SPEC 7) into the same store.
+bottom-up-attention TSV (docs/METHOD.md §7) into the same store.
 
     python extract_features.py --images path/to/images --out features/cc     # a folder, or a list file of paths
     python extract_features.py --images imgs --out feats/refcoco --given-boxes boxes.json
@@ -66,8 +66,9 @@ EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--images", help="folder of images (searched recursively) or a text file of image paths")
 parser.add_argument("--out", help="the feature store folder to write (resumed if it exists)")
-parser.add_argument("--weights", default="DEFAULT", help="DEFAULT (torchvision's COCO weights, downloaded once), a weights enum name, "
-                    "none (random, seeded by --seed: for tests and offline machines), or a local .pth state dict")
+parser.add_argument("--weights", default="DEFAULT",
+                    help="DEFAULT (torchvision's COCO weights, downloaded once), a weights enum name, "
+                         "none (random, seeded by --seed: for tests and offline machines), or a local .pth state dict")
 parser.add_argument("--model", default="fasterrcnn_resnet50_fpn_v2", help="torchvision Faster R-CNN with FPN "
                     "(fasterrcnn_resnet50_fpn_v2, fasterrcnn_resnet50_fpn, fasterrcnn_mobilenet_v3_large_fpn)")
 parser.add_argument("--feature", default="box_head", choices=["box_head", "c5"],
@@ -75,15 +76,22 @@ parser.add_argument("--feature", default="box_head", choices=["box_head", "c5"],
 parser.add_argument("--boxes", type=int, default=None, help="fixed number of boxes per image (default 36)")
 parser.add_argument("--min-boxes", type=int, default=None, help="adaptive: at least this many boxes (default 10)")
 parser.add_argument("--max-boxes", type=int, default=None, help="adaptive: at most this many boxes (default 100)")
-parser.add_argument("--score-thresh", type=float, default=0.2, help="adaptive: keep boxes scoring at least this (%(default)s)")
+parser.add_argument("--score-thresh", type=float, default=0.2,
+                    help="adaptive: keep boxes scoring at least this (%(default)s)")
 parser.add_argument("--nms", type=float, default=0.3, help="IoU of the class-agnostic NMS (%(default)s)")
 parser.add_argument("--proposals", type=int, default=1000,
-                    help="RPN proposals per image (%(default)s, torchvision's; fewer are faster: see --bench-proposals)")
-parser.add_argument("--min-size", type=int, default=800, help="resize the shorter side to this (%(default)s, torchvision's)")
-parser.add_argument("--max-size", type=int, default=1333, help="... unless the longer side would exceed this (%(default)s)")
-parser.add_argument("--given-boxes", default=None, help="JSON {image id or file name: [[x1, y1, x2, y2], ...]} pixel boxes to pool")
-parser.add_argument("--from-tsv", default=None, help="import a bottom-up-attention TSV (SPEC 7) instead of running a detector")
-parser.add_argument("--vocab", default=None, help="TSV import: object class names, one a line (first synonym); else class_<i>")
+                    help="RPN proposals per image (%(default)s, torchvision's; fewer are faster: see "
+                         "--bench-proposals)")
+parser.add_argument("--min-size", type=int, default=800,
+                    help="resize the shorter side to this (%(default)s, torchvision's)")
+parser.add_argument("--max-size", type=int, default=1333,
+                    help="... unless the longer side would exceed this (%(default)s)")
+parser.add_argument("--given-boxes", default=None,
+                    help="JSON {image id or file name: [[x1, y1, x2, y2], ...]} pixel boxes to pool")
+parser.add_argument("--from-tsv", default=None,
+                    help="import a bottom-up-attention TSV (docs/METHOD.md §7) instead of running a detector")
+parser.add_argument("--vocab", default=None,
+                    help="TSV import: object class names, one a line (first synonym); else class_<i>")
 parser.add_argument("--attr-vocab", default=None, help="TSV import: attribute names, one a line; else attr_<i>")
 parser.add_argument("--batch-size", type=int, default=4, help="images per detector batch (%(default)s)")
 parser.add_argument("--workers", type=int, default=4, help="image-decoding processes (%(default)s)")
@@ -92,10 +100,14 @@ parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", 
                     help="autocast dtype; auto: fp16 on CUDA, fp32 on CPU")
 parser.add_argument("--seed", type=int, default=0, help="seed of the random detector with --weights none (%(default)s)")
 parser.add_argument("--shard", type=int, default=None, help="this process's share (default: torchrun's RANK, else 0)")
-parser.add_argument("--num-shards", type=int, default=None, help="number of processes sharing the job (default: WORLD_SIZE, else 1)")
-parser.add_argument("--shard-size", type=int, default=1000, help="images per written shard, the most a kill can lose (%(default)s)")
-parser.add_argument("--bench", action="store_true", help="images/s of extraction vs torchvision's plain model(images), nothing written")
-parser.add_argument("--bench-images", type=int, default=16, help="--bench: images to time, the first of --images, else random ones (%(default)s)")
+parser.add_argument("--num-shards", type=int, default=None,
+                    help="number of processes sharing the job (default: WORLD_SIZE, else 1)")
+parser.add_argument("--shard-size", type=int, default=1000,
+                    help="images per written shard, the most a kill can lose (%(default)s)")
+parser.add_argument("--bench", action="store_true",
+                    help="images/s of extraction vs torchvision's plain model(images), nothing written")
+parser.add_argument("--bench-images", type=int, default=16,
+                    help="--bench: images to time, the first of --images, else random ones (%(default)s)")
 parser.add_argument("--bench-proposals", type=int, nargs="+", metavar="N",
                     help="--bench: at each of these proposal counts, and how many of the boxes kept with the first "
                          "are kept with each other")
@@ -167,7 +179,8 @@ def load_image(path, max_side):
             a = a / 257.0  # 0..65535 -> 0..255
         img = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
-        img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img.convert("RGBA"))  # alpha on white
+        # alpha on white
+        img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img.convert("RGBA"))
     img = img.convert("RGB")  # L, 1, P, CMYK, YCbCr, ... -> RGB
     if max(width, height) > max_side:  # very large: shrink by an integer factor first (memory, speed)
         img = img.reduce(math.ceil(max(width, height) / max_side))
@@ -255,7 +268,8 @@ def feature_dim(model, kind):
 def select_boxes(boxes, scores, args):
     """The box policy on one image's candidates, (P, 4) boxes and (P,) scores -> indices, best first."""
     keep = box_ops.nms(boxes, scores, args.nms)  # (k,) survivors, sorted by score
-    n = args.boxes if not args.adaptive else min(max(int((scores[keep] >= args.score_thresh).sum()), args.min_boxes), args.max_boxes)
+    n = args.boxes if not args.adaptive else min(max(int((scores[keep] >= args.score_thresh).sum()), args.min_boxes),
+                                                 args.max_boxes)
     if len(keep) < n:  # too few survive NMS: the best suppressed boxes fill in
         suppressed = torch.ones(len(scores), dtype=torch.bool, device=scores.device)
         suppressed[keep] = False
@@ -282,7 +296,8 @@ def extract(model, images, args, given=None):
         probs = F.softmax(logits.float(), -1)
         s_all, lab_all = probs[:, 1:].max(1)  # best foreground class per proposal, (sum P,)
         lab_all = lab_all + 1  # label ids count the background as 0
-        d = deltas.float().reshape(len(deltas), -1, 4)[torch.arange(len(deltas), device=deltas.device), lab_all]  # (sum P, 4)
+        # (sum P, 4)
+        d = deltas.float().reshape(len(deltas), -1, 4)[torch.arange(len(deltas), device=deltas.device), lab_all]
         b_all = rh.box_coder.decode_single(d, torch.cat(proposals).float())  # (sum P, 4) that class's regressed box
         final, labels, scores, counts = [], [], [], [len(q) for q in proposals]
         for i, (b, s, lab) in enumerate(zip(b_all.split(counts), s_all.split(counts), lab_all.split(counts))):
@@ -302,7 +317,8 @@ def extract(model, images, args, given=None):
         x = rh.box_head(rh.box_roi_pool(fpn, final, sizes))  # (sum K, 1024) the final boxes pooled again
     if args.feature == "c5":  # the last ResNet stage, RoIAlign 7x7 then averaged: (sum K, 2048)
         c5 = list(body.values())[-1]
-        feats = roi_align(c5, final, output_size=7, spatial_scale=c5.shape[-1] / batch.tensors.shape[-1], sampling_ratio=2).mean((2, 3))
+        feats = roi_align(c5, final, output_size=7, spatial_scale=c5.shape[-1] / batch.tensors.shape[-1],
+                          sampling_ratio=2).mean((2, 3))
     else:
         feats = x
     if tag:
@@ -321,9 +337,10 @@ def extract(model, images, args, given=None):
     return out
 
 # -----------------------------------------------------------------------------
-# the bottom-up-attention TSV (SPEC 7)
+# the bottom-up-attention TSV (docs/METHOD.md §7)
 
-TSV_FIELDS = ["img_id", "img_h", "img_w", "objects_id", "objects_conf", "attrs_id", "attrs_conf", "num_boxes", "boxes", "features"]
+TSV_FIELDS = ["img_id", "img_h", "img_w", "objects_id", "objects_conf", "attrs_id", "attrs_conf", "num_boxes", "boxes",
+              "features"]
 
 
 def read_vocab(file, n, prefix):
@@ -346,7 +363,8 @@ def import_tsv(args, rank, world):
     if args.vocab is None:
         print("no --vocab: class names are class_<i> (1600 Visual Genome objects); attributes attr_<i> (400)")
     settings = {"source": "bottom-up-attention TSV", "tsv": os.path.basename(args.from_tsv),
-                "vocab": args.vocab and os.path.basename(args.vocab), "attr_vocab": args.attr_vocab and os.path.basename(args.attr_vocab),
+                "vocab": args.vocab and os.path.basename(args.vocab),
+                "attr_vocab": args.attr_vocab and os.path.basename(args.attr_vocab),
                 "boxes": "as in the TSV, normalised by img_w, img_h"}
     writer, done, n, rows = None, set(), 0, 0
     decode = lambda s, dtype: np.frombuffer(base64.b64decode(s, validate=True), dtype=dtype)  # noqa: E731
@@ -423,11 +441,12 @@ def main(argv=None):
     dim = feature_dim(model, args.feature)
     settings = {"extractor": "extract_features.py", "model": args.model, "weights": weights_name,
                 "torchvision": torchvision.__version__.split("+")[0], "feature": args.feature,
-                "box_policy": "given boxes" if args.given_boxes else policy, "nms": args.nms, "score_thresh": args.score_thresh,
+                "box_policy": "given boxes" if args.given_boxes else policy, "nms": args.nms,
+                "score_thresh": args.score_thresh,
                 "candidates": "best foreground class per proposal, class-agnostic NMS, best first",
                 "fill": "best NMS-suppressed boxes, then the whole-image box", "proposals": args.proposals,
                 "image_size": f"shorter side {args.min_size}, longer at most {args.max_size} (torchvision transform); "
-                              f"longer than {4 * args.max_size} first reduced by an integer factor",
+                f"longer than {4 * args.max_size} first reduced by an integer factor",
                 "pixels": "RGB, EXIF-transposed, alpha on white, 16-bit scaled", "dtype": args.dtype,
                 "given_boxes": args.given_boxes and os.path.basename(args.given_boxes)}
     print(f"{args.model}, weights {weights_name}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
@@ -450,7 +469,8 @@ def main(argv=None):
     if os.path.exists(skipped_file):
         with open(skipped_file) as f:
             text = f.read()
-        listed = {line.split("\t")[0] for line in text.splitlines() if "\t" in line}  # a line cut by a kill has no reason
+        # a line cut by a kill has no reason
+        listed = {line.split("\t")[0] for line in text.splitlines() if "\t" in line}
         if text and not text.endswith("\n"):
             with open(skipped_file, "a") as f:
                 f.write("\n")
@@ -459,7 +479,8 @@ def main(argv=None):
     batches = [mine[i:i + args.batch_size] for i in range(0, len(mine), args.batch_size)]
     batches = [[p for p, _ in b] for b in batches if any(k not in done and p not in listed for p, k in b)]
     todo = {p for b in batches for p in b if stem(p) not in done and p not in listed}
-    print(f"{len(paths)} images, {len(mine)} in shard {rank}/{world}, {len(mine) - len(todo)} already done or skipped, {len(todo)} to go")
+    print(f"{len(paths)} images, {len(mine)} in shard {rank}/{world}, {len(mine) - len(todo)} already done or skipped, "
+          f"{len(todo)} to go")
     loader = torch.utils.data.DataLoader(Batches(batches, 4 * args.max_size), batch_size=None, num_workers=args.workers,
                                          pin_memory=device.type == "cuda")
     handled, written, bad, t0, last = 0, 0, 0, time.time(), 0.0
@@ -520,8 +541,10 @@ def bench(model, paths, args, device, autocast):
         iou = torch.cat([box_ops.box_iou(torch.from_numpy(a), torch.from_numpy(b)).max(1)[0] for a, b in zip(first, kept)])
         rows[n] = {**ips, "kept": iou.ge(0.5).float().mean().item(), "best_iou": iou.mean().item()}
         print(f"{n:5d} proposals | extraction {ips['extraction']:.2f} images/s | model(images) "
-              f"{ips['model(images)']:.2f} images/s | overhead {100 * (ips['model(images)'] / ips['extraction'] - 1):+.1f}% | "
-              f"boxes of {next(iter(rows))} proposals kept again {rows[n]['kept']:.0%}, mean best IoU {rows[n]['best_iou']:.2f}")
+              f"{ips['model(images)']:.2f} images/s | overhead "
+              f"{100 * (ips['model(images)'] / ips['extraction'] - 1):+.1f}% | "
+              f"boxes of {next(iter(rows))} proposals kept again {rows[n]['kept']:.0%}, mean best IoU "
+              f"{rows[n]['best_iou']:.2f}")
     return {**rows[next(iter(rows))], "by_proposals": rows}
 
 

@@ -1,5 +1,5 @@
 """
-Fine-tune U-VisualBERT on the paper's four downstream tasks (SPEC 6) and report their metrics.
+Fine-tune U-VisualBERT on the paper's four downstream tasks (docs/METHOD.md §6) and report their metrics.
 
     python finetune.py --task vqa --init-from out/pretrain/ckpt.pt        # VQA 2.0: soft accuracy
     python finetune.py --task nlvr2 --init-from out/pretrain/ckpt.pt      # NLVR2: accuracy and consistency
@@ -7,7 +7,7 @@ Fine-tune U-VisualBERT on the paper's four downstream tasks (SPEC 6) and report 
     python finetune.py --task refcoco --init-from out/pretrain/ckpt.pt    # RefCOCO+: the top region's box has IoU >= 0.5
 
 With no data flags a task uses the toy world's files (made by toy.py on first use); --data DIR and
---features STORE... point it at the real benchmark files (SPEC 7) and a feature store made by
+--features STORE... point it at the real benchmark files (docs/METHOD.md §7) and a feature store made by
 extract_features.py. Every run writes OUT/results.json, OUT/baseline.json, OUT/log.jsonl,
 OUT/args.json and OUT/ckpt.pt (--resume goes on from it), and prints each split's result beside a
 trivial baseline. Under torchrun the same command trains data-parallel (--batch-size stays the global
@@ -38,15 +38,16 @@ import torch.nn.functional as F
 import data
 import toy
 from model import PRESETS
-from pretrain import (Objectives, all_sum, autocast, check_batch, load_checkpoint, load_weights, make_model, make_optimizer,
-                      optimizer_step, pick_dtype, pretrain_step, restore, save_checkpoint, say, setup_device, shard, to_device,
-                      toy_world, trim_log, with_positions, wrap, write_args)
+from pretrain import (Objectives, all_sum, autocast, check_batch, load_checkpoint, load_weights, make_model,
+                      make_optimizer,
+                      optimizer_step, pick_dtype, pretrain_step, restore, save_checkpoint, say, setup_device, shard,
+                      to_device, toy_world, trim_log, with_positions, wrap, write_args)
 
 # -----------------------------------------------------------------------------
 # settings: every flag, in one place; `python finetune.py -h` is the manual
 
 # Defaults sized for the toy world (each task in <= 3 min on a 2-core CPU, the tiny model). For the
-# real benchmarks with BERT-base use the paper's settings (SPEC 6), listed in PAPER and in --help.
+# real benchmarks with BERT-base use the paper's settings (docs/METHOD.md §6), listed in PAPER and in --help.
 # VQA and retrieval learn at 3e-4, not 1e-3, at which the word-to-tag match they need is not found.
 DEFAULTS = {  # task: epochs, batch size, peak learning rate
     "vqa": dict(epochs=16, batch_size=32, lr=3e-4),
@@ -67,61 +68,77 @@ TOY = {  # task: its folder under toy_world/tasks, its feature stores under toy_
     "refcoco": ("refcoco+", ["refcoco"]),
 }
 REAL_DATA = """
-real benchmarks (SPEC 7): --data DIR holds the task's files under their official names, and
+real benchmarks (docs/METHOD.md §7): --data DIR holds the task's files under their official names, and
 --features the feature stores of its images (extract_features.py; several stores are read as one):
   vqa        DIR/v2_OpenEnded_mscoco_{train2014,val2014}_questions.json, DIR/v2_mscoco_{train2014,val2014}_annotations.json;
              trains on train2014, reports val2014. COCO images are found as "42" or "COCO_val2014_000000000042".
   nlvr2      DIR/{train,dev,test1}.json (test2.json too if present); images "dev-850-0-img0", "dev-850-0-img1".
   retrieval  DIR/dataset_flickr30k.json (Karpathy's split); images by file stem ("1000092795"); reports test.
   refcoco    DIR/refs(unc).p and DIR/instances.json (RefCOCO+, UNC split; the COCO train2014 images); reports val, testA, testB.
-paper settings for BERT-base (SPEC 6):
+paper settings for BERT-base (docs/METHOD.md §6):
 """ + "\n".join(f"  {t:<10} {s}" for t, s in PAPER.items())
 
-p = argparse.ArgumentParser(description="Fine-tune U-VisualBERT on VQA, NLVR2, Flickr30K retrieval or RefCOCO+ (SPEC 6).",
-                            epilog=REAL_DATA, formatter_class=argparse.RawDescriptionHelpFormatter)
-p.add_argument("--task", required=True, choices=list(TOY), help="which downstream task")
-d = p.add_argument_group("data (default: the toy world's task files and feature stores)")
-d.add_argument("--data", metavar="DIR", help="folder holding the task's files under their official names (see below)")
-d.add_argument("--features", nargs="+", metavar="STORE", help="feature stores holding every image the task's files name")
-d.add_argument("--toy-root", default=toy.TOY_DIR, metavar="DIR", help="where the toy world is made and cached")
-d.add_argument("--min-answer-count", type=int, default=9, metavar="N",
-               help="vqa: the answer set is every answer that is the multiple_choice_answer of at least this many "
-                    "training questions (or questions of --answers)")
-d.add_argument("--answers", nargs="+", metavar="FILE",
-               help="vqa: count the answer set over these VQA annotation files instead of the training questions "
-                    "(train2014 + val2014 with the default count of 9 gives the usual 3,129 answers), or read it from "
-                    "one ans2label JSON file {\"answer\": index}")
-m = p.add_argument_group("model and optimisation (SPEC 6); a task's defaults suit the toy world, see the paper's below")
-m.add_argument("--init-from", metavar="PATH", help="our checkpoint (ckpt.pt), a Hugging Face BERT directory (the Base row), "
-                                                   "or nothing: random weights of --model")
-m.add_argument("--model", default="tiny", choices=sorted(PRESETS), help="size preset when there is no --init-from")
-m.add_argument("--no-tags", action="store_true", help="regions only, no detector tags (the _NT rows)")
-m.add_argument("--epochs", type=float, metavar="E", help="epochs, may be fractional (toy: " + ", ".join(f"{t} {v['epochs']}" for t, v in DEFAULTS.items()) + ")")
-m.add_argument("--batch-size", type=int, metavar="B", help="examples per step, the global batch: with N processes (torchrun) each takes 1/N of it (toy: 32)")
-m.add_argument("--grad-accum", type=int, default=1, metavar="N",
-               help="each process takes its share of the batch in N micro-batches, adding up their gradients (less memory)")
-m.add_argument("--lr", type=float, metavar="LR", help="peak learning rate (toy: " + ", ".join(f"{t} {v['lr']:g}" for t, v in DEFAULTS.items()) + ")")
-m.add_argument("--warmup", type=float, default=0.1, metavar="F", help="share of steps for linear warm-up, then linear decay to zero")
-m.add_argument("--weight-decay", type=float, default=0.01, metavar="W")
-m.add_argument("--clip", type=float, default=1.0, metavar="NORM", help="gradient-norm clip")
-m.add_argument("--dropout", type=float, default=None, metavar="P", help="override the model's dropout")
-m.add_argument("--hard-negatives", type=int, default=4, metavar="N",
-               help="retrieval: the wrong image of each positive is the most tag-alike of N random other images (1: a random one)")
-m.add_argument("--test-images", type=int, default=None, metavar="N",
-               help="retrieval: rank among the first N test images only (a quicker check; the paper ranks all 1,000)")
-m.add_argument("--task-pretrain-epochs", type=int, default=0, metavar="N",
-               help="nlvr2: first this many epochs of mask-and-predict on NLVR2's own data, keeping the epoch with the "
-                    "best dev MLM loss (paper: at most 5)")
-r = p.add_argument_group("run")
-r.add_argument("--out", metavar="DIR", help="output folder (default out/finetune/TASK): results.json, baseline.json, log.jsonl, args.json, ckpt.pt")
-r.add_argument("--seed", type=int, default=0)
-r.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if there is one)")
-r.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="autocast dtype (auto: bf16 on a GPU that has it, else fp32)")
-r.add_argument("--compile", action="store_true", help="torch.compile the model for the training steps (worth it on a GPU)")
-r.add_argument("--log-every", type=int, default=50, metavar="STEPS")
-r.add_argument("--save-every", type=int, default=500, metavar="STEPS", help="write OUT/ckpt.pt every this many steps, and at the end")
-r.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt; the rest of the command must be the same")
-r.add_argument("--eval-batch-size", type=int, default=256, metavar="N", help="sequences per forward pass when evaluating")
+parser = argparse.ArgumentParser(description="Fine-tune U-VisualBERT on VQA, NLVR2, Flickr30K retrieval or RefCOCO+ "
+                                             "(docs/METHOD.md §6).",
+                                 epilog=REAL_DATA, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--task", required=True, choices=list(TOY), help="which downstream task")
+group = parser.add_argument_group("data (default: the toy world's task files and feature stores)")
+group.add_argument("--data", metavar="DIR",
+                   help="folder holding the task's files under their official names (see below)")
+group.add_argument("--features", nargs="+", metavar="STORE",
+                   help="feature stores holding every image the task's files name")
+group.add_argument("--toy-root", default=toy.TOY_DIR, metavar="DIR", help="where the toy world is made and cached")
+group.add_argument("--min-answer-count", type=int, default=9, metavar="N",
+                   help="vqa: the answer set is every answer that is the multiple_choice_answer of at least this many "
+                        "training questions (or questions of --answers)")
+group.add_argument("--answers", nargs="+", metavar="FILE",
+                   help="vqa: count the answer set over these VQA annotation files instead of the training questions "
+                        "(train2014 + val2014 with the default count of 9 gives the usual 3,129 answers), or read it from "
+                        "one ans2label JSON file {\"answer\": index}")
+group = parser.add_argument_group("model and optimisation (docs/METHOD.md §6); a task's defaults suit the toy world, "
+                                  "see the paper's below")
+group.add_argument("--init-from", metavar="PATH",
+                   help="our checkpoint (ckpt.pt), a Hugging Face BERT directory (the Base row), "
+                        "or nothing: random weights of --model")
+group.add_argument("--model", default="tiny", choices=sorted(PRESETS), help="size preset when there is no --init-from")
+group.add_argument("--no-tags", action="store_true", help="regions only, no detector tags (the _NT rows)")
+group.add_argument("--epochs", type=float, metavar="E",
+                   help="epochs, may be fractional (toy: " + ", ".join(f"{t} {v['epochs']}" for t, v in DEFAULTS.items()) + ")")
+group.add_argument("--batch-size", type=int, metavar="B",
+                   help="examples per step, the global batch: with N processes (torchrun) each takes 1/N of it (toy: 32)")
+group.add_argument("--grad-accum", type=int, default=1, metavar="N",
+                   help="each process takes its share of the batch in N micro-batches, adding up their gradients (less memory)")
+group.add_argument("--lr", type=float, metavar="LR",
+                   help="peak learning rate (toy: " + ", ".join(f"{t} {v['lr']:g}" for t, v in DEFAULTS.items()) + ")")
+group.add_argument("--warmup", type=float, default=0.1, metavar="F",
+                   help="share of steps for linear warm-up, then linear decay to zero")
+group.add_argument("--weight-decay", type=float, default=0.01, metavar="W")
+group.add_argument("--clip", type=float, default=1.0, metavar="NORM", help="gradient-norm clip")
+group.add_argument("--dropout", type=float, default=None, metavar="P", help="override the model's dropout")
+group.add_argument("--hard-negatives", type=int, default=4, metavar="N",
+                   help="retrieval: the wrong image of each positive is the most tag-alike of N random other images "
+                        "(1: a random one)")
+group.add_argument("--test-images", type=int, default=None, metavar="N",
+                   help="retrieval: rank among the first N test images only (a quicker check; the paper ranks all 1,000)")
+group.add_argument("--task-pretrain-epochs", type=int, default=0, metavar="N",
+                   help="nlvr2: first this many epochs of mask-and-predict on NLVR2's own data, keeping the epoch with the "
+                        "best dev MLM loss (paper: at most 5)")
+group = parser.add_argument_group("run")
+group.add_argument("--out", metavar="DIR",
+                   help="output folder (default out/finetune/TASK): results.json, baseline.json, log.jsonl, args.json, ckpt.pt")
+group.add_argument("--seed", type=int, default=0)
+group.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if there is one)")
+group.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="autocast dtype (auto: bf16 on a GPU that has it, else fp32)")
+group.add_argument("--compile", action="store_true",
+                   help="torch.compile the model for the training steps (worth it on a GPU)")
+group.add_argument("--log-every", type=int, default=50, metavar="STEPS")
+group.add_argument("--save-every", type=int, default=500, metavar="STEPS",
+                   help="write OUT/ckpt.pt every this many steps, and at the end")
+group.add_argument("--resume", action="store_true",
+                   help="continue from OUT/ckpt.pt; the rest of the command must be the same")
+group.add_argument("--eval-batch-size", type=int, default=256, metavar="N",
+                   help="sequences per forward pass when evaluating")
 # every flag that names a path, and what it must be (data.check_path)
 PATH_FLAGS = {"data": "folder", "features": "folder", "answers": "file", "init_from": "checkpoint", "out": "out",
               "toy_root": "out"}
@@ -158,8 +175,8 @@ def process_punctuation(text):
     digits, "1,000") is deleted, one between two characters becomes a space ("red-and-white")."""
     out = text
     delete = COMMA_IN_NUMBER.search(text) is not None
-    for p_ in PUNCT:
-        out = out.replace(p_, "" if delete or p_ + " " in text or " " + p_ in text else " ")
+    for mark in PUNCT:
+        out = out.replace(mark, "" if delete or mark + " " in text or " " + mark in text else " ")
     return PERIOD.sub("", out)
 
 
@@ -196,7 +213,7 @@ def vqa_accuracy(pred, gt_answers):
 
 
 def soft_score(k, n=10):
-    """vqa_accuracy of an answer that k of n annotators gave; for n = 10 it is min(1, 0.3 k) (SPEC 6):
+    """vqa_accuracy of an answer that k of n annotators gave; for n = 10 it is min(1, 0.3 k) (docs/METHOD.md §6):
     0, 0.3, 0.6, 0.9, then 1."""
     return (k * min(1.0, (k - 1) / 3) + (n - k) * min(1.0, k / 3)) / n
 
@@ -227,7 +244,7 @@ def consistency(keys, correct):
 
 
 # -----------------------------------------------------------------------------
-# loaders of the real file formats (SPEC 7). Each names the file and the record on a bad input: a
+# loaders of the real file formats (docs/METHOD.md §7). Each names the file and the record on a bad input: a
 # malformed record (a missing field, an unknown split) stops the run, as the file is not what it
 # should be; a record whose image has no features is skipped and counted, unless none is left.
 
@@ -386,7 +403,8 @@ def load_refcoco(refs_file, instances_file, images, skipped):
     instances = data.read_json(instances_file)
     boxes = {field(a, "id", instances_file, f"annotation {n}"): field(a, "bbox", instances_file, f"annotation {n}")
              for n, a in enumerate(field(instances, "annotations", instances_file, "the file"))}
-    sizes = {field(im, "id", instances_file, f"image {n}"): (field(im, "width", instances_file, f"image {n}"), field(im, "height", instances_file, f"image {n}"))
+    sizes = {field(im, "id", instances_file, f"image {n}"): (field(im, "width", instances_file, f"image {n}"),
+                                                             field(im, "height", instances_file, f"image {n}"))
              for n, im in enumerate(field(instances, "images", instances_file, "the file"))}
     splits, named = {}, set()
     for n, ref in enumerate(refs):
@@ -440,7 +458,8 @@ def read_answer_set(files, min_count):
             raise ValueError(f"{f}: not a VQA annotations file (no 'annotations'); an ans2label file goes alone")
         for n, a in enumerate(field(obj, "annotations", f, "the file")):
             counts[normalize_answer(str(field(a, "multiple_choice_answer", f, f"record {n}")))] += 1
-    return frequent(counts, min_count, f"questions of {' '.join(files)}"), f"each the answer of >= {min_count} questions of {' '.join(files)}"
+    return frequent(counts, min_count, f"questions of "
+                                       f"{' '.join(files)}"), f"each the answer of >= {min_count} questions of {' '.join(files)}"
 
 
 # -----------------------------------------------------------------------------
@@ -448,7 +467,8 @@ def read_answer_set(files, min_count):
 # A training step is task.draw(items, gen) on the global batch, then task.loss(model, head, items)
 # on this process's share of it (all of it with one process): the mean over those items.
 
-INPUTS = ("input_ids", "attention_mask", "token_type_ids", "tag_ids", "tag_boxes", "tag_mask", "feats", "boxes", "region_mask")
+INPUTS = ("input_ids", "attention_mask", "token_type_ids", "tag_ids", "tag_boxes", "tag_mask", "feats", "boxes",
+          "region_mask")
 
 
 def chunks(items, size):
@@ -472,7 +492,7 @@ class Task:
             x["ids"] = ids
 
     def encode(self, texts, image_ids):
-        """Pieces of each text and its image's id -> the model's inputs, [text ; tags ; regions] (SPEC 1)."""
+        """Pieces of each text and its image's id -> the model's inputs, [text ; tags ; regions] (docs/METHOD.md §1)."""
         b = data.text_inputs(texts, self.vocab, self.max_len)
         b.update(data.image_inputs([self.images[i] for i in image_ids], self.tag_pieces, self.tags))
         return {k: b[k].to(self.device, non_blocking=True) for k in INPUTS if k in b}
@@ -488,13 +508,14 @@ class Task:
 
 
 class VQA(Task):
-    """VQA 2.0 (SPEC 6): question + tags + regions; an MLP on the pooled output scores every answer."""
+    """VQA 2.0 (docs/METHOD.md §6): question + tags + regions; an MLP on the pooled output scores every answer."""
 
     max_len = 20
 
     def __init__(self, args, vocab, images, root):
         super().__init__(args, vocab, images)
-        files = lambda sub: (os.path.join(root, f"v2_OpenEnded_mscoco_{sub}_questions.json"), os.path.join(root, f"v2_mscoco_{sub}_annotations.json"))
+        files = lambda sub: (os.path.join(root, f"v2_OpenEnded_mscoco_{sub}_questions.json"),
+                             os.path.join(root, f"v2_mscoco_{sub}_annotations.json"))
         self.splits = {s: load_vqa(*files(sub), images, self.skipped) for s, sub in (("train", "train2014"), ("val", "val2014"))}
         self.train, self.eval_splits = self.splits["train"], ["val"]
         # the answer set: normalised answers that are the multiple_choice_answer of >= N training
@@ -516,7 +537,8 @@ class VQA(Task):
         # a question none of whose answers is in the set stays: the official evaluation counts it (the
         # model scores 0 on it), and it trains every answer's score toward 0
         lost = ", ".join(f"{s} {sum(not x['target'] for x in xs)}/{len(xs)}" for s, xs in self.splits.items())
-        self.notes.append(f"questions whose every answer is outside the answer set (kept, with an empty training target): {lost}")
+        self.notes.append(f"questions whose every answer is outside the answer set (kept, with an empty training "
+                          f"target): {lost}")
         # baseline: the most frequent answer of each question type in train (of all of train for a new type)
         self.by_type = {}
         for x in self.train:
@@ -525,8 +547,9 @@ class VQA(Task):
         self.baseline_name = "most frequent answer per question type"
 
     def make_head(self, model):
-        H, eps = model.cfg.hidden, model.cfg.ln_eps  # SPEC 6: Linear(H, 2H), GELU, LN, Linear(2H, #answers)
-        return nn.Sequential(nn.Linear(H, 2 * H), nn.GELU(), nn.LayerNorm(2 * H, eps=eps), nn.Linear(2 * H, len(self.answers)))
+        H, eps = model.cfg.hidden, model.cfg.ln_eps  # docs/METHOD.md §6: Linear(H, 2H), GELU, LN, Linear(2H, #answers)
+        return nn.Sequential(nn.Linear(H, 2 * H), nn.GELU(), nn.LayerNorm(2 * H, eps=eps),
+                             nn.Linear(2 * H, len(self.answers)))
 
     def logits(self, model, head, items):
         return head(self.pooled(model, [x["ids"] for x in items], [x["image"] for x in items])).float()  # (B, A)
@@ -537,7 +560,7 @@ class VQA(Task):
         for i, x in enumerate(items):
             for a, s in x["target"].items():
                 target[i, a] = s
-        # SPEC 6: binary cross-entropy against the soft scores, scaled by the number of answers
+        # docs/METHOD.md §6: binary cross-entropy against the soft scores, scaled by the number of answers
         return F.binary_cross_entropy_with_logits(logits, target) * logits.shape[1]
 
     def evaluate(self, model, head, split):
@@ -556,7 +579,7 @@ class VQA(Task):
 
 
 class NLVR2(Task):
-    """NLVR2 (SPEC 6): the sentence with each of its two images, the two pooled outputs side by side,
+    """NLVR2 (docs/METHOD.md §6): the sentence with each of its two images, the two pooled outputs side by side,
     an MLP -> true / false."""
 
     max_len = 32
@@ -586,19 +609,21 @@ class NLVR2(Task):
         return F.cross_entropy(self.logits(model, head, items), labels)
 
     def metrics(self, split, pred):
-        correct = [int(p_ == x["label"]) for p_, x in zip(pred, self.splits[split])]
-        return {"accuracy": float(np.mean(correct)), "consistency": consistency([x["sentence"] for x in self.splits[split]], correct)}
+        correct = [int(guess == x["label"]) for guess, x in zip(pred, self.splits[split])]
+        return {"accuracy": float(np.mean(correct)),
+                "consistency": consistency([x["sentence"] for x in self.splits[split]], correct)}
 
     def evaluate(self, model, head, split):
-        pred = [a for items in chunks(self.splits[split], self.eval_batch_size // 2) for a in self.logits(model, head, items).argmax(1).tolist()]
+        pred = [a for items in chunks(self.splits[split], self.eval_batch_size // 2) for a in self.logits(model,
+                                                                                                          head, items).argmax(1).tolist()]
         return self.metrics(split, pred)
 
     def baseline(self, split):
         return self.metrics(split, [self.majority] * len(self.splits[split]))
 
-    # SPEC 6: task-specific pre-training, mask-and-predict on NLVR2's own sentences and images. We
+    # docs/METHOD.md §6: task-specific pre-training, mask-and-predict on NLVR2's own sentences and images. We
     # pair each sentence with one of its two images, drawn at random (it speaks of both), and mask
-    # both as in aligned pre-training (SPEC 2), without the match loss.
+    # both as in aligned pre-training (docs/METHOD.md §2), without the match loss.
     def pretrain_batch(self, items, rng, attrs):
         """Rows rng.rows of the masked batch of `items` (all of the batch: a region may be replaced by
         one of another row's image)."""
@@ -606,7 +631,8 @@ class NLVR2(Task):
         pick = (rng.uniform(1)[:, 0] < 0.5).long().tolist()
         b = data.text_inputs([x["ids"] for x in mine], self.vocab, self.max_len)
         b["input_ids"], b["mlm_labels"] = data.mask_text(b["input_ids"], self.vocab, rng)
-        b.update(data.image_inputs([self.images[x["images"][k]] for x, k in zip(mine, pick)], self.tag_pieces, self.tags))
+        b.update(data.image_inputs([self.images[x["images"][k]] for x, k in zip(mine, pick)], self.tag_pieces,
+                                   self.tags))
         if not attrs:  # the model has no attribute head of this size
             b.pop("attr_labels", None), b.pop("attr_conf", None)
         return data.mask_image(b, self.vocab, rng, data.donor(self.images, [x["images"][0] for x in items]))
@@ -639,7 +665,8 @@ class NLVR2(Task):
                 b = self.pretrain_batch([self.train[i] for i in idx], rng, attrs)
                 micro = [to_device(with_positions(shard(b, j, args.grad_accum)), self.device)
                          for j in range(args.grad_accum)]
-                _, sums, counts, _ = pretrain_step(model, run, micro, world, optimizer, scaler, lr_at(step), args.clip, ctx)
+                _, sums, counts, _ = pretrain_step(model, run, micro, world, optimizer, scaler, lr_at(step),
+                                                   args.clip, ctx)
                 step += 1
             loss, mlm = (all_sum(sums) / counts).sum().item(), dev_mlm()
             say(f"task-specific pre-training epoch {epoch + 1}: train loss {loss:.3f}, dev MLM loss {mlm:.3f}")
@@ -651,7 +678,7 @@ class NLVR2(Task):
 
 
 class Retrieval(Task):
-    """Flickr30K image retrieval (SPEC 6): a score for a caption and an image from the pooled output;
+    """Flickr30K image retrieval (docs/METHOD.md §6): a score for a caption and an image from the pooled output;
     each positive with two negatives, cross-entropy over the three."""
 
     max_len = 30  # as captions in pre-training
@@ -702,9 +729,10 @@ class Retrieval(Task):
 
     def draw(self, items, gen):
         train = self.splits["train"]
-        # SPEC 6: each positive with two negatives, its caption with a wrong image (a tag-alike one,
+        # docs/METHOD.md §6: each positive with two negatives, its caption with a wrong image (a tag-alike one,
         # --hard-negatives) and a wrong caption (of a random other image) with its image
-        wrong_img = [train[self.negative(x["k"], gen, self.hard)]["image"] for x in items]  # hard: the metric ranks images
+        # hard: the metric ranks images
+        wrong_img = [train[self.negative(x["k"], gen, self.hard)]["image"] for x in items]
         wrong_cap = []
         for x in items:
             other = train[self.negative(x["k"], gen, hard=1)]["ids"]
@@ -725,7 +753,8 @@ class Retrieval(Task):
         caps = [(c, k) for k, im in enumerate(ims) for c in im["ids"]]
         M, N = len(caps), len(ims)
         txt = data.text_inputs([c for c, _ in caps], self.vocab, self.max_len)  # every caption once (M, T)
-        img = data.image_inputs([self.images[im["image"]] for im in ims], self.tag_pieces, self.tags)  # every image once (N, K, ...)
+        # every image once (N, K, ...)
+        img = data.image_inputs([self.images[im["image"]] for im in ims], self.tag_pieces, self.tags)
         scores = torch.empty(M * N)
         for start in range(0, M * N, self.eval_batch_size):
             pair = torch.arange(start, min(start + self.eval_batch_size, M * N))
@@ -744,7 +773,7 @@ class Retrieval(Task):
 
 
 class RefCOCO(Task):
-    """RefCOCO+ (SPEC 6): a linear score on each region's output; right when the top region's box has
+    """RefCOCO+ (docs/METHOD.md §6): a linear score on each region's output; right when the top region's box has
     IoU >= 0.5 with the gold box. Trained with cross-entropy over the regions toward the region
     whose box best overlaps the gold box."""
 
@@ -752,7 +781,8 @@ class RefCOCO(Task):
 
     def __init__(self, args, vocab, images, root):
         super().__init__(args, vocab, images)
-        self.splits = load_refcoco(os.path.join(root, "refs(unc).p"), os.path.join(root, "instances.json"), images, self.skipped)
+        self.splits = load_refcoco(os.path.join(root, "refs(unc).p"), os.path.join(root, "instances.json"), images,
+                                   self.skipped)
         if "train" not in self.splits:
             raise ValueError(f"{root}/refs(unc).p: no train split")
         cache = {}
@@ -785,7 +815,8 @@ class RefCOCO(Task):
         return F.cross_entropy(self.region_logits(model, head, items), target)
 
     def evaluate(self, model, head, split):
-        top = [k for items in chunks(self.splits[split], self.eval_batch_size) for k in self.region_logits(model, head, items).argmax(1).tolist()]
+        top = [k for items in chunks(self.splits[split], self.eval_batch_size) for k in self.region_logits(model,
+                                                                                                           head, items).argmax(1).tolist()]
         return {"accuracy": float(np.mean([x["iou"][k] >= 0.5 for k, x in zip(top, self.splits[split])]))}
 
     def baseline(self, split):
@@ -804,7 +835,8 @@ def build_model(args, images, toy_vocab, resume=None):
     vocabulary); with --resume, the model of the run's own checkpoint (pretrain.make_model). The
     attribute head may differ: fine-tuning does not use it."""
     def check(cfg, ckpt):
-        sizes = (("feat_dim", "feature size", images.feature_dim), ("num_labels", "detector classes", len(images.class_names)))
+        sizes = (("feat_dim", "feature size", images.feature_dim),
+                 ("num_labels", "detector classes", len(images.class_names)))
         for k, what, have in sizes:
             if getattr(cfg, k) != have:
                 raise SystemExit(f"{src}: the checkpoint was pre-trained with {what} {getattr(cfg, k)}, the feature stores "
@@ -817,19 +849,21 @@ def build_model(args, images, toy_vocab, resume=None):
 
 
 # what a resumed run may change; any other setting makes it another run, which --resume refuses
-RESUME_MAY_CHANGE = ("out", "resume", "save_every", "log_every", "eval_batch_size", "device", "dtype", "compile", "toy_root",
-                     "grad_accum")
+RESUME_MAY_CHANGE = ("out", "resume", "save_every", "log_every", "eval_batch_size", "device", "dtype", "compile",
+                     "toy_root", "grad_accum")
 
 
 def load_resume(path, args):
     """OUT/ckpt.pt of an earlier run of this same command, or one clear line naming the file."""
     ckpt = load_checkpoint(path)
     if not isinstance(ckpt, dict) or "head" not in ckpt:
-        raise SystemExit(f"{path}: not a checkpoint of finetune.py (no head inside); --resume goes on from a run of this command in --out")
+        raise SystemExit(f"{path}: not a checkpoint of finetune.py (no head inside); --resume goes on from a run of "
+                         f"this command in --out")
     changed = [f"--{k.replace('_', '-')} {v!r} (now {getattr(args, k, None)!r})" for k, v in ckpt["args"].items()
                if k not in RESUME_MAY_CHANGE and getattr(args, k, None) != v]
     if changed:
-        raise SystemExit(f"{path}: saved by a run with other settings: {', '.join(changed)}; resume with the same command, or give another --out")
+        raise SystemExit(f"{path}: saved by a run with other settings: {', '.join(changed)}; resume with the same "
+                         f"command, or give another --out")
     return ckpt
 
 
@@ -859,7 +893,7 @@ def read_losses(pending, step, scaler, saved, out):
     and saving steps), one read of the device; a non-finite one stops the run (under fp16 the scaler
     skipped that step instead and lowered its scale)."""
     losses = all_sum(torch.stack(pending)).tolist()
-    bad = [(step + 1 - len(losses) + k, v_) for k, v_ in enumerate(losses) if not np.isfinite(v_)]
+    bad = [(step + 1 - len(losses) + k, value) for k, value in enumerate(losses) if not np.isfinite(value)]
     if bad and not scaler.is_enabled():
         raise SystemExit(f"step {bad[0][0]}: non-finite loss {bad[0][1]}; stopping, "
                          + (f"the last good checkpoint is {os.path.join(out, 'ckpt.pt')} (step {saved})" if saved
@@ -901,7 +935,8 @@ def train(args, task, run, opt, start, steps, losses, gen, world, rank, ctx, log
                       "lr": lr_at(step), "grad_norm": norm.item()}
             log.write(json.dumps(record) + "\n")
             log.flush()
-            say(f"step {step + 1}/{steps} | epoch {record['epoch']:.2f} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
+            say(f"step {step + 1}/{steps} | epoch {record['epoch']:.2f} | loss {record['loss']:.4f} | lr "
+                f"{record['lr']:.2e} | "
                 f"norm {record['grad_norm']:.2f} | {dt * 1000:.0f} ms/step | {seen / (time.time() - t0):.0f} samples/s | "
                 f"ETA {dt * (steps - step - 1) / 60:.1f} min", flush=True)
             t0, seen, losses = time.time(), 0, []
@@ -923,28 +958,29 @@ def report(args, task, model, head, ctx, log, t_start, rank):
                 json.dump(obj, f, indent=1)
     log.write(json.dumps({"phase": "eval", "results": results, "baseline": baseline}) + "\n")
     log.close()
-    for line in ["warning: " + s_ for s_ in task.skipped.lines()] + task.notes:  # said again at the end, where it is seen
+    # said again at the end, where it is seen
+    for line in ["warning: " + s_ for s_ in task.skipped.lines()] + task.notes:
         say(line)
     say(f"\n{args.task}: result vs baseline ({task.baseline_name}), {(time.time() - t_start) / 60:.1f} min in all")
     say(f"{'split':<8} {'metric':<12} {'result':>8} {'baseline':>9}")
     for s in task.eval_splits:
-        for k, v_ in results[s].items():
-            say(f"{s:<8} {k:<12} {v_:8.3f} {baseline[s][k]:9.3f}")
+        for k, value in results[s].items():
+            say(f"{s:<8} {k:<12} {value:8.3f} {baseline[s][k]:9.3f}")
     say(f"results: {os.path.join(args.out, 'results.json')}, fine-tuned model: {os.path.join(args.out, 'ckpt.pt')}")
     return results
 
 
 def main(argv=None):
-    args = p.parse_args(argv)
+    args = parser.parse_args(argv)
     for k, v in DEFAULTS[args.task].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     if args.task_pretrain_epochs and args.task != "nlvr2":
-        p.error("--task-pretrain-epochs is NLVR2's task-specific pre-training (SPEC 6)")
+        parser.error("--task-pretrain-epochs is NLVR2's task-specific pre-training (docs/METHOD.md §6)")
     if (args.data is None) != (args.features is None):
-        p.error("--data and --features go together: the task's files and the stores of their images")
+        parser.error("--data and --features go together: the task's files and the stores of their images")
     if args.answers and args.task != "vqa":
-        p.error("--answers is VQA's answer set")
+        parser.error("--answers is VQA's answer set")
     data.check_paths(args, PATH_FLAGS)
     args.out = args.out or os.path.join("out", "finetune", args.task)
     device, rank, world = setup_device(args)  # under torchrun: this process's rank of `world`
@@ -988,8 +1024,10 @@ def main(argv=None):
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)  # only now: a bad input leaves no output folder behind
     write_args(args, world)
-    say(f"task: {args.task}, from {args.init_from or f'random weights ({args.model})'}, {'no tags' if args.no_tags else 'with tags'}")
-    say(f"model: {model.num_params() / 1e6:.2f}M parameters + head {sum(p_.numel() for p_ in head.parameters()) / 1e6:.2f}M, "
+    say(f"task: {args.task}, from {args.init_from or f'random weights ({args.model})'}, "
+        f"{'no tags' if args.no_tags else 'with tags'}")
+    say(f"model: {model.num_params() / 1e6:.2f}M parameters + head "
+        f"{sum(t.numel() for t in head.parameters()) / 1e6:.2f}M, "
         f"{model.cfg.layers} layers, hidden {model.cfg.hidden}")
     say(f"device: {device} x {world} process(es), dtype: {args.dtype} ({why}), compile: {args.compile}")
     say("data: " + ", ".join(f"{s} {len(x)}" for s, x in task.splits.items())
@@ -1002,7 +1040,8 @@ def main(argv=None):
     log_file = os.path.join(args.out, "log.jsonl")
     if resume is not None:
         if rank == 0:
-            trim_log(log_file, start, keep_phases=("task_pretrain",))  # the evaluation's line goes; task pre-training's stays
+            # the evaluation's line goes; task pre-training's stays
+            trim_log(log_file, start, keep_phases=("task_pretrain",))
         say(f"resuming from {ckpt_path} at step {start}")
     log = open(log_file, "a" if resume is not None else "w") if rank == 0 else open(os.devnull, "w")  # rank 0 logs
     # NLVR2's task-specific pre-training runs before the first checkpoint, which holds its result: a

@@ -1,14 +1,14 @@
 """
 U-VisualBERT: one BERT encoder over text, detector tags and image regions.
 
-Papers: Devlin et al. 2019 (BERT); Li et al. 2020 (VisualBERT); Li, Yin, Zhou, Chang et al.,
+Papers: Devlin et al. 2019 (BERT); Li et al. 2020 (VisualBERT); Li, You, Wang, Zareian, Chang and Chang,
 NAACL 2021, "Unsupervised Vision-and-Language Pre-training Without Parallel Images and Captions".
-The recipe, with every number, is ../shared/SPEC.md; comments cite its sections ("SPEC 1").
+The recipe, with every number, is docs/METHOD.md; comments cite its sections ("docs/METHOD.md §1").
 
 The file reads from the smallest part up: config, embeddings, attention, layer, encoder, heads,
 losses, loading a Hugging Face BERT checkpoint.
 
-The input sequence is [text ; tags ; regions] (SPEC 1: the authors' order). Any part may be
+The input sequence is [text ; tags ; regions] (docs/METHOD.md §1: the authors' order). Any part may be
 absent: a text batch has text only, an image batch has tags and regions (or regions only, in the
 _NT variants), an aligned batch has all three.
 """
@@ -53,19 +53,13 @@ PRESETS = {
     "small": dict(hidden=256, layers=4, heads=4, ffn=1024, max_positions=128, init_std=0.0625),
     "tiny": dict(hidden=128, layers=2, heads=4, ffn=512, max_positions=128, init_std=0.088, dropout=0.0),
 }
-# The narrow presets start at 1/sqrt(hidden) instead of BERT's 0.02. At hidden 128, 0.02 makes every
-# attention logit nearly zero, and a query-key match that the toy tasks need (is this word among the
-# tags?) is not found for hundreds of steps: tests/test_model.py's "is there a X?" over four tags
-# stays at its 67% prior for 800 steps at 0.02 and is solved by step 300 at 1/sqrt(128).
-# tiny has 4 heads and no dropout. With BERT-tiny's 2 heads and dropout 0.1 the toy VQA learned little
-# beyond each question type's commonest answer (0.341 against 0.322 after 3,920 steps; 0.360 with either
-# change alone, 0.38-0.43 with both). [CLS] reads the answer in the last layer alone (in the first its
-# query is the same for every input), so 2 heads are 2 reads for 4 question types; and dropout slows
-# the exact word-to-tag matches that a model this small must learn in minutes (README, "fine-tuning").
+# The narrow presets start at 1/sqrt(hidden), not BERT's 0.02, which at hidden 128 keeps attention logits near
+# zero and a word-to-tag match unfound for hundreds of steps; tiny has 4 heads (one read of the answer each by
+# [CLS] in the last layer) and no dropout. The measurements behind both are in docs/LOG.md.
 
 
 # -----------------------------------------------------------------------------
-# embeddings (SPEC 1, paper section 3.2)
+# embeddings (docs/METHOD.md §1, paper section 3.2)
 
 
 class Embeddings(nn.Module):
@@ -83,7 +77,7 @@ class Embeddings(nn.Module):
         self.feat = nn.Sequential(nn.Linear(cfg.feat_dim, H), nn.LayerNorm(H, eps=cfg.ln_eps))
         self.box = nn.Sequential(nn.Linear(4, H), nn.LayerNorm(H, eps=cfg.ln_eps))
         # tag piece: LN_tag(word[t]) + LN_box(W_box box_of_its_region);
-        # word[] is self.word_embeddings and LN_box(W_box .) is self.box: the two sharings of SPEC 1
+        # word[] is self.word_embeddings and LN_box(W_box .) is self.box: the two sharings of docs/METHOD.md §1
         self.tag_ln = nn.LayerNorm(H, eps=cfg.ln_eps)
 
     def text(self, input_ids, token_type_ids=None):
@@ -167,7 +161,7 @@ class Transform(nn.Module):
 
 
 class MLMHead(nn.Module):
-    """Predicts masked text pieces and masked tag pieces (SPEC 2: the same head for both)."""
+    """Predicts masked text pieces and masked tag pieces (docs/METHOD.md §2: the same head for both)."""
 
     def __init__(self, cfg, word_embeddings):
         super().__init__()
@@ -243,7 +237,7 @@ class VisualBERT(nn.Module):
             add("tags", self.embeddings.tags(tag_ids, tag_boxes), tag_mask)
         if feats is not None:
             add("regions", self.embeddings.regions(feats, boxes), region_mask)
-        x = self.drop(torch.cat(parts, dim=1))  # (B, T, H); dropout once, no LN over the whole (SPEC 1)
+        x = self.drop(torch.cat(parts, dim=1))  # (B, T, H); dropout once, no LN over the whole (docs/METHOD.md §1)
         key_mask = torch.cat(masks, dim=1)  # (B, T)
         for layer in self.layers:
             x = layer(x, key_mask)
@@ -259,7 +253,7 @@ class VisualBERT(nn.Module):
         return self.mlm(h)
 
     # -------------------------------------------------------------------------
-    # pre-training losses (SPEC 2)
+    # pre-training losses (docs/METHOD.md §2)
 
     def pretrain_losses(self, batch):
         """The sum of the objectives present in `batch` (a dict built by data.py), and each term.
@@ -329,7 +323,7 @@ def masked_lm_sum(head, h, labels, at=None):
     return F.cross_entropy(logits.float(), labels[at], reduction="sum")
 
 
-MASK_PROB = 0.15
+MASK_PROB = 0.15  # of text pieces, regions and tags (data.py masks them); the visual losses divide by it
 
 
 def visual_sums(head, h, batch):
@@ -385,7 +379,7 @@ def peak_flops(device, dtype):
 
 
 # -----------------------------------------------------------------------------
-# loading a Hugging Face BERT checkpoint (SPEC 8)
+# loading a Hugging Face BERT checkpoint (docs/METHOD.md §8)
 
 # Hugging Face name -> ours. Applied in order to every key after the "bert." prefix is dropped.
 HF_RENAMES = [
@@ -418,7 +412,8 @@ def read_safetensors(path):
     """A minimal reader of the safetensors format (8-byte header size, JSON header, raw data),
     so loading needs no package beyond torch."""
     dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
         try:
@@ -432,8 +427,10 @@ def read_safetensors(path):
             continue
         start, end = info["data_offsets"]
         if info["dtype"] not in dtypes or end > len(data):
-            raise ValueError(f"{path}: tensor {name} is unreadable (dtype {info['dtype']}, bytes {start}-{end} of {len(data)})")
-        t = torch.frombuffer(bytearray(data[start:end]), dtype=dtypes[info["dtype"]]) if end > start else torch.empty(0, dtype=dtypes[info["dtype"]])
+            raise ValueError(f"{path}: tensor {name} is unreadable (dtype {info['dtype']}, bytes {start}-{end} of "
+                             f"{len(data)})")
+        t = torch.frombuffer(bytearray(data[start:end]), dtype=dtypes[info["dtype"]]) if end > start else torch.empty(0,
+                                                                                                                      dtype=dtypes[info["dtype"]])
         tensors[name] = t.reshape(info["shape"])
     return tensors
 
@@ -475,7 +472,8 @@ def load_bert(model, path):
         raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin in this BERT directory")
     src = {hf_to_ours(k): v for k, v in src.items() if not HF_IGNORED.search(k)}
     ours = model.state_dict()
-    bert_keys = {k for k in ours if not k.startswith(("embeddings.feat.", "embeddings.box.", "embeddings.tag_ln.", "visual.", "mlm.decoder."))}
+    bert_keys = {k for k in ours if not k.startswith(("embeddings.feat.", "embeddings.box.", "embeddings.tag_ln.",
+                                                      "visual.", "mlm.decoder."))}
     missing, unexpected = bert_keys - src.keys(), src.keys() - bert_keys
     if "nsp.weight" in missing and "nsp.bias" in missing:  # a checkpoint without NSP head (BertForMaskedLM)
         missing -= {"nsp.weight", "nsp.bias"}

@@ -3,10 +3,10 @@ Pre-train U-VisualBERT (and every variant of the paper) with mask-and-predict.
 
     python pretrain.py --unaligned          # U: images alone, captions alone, general text (toy world)
     python pretrain.py --text-only          # the toy world's "BERT": text MLM alone
-    python pretrain.py --aligned --no-tags  # S_NT, and so on (SPEC 3)
+    python pretrain.py --aligned --no-tags  # S_NT, and so on (docs/METHOD.md §3)
 
 With no data flags it uses the built-in toy world (made on first use, under toy_world/). With
---images/--captions/--text/--pairs it trains on real data. See SPEC 2-5 for the method.
+--images/--captions/--text/--pairs it trains on real data. See docs/METHOD.md §2-5 for the method.
 Under torchrun the same command trains data-parallel (DDP), each process building only its rows
 of the global batch (--batch-size); --grad-accum N takes each process's rows in N micro-batches.
 """
@@ -32,49 +32,60 @@ from model import PRESETS, Config, VisualBERT, config_from_hf, load_bert, peak_f
 # -----------------------------------------------------------------------------
 # settings: every flag, in one place; `python pretrain.py -h` is the manual
 
-p = argparse.ArgumentParser(description="Pre-train U-VisualBERT and its variants (SPEC 3).")
-v = p.add_argument_group("variant (SPEC 3); exactly one of the first four")
-v.add_argument("--unaligned", action="store_true", help="U: images alone + captions alone (unaligned) + general text")
-v.add_argument("--aligned", action="store_true", help="S: aligned image-caption pairs with the match loss + general text")
-v.add_argument("--hybrid", action="store_true", help="H: aligned pairs + extra images alone + general text")
-v.add_argument("--text-only", action="store_true", help="text MLM alone (the toy world's BERT, the Base row's start)")
-v.add_argument("--no-tags", action="store_true", help="regions only, no detector tags (the _NT rows)")
-v.add_argument("--no-captions", action="store_true", help="with --unaligned: no captions at all (U_NC)")
-v.add_argument("--nsp", action="store_true", help="add next-sentence prediction on general text")
-d = p.add_argument_group("data (default: the toy world)")
-d.add_argument("--images", nargs="+", metavar="STORE", help="feature stores of images (made by extract_features.py)")
-d.add_argument("--captions", nargs="+", metavar="FILE", help="caption files, one caption per line")
-d.add_argument("--text", nargs="+", metavar="FILE", help="general text: a sentence per line, blank line between documents")
-d.add_argument("--pairs", nargs="+", metavar="FILE", help="aligned pairs, JSON lines {image_id, caption}, images in --images")
-d.add_argument("--text-rate", type=float, default=1.0, help="share of the general text used per epoch (authors: 0.5 for BookCorpus)")
-d.add_argument("--heldout-images", nargs="+", metavar="STORE", help="held-out images for the before/after losses")
-d.add_argument("--heldout-captions", nargs="+", metavar="FILE", help="held-out captions")
-d.add_argument("--heldout-text", nargs="+", metavar="FILE", help="held-out general text")
-d.add_argument("--toy-root", default=toy.TOY_DIR, help="where the toy world is made and cached")
-d.add_argument("--cache-dir", default="cache", help="where tokenised corpora are cached")
-m = p.add_argument_group("model and optimisation (SPEC 5)")
-m.add_argument("--model", default="tiny", choices=sorted(PRESETS), help="size preset, unless --init-from sets it")
-m.add_argument("--init-from", metavar="PATH", help="a Hugging Face BERT directory or one of our checkpoints (ckpt.pt)")
-m.add_argument("--max-steps", type=int, default=1200)
-m.add_argument("--batch-size", type=int, default=64, help="the global batch: with N processes each takes 1/N of it")
-m.add_argument("--grad-accum", type=int, default=1, metavar="N",
-               help="each process takes its share of the batch in N micro-batches, adding up their gradients (less memory)")
-m.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (paper, BERT-base: 6e-5)")
-m.add_argument("--warmup", type=float, default=0.02, help="share of steps for linear warm-up (authors: 2%%)")
-m.add_argument("--weight-decay", type=float, default=0.01)
-m.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
-m.add_argument("--dropout", type=float, default=None, help="override the model's dropout")
-r = p.add_argument_group("run")
-r.add_argument("--out", default="out/pretrain", help="output folder: log.jsonl, ckpt.pt, args.json, eval.json")
-r.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
-r.add_argument("--seed", type=int, default=0)
-r.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if there is one)")
-r.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="autocast dtype (auto: bf16 on a GPU that has it, else fp32)")
-r.add_argument("--compile", action="store_true", help="torch.compile the model (worth it on a GPU)")
-r.add_argument("--workers", type=int, default=None, help="processes building batches (default: on a GPU, this process's share of the cores less one, at most 8; 0 on a CPU)")
-r.add_argument("--log-every", type=int, default=50)
-r.add_argument("--save-every", type=int, default=1000)
-r.add_argument("--eval-batches", type=int, default=4, help="batches per held-out set")
+parser = argparse.ArgumentParser(description="Pre-train U-VisualBERT and its variants (docs/METHOD.md §3).")
+group = parser.add_argument_group("variant (docs/METHOD.md §3); exactly one of the first four")
+group.add_argument("--unaligned", action="store_true",
+                   help="U: images alone + captions alone (unaligned) + general text")
+group.add_argument("--aligned", action="store_true",
+                   help="S: aligned image-caption pairs with the match loss + general text")
+group.add_argument("--hybrid", action="store_true", help="H: aligned pairs + extra images alone + general text")
+group.add_argument("--text-only", action="store_true",
+                   help="text MLM alone (the toy world's BERT, the Base row's start)")
+group.add_argument("--no-tags", action="store_true", help="regions only, no detector tags (the _NT rows)")
+group.add_argument("--no-captions", action="store_true", help="with --unaligned: no captions at all (U_NC)")
+group.add_argument("--nsp", action="store_true", help="add next-sentence prediction on general text")
+group = parser.add_argument_group("data (default: the toy world)")
+group.add_argument("--images", nargs="+", metavar="STORE",
+                   help="feature stores of images (made by extract_features.py)")
+group.add_argument("--captions", nargs="+", metavar="FILE", help="caption files, one caption per line")
+group.add_argument("--text", nargs="+", metavar="FILE",
+                   help="general text: a sentence per line, blank line between documents")
+group.add_argument("--pairs", nargs="+", metavar="FILE",
+                   help="aligned pairs, JSON lines {image_id, caption}, images in --images")
+group.add_argument("--text-rate", type=float, default=1.0,
+                   help="share of the general text used per epoch (authors: 0.5 for BookCorpus)")
+group.add_argument("--heldout-images", nargs="+", metavar="STORE", help="held-out images for the before/after losses")
+group.add_argument("--heldout-captions", nargs="+", metavar="FILE", help="held-out captions")
+group.add_argument("--heldout-text", nargs="+", metavar="FILE", help="held-out general text")
+group.add_argument("--toy-root", default=toy.TOY_DIR, help="where the toy world is made and cached")
+group.add_argument("--cache-dir", default="cache", help="where tokenised corpora are cached")
+group = parser.add_argument_group("model and optimisation (docs/METHOD.md §5)")
+group.add_argument("--model", default="tiny", choices=sorted(PRESETS), help="size preset, unless --init-from sets it")
+group.add_argument("--init-from", metavar="PATH",
+                   help="a Hugging Face BERT directory or one of our checkpoints (ckpt.pt)")
+group.add_argument("--max-steps", type=int, default=1200)
+group.add_argument("--batch-size", type=int, default=64, help="the global batch: with N processes each takes 1/N of it")
+group.add_argument("--grad-accum", type=int, default=1, metavar="N",
+                   help="each process takes its share of the batch in N micro-batches, adding up their gradients (less memory)")
+group.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (paper, BERT-base: 6e-5)")
+group.add_argument("--warmup", type=float, default=0.02, help="share of steps for linear warm-up (authors: 2%%)")
+group.add_argument("--weight-decay", type=float, default=0.01)
+group.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
+group.add_argument("--dropout", type=float, default=None, help="override the model's dropout")
+group = parser.add_argument_group("run")
+group.add_argument("--out", default="out/pretrain", help="output folder: log.jsonl, ckpt.pt, args.json, eval.json")
+group.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+group.add_argument("--seed", type=int, default=0)
+group.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if there is one)")
+group.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="autocast dtype (auto: bf16 on a GPU that has it, else fp32)")
+group.add_argument("--compile", action="store_true", help="torch.compile the model (worth it on a GPU)")
+group.add_argument("--workers", type=int, default=None,
+                   help="processes building batches (default: on a GPU, this process's share of the cores less one, at "
+                        "most 8; 0 on a CPU)")
+group.add_argument("--log-every", type=int, default=50)
+group.add_argument("--save-every", type=int, default=1000)
+group.add_argument("--eval-batches", type=int, default=4, help="batches per held-out set")
 # every flag that names a path, and what it must be (data.check_path)
 PATH_FLAGS = {"images": "folder", "captions": "file", "text": "file", "pairs": "file", "heldout_images": "folder",
               "heldout_captions": "file", "heldout_text": "file", "init_from": "checkpoint", "out": "out",
@@ -86,7 +97,7 @@ PATH_FLAGS = {"images": "folder", "captions": "file", "text": "file", "pairs": "
 
 
 def build_corpora(args, vocab, images):
-    """The pre-training data sets of the chosen variant (SPEC 3)."""
+    """The pre-training data sets of the chosen variant (docs/METHOD.md §3)."""
     tags = not args.no_tags
     tok = lambda files, kind: [data.TokenCorpus(f, vocab, kind, args.cache_dir) for f in files or []]
     corpora = [data.Corpus(f"text:{os.path.basename(c.path)}", "text", vocab, c, nsp=args.nsp, rate=args.text_rate)
@@ -100,8 +111,10 @@ def build_corpora(args, vocab, images):
         for c in tok(args.pairs, "pairs"):
             missing = [i for i in c.image_ids if i not in images]
             if missing:
-                raise SystemExit(f"{c.path}: {len(missing)} pairs name images that no feature store in --images holds, e.g. {missing[:3]}")
-            corpora.append(data.Corpus(f"pairs:{os.path.basename(c.path)}", "pair", vocab, (c, c.image_ids), images, tags))
+                raise SystemExit(f"{c.path}: {len(missing)} pairs name images that no feature store in --images holds, "
+                                 f"e.g. {missing[:3]}")
+            corpora.append(data.Corpus(f"pairs:{os.path.basename(c.path)}", "pair", vocab, (c, c.image_ids),
+                                       images, tags))
             paired.update(c.image_ids)
         if args.hybrid:  # the extra images: every stored image that is in no pair
             alone = sorted(i for i in images.where if i not in paired)
@@ -124,13 +137,15 @@ def heldout_batches(args, vocab, class_names, n):
     sets = [(f"text:{f}", data.Corpus("text", "text", vocab, data.TokenCorpus(f, vocab, "docs", args.cache_dir)))
             for f in args.heldout_text or []]
     if not args.text_only:
-        sets += [(f"captions:{f}", data.Corpus("captions", "caption", vocab, data.TokenCorpus(f, vocab, "lines", args.cache_dir)))
+        sets += [(f"captions:{f}",
+                  data.Corpus("captions", "caption", vocab, data.TokenCorpus(f, vocab, "lines", args.cache_dir)))
                  for f in args.heldout_captions or []]
         if args.heldout_images:
             images = data.Images(args.heldout_images)
             if images.class_names != class_names:
                 raise SystemExit("--heldout-images: other detector classes than the training images")
-            sets.append(("images", data.Corpus("images", "image", vocab, sorted(images.where), images, tags=not args.no_tags)))
+            sets.append(("images",
+                         data.Corpus("images", "image", vocab, sorted(images.where), images, tags=not args.no_tags)))
     out = {}
     for name, c in sets:
         out[name] = [c.batch(np.arange(i, min(i + 64, len(c))), data.RowRandom(1234, i, range(min(64, len(c) - i))))
@@ -423,10 +438,10 @@ def read_terms(pending, scaler, ckpt_path):
     step, names, sums, counts = pending[-1]
     both = all_sum(torch.cat([totals, sums]))
     both = torch.cat([both[:len(pending)], both[len(pending):] / counts]).tolist()
-    bad = [p_ for p_, t in zip(pending, both) if not math.isfinite(t)]
+    bad = [entry for entry, t in zip(pending, both) if not math.isfinite(t)]
     if bad and not scaler.is_enabled():
         step, names, sums, counts = bad[0]
-        terms = ", ".join(f"{k} {v_:.4g}" for k, v_ in zip(names, (all_sum(sums.clone()) / counts).tolist()))
+        terms = ", ".join(f"{k} {value:.4g}" for k, value in zip(names, (all_sum(sums.clone()) / counts).tolist()))
         raise SystemExit(f"step {step}: non-finite loss ({terms}); stopping, the last good checkpoint is {ckpt_path}")
     return dict(zip(names, both[len(pending):]))
 
@@ -434,7 +449,7 @@ def read_terms(pending, scaler, ckpt_path):
 def status(r, max_steps, dt, steps, samples, tokens, mfu):
     """A logging step's line: record r's losses, then the speed over the `steps` steps of `dt` seconds
     since the last line, of all processes together."""
-    terms = " ".join(f"{k} {v_:.3f}" for k, v_ in r.items() if k not in ("step", "loss", "lr", "modality", "grad_norm"))
+    terms = " ".join(f"{k} {value:.3f}" for k, value in r.items() if k not in ("step", "loss", "lr", "modality", "grad_norm"))
     return (f"step {r['step']}/{max_steps} | {r['modality']:<20} | loss {r['loss']:.3f} ({terms}) | lr {r['lr']:.2e} | "
             f"norm {r['grad_norm']:.2f} | {dt / steps * 1000:.0f} ms/step | {samples / dt:.0f} samples/s | "
             f"{tokens / dt:.0f} tokens/s | MFU {mfu} | ETA {dt / steps * (max_steps - r['step']) / 60:.1f} min")
@@ -502,11 +517,11 @@ def use_toy_world(args, world):
 
 
 def main(argv=None):
-    args = p.parse_args(argv)
+    args = parser.parse_args(argv)
     if sum([args.unaligned, args.aligned, args.hybrid, args.text_only]) != 1:
-        p.error("choose exactly one of --unaligned, --aligned, --hybrid, --text-only")
+        parser.error("choose exactly one of --unaligned, --aligned, --hybrid, --text-only")
     if args.no_captions and not args.unaligned:
-        p.error("--no-captions goes with --unaligned (the U_NC row)")
+        parser.error("--no-captions goes with --unaligned (the U_NC row)")
     data.check_paths(args, PATH_FLAGS)
     real = args.images or args.captions or args.text or args.pairs
     if real and not (args.init_from or args.resume):  # before any model is built: its size comes from the vocabulary
@@ -565,7 +580,7 @@ def main(argv=None):
 
     before = evaluate(model, heldout, device, ctx) if heldout and step == 0 else None
     if before:
-        say("held-out before: " + ", ".join(f"{k} {v_:.3f}" for k, v_ in before.items()))
+        say("held-out before: " + ", ".join(f"{k} {value:.3f}" for k, value in before.items()))
     save = lambda s: save_checkpoint(ckpt_path, model, optimizer, scaler, s, args, vocab, class_names)  # noqa: E731
     step = train(args, model, run, dataset, optimizer, scaler, lr_at, step, device, dtype, ctx, world, save)
     after = evaluate(model, heldout, device, ctx) if heldout else None
@@ -575,7 +590,7 @@ def main(argv=None):
             for k in after:
                 say(f"  {k:<8} {before.get(k, float('nan')):9.3f} -> {after[k]:7.3f}")
         else:
-            say("held-out after: " + ", ".join(f"{k} {v_:.3f}" for k, v_ in after.items()))
+            say("held-out after: " + ", ".join(f"{k} {value:.3f}" for k, value in after.items()))
         with open(os.path.join(args.out, "eval.json"), "w") as f:
             json.dump({"before": before, "after": after, "step": step}, f, indent=1)
     for line in skipped_report(corpora):  # said again at the end, where it is seen

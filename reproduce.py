@@ -1,6 +1,6 @@
 """
 Reproduce the paper's comparisons in miniature (Tables 1-3 and Figure 2 of U-VisualBERT) on the
-toy world: every variant of SPEC 3 pre-trained with the same budget from the same toy BERT, each
+toy world: every variant of docs/METHOD.md §3 pre-trained with the same budget from the same toy BERT, each
 fine-tuned on the four tasks, mean +- std over seeds, and the embedding map of Figure 2.
 
     python reproduce.py            # every variant, four tasks, 3 seeds
@@ -9,7 +9,7 @@ fine-tuned on the four tasks, mean +- std over seeds, and the embedding map of F
 It runs pretrain.py and finetune.py by their command lines, two at a time on a 2-core CPU (--jobs),
 each in its own folder under OUT; a run whose results are already there is not run again, so an
 interrupted reproduction goes on where it stopped. It writes OUT/table.md, OUT/table.json and
-OUT/figure2.png, and says for each of the paper's four claims (SPEC 10) whether the miniature
+OUT/figure2.png, and says for each of the paper's four claims (docs/METHOD.md §10) whether the miniature
 shows it.
 """
 
@@ -34,7 +34,7 @@ from pretrain import load_checkpoint
 # -----------------------------------------------------------------------------
 # settings
 
-# SPEC 3: each variant's pre-training flags, and whether it sees tags. Base is the toy BERT itself.
+# docs/METHOD.md §3: each variant's pre-training flags, and whether it sees tags. Base is the toy BERT itself.
 VARIANTS = {
     "Base": None,
     "U": ["--unaligned"],
@@ -44,12 +44,12 @@ VARIANTS = {
     "S_NT": ["--aligned", "--no-tags"],
     "H": ["--hybrid"],
 }
-# the table's columns: (header, task, split, metric), as the paper's Tables 1-3 (SPEC 10)
+# the table's columns: (header, task, split, metric), as the paper's Tables 1-3 (docs/METHOD.md §10)
 COLUMNS = [("VQA", "vqa", "val", "accuracy"),
            ("NLVR2 dev", "nlvr2", "dev", "accuracy"), ("NLVR2 test-P", "nlvr2", "test1", "accuracy"),
            ("R@1", "retrieval", "test", "R@1"), ("R@5", "retrieval", "test", "R@5"), ("R@10", "retrieval", "test", "R@10"),
            ("RefCOCO+ val", "refcoco", "val", "accuracy"), ("testA", "refcoco", "testA", "accuracy"), ("testB", "refcoco", "testB", "accuracy")]
-PAPER = {  # SPEC 10, BERT-base at Conceptual Captions scale, same columns
+PAPER = {  # docs/METHOD.md §10, BERT-base at Conceptual Captions scale, same columns
     "Base": [69.26, 68.40, 68.65, 42.86, 73.62, 83.28, 70.66, 77.06, 61.43],
     "U": [70.74, 71.74, 71.02, 55.37, 82.93, 89.84, 72.42, 79.11, 64.19],
     "U_NT": [69.87, 67.90, 68.92, 50.56, 80.22, 88.32, 71.94, 77.79, 62.38],
@@ -180,7 +180,7 @@ def markdown(table):
 
 
 def claims(table):
-    """The paper's four claims (SPEC 10), each checked on the means: (claim, shown?, the figures).
+    """The paper's four claims (docs/METHOD.md §10), each checked on the means: (claim, shown?, the figures).
     "Close" means within twice the seeds' standard deviation, and at least within 1 point."""
     mean = {v: t.mean(0) for v, t in table.items()}
     noise = max(1.0, 2 * float(np.mean([spread(t).mean() for t in table.values()])))
@@ -376,7 +376,7 @@ def main(argv=None):
     table = collect(args.out, args.variants, seeds)
     md = markdown(table)
     verdicts = claims(table)
-    md += "\nThe paper's claims (SPEC 10):\n\n" + "\n".join(f"- {c}: {'yes' if ok else 'no'} ({why})" for c, ok, why in verdicts) + "\n"
+    md += "\nThe paper's claims (docs/METHOD.md §10):\n\n" + "\n".join(f"- {c}: {'yes' if ok else 'no'} ({why})" for c, ok, why in verdicts) + "\n"
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(md)
     data.write_json(os.path.join(args.out, "table.json"), {

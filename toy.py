@@ -225,7 +225,7 @@ def make_toy_world(root=TOY_DIR, seed=0, scale=1.0, log=print):
     words += [q["question"] for q in read_json(os.path.join(root, "tasks", "vqa", "v2_OpenEnded_mscoco_train2014_questions.json"))["questions"]]
     text = [line for f in ("text.txt", "captions.txt") for line in open(os.path.join(root, "pretrain", f)).read().splitlines()]
     tok.train_from_iterator(words + text,
-                            vocab_size=500, min_frequency=2, show_progress=False, special_tokens=list(Vocab.SPECIALS))
+                            vocab_size=500, min_frequency=2, show_progress=False, special_tokens=list(Vocab.RESERVED))
     write_lines(os.path.join(root, "vocab.txt"), [t for t, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])])
     write_json(os.path.join(root, "scenes.json"), scenes)
     open(os.path.join(root, "done"), "w").close()
@@ -234,7 +234,7 @@ def make_toy_world(root=TOY_DIR, seed=0, scale=1.0, log=print):
 
 
 def make_toy_tasks(world, root, n, store, scenes):
-    """The four downstream tasks on fresh scenes, each in its real dataset's file format (SPEC 7)."""
+    """The four downstream tasks on fresh scenes, each in its real dataset's file format (docs/METHOD.md §7)."""
     r, tasks = world.rng, os.path.join(root, "tasks")
     things = lambda s: [o for o in s["objects"] if not o.get("background")]
 

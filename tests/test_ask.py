@@ -203,7 +203,7 @@ def real(tmp_path_factory):
             json.dump({"annotations": annotations[split]}, f)
     ef.main(FAST + ["--images", str(d / "images"), "--out", str(d / "store"), "--batch-size", "1"])  # one at a time
     store = data.FeatureStore(str(d / "store"))
-    vocab = list(data.Vocab.SPECIALS) + WORDS
+    vocab = list(data.Vocab.RESERVED) + WORDS
     cfg = Config(vocab_size=len(vocab), hidden=32, layers=2, heads=4, ffn=64, max_positions=40,
                  feat_dim=store.feature_dim, num_labels=len(store.class_names), dropout=0.0, init_std=0.18)
     pretrained = {"model": VisualBERT(cfg).state_dict(), "config": cfg.to_dict(), "vocab": vocab,

@@ -1,4 +1,4 @@
-"""Data: the feature store, tokenised corpora, masking statistics (SPEC 2), the sampler (SPEC 4)."""
+"""Data: the feature store, tokenised corpora, masking statistics (docs/METHOD.md §2), the sampler (docs/METHOD.md §4)."""
 
 import os
 import subprocess
@@ -14,7 +14,7 @@ from toy import CLASSES, ToyWorld, draw_scene, make_toy_world  # noqa: E402
 from data import FeatureStore, FeatureWriter, Vocab  # noqa: E402
 
 WORDS = ["the", "a", "red", "car", "dog", "big", "truck", "sat", "on", "mat", "fire", "hot"]
-VOCAB = Vocab(list(Vocab.SPECIALS) + WORDS + ["##s", "##ing", "##er"] + [f"w{i}" for i in range(40)])
+VOCAB = Vocab(list(Vocab.RESERVED) + WORDS + ["##s", "##ing", "##er"] + [f"w{i}" for i in range(40)])
 
 
 def write_store(path, n=7, K=3, D=8, shard_size=3, attrs=True, seed=0):

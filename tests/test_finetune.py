@@ -236,11 +236,11 @@ def test_answer_set_counted_over_the_files_named(tmp_path):
 
 def test_answer_flag_and_training_targets_follow_the_official_evaluation(tmp_path, store):
     files = vqa_folder(tmp_path)
-    vocab = data.Vocab(list(data.Vocab.SPECIALS) + ["how", "many", "cat", "##s", "?", "dog"])
+    vocab = data.Vocab(list(data.Vocab.RESERVED) + ["how", "many", "cat", "##s", "?", "dog"])
     ans2label = write(tmp_path / "trainval_ans2label.json", {"yes": 0, "no": 1, "2": 2, "3": 3})
-    counted = ft.VQA(ft.p.parse_args(["--task", "vqa", "--answers", *files.values(), "--min-answer-count", "2"]), vocab, store, str(tmp_path))
+    counted = ft.VQA(ft.parser.parse_args(["--task", "vqa", "--answers", *files.values(), "--min-answer-count", "2"]), vocab, store, str(tmp_path))
     assert counted.answers == ["2", "yes"] and counted.info[-1].startswith("2 answers (each the answer of >= 2 questions of")
-    task = ft.VQA(ft.p.parse_args(["--task", "vqa", "--answers", ans2label]), vocab, store, str(tmp_path))
+    task = ft.VQA(ft.parser.parse_args(["--task", "vqa", "--answers", ans2label]), vocab, store, str(tmp_path))
     assert task.answers == ["yes", "no", "2", "3"] and task.info[-1] == f"4 answers (read from {ans2label})"
     # each target is the official accuracy of that answer: question 3's "two" counts as "2" (its
     # annotators disagree), question 13's ten "Two" match no answer of the set (they agree: kept as said)
@@ -361,7 +361,7 @@ def toy(tmp_path_factory):
 
 
 def make_task(toy, name, *flags):
-    args = ft.p.parse_args(["--task", name, "--min-answer-count", "1", *flags])
+    args = ft.parser.parse_args(["--task", name, "--min-answer-count", "1", *flags])
     folder, stores = ft.TOY[name]
     images = data.Images([os.path.join(toy, "features", s) for s in stores])
     model, vocab = ft.build_model(args, images, os.path.join(toy, "vocab.txt"))
@@ -423,7 +423,7 @@ def test_vqa_answer_set_and_targets(toy):
     x = task.train[0]
     for a, s in x["target"].items():  # each target is the official accuracy of that answer
         assert s == pytest.approx(ft.vqa_accuracy(task.answers[a], x["answers"]))
-    args = ft.p.parse_args(["--task", "vqa", "--min-answer-count", "100000"])
+    args = ft.parser.parse_args(["--task", "vqa", "--min-answer-count", "100000"])
     with pytest.raises(ValueError, match="lower --min-answer-count"):
         ft.VQA(args, task.vocab, task.images, os.path.join(toy, "tasks", "vqa"))
 

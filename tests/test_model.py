@@ -1,4 +1,4 @@
-"""The model: BERT path against Hugging Face, the three sharings of SPEC 1, each loss by hand."""
+"""The model: BERT path against Hugging Face, the three sharings of docs/METHOD.md §1, each loss by hand."""
 
 import os
 import sys

@@ -47,6 +47,8 @@ d.add_argument("--text-rate", type=float, default=1.0, help="share of the genera
 d.add_argument("--heldout-images", nargs="+", metavar="STORE", help="held-out images for the before/after losses")
 d.add_argument("--heldout-captions", nargs="+", metavar="FILE", help="held-out captions")
 d.add_argument("--heldout-text", nargs="+", metavar="FILE", help="held-out general text")
+d.add_argument("--heldout-pairs", nargs="+", metavar="FILE", help="held-out aligned pairs (images in --heldout-images), "
+               "for the match loss and accuracy of --aligned and --hybrid")
 d.add_argument("--toy-root", default=toy.TOY_DIR, help="where the toy world is made and cached")
 d.add_argument("--cache-dir", default="cache", help="where tokenised corpora are cached")
 m = p.add_argument_group("model and optimisation (SPEC 5)")
@@ -70,6 +72,8 @@ r.add_argument("--workers", type=int, default=None, help="processes building bat
 r.add_argument("--log-every", type=int, default=50)
 r.add_argument("--save-every", type=int, default=1000)
 r.add_argument("--eval-batches", type=int, default=4, help="batches per held-out set")
+r.add_argument("--eval-every", type=int, default=0, help="also evaluate the held-out sets every this many steps "
+               "(log.jsonl lines with phase \"eval\"): how far the objectives have converged")
 
 
 # -----------------------------------------------------------------------------
@@ -122,6 +126,13 @@ def heldout_batches(args, vocab, class_names, n):
             if images.class_names != class_names:
                 raise SystemExit("--heldout-images: other detector classes than the training images")
             sets.append(("images", data.Corpus("images", "image", vocab, sorted(images.where), images, tags=not args.no_tags)))
+            if args.aligned or args.hybrid:  # the match objective on pairs never trained on
+                for f in args.heldout_pairs or []:
+                    c = data.TokenCorpus(f, vocab, "pairs", args.cache_dir)
+                    missing = [i for i in c.image_ids if i not in images]
+                    if missing:
+                        raise SystemExit(f"{f}: {len(missing)} pairs name images that --heldout-images does not hold, e.g. {missing[:3]}")
+                    sets.append((f"pairs:{f}", data.Corpus("pairs", "pair", vocab, (c, c.image_ids), images, tags=not args.no_tags)))
     out = {}
     for name, c in sets:
         g = torch.Generator().manual_seed(1234)
@@ -131,13 +142,20 @@ def heldout_batches(args, vocab, class_names, n):
 
 @torch.no_grad()
 def evaluate(model, sets, device, ctx):
-    """Mean held-out loss of each objective over all held-out batches."""
+    """Mean held-out loss of each objective over all held-out batches, and on pairs the share of
+    them whose match or mismatch the model gets right (match_acc; chance 0.5)."""
     model.eval()
     sums, counts = {}, {}
     for batches in sets.values():
         for b in batches:
+            b = to_device(b, device)
             with ctx:
-                _, terms = model.pretrain_losses(to_device(b, device))
+                _, terms = model.pretrain_losses(b)
+                if "match_labels" in b:
+                    inputs = {k: b[k] for k in ("input_ids", "attention_mask", "token_type_ids", "tag_ids", "tag_boxes",
+                                                "tag_mask", "feats", "boxes", "region_mask") if k in b}
+                    right = model.nsp(model.pool(model(**inputs)[0])).argmax(-1) == b["match_labels"]
+                    terms["match_acc"] = right.float().mean()
             for k, val in terms.items():
                 sums[k] = sums.get(k, 0.0) + val.item()
                 counts[k] = counts.get(k, 0) + 1
@@ -183,6 +201,14 @@ def trim_log(file, step, keep_phases=()):
         records = [(line, json.loads(line)) for line in f if line.strip()]
     with open(file, "w") as f:
         f.writelines(line for line, r in records if r.get("step", step + 1) <= step or r.get("phase") in keep_phases)
+
+
+def read_log(file):
+    """log.jsonl's records ([] when there is none yet)."""
+    if not os.path.exists(file):
+        return []
+    with open(file) as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def load_checkpoint(path):
@@ -298,6 +324,7 @@ def main(argv=None):
         args.heldout_text = args.heldout_text or [os.path.join(root, "heldout", "text.txt")]
         args.heldout_captions = args.heldout_captions or [os.path.join(root, "heldout", "captions.txt")]
         args.heldout_images = args.heldout_images or [os.path.join(root, "features", "heldout")]
+        args.heldout_pairs = args.heldout_pairs or [os.path.join(root, "heldout", "pairs.jsonl")]
         vocab_file = os.path.join(root, "vocab.txt")
     else:
         vocab_file = None
@@ -372,6 +399,7 @@ def main(argv=None):
     peak = peak_flops(device, dtype)
     model.train()
     t0, window = time.time(), {"steps": 0, "samples": 0, "tokens": 0, "flops": 0.0}
+    curve = [r for r in read_log(os.path.join(args.out, "log.jsonl")) if r.get("phase") == "eval"] if master and step else []
     for name, batch in loader:
         lr = lr_at(step)
         for g in optimizer.param_groups:
@@ -429,6 +457,11 @@ def main(argv=None):
             t0, window = time.time(), {"steps": 0, "samples": 0, "tokens": 0, "flops": 0.0}
         if master and (step % args.save_every == 0 or step == args.max_steps):
             save_checkpoint(ckpt_path, model, optimizer, scaler, step, args, vocab, class_names)
+        if heldout and args.eval_every and step % args.eval_every == 0 and step < args.max_steps:
+            curve.append({"step": step, **evaluate(model, heldout, device, ctx)})
+            log.write(json.dumps({"phase": "eval", **curve[-1]}) + "\n")
+            log.flush()
+            say(f"held-out at step {step}: " + ", ".join(f"{k} {v_:.3f}" for k, v_ in curve[-1].items() if k != "step"))
     if log:
         log.close()
 
@@ -440,8 +473,9 @@ def main(argv=None):
                 say(f"  {k:<8} {before.get(k, float('nan')):9.3f} -> {after[k]:7.3f}")
         else:
             say("held-out after: " + ", ".join(f"{k} {v_:.3f}" for k, v_ in after.items()))
+        curve.append({"step": step, **after})
         with open(os.path.join(args.out, "eval.json"), "w") as f:
-            json.dump({"before": before, "after": after, "step": step}, f, indent=1)
+            json.dump({"before": before, "after": after, "step": step, "curve": curve}, f, indent=1)
     for line in skipped_report(corpora):  # said again at the end, where it is seen
         say("warning: " + line)
     say(f"checkpoint: {ckpt_path}")

@@ -183,7 +183,7 @@ def make_toy_world(root=TOY_DIR, seed=0, scale=1.0, log=print):
     root/tasks/...                         VQA v2, NLVR2, Flickr30K (Karpathy) and RefCOCO+ (UNC) files
     """
     if os.path.exists(os.path.join(root, "done")):
-        return root
+        return make_later_corpora(root, seed)
     n = lambda k: max(4, int(k * scale))
     world, scenes = ToyWorld(seed), {}
     os.makedirs(os.path.join(root, "pretrain"), exist_ok=True)
@@ -228,8 +228,49 @@ def make_toy_world(root=TOY_DIR, seed=0, scale=1.0, log=print):
                             vocab_size=500, min_frequency=2, show_progress=False, special_tokens=list(Vocab.SPECIALS))
     write_lines(os.path.join(root, "vocab.txt"), [t for t, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])])
     write_json(os.path.join(root, "scenes.json"), scenes)
+    make_later_corpora(root, seed)
     open(os.path.join(root, "done"), "w").close()
     log(f"toy world written to {root}/: {len(scenes)} scenes")
+    return root
+
+
+# The U_SBU row of the paper pre-trains on Conceptual Captions images with SBU captions: captions
+# that users wrote for other photos (Flickr), in other words. Its miniature: captions in a second
+# style (plain sentences, words of the general text) of scenes drawn with other scene-type
+# proportions (more outdoor photos), never of the pre-training images. The proportions and the
+# templates were set once, before any result with them; nothing else in the world depends on them.
+SBU_KINDS = {"street": 0.35, "farm": 0.35, "living room": 0.15, "kitchen": 0.05, "dining room": 0.10}
+SBU_TEMPLATES = ["we saw a {a[color]} {a[class]} and a {b[class]} .", "the {a[class]} was {a[color]} and {a[size]} .",
+                 "a {a[class]} near the {b[class]} in the {kind} .", "there was a {a[size]} {a[class]} next to the {b[class]} .",
+                 "she saw a {a[color]} {a[class]} in the picture ."]
+
+
+def sbu_caption(r, scene):
+    things = [o for o in scene["objects"] if not o.get("background")]
+    a, b = (things[i] for i in r.choice(len(things), 2, replace=False))
+    return SBU_TEMPLATES[r.integers(len(SBU_TEMPLATES))].format(a=a, b=b, kind=scene["kind"])
+
+
+def make_later_corpora(root, seed=0):
+    """Files added to the toy world after its first version, each from its own random stream, so
+    that a world made before them gains them unchanged and nothing else in it moves:
+    root/pretrain/captions_sbu.txt  the U_SBU row's captions (above), as many as captions.txt
+    root/heldout/pairs.jsonl        the held-out images with a caption each, for the held-out match accuracy"""
+    sbu, pairs = os.path.join(root, "pretrain", "captions_sbu.txt"), os.path.join(root, "heldout", "pairs.jsonl")
+    if os.path.exists(sbu) and os.path.exists(pairs):
+        return root
+    world = ToyWorld(seed)
+    world.rng = r = np.random.default_rng([seed, 2021])
+    with open(os.path.join(root, "pretrain", "captions.txt")) as f:
+        count = sum(1 for line in f if line.strip())
+    kinds = list(SBU_KINDS)
+    lines = [sbu_caption(r, world.scene(kinds[r.choice(len(kinds), p=list(SBU_KINDS.values()))])) for _ in range(count)]
+    heldout = FeatureStore(os.path.join(root, "features", "heldout")).ids()
+    scenes = read_json(os.path.join(root, "scenes.json"))
+    for path, out in ((sbu, lines), (pairs, [json.dumps({"image_id": i, "caption": world.caption(scenes[i])}) for i in heldout])):
+        with open(path + ".tmp", "w") as f:
+            f.write("\n".join(out) + "\n")
+        os.replace(path + ".tmp", path)
     return root
 
 

@@ -26,11 +26,9 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 
 import numpy as np
@@ -75,7 +73,7 @@ PAPER = {  # BERT-base at Conceptual Captions scale, same columns; the project h
 }
 # the budgets: the toy BERT's steps, every variant's pre-training steps, and each task's fine-tuning
 # epochs on its whole training set; a fraction F of it gets epochs / F: the same number of steps
-BUDGET = {"bert": 1200, "pretrain": 1600, "vqa": 4, "nlvr2": 3, "retrieval": 2, "refcoco": 6}
+BUDGET = {"bert": 1200, "pretrain": 1200, "vqa": 4, "nlvr2": 3, "retrieval": 2, "refcoco": 6}
 FRACTIONS = ["1/16", "1/4", "1"]
 TEST_IMAGES = 50  # retrieval ranks each caption among the first 50 toy test images (of 100), for time
 # a pre-training run has converged when, for every held-out loss, its fall over the last quarter of the
@@ -142,39 +140,61 @@ def plan(args, budget, seeds):
     return runs
 
 
-def execute(runs, jobs):
-    """Run every run not done yet, at most `jobs` at a time, each after the runs it needs. A run's
-    output goes to OUT/.../stdout.txt; a failed run stops the reproduction with its last lines."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))}
+def work(argv, out, threads):
+    """One run in this worker process: the script's main(argv), its output into OUT/stdout.txt ->
+    (exit code, wall seconds, CPU seconds). Workers live through many runs, so Python and torch
+    start once per worker, not once per run (about 2 s of CPU each)."""
+    import contextlib
+    import importlib
+    import traceback
+    torch.set_num_threads(threads)
+    main = importlib.import_module(argv[0][:-3]).main  # pretrain.py -> pretrain.main
+    t, cpu = time.time(), time.process_time()
+    with open(os.path.join(out, "stdout.txt"), "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        sys.argv, rc = list(argv), 0
+        try:
+            main(argv[1:])
+        except SystemExit as e:  # the scripts stop on bad input with SystemExit and a message
+            rc = e.code if isinstance(e.code, int) else 1
+            if not isinstance(e.code, int) and e.code is not None:
+                print(e.code)
+        except Exception:
+            traceback.print_exc()
+            rc = 1
+    return rc, time.time() - t, time.process_time() - cpu
+
+
+def execute(runs, jobs, threads=1):
+    """Run every run not done yet in `jobs` worker processes of `threads` threads each, each run
+    after the runs it needs. A run's output goes to OUT/.../stdout.txt, its times to time.json; a
+    failed run stops the reproduction with its last lines."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     todo = [r for r in runs if not r.done()]
     print(f"{len(runs)} run(s), {len(runs) - len(todo)} already done, {len(todo)} to go, {jobs} at a time")
-    t0, finished = time.time(), 0
-
-    def one(run):
-        for dep in run.after:  # dependencies come earlier in the plan, so they were submitted first
-            while not dep.done():
-                if getattr(dep, "failed", False):
-                    raise SystemExit(f"{run.name}: needs {dep.name}, which failed")
-                time.sleep(0.5)
-        os.makedirs(run.out, exist_ok=True)
-        t = time.time()
-        with open(os.path.join(run.out, "stdout.txt"), "w") as f:
-            rc = subprocess.run([sys.executable, *run.argv], stdout=f, stderr=subprocess.STDOUT, env=env,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).returncode
-        if rc != 0 or not run.done():
-            run.failed = True
-            with open(os.path.join(run.out, "stdout.txt")) as f:
-                tail = "".join(f.readlines()[-5:])
-            raise SystemExit(f"{run.name} failed (exit {rc}): python {' '.join(run.argv)}\n{tail}")
-        with open(os.path.join(run.out, "seconds.txt"), "w") as f:
-            f.write(f"{time.time() - t:.1f}\n")
-        return run
-
-    with ThreadPoolExecutor(jobs) as pool:
-        for fut in [pool.submit(one, r) for r in todo]:
-            run = fut.result()
-            finished += 1
-            print(f"[{finished}/{len(todo)}] {run.name} done, {(time.time() - t0) / 60:.1f} min", flush=True)
+    if not todo:
+        return
+    t0, finished, running = time.time(), 0, {}
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # read by torch as the spawned workers import it
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        while todo or running:
+            for run in [r for r in todo if all(d.done() for d in r.after)][: jobs - len(running)]:
+                todo.remove(run)
+                os.makedirs(run.out, exist_ok=True)
+                running[pool.submit(work, run.argv, run.out, threads)] = run
+            if not running:
+                raise SystemExit(f"{todo[0].name}: a run it needs is not done")
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in done:
+                run = running.pop(fut)
+                rc, wall, cpu = fut.result()
+                if rc != 0 or not run.done():
+                    with open(os.path.join(run.out, "stdout.txt")) as f:
+                        tail = "".join(f.readlines()[-5:])
+                    raise SystemExit(f"{run.name} failed (exit {rc}): python {' '.join(run.argv)}\n{tail}")
+                data.write_json(os.path.join(run.out, "time.json"), {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1)})
+                finished += 1
+                print(f"[{finished}/{finished + len(todo) + len(running)}] {run.name} done, {(time.time() - t0) / 60:.1f} min", flush=True)
 
 # -----------------------------------------------------------------------------
 # the table, its intervals, and the paper's claims
@@ -221,7 +241,7 @@ def markdown(table, fractions):
     n = len(table[v0][fractions[0]])
     lines = [f"Toy world, mean [95% t-interval] over {n} fine-tuning seed{'s' * (n > 1)}, in %.", ""]
     for fraction in fractions:
-        lines += [f"Fine-tuned on {fraction} of each training set:", "",
+        lines += [f"Fine-tuned on {'the whole' if Fraction(fraction) == 1 else fraction + ' of each'} training set:", "",
                   "| model | " + " | ".join(c[0] for c in COLUMNS) + " |", "|" + " --- |" * (len(COLUMNS) + 1)]
         lines += [f"| {v} | " + " | ".join(cell(runs[fraction])) + " |" for v, runs in table.items()]
         lines.append("")
@@ -400,7 +420,8 @@ def probe(model, vocab, images, scenes, captions, tags=True, chunk=100):
       nearest_word  (b) whether, of the classes whose word occurs >= MIN_WORDS times in the held-out
                     captions, the one whose mean last-layer word state is nearest (cosine) to the
                     region's last-layer state is its own; the image as the variant is fine-tuned but
-                    its tags hidden (tags: [MASK]; _NT variants: regions alone)
+                    its tags hidden (tags: [MASK]; _NT variants: regions alone). NaN for a region
+                    whose class is not among them
       cos_gap       (b) the cosine to its own class's word state minus the mean to the others'
       nearest_word_tags_shown  (b) with the detector's tags shown, as Figure 2 draws the regions
       detector      whether the detector's own tag is the region's class (a reference for tag_first)
@@ -410,14 +431,16 @@ def probe(model, vocab, images, scenes, captions, tags=True, chunk=100):
     have = np.bincount(wj, minlength=len(names)) >= MIN_WORDS
     among = np.flatnonzero(have)  # the classes of (b); a class's index among them:
     index = torch.from_numpy(np.cumsum(have) - 1)
-    centre = torch.nn.functional.normalize(torch.stack([ws[wj == j].mean(0) for j in among]), dim=-1)  # (C, H)
+    centre = torch.nn.functional.normalize(torch.stack([ws[wj == j].mean(0) for j in among] or [ws[0]]), dim=-1)  # (C, H)
     first = torch.tensor([pieces[0] for pieces in vocab.tag_pieces(names)])
     rows = {k: [] for k in ("image", "class", "tag_first", "nearest_word", "cos_gap", "nearest_word_tags_shown", "detector")}
 
-    def near(h, c):  # (K, H) region states, (K,) their classes -> nearest word is its own, cosine gap
+    def near(h, c):  # (K, H) region states, (K,) their classes -> nearest word is its own, cosine gap; NaN without words
         cos = torch.nn.functional.normalize(h, dim=-1) @ centre.T  # (K, C)
-        own = cos.gather(1, index[c][:, None]).squeeze(1)
-        return (cos.argmax(1) == index[c]).numpy(), (own - (cos.sum(1) - own) / (len(among) - 1)).numpy()
+        own = cos.gather(1, index[c].clamp(min=0)[:, None]).squeeze(1)
+        none = torch.from_numpy(~have)[c] | (len(among) < 2)
+        nearest = (cos.argmax(1) == index[c]).double().masked_fill(none, float("nan"))
+        return nearest.numpy(), (own - (cos.sum(1) - own) / max(1, len(among) - 1)).double().masked_fill(none, float("nan")).numpy()
 
     ids = sorted(images.where)
     for start in range(0, len(ids), chunk):
@@ -428,7 +451,7 @@ def probe(model, vocab, images, scenes, captions, tags=True, chunk=100):
         shown = image_states(model, vocab, entries, names, "shown") if tags else plain
         for n, image in enumerate(part):
             objects = scenes[image]["objects"]
-            keep = [k for k, o in enumerate(objects) if not o.get("background") and have[names.index(o["class"])]]
+            keep = [k for k, o in enumerate(objects) if not o.get("background")]
             if not keep:
                 continue
             c = torch.tensor([names.index(objects[k]["class"]) for k in keep])
@@ -454,8 +477,11 @@ def bootstrap(rows, column, n=1000, seed=0):
     draws = np.random.default_rng(seed).integers(0, images, (n, images))  # (n, images)
     weight = np.stack([np.bincount(d, minlength=images) for d in draws])[:, img]  # (n, regions)
     x = rows[column] if isinstance(column, str) else column
-    means = (weight * x).sum(1) / weight.sum(1)
-    return float(x.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+    valid = ~np.isnan(x)  # (b) leaves out regions whose class has too few words
+    if not valid.any():
+        return float("nan"), float("nan"), float("nan")
+    means = (weight * np.where(valid, x, 0)).sum(1) / np.maximum((weight * valid).sum(1), 1)
+    return float(x[valid].mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
 PROBE = ["tag_first", "nearest_word", "cos_gap", "nearest_word_tags_shown", "detector"]
@@ -475,7 +501,7 @@ def probe_report(out, root, variants):
         z = np.load(cache)
         rows[v] = {k: z[k] for k in z.files}
         report[v] = {k: dict(zip(("value", "low", "high"), bootstrap(rows[v], k))) for k in PROBE}
-        report[v]["chance"] = {"tag_first": 1 / len(images.class_names), "nearest_word": 1 / int(z["classes"])}
+        report[v]["chance"] = {"tag_first": 1 / len(images.class_names), "nearest_word": 1 / max(1, int(z["classes"]))}
     if {"U", "U_NT"} <= set(rows):
         report["U - U_NT"] = {k: dict(zip(("value", "low", "high"), bootstrap(rows["U"], rows["U"][k] - rows["U_NT"][k])))
                               for k in PROBE[:4]}
@@ -675,6 +701,17 @@ def draw_curves(table, fractions, path, w=420, h=320):
     return img.size
 
 
+def time_report(runs, jobs):
+    """Wall and CPU time of every run (time.json), and the wall time they would take on an idle CPU:
+    the toy BERT's CPU time over the cores it had, the rest's over `jobs` side by side."""
+    t = [data.read_json(os.path.join(r.out, "time.json")) if os.path.exists(os.path.join(r.out, "time.json")) else {} for r in runs]
+    cpu = [x.get("cpu_s", float("nan")) for x in t]
+    idle = cpu[0] / (os.cpu_count() or 1) + sum(cpu[1:]) / jobs
+    return {"wall_min": round(sum(x.get("wall_s", 0) for x in t) / 60, 1), "cpu_min": round(sum(cpu) / 60, 1),
+            "idle_wall_min": round(idle / 60, 1), "finetune_cpu_s_by_task": {
+                task: round(float(np.mean([c for r, c in zip(runs, cpu) if f"--task {task} " in " ".join(r.argv) + " "])), 1) for task in TASKS}}
+
+
 def finite(x):
     """JSON has no NaN: an interval that one seed cannot give is null."""
     if isinstance(x, dict):
@@ -711,13 +748,14 @@ def main(argv=None):
     print(f"variants {', '.join(args.variants)}; fractions {', '.join(args.fractions)}; seeds {seeds}; budget "
           + ", ".join(f"{k} {v}" for k, v in budget.items()))
     runs = plan(args, budget, seeds)
-    execute(runs[:1], 1)  # the toy BERT, alone with every core: everything else starts from it
+    execute(runs[:1], 1, max(1, os.cpu_count() or 1))  # the toy BERT, alone with every core: everything else starts from it
     execute(runs[1:], args.jobs)
 
     table = collect(args.out, args.variants, args.fractions, seeds)
     pre, compute = pretraining_report(args.out, args.variants), compute_report(args.out, args.variants, args.fractions, seeds)
     grounding = probe_report(args.out, args.toy_root, args.variants)
     verdicts = claims(table, args.fractions)
+    timing = time_report(runs, args.jobs)
     md = markdown(table, args.fractions)
     md += "\nPre-training (held-out losses: before, at 3/4 of the steps, after; converged: " \
           f"the last quarter brought under {CONVERGED['last_quarter_share']:.0%} of each loss's fall" \
@@ -741,7 +779,7 @@ def main(argv=None):
         "mean": {v: {f: s[0].round(2).tolist() for f, s in st.items()} for v, st in stats.items()},
         "interval": {v: {f: np.stack(s[1:], 1).round(2).tolist() for f, s in st.items()} for v, st in stats.items()},
         "interval_method": "95% Student t-interval over the fine-tuning seeds (null with one seed)",
-        "pretraining": pre, "compute": compute, "probe": grounding, "claims": verdicts, "paper": {v: PAPER[v] for v in table}}))
+        "pretraining": pre, "compute": compute, "probe": grounding, "time": timing, "claims": verdicts, "paper": {v: PAPER[v] for v in table}}))
     print("\n" + md)
     size = draw_curves(table, args.fractions, os.path.join(args.out, "curves.png"))
     print(f"curves: {os.path.join(args.out, 'curves.png')} ({size[0]}x{size[1]})")
@@ -749,6 +787,8 @@ def main(argv=None):
     if size:
         print(f"figure 2: {os.path.join(args.out, 'figure2.png')} ({size[0]}x{size[1]})")
     print(f"table: {os.path.join(args.out, 'table.md')}, {os.path.join(args.out, 'table.json')}; {(time.time() - t0) / 60:.1f} min in all")
+    print(f"all runs: {timing['cpu_min']} min of CPU time and {timing['wall_min']} min of wall time, summed; on an idle CPU with "
+          f"{args.jobs} at a time, about {timing['idle_wall_min']} min")
     return table
 
 

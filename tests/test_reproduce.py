@@ -14,6 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import data  # noqa: E402
 import reproduce  # noqa: E402
+from toy import make_toy_world  # noqa: E402
 from model import Config, VisualBERT, masked_lm_terms  # noqa: E402
 
 
@@ -234,3 +235,22 @@ def test_curves_have_a_panel_per_task_and_a_line_per_variant(tmp_path):
             x0, y0 = (j % 2) * size[0] // 2, (j // 2) * (size[1] - 40) // 2
             panel = img[y0:y0 + (size[1] - 40) // 2, x0:x0 + size[0] // 2].reshape(-1, 3)
             assert (panel == colour).all(1).any(), (v, j)
+
+
+def test_a_whole_reproduction_on_a_tiny_world(tmp_path):
+    """main() end to end at a tiny budget: every run in its folder, the table, the probe, the claims,
+    the time, both figures; a second call finds everything done and writes the same table."""
+    root = make_toy_world(str(tmp_path / "world"), seed=0, scale=0.03)
+    argv = ["--toy-root", root, "--out", str(tmp_path / "out"), "--variants", "U", "--fractions", "1/2", "1", "--seeds", "2",
+            "--budget", "bert=4", "pretrain=4", "vqa=0.3", "nlvr2=0.3", "retrieval=0.3", "refcoco=0.3"]
+    reproduce.main(argv)
+    t = json.loads((tmp_path / "out" / "table.json").read_text())
+    assert set(t["runs"]) == {"Base", "U"} and t["fractions"] == ["1/2", "1"] and t["seeds"] == [0, 1]
+    assert np.array(t["runs"]["U"]["1/2"]).shape == (2, len(reproduce.COLUMNS)) and len(t["interval"]["U"]["1"]) == len(reproduce.COLUMNS)
+    assert {"tag_first", "nearest_word", "cos_gap"} <= set(t["probe"]["U"]) and set(t["pretraining"]) == {"Base", "U"}
+    assert {c["fraction"] for c in t["claims"]} == {"1/2", "1"} and t["time"]["cpu_min"] > 0
+    assert t["compute"]["U"]["pretraining_sequences"] == 4 * 64
+    assert (tmp_path / "out" / "curves.png").exists() and (tmp_path / "out" / "table.md").exists()
+    before = (tmp_path / "out" / "table.md").read_text()
+    reproduce.main(argv)
+    assert (tmp_path / "out" / "table.md").read_text() == before

@@ -13,8 +13,8 @@ world, with a protocol that can show what pre-training buys if it buys anything:
   alone, and do region states sit near the states of their class words (probe below);
 - Figure 2: t-SNE of the states of words, tags and regions.
 
-    python reproduce.py            # 3 seeds
-    python reproduce.py --quick    # 1 seed: no interval and no claim verdict, a first look
+    python reproduce.py            # every variant, 3 seeds
+    python reproduce.py --quick    # Base, U, U_NT and S, 1 seed: no interval and no claim verdict, a first look
 
 It runs pretrain.py and finetune.py by their command lines, two at a time on a 2-core CPU (--jobs),
 each in its own folder under OUT; a run whose results are already there is not run again, so an
@@ -55,6 +55,7 @@ def variant_flags(v, root):
 
 
 VARIANTS = ["Base", "U", "U_NT", "U_NC", "U_SBU", "S", "S_NT", "H"]
+QUICK = ["Base", "U", "U_NT", "S"]  # --quick: the rows of Figure 2 and of the central claims
 # the table's columns: (header, task, split, metric), as the paper's Tables 1-3 (docs/METHOD.md section 10)
 COLUMNS = [("VQA", "vqa", "val", "accuracy"),
            ("NLVR2 dev", "nlvr2", "dev", "accuracy"), ("NLVR2 test-P", "nlvr2", "test1", "accuracy"),
@@ -72,8 +73,10 @@ PAPER = {  # BERT-base at Conceptual Captions scale, same columns; the project h
     "H": [71.05, 73.80, 74.82, 60.28, 86.30, 92.06, 74.01, 80.18, 64.89],
 }
 # the budgets: the toy BERT's steps, every variant's pre-training steps, and each task's fine-tuning
-# epochs on its whole training set; a fraction F of it gets epochs / F: the same number of steps
-BUDGET = {"bert": 1200, "pretrain": 1200, "vqa": 4, "nlvr2": 3, "retrieval": 2, "refcoco": 6}
+# epochs on its whole training set; a fraction F of it gets epochs / F: the same number of steps. The
+# fine-tuning budgets are a tenth of finetune.py's defaults (what each task takes to learn from the
+# whole set): what fits 3 seeds x 3 fractions x 8 variants x 4 tasks into the time bar
+BUDGET = {"bert": 1200, "pretrain": 1200, "vqa": 1.6, "nlvr2": 0.5, "retrieval": 1.0, "refcoco": 2.0}
 FRACTIONS = ["1/16", "1/4", "1"]
 TEST_IMAGES = 50  # retrieval ranks each caption among the first 50 toy test images (of 100), for time
 # a pre-training run has converged when, for every held-out loss, its fall over the last quarter of the
@@ -82,9 +85,9 @@ TEST_IMAGES = 50  # retrieval ranks each caption among the first 50 toy test ima
 CONVERGED = {"last_quarter_share": 0.05, "match_acc": 0.70}
 
 p = argparse.ArgumentParser(description="The paper's Tables 1-3 and Figure 2 in miniature, on the toy world.")
-p.add_argument("--quick", action="store_true", help="one seed instead of three")
+p.add_argument("--quick", action="store_true", help="one seed and the variants " + ", ".join(QUICK) + ", for a first look")
 p.add_argument("--seeds", type=int, default=None, help="how many fine-tuning seeds (default 3, or 1 with --quick)")
-p.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS, help="which rows")
+p.add_argument("--variants", nargs="+", choices=VARIANTS, help="which rows (default: all, or those of --quick)")
 p.add_argument("--fractions", nargs="+", default=FRACTIONS, help="fractions of each task's training set, e.g. 1/16 1/4 1")
 p.add_argument("--out", default="out/reproduce", help="output folder: one folder per run, table.md, table.json, curves.png, figure2.png")
 p.add_argument("--jobs", type=int, default=max(1, min(2, os.cpu_count() or 1)), help="runs side by side (one thread each when several)")
@@ -712,6 +715,12 @@ def time_report(runs, jobs):
                 task: round(float(np.mean([c for r, c in zip(runs, cpu) if f"--task {task} " in " ".join(r.argv) + " "])), 1) for task in TASKS}}
 
 
+def chosen(args):
+    """The rows to run, in VARIANTS' order: --variants, or those of --quick, or all; always Base,
+    the toy BERT that every variant starts from."""
+    return [v for v in VARIANTS if v == "Base" or v in (args.variants or (QUICK if args.quick else VARIANTS))]
+
+
 def finite(x):
     """JSON has no NaN: an interval that one seed cannot give is null."""
     if isinstance(x, dict):
@@ -738,9 +747,7 @@ def main(argv=None):
             ok = False
         if not ok:
             p.error(f"--fractions {f}: a fraction in (0, 1], such as 1/16")
-    args.variants = [v for v in VARIANTS if v in args.variants]  # Base always first: every variant starts from it
-    if "Base" not in args.variants:
-        args.variants.insert(0, "Base")
+    args.variants = chosen(args)
     seeds = list(range(args.seeds or (1 if args.quick else 3)))
     t0 = time.time()
     toy.make_toy_world(args.toy_root)

@@ -109,6 +109,9 @@ def test_figure_has_one_panel_per_variant_with_each_class_colour(tmp_path):
 
 def test_plan_pretrains_each_variant_once_from_one_bert_and_finetunes_every_fraction(tmp_path):
     args = reproduce.p.parse_args(["--out", str(tmp_path), "--toy-root", "toy", "--fractions", "1/16", "1"])
+    args.variants = reproduce.chosen(args)
+    assert reproduce.chosen(reproduce.p.parse_args(["--quick"])) == reproduce.QUICK
+    assert reproduce.chosen(reproduce.p.parse_args(["--variants", "S", "U"])) == ["Base", "U", "S"]
     budget = dict(reproduce.BUDGET)
     runs = reproduce.plan(args, budget, [0, 1])
     pre = [r for r in runs if r.argv[0] == "pretrain.py" and "--text-only" not in r.argv]

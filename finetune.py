@@ -23,6 +23,7 @@ baseline), and one training loop that all four share.
 import argparse
 import copy
 import json
+import math
 import os
 import pickle
 import re
@@ -88,6 +89,9 @@ group.add_argument("--data", metavar="DIR",
 group.add_argument("--features", nargs="+", metavar="STORE",
                    help="feature stores holding every image the task's files name")
 group.add_argument("--toy-root", default=toy.TOY_DIR, metavar="DIR", help="where the toy world is made and cached")
+group.add_argument("--train-fraction", type=float, default=1.0, metavar="F",
+                   help="train on the first ceil(F * N) of the N training examples (retrieval: images) in one fixed "
+                        "order, the same for every --seed, so a smaller fraction's examples are among a larger one's")
 group.add_argument("--min-answer-count", type=int, default=9, metavar="N",
                    help="vqa: the answer set is every answer that is the multiple_choice_answer of at least this many "
                         "training questions (or questions of --answers)")
@@ -475,6 +479,12 @@ def chunks(items, size):
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
+def train_subset(n, fraction):
+    """--train-fraction: the first ceil(fraction * n) of range(n) in one fixed random order (not
+    --seed's), sorted; as every fraction takes a beginning of the same order, the subsets nest."""
+    return np.sort(np.random.default_rng(2021).permutation(n)[:max(1, math.ceil(fraction * n - 1e-9))])
+
+
 class Task:
     """What the four tasks share: the vocabulary, the images, and making the model's inputs."""
 
@@ -500,6 +510,12 @@ class Task:
     def pooled(self, model, texts, image_ids):
         h, _ = model(**self.encode(texts, image_ids))
         return model.pool(h)  # (B, H)
+
+    def keep_train(self, fraction):
+        """Train on a fraction of the training examples (train_subset); the rest of the task stays."""
+        n = len(self.train)
+        self.train = [self.train[i] for i in train_subset(n, fraction)]
+        self.info.append(f"training on {len(self.train)} of {n} training {self.unit} (--train-fraction {fraction:g})")
 
     def draw(self, items, gen):
         """The step's random choices, made for the whole global batch before it is split among the
@@ -696,15 +712,26 @@ class Retrieval(Task):
             ids = vocab.encode_batch([c for im in ims for c in im["captions"]])
             for im in ims:
                 im["ids"], ids = ids[: len(im["captions"])], ids[len(im["captions"]):]
-        self.train = [{"ids": c, "image": im["image"], "k": k} for k, im in enumerate(self.splits["train"]) for c in im["ids"]]
         self.eval_splits = ["test"]
         self.info.append("captions (images): " + ", ".join(f"{s} {sum(len(im['ids']) for im in ims)} ({len(ims)})" for s, ims in self.splits.items()))
-        # which detector classes each training image has: how alike two images look, for hard negatives
         self.hard = args.hard_negatives
-        self.tag_sets = np.zeros((len(self.splits["train"]), len(images.class_names)), dtype=bool)  # (N, C)
+        self.index_train()
+        self.baseline_name = "chance, K / number of images"
+
+    def index_train(self):
+        """The training captions, each with its image's index k in splits["train"], and which
+        detector classes each training image has: how alike two images look, for hard negatives."""
+        self.train = [{"ids": c, "image": im["image"], "k": k} for k, im in enumerate(self.splits["train"]) for c in im["ids"]]
+        self.tag_sets = np.zeros((len(self.splits["train"]), len(self.images.class_names)), dtype=bool)  # (N, C)
         for k, im in enumerate(self.splits["train"]):
             self.tag_sets[k, self.images[im["image"]]["labels"]] = True
-        self.baseline_name = "chance, K / number of images"
+
+    def keep_train(self, fraction):
+        """A fraction of the training images, with all their captions; negatives come from them alone."""
+        n = len(self.splits["train"])
+        self.splits["train"] = [self.splits["train"][i] for i in train_subset(n, fraction)]
+        self.index_train()
+        self.info.append(f"training on {len(self.splits['train'])} of {n} training images (--train-fraction {fraction:g})")
 
     def make_head(self, model):
         # a linear score on the pooled output, started from the pre-trained match head's "matched
@@ -977,6 +1004,8 @@ def main(argv=None):
             setattr(args, k, v)
     if args.task_pretrain_epochs and args.task != "nlvr2":
         parser.error("--task-pretrain-epochs is NLVR2's task-specific pre-training (docs/METHOD.md §6)")
+    if not 0 < args.train_fraction <= 1:
+        parser.error(f"--train-fraction {args.train_fraction}: a fraction of the training set, in (0, 1]")
     if (args.data is None) != (args.features is None):
         parser.error("--data and --features go together: the task's files and the stores of their images")
     if args.answers and args.task != "vqa":
@@ -1004,6 +1033,8 @@ def main(argv=None):
         images = data.Images(args.features)
         model, vocab = build_model(args, images, toy_vocab, resume)
         task = TASKS[args.task](args, vocab, images, args.data)
+        if args.train_fraction != 1:
+            task.keep_train(args.train_fraction)
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise SystemExit(str(e).strip('"')) from None
     task.device = device

@@ -57,6 +57,9 @@ group.add_argument("--text-rate", type=float, default=1.0,
 group.add_argument("--heldout-images", nargs="+", metavar="STORE", help="held-out images for the before/after losses")
 group.add_argument("--heldout-captions", nargs="+", metavar="FILE", help="held-out captions")
 group.add_argument("--heldout-text", nargs="+", metavar="FILE", help="held-out general text")
+group.add_argument("--heldout-pairs", nargs="+", metavar="FILE",
+                   help="held-out aligned pairs (images in --heldout-images), for the match loss and accuracy of "
+                        "--aligned and --hybrid")
 group.add_argument("--toy-root", default=toy.TOY_DIR, help="where the toy world is made and cached")
 group.add_argument("--cache-dir", default="cache", help="where tokenised corpora are cached")
 group = parser.add_argument_group("model and optimisation (docs/METHOD.md §5)")
@@ -86,9 +89,12 @@ group.add_argument("--workers", type=int, default=None,
 group.add_argument("--log-every", type=int, default=50)
 group.add_argument("--save-every", type=int, default=1000)
 group.add_argument("--eval-batches", type=int, default=4, help="batches per held-out set")
+group.add_argument("--eval-every", type=int, default=0,
+                   help="also evaluate the held-out sets every this many steps (log.jsonl lines with phase \"eval\"): "
+                        "how far the objectives have converged")
 # every flag that names a path, and what it must be (data.check_path)
 PATH_FLAGS = {"images": "folder", "captions": "file", "text": "file", "pairs": "file", "heldout_images": "folder",
-              "heldout_captions": "file", "heldout_text": "file", "init_from": "checkpoint", "out": "out",
+              "heldout_captions": "file", "heldout_text": "file", "heldout_pairs": "file", "init_from": "checkpoint", "out": "out",
               "cache_dir": "out", "toy_root": "out"}
 
 
@@ -146,6 +152,15 @@ def heldout_batches(args, vocab, class_names, n):
                 raise SystemExit("--heldout-images: other detector classes than the training images")
             sets.append(("images",
                          data.Corpus("images", "image", vocab, sorted(images.where), images, tags=not args.no_tags)))
+            if args.aligned or args.hybrid:  # the match objective on pairs never trained on
+                for f in args.heldout_pairs or []:
+                    c = data.TokenCorpus(f, vocab, "pairs", args.cache_dir)
+                    missing = [i for i in c.image_ids if i not in images]
+                    if missing:
+                        raise SystemExit(f"{f}: {len(missing)} pairs name images that --heldout-images does not hold, "
+                                         f"e.g. {missing[:3]}")
+                    sets.append((f"pairs:{f}", data.Corpus("pairs", "pair", vocab, (c, c.image_ids), images,
+                                                           tags=not args.no_tags)))
     out = {}
     for name, c in sets:
         out[name] = [c.batch(np.arange(i, min(i + 64, len(c))), data.RowRandom(1234, i, range(min(64, len(c) - i))))
@@ -155,13 +170,20 @@ def heldout_batches(args, vocab, class_names, n):
 
 @torch.no_grad()
 def evaluate(model, sets, device, ctx):
-    """Mean held-out loss of each objective over all held-out batches."""
+    """Mean held-out loss of each objective over all held-out batches, and on pairs the share of
+    them whose match or mismatch the model gets right (match_acc; chance 0.5)."""
     model.eval()
     sums, counts = {}, {}
     for batches in sets.values():
         for b in batches:
+            b = to_device(b, device)
             with ctx:
-                _, terms = model.pretrain_losses(to_device(b, device))
+                _, terms = model.pretrain_losses(b)
+                if "match_labels" in b:
+                    inputs = {k: b[k] for k in ("input_ids", "attention_mask", "token_type_ids", "tag_ids", "tag_boxes",
+                                                "tag_mask", "feats", "boxes", "region_mask") if k in b}
+                    right = model.nsp(model.pool(model(**inputs)[0])).argmax(-1) == b["match_labels"]
+                    terms["match_acc"] = right.float().mean()
             for k, val in terms.items():
                 sums[k] = sums.get(k, 0.0) + val.item()
                 counts[k] = counts.get(k, 0) + 1
@@ -220,6 +242,14 @@ def trim_log(file, step, keep_phases=()):
         records = [(line, json.loads(line)) for line in f if line.strip()]
     with open(file, "w") as f:
         f.writelines(line for line, r in records if r.get("step", step + 1) <= step or r.get("phase") in keep_phases)
+
+
+def read_log(file):
+    """log.jsonl's records ([] when there is none yet)."""
+    if not os.path.exists(file):
+        return []
+    with open(file) as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def load_checkpoint(path):
@@ -455,9 +485,10 @@ def status(r, max_steps, dt, steps, samples, tokens, mfu):
             f"{tokens / dt:.0f} tokens/s | MFU {mfu} | ETA {dt / steps * (max_steps - r['step']) / 60:.1f} min")
 
 
-def train(args, model, run, dataset, optimizer, scaler, lr_at, step, device, dtype, ctx, world, save):
-    """Steps `step` + 1 to --max-steps; rank 0 logs, prints and saves (save(step)). The host reads the
-    device on logging and saving steps alone: the check for a non-finite loss waits for them."""
+def train(args, model, run, dataset, optimizer, scaler, lr_at, step, device, dtype, ctx, world, save, heldout, curve):
+    """Steps `step` + 1 to --max-steps; rank 0 logs, prints and saves (save(step)), and every --eval-every
+    steps appends the held-out losses to `curve`. The host reads the device on logging and saving steps
+    alone: the check for a non-finite loss waits for them."""
     master = RANK == 0
     cores = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # the processes of a machine share it
     workers = args.workers if args.workers is not None else (max(1, min(8, cores - 1)) if device.type == "cuda" else 0)
@@ -495,6 +526,11 @@ def train(args, model, run, dataset, optimizer, scaler, lr_at, step, device, dty
             t0, window = time.time(), [0, 0, 0, 0.0]
         if save_now and master:
             save(step)
+        if heldout and args.eval_every and step % args.eval_every == 0 and step < args.max_steps:
+            curve.append({"step": step, **evaluate(model, heldout, device, ctx)})
+            log.write(json.dumps({"phase": "eval", **curve[-1]}) + "\n")
+            log.flush()
+            say(f"held-out at step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in curve[-1].items() if k != "step"))
     if log:
         log.close()
     return step
@@ -513,6 +549,7 @@ def use_toy_world(args, world):
     args.heldout_text = args.heldout_text or [os.path.join(root, "heldout", "text.txt")]
     args.heldout_captions = args.heldout_captions or [os.path.join(root, "heldout", "captions.txt")]
     args.heldout_images = args.heldout_images or [os.path.join(root, "features", "heldout")]
+    args.heldout_pairs = args.heldout_pairs or [os.path.join(root, "heldout", "pairs.jsonl")]
     return os.path.join(root, "vocab.txt")
 
 
@@ -582,7 +619,10 @@ def main(argv=None):
     if before:
         say("held-out before: " + ", ".join(f"{k} {value:.3f}" for k, value in before.items()))
     save = lambda s: save_checkpoint(ckpt_path, model, optimizer, scaler, s, args, vocab, class_names)  # noqa: E731
-    step = train(args, model, run, dataset, optimizer, scaler, lr_at, step, device, dtype, ctx, world, save)
+    log_file = os.path.join(args.out, "log.jsonl")
+    curve = [r for r in read_log(log_file) if r.get("phase") == "eval"] if rank == 0 and step else []
+    step = train(args, model, run, dataset, optimizer, scaler, lr_at, step, device, dtype, ctx, world, save, heldout,
+                 curve)
     after = evaluate(model, heldout, device, ctx) if heldout else None
     if after:
         if before:
@@ -591,8 +631,9 @@ def main(argv=None):
                 say(f"  {k:<8} {before.get(k, float('nan')):9.3f} -> {after[k]:7.3f}")
         else:
             say("held-out after: " + ", ".join(f"{k} {value:.3f}" for k, value in after.items()))
+        curve.append({"step": step, **after})
         with open(os.path.join(args.out, "eval.json"), "w") as f:
-            json.dump({"before": before, "after": after, "step": step}, f, indent=1)
+            json.dump({"before": before, "after": after, "step": step, "curve": curve}, f, indent=1)
     for line in skipped_report(corpora):  # said again at the end, where it is seen
         say("warning: " + line)
     say(f"checkpoint: {ckpt_path}")

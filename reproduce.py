@@ -1,27 +1,35 @@
 """
-Reproduce the paper's comparisons in miniature (Tables 1-3 and Figure 2 of U-VisualBERT) on the
-toy world: every variant of docs/METHOD.md §3 pre-trained with the same budget from the same toy BERT, each
-fine-tuned on the four tasks, mean +- std over seeds, and the embedding map of Figure 2.
+Reproduce the paper's comparisons in miniature (Tables 1-3 and Figure 2 of U-VisualBERT) on the toy
+world, with a protocol that can show what pre-training buys if it buys anything:
 
-    python reproduce.py            # every variant, four tasks, 3 seeds
-    python reproduce.py --quick    # one seed, for a first look
+- the toy BERT (text only), then every variant of docs/METHOD.md §3 from it, each pre-trained
+  once, until its held-out objectives have converged (CONVERGED below, checked and reported), and
+  with at least the compute of any fine-tuning run it is compared through;
+- every task fine-tuned from every variant on nested fractions of its training set (1/16, 1/4, all:
+  finetune.py --train-fraction), each fraction for the same number of steps, with several seeds;
+- a 95% confidence interval over the fine-tuning seeds on every number, and the paper's claims
+  checked with the intervals;
+- a grounding probe, with no fine-tuning: does the model name a region's class from the region
+  alone, and do region states sit near the states of their class words (probe below);
+- Figure 2: t-SNE of the states of words, tags and regions.
+
+    python reproduce.py            # every variant, 3 seeds
+    python reproduce.py --quick    # Base, U, U_NT and S, 1 seed: no interval and no claim verdict, a first look
 
 It runs pretrain.py and finetune.py by their command lines, two at a time on a 2-core CPU (--jobs),
 each in its own folder under OUT; a run whose results are already there is not run again, so an
-interrupted reproduction goes on where it stopped. It writes OUT/table.md, OUT/table.json and
-OUT/figure2.png, and says for each of the paper's four claims (docs/METHOD.md §10) whether the miniature
-shows it.
+interrupted reproduction goes on where it stopped and --quick followed by the full command only adds
+seeds. It writes OUT/table.md, OUT/table.json, OUT/curves.png and OUT/figure2.png.
 """
 
 import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from fractions import Fraction
 
 import numpy as np
 import torch
@@ -34,43 +42,67 @@ from pretrain import load_checkpoint
 # -----------------------------------------------------------------------------
 # settings
 
-# docs/METHOD.md §3: each variant's pre-training flags, and whether it sees tags. Base is the toy BERT itself.
-VARIANTS = {
-    "Base": None,
-    "U": ["--unaligned"],
-    "U_NT": ["--unaligned", "--no-tags"],
-    "U_NC": ["--unaligned", "--no-captions"],
-    "S": ["--aligned"],
-    "S_NT": ["--aligned", "--no-tags"],
-    "H": ["--hybrid"],
-}
+
+def variant_flags(v, root):
+    """Each variant's pre-training flags (docs/METHOD.md §3); None for Base, the toy BERT itself.
+    U_SBU is U with the toy world's second caption corpus (toy.py: captions of other photos, in
+    other words), given with every data flag, as real data is."""
+    sbu = ["--images", f"{root}/features/pretrain", "--captions", f"{root}/pretrain/captions_sbu.txt",
+           "--text", f"{root}/pretrain/text.txt", "--heldout-images", f"{root}/features/heldout",
+           "--heldout-captions", f"{root}/heldout/captions.txt", "--heldout-text", f"{root}/heldout/text.txt"]
+    return {"Base": None, "U": ["--unaligned"], "U_NT": ["--unaligned", "--no-tags"],
+            "U_NC": ["--unaligned", "--no-captions"],
+            "U_SBU": ["--unaligned", *sbu], "S": ["--aligned"], "S_NT": ["--aligned", "--no-tags"],
+            "H": ["--hybrid"]}[v]
+
+
+VARIANTS = ["Base", "U", "U_NT", "U_NC", "U_SBU", "S", "S_NT", "H"]
+QUICK = ["Base", "U", "U_NT", "S"]  # --quick: the rows of Figure 2 and of the central claims
 # the table's columns: (header, task, split, metric), as the paper's Tables 1-3 (docs/METHOD.md §10)
 COLUMNS = [("VQA", "vqa", "val", "accuracy"),
            ("NLVR2 dev", "nlvr2", "dev", "accuracy"), ("NLVR2 test-P", "nlvr2", "test1", "accuracy"),
-           ("R@1", "retrieval", "test", "R@1"), ("R@5", "retrieval", "test", "R@5"), ("R@10", "retrieval", "test", "R@10"),
-           ("RefCOCO+ val", "refcoco", "val", "accuracy"), ("testA", "refcoco", "testA", "accuracy"), ("testB", "refcoco", "testB", "accuracy")]
-PAPER = {  # docs/METHOD.md §10, BERT-base at Conceptual Captions scale, same columns
+           ("R@1", "retrieval", "test", "R@1"), ("R@5", "retrieval", "test", "R@5"),
+           ("R@10", "retrieval", "test", "R@10"),
+           ("RefCOCO+ val", "refcoco", "val", "accuracy"), ("testA", "refcoco", "testA", "accuracy"),
+           ("testB", "refcoco", "testB", "accuracy")]
+TASKS = list(dict.fromkeys(c[1] for c in COLUMNS))
+PAPER = {  # BERT-base at Conceptual Captions scale, same columns; the project has no U_SBU figures of the paper
     "Base": [69.26, 68.40, 68.65, 42.86, 73.62, 83.28, 70.66, 77.06, 61.43],
     "U": [70.74, 71.74, 71.02, 55.37, 82.93, 89.84, 72.42, 79.11, 64.19],
     "U_NT": [69.87, 67.90, 68.92, 50.56, 80.22, 88.32, 71.94, 77.79, 62.38],
     "U_NC": [70.47, 71.47, 71.19, 54.36, 82.22, 89.24, 72.96, 79.30, 64.25],
+    "U_SBU": None,
     "S": [70.87, 73.44, 73.93, 61.19, 86.32, 91.90, 73.65, 79.48, 64.49],
     "S_NT": [70.49, 72.56, 73.53, 60.26, 85.58, 91.64, 72.70, 77.93, 62.99],
     "H": [71.05, 73.80, 74.82, 60.28, 86.30, 92.06, 74.01, 80.18, 64.89],
 }
-# the budgets: the toy BERT's steps, every variant's pre-training steps, each task's fine-tuning epochs
-BUDGET = {"bert": 600, "pretrain": 200, "vqa": 0.25, "nlvr2": 2, "retrieval": 0.25, "refcoco": 8}
+# the budgets: the toy BERT's steps, every variant's pre-training steps, and each task's fine-tuning
+# epochs on its whole training set; a fraction F of it gets epochs / F: the same number of steps. The
+# fine-tuning budgets are a tenth of finetune.py's defaults (what each task takes to learn from the
+# whole set): what fits 3 seeds x 3 fractions x 8 variants x 4 tasks into the time bar
+BUDGET = {"bert": 1200, "pretrain": 1200, "vqa": 1.6, "nlvr2": 0.5, "retrieval": 1.0, "refcoco": 2.0}
+FRACTIONS = ["1/16", "1/4", "1"]
 TEST_IMAGES = 50  # retrieval ranks each caption among the first 50 toy test images (of 100), for time
+# a pre-training run has converged when, for every held-out loss, its fall over the last quarter of the
+# steps is under 5% of its fall over the whole run, and a variant with the match loss gets at least
+# 70% of held-out pairs right (chance: 50%)
+CONVERGED = {"last_quarter_share": 0.05, "match_acc": 0.70}
 
-p = argparse.ArgumentParser(description="The paper's Tables 1-3 and Figure 2 in miniature, on the toy world.")
-p.add_argument("--quick", action="store_true", help="one seed instead of three")
-p.add_argument("--seeds", type=int, default=None, help="how many seeds (default 3, or 1 with --quick)")
-p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), help="which rows")
-p.add_argument("--out", default="out/reproduce", help="output folder: one folder per run, table.md, table.json, figure2.png")
-p.add_argument("--jobs", type=int, default=max(1, min(2, os.cpu_count() or 1)), help="runs side by side (one thread each when several)")
-p.add_argument("--toy-root", default=toy.TOY_DIR, help="where the toy world is made and cached")
-p.add_argument("--budget", nargs="+", default=[], metavar="KEY=N",
-               help="change a budget: " + ", ".join(f"{k}={v}" for k, v in BUDGET.items()) + " (steps; fine-tuning epochs)")
+parser = argparse.ArgumentParser(description="The paper's Tables 1-3 and Figure 2 in miniature, on the toy world.")
+parser.add_argument("--quick", action="store_true",
+                    help="one seed and the variants " + ", ".join(QUICK) + ", for a first look")
+parser.add_argument("--seeds", type=int, default=None, help="how many fine-tuning seeds (default 3, or 1 with --quick)")
+parser.add_argument("--variants", nargs="+", choices=VARIANTS, help="which rows (default: all, or those of --quick)")
+parser.add_argument("--fractions", nargs="+", default=FRACTIONS,
+                    help="fractions of each task's training set, e.g. 1/16 1/4 1")
+parser.add_argument("--out", default="out/reproduce",
+                    help="output folder: one folder per run, table.md, table.json, curves.png, figure2.png")
+parser.add_argument("--jobs", type=int, default=max(1, min(2, os.cpu_count() or 1)),
+                    help="runs side by side (one thread each when several)")
+parser.add_argument("--toy-root", default=toy.TOY_DIR, help="where the toy world is made and cached")
+parser.add_argument("--budget", nargs="+", default=[], metavar="KEY=N",
+                    help="change a budget: " + ", ".join(f"{k}={v}" for k, v in BUDGET.items()) + " (steps; fine-tuning epochs)")
+parser.add_argument("--device", default="cpu", help="where every run trains (cpu, cuda)")
 
 # -----------------------------------------------------------------------------
 # the runs: a list of command lines with their dependencies, run side by side
@@ -84,123 +116,441 @@ class Run:
         return os.path.exists(os.path.join(self.out, self.done_file))
 
 
+def label(fraction):
+    return "f" + fraction.replace("/", "-")  # a folder name: f1-16, f1-4, f1
+
+
 def plan(args, budget, seeds):
-    """Every run the table needs: the toy BERT, each variant's pre-training per seed, and each
-    (variant, task, seed) fine-tuning, each from its variant's checkpoint."""
-    O, toy_flags = args.out, ["--toy-root", args.toy_root, "--cache-dir", os.path.join(args.out, "cache")]
-    bert = Run("bert", ["pretrain.py", "--text-only", "--max-steps", str(budget["bert"]), "--out", f"{O}/bert", *toy_flags],
-               f"{O}/bert", "eval.json")
-    runs = [bert]
+    """Every run the table needs: the toy BERT, each variant's pre-training (once), and each
+    (variant, task, fraction, seed) fine-tuning from its variant's checkpoint."""
+    O, root = args.out, args.toy_root
+    common = ["--cache-dir", os.path.join(O, "cache"), "--device", args.device]
+    pre = {"Base": Run("Base (the toy BERT)", ["pretrain.py", "--text-only", "--max-steps", str(budget["bert"]),
+                                               "--eval-every", str(max(1, budget["bert"] // 4)), "--toy-root", root,
+                                               "--out", f"{O}/pretrain/Base", *common], f"{O}/pretrain/Base",
+                                               "eval.json")}
+    for v in args.variants:
+        if v != "Base":
+            pre[v] = Run(f"{v} pre-training",
+                         ["pretrain.py", *variant_flags(v, root), "--init-from", f"{O}/pretrain/Base/ckpt.pt",
+                                               "--max-steps", str(budget["pretrain"]), "--eval-every",
+                                               str(max(1, budget["pretrain"] // 4)),
+                                               "--toy-root", root, "--out", f"{O}/pretrain/{v}", *common],
+                         f"{O}/pretrain/{v}", "eval.json", [pre["Base"]])
+    runs = list(pre.values())
     for seed in seeds:
-        for v in args.variants:
-            if VARIANTS[v] is None:
-                pre = bert
-            else:
-                pre = Run(f"{v} seed {seed}", ["pretrain.py", *VARIANTS[v], "--init-from", f"{O}/bert/ckpt.pt",
-                                               "--max-steps", str(budget["pretrain"]), "--seed", str(seed),
-                                               "--out", f"{O}/seed{seed}/{v}/pretrain", *toy_flags],
-                          f"{O}/seed{seed}/{v}/pretrain", "eval.json", [bert])
-                runs.append(pre)
-            for task in dict.fromkeys(c[1] for c in COLUMNS):
-                runs.append(Run(f"{v} {task} seed {seed}",
-                                ["finetune.py", "--task", task, "--init-from", f"{pre.out}/ckpt.pt", "--epochs", str(budget[task]),
-                                 "--seed", str(seed), "--out", f"{O}/seed{seed}/{v}/{task}", "--toy-root", args.toy_root,
-                                 *(["--test-images", str(TEST_IMAGES)] if task == "retrieval" else []),
-                                 *(["--no-tags"] if v.endswith("_NT") else [])],
-                                f"{O}/seed{seed}/{v}/{task}", "results.json", [pre]))
+        for fraction in args.fractions:
+            for v in args.variants:
+                for task in TASKS:
+                    out = f"{O}/finetune/{v}/{task}/{label(fraction)}/seed{seed}"
+                    runs.append(Run(f"{v} {task} {fraction} seed {seed}",
+                                    ["finetune.py", "--task", task, "--init-from", f"{pre[v].out}/ckpt.pt",
+                                     "--train-fraction", repr(float(Fraction(fraction))),
+                                     "--epochs", repr(float(budget[task] / Fraction(fraction))), "--seed", str(seed),
+                                     "--out", out, "--toy-root", root, "--device", args.device,
+                                     *(["--test-images", str(TEST_IMAGES)] if task == "retrieval" else []),
+                                     *(["--no-tags"] if v.endswith("_NT") else [])],
+                                    out, "results.json", [pre[v]]))
     return runs
 
 
-def execute(runs, jobs):
-    """Run every run not done yet, at most `jobs` at a time, each after the runs it needs. A run's
-    output goes to OUT/.../stdout.txt; a failed run stops the reproduction with its last lines."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))}
+def work(argv, out, threads):
+    """One run in this worker process: the script's main(argv), its output into OUT/stdout.txt ->
+    (exit code, wall seconds, CPU seconds). Workers live through many runs, so Python and torch
+    start once per worker, not once per run (about 2 s of CPU each)."""
+    import contextlib
+    import importlib
+    import traceback
+    torch.set_num_threads(threads)
+    main = importlib.import_module(argv[0][:-3]).main  # pretrain.py -> pretrain.main
+    t, cpu = time.time(), time.process_time()
+    with open(os.path.join(out, "stdout.txt"), "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        sys.argv, rc = list(argv), 0
+        try:
+            main(argv[1:])
+        except SystemExit as e:  # the scripts stop on bad input with SystemExit and a message
+            rc = e.code if isinstance(e.code, int) else 1
+            if not isinstance(e.code, int) and e.code is not None:
+                print(e.code)
+        except Exception:
+            traceback.print_exc()
+            rc = 1
+    return rc, time.time() - t, time.process_time() - cpu
+
+
+def execute(runs, jobs, threads=1):
+    """Run every run not done yet in `jobs` worker processes of `threads` threads each, each run
+    after the runs it needs. A run's output goes to OUT/.../stdout.txt, its times to time.json; a
+    failed run stops the reproduction with its last lines."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     todo = [r for r in runs if not r.done()]
     print(f"{len(runs)} run(s), {len(runs) - len(todo)} already done, {len(todo)} to go, {jobs} at a time")
-    t0, finished = time.time(), 0
-
-    def one(run):
-        for dep in run.after:  # dependencies come earlier in the plan, so they were submitted first
-            while not dep.done():
-                if getattr(dep, "failed", False):
-                    raise SystemExit(f"{run.name}: needs {dep.name}, which failed")
-                time.sleep(0.5)
-        os.makedirs(run.out, exist_ok=True)
-        with open(os.path.join(run.out, "stdout.txt"), "w") as f:
-            rc = subprocess.run([sys.executable, *run.argv], stdout=f, stderr=subprocess.STDOUT, env=env,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).returncode
-        if rc != 0 or not run.done():
-            run.failed = True
-            with open(os.path.join(run.out, "stdout.txt")) as f:
-                tail = "".join(f.readlines()[-5:])
-            raise SystemExit(f"{run.name} failed (exit {rc}): python {' '.join(run.argv)}\n{tail}")
-        return run
-
-    with ThreadPoolExecutor(jobs) as pool:
-        for fut in [pool.submit(one, r) for r in todo]:
-            run = fut.result()
-            finished += 1
-            print(f"[{finished}/{len(todo)}] {run.name} done, {(time.time() - t0) / 60:.1f} min", flush=True)
+    if not todo:
+        return
+    t0, finished, running = time.time(), 0, {}
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # read by torch as the spawned workers import it
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        while todo or running:
+            for run in [r for r in todo if all(d.done() for d in r.after)][: jobs - len(running)]:
+                todo.remove(run)
+                os.makedirs(run.out, exist_ok=True)
+                running[pool.submit(work, run.argv, run.out, threads)] = run
+            if not running:
+                raise SystemExit(f"{todo[0].name}: a run it needs is not done")
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in done:
+                run = running.pop(fut)
+                rc, wall, cpu = fut.result()
+                if rc != 0 or not run.done():
+                    with open(os.path.join(run.out, "stdout.txt")) as f:
+                        tail = "".join(f.readlines()[-5:])
+                    raise SystemExit(f"{run.name} failed (exit {rc}): python {' '.join(run.argv)}\n{tail}")
+                data.write_json(os.path.join(run.out, "time.json"), {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1)})
+                finished += 1
+                print(f"[{finished}/{finished + len(todo) + len(running)}] {run.name} done, "
+                      f"{(time.time() - t0) / 60:.1f} min", flush=True)
 
 # -----------------------------------------------------------------------------
-# the table and the paper's claims
+# the table, its intervals, and the paper's claims
+
+# Student's t quantile for a two-sided 95% interval, by degrees of freedom
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 
-def collect(out, variants, seeds):
-    """{variant: (seeds, columns) array of percentages} from every run's results.json."""
+def interval(x):
+    """Mean and 95% t-interval over the seeds (rows of x) -> (mean, low, high), each per column;
+    with one seed the interval is NaN: one run says nothing about the spread."""
+    x = np.asarray(x, dtype=np.float64)
+    m = x.mean(0)
+    if len(x) < 2:
+        return m, np.full_like(m, np.nan), np.full_like(m, np.nan)
+    h = T975.get(len(x) - 1, 1.96) * x.std(0, ddof=1) / np.sqrt(len(x))
+    return m, m - h, m + h
+
+
+def collect(out, variants, fractions, seeds):
+    """{variant: {fraction: (seeds, columns) array of percentages}} from every run's results.json."""
     table = {}
     for v in variants:
-        rows = []
-        for seed in seeds:
-            res = {}
-            for task in dict.fromkeys(c[1] for c in COLUMNS):
-                with open(os.path.join(out, f"seed{seed}", v, task, "results.json")) as f:
-                    res[task] = json.load(f)
-            rows.append([100 * res[task][split][metric] for _, task, split, metric in COLUMNS])
-        table[v] = np.array(rows)
+        table[v] = {}
+        for fraction in fractions:
+            rows = []
+            for seed in seeds:
+                res = {task: data.read_json(os.path.join(out, "finetune", v, task, label(fraction), f"seed{seed}",
+                                                         "results.json"))
+                       for task in TASKS}
+                rows.append([100 * res[task][split][metric] for _, task, split, metric in COLUMNS])
+            table[v][fraction] = np.array(rows)
     return table
 
 
-def spread(runs):
-    """Each column's sample standard deviation over the seeds (rows); 0 with one seed."""
-    return runs.std(0, ddof=1) if len(runs) > 1 else np.zeros(runs.shape[1])
+def cell(x, digits=1):
+    m, lo, hi = interval(x)
+    return [f"{a:.{digits}f}" + ("" if np.isnan(b) else f" [{b:.{digits}f}, "
+                                                        f"{c:.{digits}f}]") for a, b, c in zip(m, lo, hi)]
 
 
-def markdown(table):
-    """The table as the paper lays it out, mean +- std over seeds, the paper's number beside each."""
-    n = len(next(iter(table.values())))
-    head = "| model | " + " | ".join(c[0] for c in COLUMNS) + " |"
-    lines = [f"Toy world, mean ± std over {n} seed{'s' * (n > 1)} (the paper's BERT-base number in brackets).", "",
-             head, "|" + " --- |" * (len(COLUMNS) + 1)]
-    for v, runs in table.items():
-        cells = [f"{m:.1f} ± {s:.1f} ({pp:.1f})" if n > 1 else f"{m:.1f} ({pp:.1f})"
-                 for m, s, pp in zip(runs.mean(0), spread(runs), PAPER[v])]
-        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+def markdown(table, fractions):
+    """One table per fraction as the paper lays it out: mean [95% interval] over seeds, the paper's
+    number (at its full data) under the last."""
+    v0 = next(iter(table))
+    n = len(table[v0][fractions[0]])
+    lines = [f"Toy world, mean [95% t-interval] over {n} fine-tuning seed{'s' * (n > 1)}, in %.", ""]
+    for fraction in fractions:
+        lines += [f"Fine-tuned on {'the whole' if Fraction(fraction) == 1 else fraction + ' of each'} training set:",
+                  "", "| model | " + " | ".join(c[0] for c in COLUMNS) + " |", "|" + " --- |" * (len(COLUMNS) + 1)]
+        lines += [f"| {v} | " + " | ".join(cell(runs[fraction])) + " |" for v, runs in table.items()]
+        lines.append("")
+    lines += ["The paper (BERT-base, Conceptual Captions scale, full training sets):", "",
+              "| model | " + " | ".join(c[0] for c in COLUMNS) + " |", "|" + " --- |" * (len(COLUMNS) + 1)]
+    lines += [f"| {v} | " + " | ".join(f"{x:.1f}" for x in PAPER[v]) + " |" for v in table if PAPER[v]]
     return "\n".join(lines) + "\n"
 
 
-def claims(table):
-    """The paper's four claims (docs/METHOD.md §10), each checked on the means: (claim, shown?, the figures).
-    "Close" means within twice the seeds' standard deviation, and at least within 1 point."""
-    mean = {v: t.mean(0) for v, t in table.items()}
-    noise = max(1.0, 2 * float(np.mean([spread(t).mean() for t in table.values()])))
+def verdict(lo, hi, close=None):
+    """"shown", "contradicted" or "undecided" from a 95% interval of a difference: above zero (or,
+    for a claim of closeness, inside +-close), below zero (or outside), or neither."""
+    if np.isnan(lo):
+        return "undecided (one seed: no interval)"
+    if close is None:
+        return "shown" if lo > 0 else "contradicted" if hi < 0 else "undecided"
+    return "shown" if -close <= lo and hi <= close else "contradicted" if lo > close or hi < -close else "undecided"
+
+
+CLOSE = 2.0  # points: "close" means the 95% interval of the difference lies within +-2 points
+
+
+def claims(table, fractions):
+    """The paper's four claims (docs/METHOD.md §10), and U_SBU close to U, checked at each
+    fraction on 95% intervals over the seeds of differences averaged over columns, seed by seed (a
+    seed fixes the fine-tuning's data order and head, so runs of one seed are paired)."""
     retrieval = np.array([c[1] == "retrieval" for c in COLUMNS])
     out = []
-    if {"U", "Base"} <= set(mean):
-        wins = int((mean["U"] > mean["Base"]).sum())
-        out.append(("U beats Base everywhere", bool(wins == len(COLUMNS)), f"U is higher on {wins} of {len(COLUMNS)} columns, "
-                    f"by {np.mean(mean['U'] - mean['Base']):+.1f} points on average"))
-    if {"U", "S"} <= set(mean):
-        gap, gap_r = np.mean(mean["S"][~retrieval] - mean["U"][~retrieval]), np.mean(mean["S"][retrieval] - mean["U"][retrieval])
-        out.append(("U comes close to S except on retrieval", bool(abs(gap) <= noise and gap_r > noise),
-                    f"S - U: {gap:+.1f} points outside retrieval, {gap_r:+.1f} on retrieval (close: within {noise:.1f})"))
-    if {"U", "U_NT", "S", "S_NT"} <= set(mean):
-        du, ds = np.mean(mean["U"] - mean["U_NT"]), np.mean(mean["S"] - mean["S_NT"])
-        out.append(("tags matter more without aligned data", bool(du > ds), f"U - U_NT {du:+.1f}, S - S_NT {ds:+.1f} points on average"))
-    if {"U", "U_NC"} <= set(mean):
-        d = np.mean(mean["U_NC"] - mean["U"])
-        out.append(("U_NC (no captions) stays close to U", bool(abs(d) <= noise), f"U_NC - U: {d:+.1f} points on average (close: within {noise:.1f})"))
+    for f in fractions:
+        t = {v: runs[f] for v, runs in table.items()}
+
+        def check(claim, diff, close=None, note=""):
+            m, lo, hi = (float(a[0]) for a in interval(np.asarray(diff)[:, None]))
+            out.append({"claim": claim, "fraction": f, "verdict": verdict(lo, hi, close), "difference": round(m, 2),
+                        "interval": [round(lo, 2), round(hi, 2)], "figures": note})
+
+        if {"U", "Base"} <= set(t):
+            d = t["U"] - t["Base"]
+            up, down = interval(d)[1] > 0, interval(d)[2] < 0
+            check("U beats Base", d.mean(1),
+                  note=f"U - Base per column: {int(up.sum())} above, {int(down.sum())} below, "
+                                                    f"{len(COLUMNS) - int(up.sum()) - int(down.sum())} undecided")
+        if {"U", "S"} <= set(t):
+            check("U comes close to S outside retrieval", (t["S"] - t["U"])[:, ~retrieval].mean(1), CLOSE)
+            check("S beats U on retrieval", (t["S"] - t["U"])[:, retrieval].mean(1))
+        if {"U", "U_NT", "S", "S_NT"} <= set(t):
+            check("tags matter more without aligned data: (U - U_NT) - (S - S_NT) > 0",
+                  (t["U"] - t["U_NT"] - t["S"] + t["S_NT"]).mean(1),
+                  note=f"U - U_NT {np.mean(t['U'] - t['U_NT']):+.1f}, S - S_NT {np.mean(t['S'] - t['S_NT']):+.1f} points")
+        if {"U", "U_NC"} <= set(t):
+            check("U_NC (no captions) stays close to U", (t["U_NC"] - t["U"]).mean(1), CLOSE)
+        if {"U", "U_SBU"} <= set(t):
+            check("U_SBU (captions of another corpus) stays close to U", (t["U_SBU"] - t["U"]).mean(1), CLOSE)
     return out
+
+
+def pretraining_report(out, variants):
+    """Each variant's held-out losses along its pre-training and whether they converged (CONVERGED)."""
+    report = {}
+    for v in variants:
+        ev = data.read_json(os.path.join(out, "pretrain", v, "eval.json"))
+        curve, before = ev["curve"], ev["before"] or {}
+        end = curve[-1]
+        quarter = min(curve, key=lambda r: abs(r["step"] - 0.75 * end["step"]))  # the evaluation nearest 3/4 of the run
+        why = []
+        for k in end:
+            if k in ("step", "match_acc") or k not in before:
+                continue
+            fall = before[k] - end[k]
+            share = (quarter[k] - end[k]) / fall if fall > 0 else 0.0
+            if share >= CONVERGED["last_quarter_share"]:
+                why.append(f"{k} fell {share:.0%} of its fall in the last quarter")
+        if "match_acc" in end and end["match_acc"] < CONVERGED["match_acc"]:
+            why.append(f"match accuracy {end['match_acc']:.2f}")
+        report[v] = {"steps": end["step"], "before": before, "three_quarters": quarter, "after": end,
+                     "converged": not why, "not_converged_because": why}
+    return report
+
+
+def compute_report(out, variants, fractions, seeds):
+    """Sequences through the model: each pre-training run (steps x 64) against the largest
+    fine-tuning run from it (steps x batch x sequences per example: NLVR2 2, retrieval 3)."""
+    per = {"vqa": 1, "nlvr2": 2, "retrieval": 3, "refcoco": 1}
+    report = {}
+    for v in variants:
+        args = data.read_json(os.path.join(out, "pretrain", v, "args.json"))["args"]
+        pre = args["max_steps"] * args["batch_size"]
+        fine = 0
+        for task in TASKS:
+            for f in fractions:
+                for seed in seeds:
+                    run = os.path.join(out, "finetune", v, task, label(f), f"seed{seed}")
+                    steps = max(r.get("step", 0) for r in map(json.loads, open(os.path.join(run, "log.jsonl"))))
+                    batch = data.read_json(os.path.join(run, "args.json"))["args"]["batch_size"]
+                    fine = max(fine, steps * batch * per[task])
+        report[v] = {"pretraining_sequences": pre, "largest_finetuning_sequences": fine,
+                     "pretraining_at_least": pre >= fine}
+    return report
+
+# -----------------------------------------------------------------------------
+# the grounding probe: the paper's mechanism measured directly on a pre-trained model, no fine-tuning
+
+
+def load_model(ckpt_path):
+    ckpt = load_checkpoint(ckpt_path)
+    model = VisualBERT(Config(**ckpt["config"]))
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), data.Vocab(ckpt["vocab"], source=ckpt_path)
+
+
+def find_words(vocab, rows, words):
+    """Where each of `words` occurs as a whole word in rows of pieces -> [(row, position of its first
+    piece, word index)]. The longest name wins where names overlap ("fire truck" is no "truck")."""
+    names = sorted(((vocab.encode(w), j) for j, w in enumerate(words)), key=lambda x: -len(x[0]))
+    found = []
+    for i, row in enumerate(rows):
+        t = 0
+        while t < len(row):
+            for pieces, j in names:
+                end = t + len(pieces)
+                if row[t:end] == pieces and not vocab.continuation[row[t]] and (end == len(row) or not vocab.continuation[row[end]]):
+                    found.append((i, t, j))
+                    t = end - 1
+                    break
+            t += 1
+    return found
+
+
+@torch.no_grad()
+def word_states(model, vocab, captions, words):
+    """Last-layer states of each word of `words` where it occurs in `captions` (each caption alone)
+    -> (N, H) states and (N,) word indices."""
+    b = data.text_inputs(vocab.encode_batch(captions), vocab, data.CAPTION_LEN)
+    h, _ = model(**b)
+    found = find_words(vocab, b["input_ids"].tolist(), words)
+    return torch.stack([h[i, t] for i, t, _ in found]).float(), np.array([j for _, _, j in found])
+
+
+@torch.no_grad()
+def image_states(model, vocab, entries, class_names, tags):
+    """The model on images with tags "shown" (the detector's), "hidden" (every tag piece replaced by
+    [MASK], each keeping its region's box) or "none" (regions alone) -> per image, the states of its
+    regions (K, H), and with tags the states at each region's first tag piece (K, H)."""
+    b = data.image_inputs(entries, vocab.tag_pieces(class_names), tags != "none")
+    if tags == "hidden":
+        b["tag_ids"] = b["tag_ids"].masked_fill(b["tag_mask"], vocab.mask)
+    h, spans = model(**{k: b[k] for k in ("tag_ids", "tag_boxes", "tag_mask", "feats", "boxes",
+                                          "region_mask") if k in b})
+    out = []
+    for i in range(len(entries)):
+        K = int(b["region_mask"][i].sum())
+        tag_states = None
+        if tags != "none":
+            where = b["tag_region"][i].tolist()
+            first = [where.index(k) if k in where else -1 for k in range(K)]  # a tag cut off by MAX_TAGS: -1
+            tag_states = torch.stack([h[i, spans["tags"]][t] if t >= 0 else torch.full_like(h[i, 0],
+                                                                                            float("nan")) for t in first])
+        out.append((h[i, spans["regions"]][:K].float(), tag_states))
+    return out
+
+
+def heldout(root):
+    """The held-out images (their store), their scenes and the held-out captions."""
+    images = data.Images([os.path.join(root, "features", "heldout")])
+    with open(os.path.join(root, "heldout", "captions.txt")) as f:
+        captions = [line.strip() for line in f if line.strip()]
+    return images, data.read_json(os.path.join(root, "scenes.json")), captions
+
+
+MIN_WORDS = 3  # a class takes part in the nearest-word probe when its word occurs this often in the held-out captions
+
+
+@torch.no_grad()
+def probe(model, vocab, images, scenes, captions, tags=True, chunk=100):
+    """The grounding probe on held-out images, one row per region of an object (background stuff,
+    which captions seldom name, is left out), its class the scene's truth:
+      tag_first     (a) with every tag hidden ([MASK], keeping its box; so no tag is seen), whether
+                    the MLM head ranks the region's own class word first among the detector's class
+                    words at the region's tag (its first piece)
+      nearest_word  (b) whether, of the classes whose word occurs >= MIN_WORDS times in the held-out
+                    captions, the one whose mean last-layer word state is nearest (cosine) to the
+                    region's last-layer state is its own; the image as the variant is fine-tuned but
+                    its tags hidden (tags: [MASK]; _NT variants: regions alone). NaN for a region
+                    whose class is not among them
+      cos_gap       (b) the cosine to its own class's word state minus the mean to the others'
+      nearest_word_tags_shown  (b) with the detector's tags shown, as Figure 2 draws the regions
+      detector      whether the detector's own tag is the region's class (a reference for tag_first)
+    Returns {column: (N,) array} and the number of classes in (b)."""
+    names = images.class_names
+    ws, wj = word_states(model, vocab, captions, names)
+    have = np.bincount(wj, minlength=len(names)) >= MIN_WORDS
+    among = np.flatnonzero(have)  # the classes of (b); a class's index among them:
+    index = torch.from_numpy(np.cumsum(have) - 1)
+    # (C, H)
+    centre = torch.nn.functional.normalize(torch.stack([ws[wj == j].mean(0) for j in among] or [ws[0]]), dim=-1)
+    first = torch.tensor([pieces[0] for pieces in vocab.tag_pieces(names)])
+    rows = {k: [] for k in ("image", "class", "tag_first", "nearest_word", "cos_gap", "nearest_word_tags_shown",
+                            "detector")}
+
+    # (K, H) region states, (K,) their classes -> nearest word is its own, cosine gap; NaN without words
+    def near(h, c):
+        cos = torch.nn.functional.normalize(h, dim=-1) @ centre.T  # (K, C)
+        own = cos.gather(1, index[c].clamp(min=0)[:, None]).squeeze(1)
+        none = torch.from_numpy(~have)[c] | (len(among) < 2)
+        nearest = (cos.argmax(1) == index[c]).double().masked_fill(none, float("nan"))
+        return nearest.numpy(), (own - (cos.sum(1) - own) / max(1, len(among) - 1)).double().masked_fill(none,
+                                                                                                         float("nan")).numpy()
+
+    ids = sorted(images.where)
+    for start in range(0, len(ids), chunk):
+        part = ids[start:start + chunk]
+        entries = [images[i] for i in part]
+        hidden = image_states(model, vocab, entries, names, "hidden")
+        plain = hidden if tags else image_states(model, vocab, entries, names, "none")
+        shown = image_states(model, vocab, entries, names, "shown") if tags else plain
+        for n, image in enumerate(part):
+            objects = scenes[image]["objects"]
+            keep = [k for k, o in enumerate(objects) if not o.get("background")]
+            if not keep:
+                continue
+            c = torch.tensor([names.index(objects[k]["class"]) for k in keep])
+            k = torch.tensor(keep)
+            tag_logits = model.mlm(hidden[n][1][k])[:, first]  # (K, classes)
+            nearest, gap = near(plain[n][0][k], c)
+            rows["image"] += [start + n] * len(keep)
+            rows["class"] += c.tolist()
+            rows["tag_first"] += (tag_logits.argmax(1) == c).tolist()
+            rows["nearest_word"] += nearest.tolist()
+            rows["cos_gap"] += gap.tolist()
+            rows["nearest_word_tags_shown"] += near(shown[n][0][k], c)[0].tolist()
+            rows["detector"] += (torch.from_numpy(entries[n]["labels"][keep].astype(np.int64)) == c).tolist()
+    return {k: np.array(v, dtype=np.float64) for k, v in rows.items()}, int(have.sum())
+
+
+def bootstrap(rows, column, n=1000, seed=0):
+    """The column's mean over regions and its 95% interval from resampling the held-out images (a
+    region's image is its cluster) with replacement: the same resamples for every model, so the
+    intervals of two models' differences can come from subtracting column by column."""
+    img = rows["image"].astype(np.int64)
+    images = int(img.max()) + 1
+    draws = np.random.default_rng(seed).integers(0, images, (n, images))  # (n, images)
+    weight = np.stack([np.bincount(d, minlength=images) for d in draws])[:, img]  # (n, regions)
+    x = rows[column] if isinstance(column, str) else column
+    valid = ~np.isnan(x)  # (b) leaves out regions whose class has too few words
+    if not valid.any():
+        return float("nan"), float("nan"), float("nan")
+    means = (weight * np.where(valid, x, 0)).sum(1) / np.maximum((weight * valid).sum(1), 1)
+    return float(x[valid].mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+PROBE = ["tag_first", "nearest_word", "cos_gap", "nearest_word_tags_shown", "detector"]
+
+
+def probe_report(out, root, variants):
+    """The probe of every variant's pre-trained model (cached in OUT/pretrain/V/probe.npz), with its
+    intervals, and U - U_NT with its interval."""
+    images, scenes, captions = heldout(root)
+    rows, report = {}, {}
+    for v in variants:
+        cache = os.path.join(out, "pretrain", v, "probe.npz")
+        if not os.path.exists(cache):
+            model, vocab = load_model(os.path.join(out, "pretrain", v, "ckpt.pt"))
+            r, classes = probe(model, vocab, images, scenes, captions, tags=not v.endswith("_NT"))
+            np.savez(cache, classes=classes, **r)
+        z = np.load(cache)
+        rows[v] = {k: z[k] for k in z.files}
+        report[v] = {k: dict(zip(("value", "low", "high"), bootstrap(rows[v], k))) for k in PROBE}
+        report[v]["chance"] = {"tag_first": 1 / len(images.class_names), "nearest_word": 1 / max(1, int(z["classes"]))}
+    if {"U", "U_NT"} <= set(rows):
+        report["U - U_NT"] = {k: dict(zip(("value", "low", "high"),
+                                          bootstrap(rows["U"], rows["U"][k] - rows["U_NT"][k])))
+                              for k in PROBE[:4]}
+    return report
+
+
+def probe_markdown(report):
+    cols = [("tag_first", "(a) own class word first, %", 100),
+            ("nearest_word", "(b) nearest class word is own, %", 100),
+            ("cos_gap", "(b) cosine own - others", 1), ("nearest_word_tags_shown", "(b) same, tags shown, %", 100)]
+    lines = ["| model | " + " | ".join(c[1] for c in cols) + " |", "|" + " --- |" * (len(cols) + 1)]
+    for v, r in report.items():
+        digits = lambda s: 3 if s == 1 else 1
+        lines.append(f"| {v} | " + " | ".join(f"{r[k]['value'] * s:.{digits(s)}f} [{r[k]['low'] * s:.{digits(s)}f}, "
+                                              f"{r[k]['high'] * s:.{digits(s)}f}]"
+                                            for k, _, s in cols) + " |")
+    some = next(r for v, r in report.items() if "chance" in r)
+    det = [r["detector"]["value"] for r in report.values() if "detector" in r][0]
+    lines += ["",
+              f"Chance: (a) {100 * some['chance']['tag_first']:.1f}%, (b) {100 * some['chance']['nearest_word']:.1f}%. "
+              f"The detector's own tag is the region's class for {100 * det:.1f}% of these regions. "
+              "Intervals: 95%, bootstrap over the held-out images."]
+    return "\n".join(lines) + "\n"
 
 # -----------------------------------------------------------------------------
 # Figure 2: last-layer representations of words, tags and regions, projected to 2-D
@@ -220,7 +570,8 @@ def tsne(x, perplexity=20.0, steps=600, seed=0):
     x = pca(x.double(), min(30, *x.shape))
     n = len(x)
     d2 = torch.cdist(x, x).pow(2)  # (N, N)
-    lo, hi, beta = torch.zeros(n, 1, dtype=x.dtype), torch.full((n, 1), math.inf, dtype=x.dtype), torch.ones(n, 1, dtype=x.dtype) / d2.mean()
+    lo, hi, beta = torch.zeros(n, 1, dtype=x.dtype), torch.full((n, 1), math.inf, dtype=x.dtype), torch.ones(n, 1,
+                                                                                                             dtype=x.dtype) / d2.mean()
     for _ in range(64):  # bisect each point's precision to reach the perplexity
         p = torch.exp(-d2 * beta).fill_diagonal_(0)
         p = p / p.sum(1, keepdim=True).clamp(min=1e-300)
@@ -242,15 +593,11 @@ def tsne(x, perplexity=20.0, steps=600, seed=0):
     return y.detach().float()
 
 
-@torch.no_grad()
-def representations(ckpt_path, root, images, scenes, classes, per_class=30, tags=True):
-    """Last-layer states of words (class words in held-out captions), tags (each region's tag piece)
-    and regions (held-out images), for the given classes -> (N, H) states, class index, modality."""
-    ckpt = load_checkpoint(ckpt_path)
-    model = VisualBERT(Config(**ckpt["config"]))
-    model.load_state_dict(ckpt["model"])
-    model.eval()
-    vocab = data.Vocab(ckpt["vocab"], source=ckpt_path)
+def representations(model, vocab, images, scenes, captions, classes, per_class=30, tags=True):
+    """Last-layer states of words (class words in held-out captions), tags (each region's first tag
+    piece) and regions (held-out images, tags shown as in fine-tuning), for the given classes, at
+    most per_class of each -> (N, H) states, class index, modality."""
+    names = images.class_names
     states, cls, modality, taken = [], [], [], Counter()  # taken: (class, modality) -> points kept
 
     def keep(h, c, m):
@@ -258,37 +605,21 @@ def representations(ckpt_path, root, images, scenes, classes, per_class=30, tags
             taken[c, m] += 1
             states.append(h), cls.append(classes.index(c)), modality.append(m)
 
-    # words: the first piece of each class word in held-out captions
-    first_piece = {c: vocab.encode_batch([c])[0][0] for c in classes}
-    with open(os.path.join(root, "heldout", "captions.txt")) as f:
-        captions = [line.strip() for line in f if line.strip()][:400]
-    b = data.text_inputs(vocab.encode_batch(captions), vocab, 32)
-    h, _ = model(**b)
-    for i, row in enumerate(b["input_ids"].tolist()):
-        words = captions[i].split()
-        for t, piece in enumerate(row):
-            for c in classes:
-                if piece == first_piece[c] and c in words:
-                    keep(h[i, t], c, "word")
-    # tags and regions: each region coloured by its true class (the scene's object), tags by theirs
+    for h, j in zip(*word_states(model, vocab, captions, names)):
+        keep(h, names[j], "word")
     ids = sorted(images.where)[:300]
-    b = data.image_inputs([images[i] for i in ids], vocab.tag_pieces(images.class_names), tags)
-    inputs = {k: b[k] for k in ("tag_ids", "tag_boxes", "tag_mask", "feats", "boxes", "region_mask") if k in b}
-    h, spans = model(**inputs)
-    for i, image in enumerate(ids):
-        truth = [o["class"] for o in scenes[image]["objects"]]
-        if tags:
-            seen = set()
-            for t, k in enumerate(b["tag_region"][i].tolist()):
-                if k >= 0 and k not in seen:  # the region's first tag piece
-                    seen.add(k)
-                    keep(h[i, spans["tags"]][t], images.class_names[int(b["obj_labels"][i, k])], "tag")
-        for k in range(int(b["region_mask"][i].sum())):
-            keep(h[i, spans["regions"]][k], truth[k], "region")
+    entries = [images[i] for i in ids]
+    for i, (regions, tag_states) in zip(ids, image_states(model, vocab, entries, names, "shown" if tags else "none")):
+        truth = [o["class"] for o in scenes[i]["objects"]]
+        for k in range(len(regions)):
+            if tag_states is not None and not torch.isnan(tag_states[k]).any():
+                keep(tag_states[k], names[int(images[i]["labels"][k])], "tag")  # a tag point has its tag's class
+            keep(regions[k], truth[k], "region")
     return torch.stack(states).float(), np.array(cls), np.array(modality)
 
 
-PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 190, 190), (240, 50, 230), (128, 128, 0)]
+PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 190, 190), (240, 50, 230),
+           (128, 128, 0)]
 PANEL, LEGEND = 400, 70  # pixels: each square panel, the legend strip below
 
 
@@ -329,67 +660,182 @@ def draw_figure(panels, classes, path):
     return img.size
 
 
-def figure2(args, seed):
-    """Figure 2: one panel each for S, U and U_NT (seed `seed`'s pre-training)."""
-    root = args.toy_root
-    scenes = data.read_json(os.path.join(root, "scenes.json"))
-    images = data.Images([os.path.join(root, "features", "heldout")])
-    counts = {}
-    for i in images.where:
-        for o in scenes[i]["objects"]:
-            if not o.get("background"):
-                counts[o["class"]] = counts.get(o["class"], 0) + 1
+def figure2(args, probe=None):
+    """Figure 2: one panel each for S, U and U_NT, titled with the probe's (b)."""
+    images, scenes, captions = heldout(args.toy_root)
+    counts = Counter(o["class"] for i in images.where for o in scenes[i]["objects"] if not o.get("background"))
     classes = sorted(counts, key=lambda c: (-counts[c], c))[:6]  # the most frequent classes
     panels = []
     for v in ("S", "U", "U_NT"):
-        ckpt = os.path.join(args.out, f"seed{seed}", v, "pretrain", "ckpt.pt")
+        ckpt = os.path.join(args.out, "pretrain", v, "ckpt.pt")
         if not os.path.exists(ckpt):
             continue
-        h, cls, modality = representations(ckpt, root, images, scenes, classes, tags=not v.endswith("_NT"))
-        panels.append((f"{v} (t-SNE of last-layer states)", tsne(h).numpy(), cls, modality))
+        model, vocab = load_model(ckpt)
+        h, cls, modality = representations(model, vocab, images, scenes, captions, classes, tags=not v.endswith("_NT"))
+        near = f", nearest word own {100 * probe[v]['nearest_word']['value']:.0f}%" if probe and v in probe else ""
+        panels.append((f"{v}: t-SNE of last-layer states{near}", tsne(h).numpy(), cls, modality))
     if panels:
         return draw_figure(panels, classes, os.path.join(args.out, "figure2.png"))
 
 
+LINES = [(0, 0, 0), (230, 25, 75), (0, 130, 200), (60, 180, 75), (145, 30, 180), (245, 130, 48), (70, 190, 190),
+         (128, 128, 0)]
+
+
+def curve_points(table, task, fractions):
+    """Per variant, per fraction: the task's columns averaged, seed by seed -> (mean, low, high)."""
+    cols = [k for k, c in enumerate(COLUMNS) if c[1] == task]
+    return {v: [tuple(float(x[0]) for x in interval(runs[f][:, cols].mean(1)[:, None])) for f in fractions] for v, runs in table.items()}
+
+
+def draw_curves(table, fractions, path, w=420, h=320):
+    """OUT/curves.png: one panel per task, its metric (the mean of its table columns) against the
+    fraction of its training set, one line per variant, 95% interval bars over the seeds."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (2 * w, 2 * h + 40), "white")
+    d = ImageDraw.Draw(img)
+    names = {"vqa": "VQA accuracy", "nlvr2": "NLVR2 accuracy (dev, test-P)",
+             "retrieval": "retrieval mean of R@1, R@5, R@10", "refcoco": "RefCOCO+ accuracy (val, testA, testB)"}
+    xs = np.log2([float(Fraction(f)) for f in fractions])
+    for j, task in enumerate(TASKS):
+        x0, y0 = (j % 2) * w, (j // 2) * h
+        pts = curve_points(table, task, fractions)
+        vals = np.array([y for ps in pts.values() for x in ps for y in x if not np.isnan(y)])
+        lo, hi = vals.min(), vals.max()
+        lo, hi = lo - 0.05 * (hi - lo + 1e-9), hi + 0.05 * (hi - lo + 1e-9)
+        left, right, top, bottom = x0 + 50, x0 + w - 15, y0 + 25, y0 + h - 35
+        X = lambda x: left + (x - xs.min()) / max(xs.max() - xs.min(), 1e-9) * (right - left) if len(xs) > 1 else (left + right) / 2
+        Y = lambda y: bottom - (y - lo) / (hi - lo) * (bottom - top)
+        d.rectangle([left, top, right, bottom], outline=(160, 160, 160))
+        d.text((x0 + 10, y0 + 6), names[task] + ", %", fill="black")
+        for k in range(5):  # y ticks
+            y = lo + k * (hi - lo) / 4
+            d.line([left - 4, Y(y), left, Y(y)], fill="black")
+            d.text((x0 + 8, Y(y) - 6), f"{y:.1f}", fill="black")
+        for x, f in zip(xs, fractions):
+            d.text((X(x) - 10, bottom + 6), f, fill="black")
+        d.text((left + (right - left) / 2 - 60, bottom + 20), "fraction of training set", fill=(90, 90, 90))
+        for n, (v, ps) in enumerate(pts.items()):
+            # side by side, so the bars show
+            colour, dx = LINES[VARIANTS.index(v) % len(LINES)], (n - len(pts) / 2) * 2.5
+            xy = [(X(x) + dx, Y(m)) for x, (m, _, _) in zip(xs, ps)]
+            d.line(xy, fill=colour, width=2)
+            for (px, py), (m, a, b) in zip(xy, ps):
+                d.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colour)
+                if not np.isnan(a):
+                    d.line([px, Y(a), px, Y(b)], fill=colour)
+                    d.line([px - 3, Y(a), px + 3, Y(a)], fill=colour), d.line([px - 3, Y(b), px + 3, Y(b)], fill=colour)
+    for n, v in enumerate(table):
+        x = 10 + n * 100
+        d.line([x, 2 * h + 20, x + 20, 2 * h + 20], fill=LINES[VARIANTS.index(v) % len(LINES)], width=3)
+        d.text((x + 25, 2 * h + 14), v, fill="black")
+    img.save(path)
+    return img.size
+
+
+def time_report(runs, jobs):
+    """Wall and CPU time of every run (time.json), and the wall time they would take on an idle CPU:
+    the toy BERT's CPU time over the cores it had, the rest's over `jobs` side by side."""
+    t = [data.read_json(os.path.join(r.out, "time.json")) if os.path.exists(os.path.join(r.out, "time.json")) else {} for r in runs]
+    cpu = [x.get("cpu_s", float("nan")) for x in t]
+    idle = cpu[0] / (os.cpu_count() or 1) + sum(cpu[1:]) / jobs
+    return {"wall_min": round(sum(x.get("wall_s", 0) for x in t) / 60, 1), "cpu_min": round(sum(cpu) / 60, 1),
+            "idle_wall_min": round(idle / 60, 1), "finetune_cpu_s_by_task": {
+                task: round(float(np.mean([c for r, c in zip(runs, cpu) if f"--task {task} " in " ".join(r.argv) + " "])), 1) for task in TASKS}}
+
+
+def chosen(args):
+    """The rows to run, in VARIANTS' order: --variants, or those of --quick, or all; always Base,
+    the toy BERT that every variant starts from."""
+    return [v for v in VARIANTS if v == "Base" or v in (args.variants or (QUICK if args.quick else VARIANTS))]
+
+
+def finite(x):
+    """JSON has no NaN: an interval that one seed cannot give is null."""
+    if isinstance(x, dict):
+        return {k: finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [finite(v) for v in x]
+    if isinstance(x, (float, np.floating)):
+        return None if math.isnan(x) else float(x)
+    return x.item() if isinstance(x, np.generic) else x
+
+
 def main(argv=None):
-    args = p.parse_args(argv)
+    args = parser.parse_args(argv)
     budget = dict(BUDGET)
     for kv in args.budget:
         k, _, v = kv.partition("=")
         if k not in budget:
-            p.error(f"--budget {kv}: the budgets are {', '.join(budget)}")
-        epochs = k in ("vqa", "nlvr2", "retrieval", "refcoco")  # fine-tuning epochs; the rest are steps
+            parser.error(f"--budget {kv}: the budgets are {', '.join(budget)}")
         try:
-            budget[k] = float(v) if epochs else int(v)
+            budget[k] = float(v) if k in TASKS else int(v)  # fine-tuning epochs; the rest are steps
         except ValueError:
-            p.error(f"--budget {kv}: {v!r} is not a {'number' if epochs else 'whole number'}")
+            parser.error(f"--budget {kv}: {v!r} is not a {'number' if k in TASKS else 'whole number'}")
+    for f in args.fractions:
+        try:
+            ok = 0 < Fraction(f) <= 1
+        except ValueError:
+            ok = False
+        if not ok:
+            parser.error(f"--fractions {f}: a fraction in (0, 1], such as 1/16")
+    args.variants = chosen(args)
     seeds = list(range(args.seeds or (1 if args.quick else 3)))
-    data.check_paths(args, {"out": "out", "toy_root": "out"})
     t0 = time.time()
+    data.check_paths(args, {"out": "out", "toy_root": "out"})
     toy.make_toy_world(args.toy_root)
     os.makedirs(args.out, exist_ok=True)
-    print(f"variants {', '.join(args.variants)}; seeds {seeds}; budget " + ", ".join(f"{k} {v}" for k, v in budget.items()))
+    print(f"variants {', '.join(args.variants)}; fractions {', '.join(args.fractions)}; seeds {seeds}; budget "
+          + ", ".join(f"{k} {v}" for k, v in budget.items()))
     runs = plan(args, budget, seeds)
-    execute(runs[:1], 1)  # the toy BERT, alone with every core: everything else starts from it
+    # the toy BERT, alone with every core: everything else starts from it
+    execute(runs[:1], 1, max(1, os.cpu_count() or 1))
     execute(runs[1:], args.jobs)
 
-    table = collect(args.out, args.variants, seeds)
-    md = markdown(table)
-    verdicts = claims(table)
-    md += "\nThe paper's claims (docs/METHOD.md §10):\n\n" + "\n".join(f"- {c}: {'yes' if ok else 'no'} ({why})" for c, ok, why in verdicts) + "\n"
+    table = collect(args.out, args.variants, args.fractions, seeds)
+    pre, compute = pretraining_report(args.out, args.variants), compute_report(args.out, args.variants,
+                                                                               args.fractions, seeds)
+    grounding = probe_report(args.out, args.toy_root, args.variants)
+    verdicts = claims(table, args.fractions)
+    timing = time_report(runs, args.jobs)
+    md = markdown(table, args.fractions)
+    md += "\nPre-training (held-out losses: before, at 3/4 of the steps, after; converged: " \
+          f"the last quarter brought under {CONVERGED['last_quarter_share']:.0%} of each loss's fall" \
+          f", and match accuracy >= {CONVERGED['match_acc']:.2f} where there is one):\n\n"
+    for v, r in pre.items():
+        md += f"- {v}, {r['steps']} steps, {compute[v]['pretraining_sequences']} sequences (largest fine-tuning run " \
+              f"{compute[v]['largest_finetuning_sequences']}): " + ", ".join(
+                  f"{k} {r['before'].get(k, float('nan')):.3f} / {r['three_quarters'][k]:.3f} / {r['after'][k]:.3f}"
+                  for k in r["after"] if k != "step") + f"; converged: {'yes' if r['converged'] else 'no, ' + '; '.join(r['not_converged_because'])}\n"
+    md += "\nThe grounding probe (held-out regions, no fine-tuning):\n\n" + probe_markdown(grounding)
+    md += "\nThe paper's claims, on 95% intervals over seeds of differences averaged over the columns " \
+          f"(close: the interval within +-{CLOSE:g} points):\n\n" + "\n".join(
+              f"- {c['claim']}, fraction {c['fraction']}: {c['verdict']} ({c['difference']:+.1f} "
+              f"[{c['interval'][0]:.1f}, {c['interval'][1]:.1f}])"
+              + (f"; {c['figures']}" if c["figures"] else "") for c in verdicts) + "\n"
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(md)
-    data.write_json(os.path.join(args.out, "table.json"), {
-        "columns": [c[0] for c in COLUMNS], "seeds": seeds, "budget": budget,
-        "runs": {v: t.round(2).tolist() for v, t in table.items()},
-        "mean": {v: t.mean(0).round(2).tolist() for v, t in table.items()},
-        "std": {v: spread(t).round(2).tolist() for v, t in table.items()},
-        "paper": {v: PAPER[v] for v in table}, "claims": [{"claim": c, "shown": ok, "figures": why} for c, ok, why in verdicts]})
+    stats = {v: {f: interval(t[f]) for f in args.fractions} for v, t in table.items()}
+    data.write_json(os.path.join(args.out, "table.json"), finite({
+        "columns": [c[0] for c in COLUMNS], "fractions": args.fractions, "seeds": seeds, "budget": budget,
+        "runs": {v: {f: t[f].round(2).tolist() for f in args.fractions} for v, t in table.items()},
+        "mean": {v: {f: s[0].round(2).tolist() for f, s in st.items()} for v, st in stats.items()},
+        "interval": {v: {f: np.stack(s[1:], 1).round(2).tolist() for f, s in st.items()} for v, st in stats.items()},
+        "interval_method": "95% Student t-interval over the fine-tuning seeds (null with one seed)",
+        "pretraining": pre, "compute": compute, "probe": grounding, "time": timing, "claims": verdicts,
+        "paper": {v: PAPER[v] for v in table}}))
     print("\n" + md)
-    size = figure2(args, seeds[0])
+    size = draw_curves(table, args.fractions, os.path.join(args.out, "curves.png"))
+    print(f"curves: {os.path.join(args.out, 'curves.png')} ({size[0]}x{size[1]})")
+    size = figure2(args, grounding)
     if size:
         print(f"figure 2: {os.path.join(args.out, 'figure2.png')} ({size[0]}x{size[1]})")
-    print(f"table: {os.path.join(args.out, 'table.md')}, {os.path.join(args.out, 'table.json')}; {(time.time() - t0) / 60:.1f} min in all")
+    print(f"table: {os.path.join(args.out, 'table.md')}, {os.path.join(args.out, 'table.json')}; "
+          f"{(time.time() - t0) / 60:.1f} min in all")
+    print(f"all runs: {timing['cpu_min']} min of CPU time and {timing['wall_min']} min of wall time, summed; on an "
+          f"idle CPU with "
+          f"{args.jobs} at a time, about {timing['idle_wall_min']} min")
     return table
 
 

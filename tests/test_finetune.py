@@ -568,3 +568,40 @@ def test_resume_and_init_from_refuse_a_checkpoint_that_does_not_fit(toy, tmp_pat
     torch.save(wrong, tmp_path / "wrong.pt")
     with pytest.raises(SystemExit, match=r"wrong.pt: its weights do not fit the model \(Error\(s\) in loading state_dict"):
         run(toy, tmp_path, "vqa", "--init-from", str(tmp_path / "wrong.pt"))
+
+
+def test_train_fraction_subsets_are_nested_and_fixed():
+    """--train-fraction: a beginning of one fixed order, so 1/16 lies inside 1/4, whatever --seed is."""
+    sixteenth, quarter, whole = ft.train_subset(1000, 1 / 16), ft.train_subset(1000, 0.25), ft.train_subset(1000, 1.0)
+    assert (len(sixteenth), len(quarter)) == (63, 250) and whole.tolist() == list(range(1000))  # ceil(F * N), sorted
+    assert set(sixteenth) < set(quarter) < set(whole)
+    np.testing.assert_array_equal(ft.train_subset(1000, 1 / 16), sixteenth)  # the same in another run
+    assert sixteenth.tolist() != list(range(63))  # spread over the set, not its first items
+    assert len(ft.train_subset(3, 0.01)) == 1
+
+
+@pytest.mark.parametrize("name", ["vqa", "retrieval"])
+def test_train_fraction_keeps_a_subset_of_the_task(toy, name):
+    full, _, _ = make_task(toy, name)
+    part, _, _ = make_task(toy, name)
+    part.keep_train(0.5)
+    if name == "vqa":
+        assert len(part.train) == -(-len(full.train) // 2)
+        assert {x["qid"] for x in part.train} < {x["qid"] for x in full.train}
+        assert part.answers == full.answers  # the answer set stays the whole training set's
+    else:  # retrieval: half the images, each with all its captions; negatives come from them alone
+        kept = part.splits["train"]
+        assert len(kept) == -(-len(full.splits["train"]) // 2)
+        assert {x["image"] for x in part.train} == {im["image"] for im in kept} and len(part.train) == sum(len(im["ids"]) for im in kept)
+        assert part.tag_sets.shape[0] == len(kept) and all(x["k"] < len(kept) for x in part.train)
+        drawn = part.draw(part.train[:8], torch.Generator().manual_seed(0))
+        assert {x["wrong_img"] for x in drawn} <= {im["image"] for im in kept}
+    assert any("--train-fraction 0.5" in line for line in part.info)
+
+
+def test_train_fraction_end_to_end_and_bad_value(toy, tmp_path, capsys):
+    run(toy, tmp_path, "refcoco", "--train-fraction", "0.25")
+    assert "training on" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        run(toy, tmp_path, "refcoco", "--train-fraction", "1.5")
+    assert "--train-fraction 1.5" in capsys.readouterr().err

@@ -12,45 +12,57 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import data  # noqa: E402
 import reproduce  # noqa: E402
+from toy import make_toy_world  # noqa: E402
+from model import Config, VisualBERT, masked_lm_sum  # noqa: E402
 
 
-def write_results(out, variant, seed, acc):
+def write_results(out, variant, task_fraction_seed, acc):
     """Results files as finetune.py writes them, every metric of a run equal to `acc`."""
     results = {"vqa": {"val": {"accuracy": acc}}, "nlvr2": {"dev": {"accuracy": acc, "consistency": 0.1}, "test1": {"accuracy": acc}},
                "retrieval": {"test": {"R@1": acc, "R@5": acc, "R@10": acc}},
                "refcoco": {s: {"accuracy": acc} for s in ("val", "testA", "testB")}}
+    fraction, seed = task_fraction_seed
     for task, res in results.items():
-        os.makedirs(out / f"seed{seed}" / variant / task)
-        (out / f"seed{seed}" / variant / task / "results.json").write_text(json.dumps({"task": task, **res}))
+        folder = out / "finetune" / variant / task / reproduce.label(fraction) / f"seed{seed}"
+        os.makedirs(folder)
+        (folder / "results.json").write_text(json.dumps({"task": task, **res}))
 
 
-def test_table_means_stds_and_claims_from_results_files(tmp_path):
+def test_table_intervals_and_claims_from_results_files(tmp_path):
     accs = {"Base": [0.50, 0.52, 0.54], "U": [0.60, 0.62, 0.64], "U_NT": [0.50, 0.52, 0.54],
-            "S": [0.60, 0.61, 0.65], "S_NT": [0.58, 0.60, 0.62], "U_NC": [0.70, 0.72, 0.74]}
+            "S": [0.60, 0.61, 0.65], "S_NT": [0.58, 0.60, 0.62], "U_NC": [0.70, 0.72, 0.74], "U_SBU": [0.605, 0.62, 0.635]}
     for v, runs in accs.items():
         for seed, a in enumerate(runs):
-            write_results(tmp_path, v, seed, a)
-    table = reproduce.collect(str(tmp_path), list(accs), [0, 1, 2])
-    assert table["U"].shape == (3, len(reproduce.COLUMNS))
-    assert np.allclose(table["U"][:, 0], [60, 62, 64]) and np.allclose(table["S"][2], 65)
-    md = reproduce.markdown(table)
-    assert "| U | 62.0 ± 2.0 (70.7) |" in md  # mean, sample std (ddof 1), the paper's VQA number
-    assert md.count("\n|") == 2 + len(accs)  # header, rule, one row per variant
-    verdicts = {c: (ok, why) for c, ok, why in reproduce.claims(table)}
-    assert verdicts["U beats Base everywhere"][0] is True  # +10 on every column
-    assert "9 of 9" in verdicts["U beats Base everywhere"][1]
-    # S - U is +0 outside retrieval and +0 on it: close, but S is not ahead on retrieval
-    assert verdicts["U comes close to S except on retrieval"][0] is False
-    assert verdicts["tags matter more without aligned data"][0] is True  # U - U_NT 10 > S - S_NT 2
-    assert verdicts["U_NC (no captions) stays close to U"][0] is False  # 10 points apart, noise 2 * std = 4
+            write_results(tmp_path, v, ("1/4", seed), a)
+            write_results(tmp_path, v, ("1", seed), a + 0.1)
+    table = reproduce.collect(str(tmp_path), list(accs), ["1/4", "1"], [0, 1, 2])
+    assert table["U"]["1/4"].shape == (3, len(reproduce.COLUMNS))
+    assert np.allclose(table["U"]["1/4"][:, 0], [60, 62, 64]) and np.allclose(table["U"]["1"][:, 0], [70, 72, 74])
+    m, lo, hi = reproduce.interval(table["U"]["1/4"])
+    assert np.allclose(m, 62) and np.allclose(hi - m, 4.303 * 2 / np.sqrt(3))  # t(2 df) times the standard error
+    md = reproduce.markdown(table, ["1/4", "1"])
+    assert "| U | 62.0 [57.0, 67.0] |" in md and "| U | 72.0 [67.0, 77.0] |" in md
+    assert "| U | 70.7 | 71.7 |" in md  # the paper's row; U_SBU has none
+    assert "| U_SBU | 62.0 [58.3, 65.7] |" in md and "| U_SBU | 62.0 |" not in md
+    verdicts = {(c["claim"], c["fraction"]): c for c in reproduce.claims(table, ["1/4", "1"])}
+    assert verdicts["U beats Base", "1/4"]["verdict"] == "shown"  # +10 in every seed
+    assert "9 above, 0 below" in verdicts["U beats Base", "1/4"]["figures"]
+    assert verdicts["U comes close to S outside retrieval", "1/4"]["verdict"] == "undecided"  # seed 2 differs by 1, interval wider than 2
+    assert verdicts["S beats U on retrieval", "1/4"]["verdict"] == "undecided"
+    assert verdicts["tags matter more without aligned data: (U - U_NT) - (S - S_NT) > 0", "1"]["verdict"] == "shown"
+    assert verdicts["U_NC (no captions) stays close to U", "1/4"]["verdict"] == "contradicted"  # 10 points apart in every seed
+    assert verdicts["U_SBU (captions of another corpus) stays close to U", "1"]["verdict"] == "shown"  # -0.5 to +0.5 points by seed
+    one = reproduce.collect(str(tmp_path), ["U", "Base"], ["1"], [0])
+    assert reproduce.claims(one, ["1"])[0]["verdict"].startswith("undecided (one seed")
 
 
 def test_missing_result_is_a_clear_error(tmp_path):
-    write_results(tmp_path, "U", 0, 0.5)
-    os.remove(tmp_path / "seed0" / "U" / "vqa" / "results.json")
-    with pytest.raises(FileNotFoundError, match="seed0/U/vqa/results.json"):
-        reproduce.collect(str(tmp_path), ["U"], [0])
+    write_results(tmp_path, "U", ("1", 0), 0.5)
+    os.remove(tmp_path / "finetune" / "U" / "vqa" / "f1" / "seed0" / "results.json")
+    with pytest.raises(FileNotFoundError, match="finetune/U/vqa/f1/seed0/results.json"):
+        reproduce.collect(str(tmp_path), ["U"], ["1"], [0])
 
 
 def test_pca_recovers_a_plane_embedded_in_higher_dimensions():
@@ -95,15 +107,153 @@ def test_figure_has_one_panel_per_variant_with_each_class_colour(tmp_path):
     assert reproduce.PALETTE[3] not in {tuple(c) for c in pixels.reshape(-1, 3)}  # no fourth class
 
 
-def test_plan_runs_each_variant_from_the_same_bert_with_the_same_budget(tmp_path):
-    args = reproduce.p.parse_args(["--out", str(tmp_path), "--toy-root", "toy"])
-    runs = reproduce.plan(args, dict(reproduce.BUDGET), [0, 1])
+def test_plan_pretrains_each_variant_once_from_one_bert_and_finetunes_every_fraction(tmp_path):
+    args = reproduce.parser.parse_args(["--out", str(tmp_path), "--toy-root", "toy", "--fractions", "1/16", "1"])
+    args.variants = reproduce.chosen(args)
+    assert reproduce.chosen(reproduce.parser.parse_args(["--quick"])) == reproduce.QUICK
+    assert reproduce.chosen(reproduce.parser.parse_args(["--variants", "S", "U"])) == ["Base", "U", "S"]
+    budget = dict(reproduce.BUDGET)
+    runs = reproduce.plan(args, budget, [0, 1])
     pre = [r for r in runs if r.argv[0] == "pretrain.py" and "--text-only" not in r.argv]
-    assert len(pre) == 2 * (len(reproduce.VARIANTS) - 1)
-    assert all(r.argv[r.argv.index("--init-from") + 1] == f"{tmp_path}/bert/ckpt.pt" for r in pre)
-    assert {r.argv[r.argv.index("--max-steps") + 1] for r in pre} == {str(reproduce.BUDGET["pretrain"])}
+    assert len(pre) == len(reproduce.VARIANTS) - 1  # once each, whatever the seeds
+    assert all(r.argv[r.argv.index("--init-from") + 1] == f"{tmp_path}/pretrain/Base/ckpt.pt" for r in pre)
+    assert {r.argv[r.argv.index("--max-steps") + 1] for r in pre} == {str(budget["pretrain"])}
+    sbu = next(r for r in pre if r.out.endswith("/U_SBU"))
+    assert "toy/pretrain/captions_sbu.txt" in sbu.argv and "--unaligned" in sbu.argv
     ft = [r for r in runs if r.argv[0] == "finetune.py"]
-    assert len(ft) == 2 * len(reproduce.VARIANTS) * 4
+    assert len(ft) == 2 * 2 * len(reproduce.VARIANTS) * 4  # seeds x fractions x variants x tasks
     base = [r for r in ft if "/Base/" in r.out]
-    assert all(r.argv[r.argv.index("--init-from") + 1] == f"{tmp_path}/bert/ckpt.pt" for r in base)
+    assert all(r.argv[r.argv.index("--init-from") + 1] == f"{tmp_path}/pretrain/Base/ckpt.pt" for r in base)
     assert all(("--no-tags" in r.argv) == ("_NT" in r.out) for r in ft)
+    for r in ft:  # a fraction F trains for epochs / F: the same number of steps as the whole set
+        task, f = r.argv[r.argv.index("--task") + 1], float(r.argv[r.argv.index("--train-fraction") + 1])
+        assert f in (1 / 16, 1.0) and float(r.argv[r.argv.index("--epochs") + 1]) == pytest.approx(budget[task] / f)
+        assert len({x.out for x in ft}) == len(ft)  # one folder each
+
+
+# -----------------------------------------------------------------------------
+# the grounding probe, on a hand-made world whose answers are known
+
+CLASSES = ["dog", "cat", "car", "cup", "bus", "hat"]
+
+
+@pytest.fixture(scope="module")
+def handmade(tmp_path_factory):
+    """60 images of 3 regions of distinct classes, side by side (left, middle, right thirds); each
+    region's feature is the one-hot of its class and its tag is right; captions name every class."""
+    out = tmp_path_factory.mktemp("handmade")
+    r = np.random.default_rng(0)
+    w = data.FeatureWriter(str(out / "store"), len(CLASSES), CLASSES)
+    scenes = {}
+    for i in range(60):
+        cls = r.choice(len(CLASSES), 3, replace=False)
+        boxes = np.array([[k / 3, 0, (k + 1) / 3, 1] for k in range(3)], dtype=np.float32)
+        w.add(f"im{i}", np.eye(len(CLASSES))[cls], boxes, cls, np.ones(3), 640, 480)
+        scenes[f"im{i}"] = {"objects": [{"class": CLASSES[c]} for c in cls]}
+    w.close()
+    captions = [f"a {CLASSES[i % 6]} and a {CLASSES[(i + 1) % 6]} ." for i in range(30)]
+    vocab = data.Vocab(list(data.Vocab.RESERVED) + ["a", "and", "."] + CLASSES)
+    return data.Images([str(out / "store")]), scenes, captions, vocab
+
+
+def small_model(vocab):
+    torch.manual_seed(0)
+    return VisualBERT(Config(vocab_size=len(vocab), hidden=32, layers=1, heads=2, ffn=64, max_positions=32, feat_dim=len(CLASSES),
+                             num_labels=len(CLASSES), dropout=0.0, init_std=32 ** -0.5))
+
+
+def test_find_words_takes_whole_words_and_the_longest_name():
+    vocab = data.Vocab(list(data.Vocab.RESERVED) + ["a", "fire", "truck", "dog", "##s", "hot", "."])
+    rows = [vocab.encode_batch(["a fire truck and a truck ."])[0], vocab.encode_batch(["a dogs hot dog ."])[0]]
+    found = reproduce.find_words(vocab, rows, ["truck", "fire truck", "dog", "hot dog"])
+    assert sorted(found) == [(0, 1, 1), (0, 5, 0), (1, 3, 3)]  # "dogs" is no "dog"; "hot dog" wins over "dog"
+
+
+def test_probe_a_region_names_its_class_once_the_model_has_learned_to(handmade):
+    """(a): chance for an untrained model; all right after 150 steps of predicting every masked tag
+    from the regions (each tag must find its region by the box they share)."""
+    images, scenes, captions, vocab = handmade
+    model = small_model(vocab)
+    rows, _ = reproduce.probe(model.eval(), vocab, images, scenes, captions)
+    assert rows["tag_first"].mean() < 0.4 and len(rows["tag_first"]) == 180 and rows["detector"].mean() == 1
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    ids, pieces = sorted(images.where), vocab.tag_pieces(CLASSES)
+    model.train()
+    for step in range(150):
+        b = data.image_inputs([images[i] for i in ids[(step * 16) % 48:(step * 16) % 48 + 16]], pieces)
+        labels = b["tag_ids"].masked_fill(~b["tag_mask"], -100)
+        b["tag_ids"] = b["tag_ids"].masked_fill(b["tag_mask"], vocab.mask)
+        h, spans = model(**{k: b[k] for k in ("tag_ids", "tag_boxes", "tag_mask", "feats", "boxes", "region_mask")})
+        loss = masked_lm_sum(model.mlm, h[:, spans["tags"]], labels) / (labels != -100).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    rows, _ = reproduce.probe(model.eval(), vocab, images, scenes, captions)
+    assert rows["tag_first"].mean() > 0.95
+
+
+@torch.no_grad()
+def set_by_hand(model, vocab, mapping):
+    """A model whose every state is LayerNorm of its input embedding (no attention or FFN output, no
+    positions, segments or boxes), and whose feature projection sends class c's one-hot feature to
+    the word embedding of class mapping[c]: a region's state is then that word's state."""
+    emb = model.embeddings
+    for t in (emb.position_embeddings.weight, emb.token_type_embeddings.weight, emb.box[0].weight, emb.box[0].bias, emb.feat[0].bias):
+        t.zero_()
+    for layer in model.layers:
+        for t in (layer.attn.out.weight, layer.attn.out.bias, layer.ffn_out.weight, layer.ffn_out.bias):
+            t.zero_()
+    for c, m in enumerate(mapping):
+        emb.feat[0].weight[:, c] = emb.word_embeddings.weight[vocab.encode(CLASSES[m])[0]]
+    return model.eval()
+
+
+def test_probe_b_region_states_at_their_class_words_or_at_others(handmade):
+    images, scenes, captions, vocab = handmade
+    right = set_by_hand(small_model(vocab), vocab, range(len(CLASSES)))
+    rows, classes = reproduce.probe(right, vocab, images, scenes, captions, tags=False)
+    assert classes == 6 and rows["nearest_word"].mean() == 1 and rows["cos_gap"].mean() > 0.9
+    wrong = set_by_hand(small_model(vocab), vocab, [(c + 1) % len(CLASSES) for c in range(len(CLASSES))])  # each at another's word
+    rows, _ = reproduce.probe(wrong, vocab, images, scenes, captions, tags=False)
+    assert rows["nearest_word"].mean() == 0 and rows["cos_gap"].mean() < 0
+
+
+def test_bootstrap_resamples_images_not_regions():
+    rows = {"image": np.repeat(np.arange(50), 4), "x": np.repeat(np.arange(50) % 2, 4).astype(float)}  # alike within an image
+    m, lo, hi = reproduce.bootstrap(rows, "x")
+    assert m == 0.5 and lo < 0.5 < hi
+    assert hi - lo > 0.2  # 50 independent images, not 200 regions: about 2 x 1.96 x 0.5 / sqrt(50) = 0.28
+    assert reproduce.bootstrap(rows, "x") == (m, lo, hi)  # the same resamples every time
+
+
+def test_curves_have_a_panel_per_task_and_a_line_per_variant(tmp_path):
+    rng = np.random.default_rng(0)
+    table = {v: {f: rng.uniform(20, 80, (3, len(reproduce.COLUMNS))) for f in ("1/16", "1/4", "1")} for v in ("Base", "U", "S")}
+    size = reproduce.draw_curves(table, ["1/16", "1/4", "1"], tmp_path / "curves.png")
+    img = np.asarray(Image.open(tmp_path / "curves.png").convert("RGB"))
+    assert img.shape[:2] == (size[1], size[0])
+    for v in table:
+        colour = reproduce.LINES[reproduce.VARIANTS.index(v)]
+        for j in range(4):  # each panel has each variant's colour
+            x0, y0 = (j % 2) * size[0] // 2, (j // 2) * (size[1] - 40) // 2
+            panel = img[y0:y0 + (size[1] - 40) // 2, x0:x0 + size[0] // 2].reshape(-1, 3)
+            assert (panel == colour).all(1).any(), (v, j)
+
+
+def test_a_whole_reproduction_on_a_tiny_world(tmp_path):
+    """main() end to end at a tiny budget: every run in its folder, the table, the probe, the claims,
+    the time, both figures; a second call finds everything done and writes the same table."""
+    root = make_toy_world(str(tmp_path / "world"), seed=0, scale=0.03)
+    argv = ["--toy-root", root, "--out", str(tmp_path / "out"), "--variants", "U", "--fractions", "1/2", "1", "--seeds", "2",
+            "--budget", "bert=4", "pretrain=4", "vqa=0.3", "nlvr2=0.3", "retrieval=0.3", "refcoco=0.3"]
+    reproduce.main(argv)
+    t = json.loads((tmp_path / "out" / "table.json").read_text())
+    assert set(t["runs"]) == {"Base", "U"} and t["fractions"] == ["1/2", "1"] and t["seeds"] == [0, 1]
+    assert np.array(t["runs"]["U"]["1/2"]).shape == (2, len(reproduce.COLUMNS)) and len(t["interval"]["U"]["1"]) == len(reproduce.COLUMNS)
+    assert {"tag_first", "nearest_word", "cos_gap"} <= set(t["probe"]["U"]) and set(t["pretraining"]) == {"Base", "U"}
+    assert {c["fraction"] for c in t["claims"]} == {"1/2", "1"} and t["time"]["cpu_min"] > 0
+    assert t["compute"]["U"]["pretraining_sequences"] == 4 * 64
+    assert (tmp_path / "out" / "curves.png").exists() and (tmp_path / "out" / "table.md").exists()
+    before = (tmp_path / "out" / "table.md").read_text()
+    reproduce.main(argv)
+    assert (tmp_path / "out" / "table.md").read_text() == before

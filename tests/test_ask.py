@@ -22,12 +22,7 @@ from model import Config, VisualBERT  # noqa: E402
 from toy import make_toy_world  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 EVALUATED = {"vqa": "logits", "nlvr2": "logits", "retrieval": "score_matrix", "refcoco": "region_logits"}

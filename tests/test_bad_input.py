@@ -23,12 +23,7 @@ from model import Config, VisualBERT  # noqa: E402
 MAINS = {"pretrain": pretrain.main, "finetune": ft.main, "extract": ef.main, "reproduce": reproduce.main}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

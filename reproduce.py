@@ -660,9 +660,17 @@ def curve_points(table, task, fractions):
     return {v: [tuple(float(x[0]) for x in interval(runs[f][:, cols].mean(1)[:, None])) for f in fractions] for v, runs in table.items()}
 
 
-def draw_curves(table, fractions, path, w=420, h=320):
+def baselines(out, variant, fraction):
+    """Each task's trivial baseline (finetune.py's baseline.json: the commonest answer per question type,
+    the majority class, chance, the most confident box), averaged over its table columns, in %."""
+    runs = {t: data.read_json(os.path.join(out, "finetune", variant, t, label(fraction), "seed0", "baseline.json")) for t in TASKS}
+    return {t: float(np.mean([100 * runs[t][split][m] for _, task, split, m in COLUMNS if task == t])) for t in TASKS}
+
+
+def draw_curves(table, fractions, path, baseline=None, w=420, h=320):
     """OUT/curves.png: one panel per task, its metric (the mean of its table columns) against the
-    fraction of its training set, one line per variant, 95% interval bars over the seeds."""
+    fraction of its training set, one line per variant, 95% interval bars over the seeds, and the
+    task's trivial baseline (dashed) where given."""
     from PIL import Image, ImageDraw
 
     img = Image.new("RGB", (2 * w, 2 * h + 40), "white")
@@ -673,7 +681,8 @@ def draw_curves(table, fractions, path, w=420, h=320):
     for j, task in enumerate(TASKS):
         x0, y0 = (j % 2) * w, (j // 2) * h
         pts = curve_points(table, task, fractions)
-        vals = np.clip([y for ps in pts.values() for p_ in ps for y in p_ if not np.isnan(y)], 0, 100)  # percentages
+        vals = [y for ps in pts.values() for p_ in ps for y in p_ if not np.isnan(y)] + ([baseline[task]] if baseline else [])
+        vals = np.clip(vals, 0, 100)  # percentages
         lo, hi = max(0, vals.min() - 0.05 * (np.ptp(vals) + 1)), min(100, vals.max() + 0.05 * (np.ptp(vals) + 1))
         left, right, top, bottom = x0 + 50, x0 + w - 15, y0 + 25, y0 + h - 35
         X = lambda x: left + 25 + (x - xs.min()) / max(np.ptp(xs), 1e-9) * (right - left - 50) if len(xs) > 1 else (left + right) / 2
@@ -687,6 +696,10 @@ def draw_curves(table, fractions, path, w=420, h=320):
         for x, f in zip(xs, fractions):
             d.text((X(x) - 10, bottom + 6), f, fill="black")
         d.text((left + (right - left) / 2 - 60, bottom + 20), "fraction of training set", fill=(90, 90, 90))
+        if baseline:
+            for x in range(int(left), int(right), 8):
+                d.line([x, Y(baseline[task]), x + 4, Y(baseline[task])], fill=(150, 150, 150))
+            d.text((right - 55, Y(baseline[task]) - 12), "baseline", fill=(150, 150, 150))
         for n, (v, ps) in enumerate(pts.items()):
             colour, dx = LINES[VARIANTS.index(v) % len(LINES)], (n - len(pts) / 2) * 2.5  # side by side, so the bars show
             xy = [(X(x) + dx, Y(m)) for x, (m, _, _) in zip(xs, ps)]
@@ -790,7 +803,7 @@ def main(argv=None):
         "interval_method": "95% Student t-interval over the fine-tuning seeds (null with one seed)",
         "pretraining": pre, "compute": compute, "probe": grounding, "time": timing, "claims": verdicts, "paper": {v: PAPER[v] for v in table}}))
     print("\n" + md)
-    size = draw_curves(table, args.fractions, os.path.join(args.out, "curves.png"))
+    size = draw_curves(table, args.fractions, os.path.join(args.out, "curves.png"), baselines(args.out, "Base", args.fractions[-1]))
     print(f"curves: {os.path.join(args.out, 'curves.png')} ({size[0]}x{size[1]})")
     size = figure2(args, grounding)
     if size:

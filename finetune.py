@@ -32,17 +32,15 @@ from collections import Counter
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 import data
 import toy
 from model import PRESETS
-from pretrain import (Objectives, all_sum, autocast, check_batch, load_checkpoint, load_weights, make_model,
-                      make_optimizer,
-                      optimizer_step, pick_dtype, pretrain_step, restore, save_checkpoint, say, setup_device, shard,
-                      to_device, toy_world, trim_log, with_positions, wrap, write_args)
+from pretrain import (Objectives, all_sum, autocast, check_batch, leave, load_checkpoint, load_weights, make_model,
+                      make_optimizer, optimizer_step, pick_dtype, pretrain_step, restore, save_checkpoint, say,
+                      setup_device, shard, to_device, toy_world, trim_log, with_positions, wrap, write_args)
 
 # -----------------------------------------------------------------------------
 # settings: every flag, in one place; `python finetune.py -h` is the manual
@@ -1091,8 +1089,7 @@ def main(argv=None):
     run = wrap(TaskLoss(task, model, head, args.compile), device, world)
     train(args, task, run, (optimizer, lr_at, scaler), start, steps, losses, gen, world, rank, ctx, log, save)
     results = report(args, task, model, head, ctx, log, t_start, rank)
-    if world > 1:
-        dist.destroy_process_group()
+    leave(world)
     return results
 
 

@@ -354,6 +354,14 @@ def check_batch(batch_size, world, grad_accum):
                          f"x --grad-accum {grad_accum} equal micro-batches")
 
 
+def leave(world):
+    """The end of a run under torchrun: rank 0 evaluates and writes alone at the end, so the others wait
+    for it before the process group goes (one that left early aborted the other's gloo threads)."""
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def toy_world(root, world):
     """The toy world under `root`: rank 0 makes it on first use, the other processes wait for it."""
     root = toy.make_toy_world(root) if RANK == 0 else root
@@ -637,8 +645,7 @@ def main(argv=None):
     for line in skipped_report(corpora):  # said again at the end, where it is seen
         say("warning: " + line)
     say(f"checkpoint: {ckpt_path}")
-    if world > 1:
-        dist.destroy_process_group()
+    leave(world)
     return after
 
 

@@ -20,22 +20,28 @@ import numpy as np
 import torch
 
 import data
+import pretrain
 from model import PEAK_FLOPS, PRESETS, Config, VisualBERT, peak_flops, train_flops
 
-p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
-p.add_argument("--compile", action="store_true")
-p.add_argument("--model", default="base", choices=sorted(PRESETS))
-p.add_argument("--batch-size", type=int, default=16)
-p.add_argument("--text-len", type=int, default=32)
-p.add_argument("--regions", type=int, default=36)
-p.add_argument("--feat-dim", type=int, default=2048)
-p.add_argument("--steps", type=int, default=6, help="timed steps (0: time the data loader alone)")
-p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-p.add_argument("--compare-hf", action="store_true", help="time transformers' VisualBertForPreTraining too (eager, its defaults)")
-p.add_argument("--loader-images", type=int, default=256, help="images in the temporary feature store for the loader benchmark (0: skip)")
-p.add_argument("--workers", type=int, default=2, help="DataLoader workers for the loader benchmark")
+parser = argparse.ArgumentParser(description=__doc__.split("\n")[1],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+parser.add_argument("--compile", action="store_true")
+parser.add_argument("--model", default="base", choices=sorted(PRESETS))
+parser.add_argument("--batch-size", type=int, default=16)
+parser.add_argument("--text-len", type=int, default=32)
+parser.add_argument("--regions", type=int, default=36)
+parser.add_argument("--feat-dim", type=int, default=2048)
+parser.add_argument("--steps", type=int, default=6, help="timed steps (0: time the data loader alone)")
+parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+parser.add_argument("--compare-hf", action="store_true",
+                    help="time transformers' VisualBertForPreTraining too (eager, its defaults)")
+parser.add_argument("--loader-images", type=int, default=256,
+                    help="images in the temporary feature store for the loader benchmark (0: skip)")
+parser.add_argument("--workers", type=int, default=2, help="DataLoader workers for the loader benchmark")
+parser.add_argument("--processes", type=int, default=1, metavar="N",
+                    help="the loader builds 1/N of each global batch, as each of N processes under torchrun does")
 
 
 def aligned_batch(cfg, B, T, K, gen):
@@ -46,12 +52,14 @@ def aligned_batch(cfg, B, T, K, gen):
     boxes = torch.rand(B, K, 4, generator=gen)
     feats = torch.rand(B, K, cfg.feat_dim, generator=gen)
     masked = torch.rand(B, K, generator=gen) < 0.15
-    return {"input_ids": ids, "attention_mask": torch.ones(B, T, dtype=torch.bool), "token_type_ids": torch.zeros_like(ids),
+    return {"input_ids": ids, "attention_mask": torch.ones(B, T, dtype=torch.bool),
+            "token_type_ids": torch.zeros_like(ids),
             "mlm_labels": mlm, "match_labels": torch.randint(0, 2, (B,), generator=gen),
             "tag_ids": tags, "tag_boxes": boxes, "tag_mask": torch.ones(B, K, dtype=torch.bool),
             "tag_labels": torch.where(masked, tags, -100), "feats": feats * ~masked[..., None], "boxes": boxes,
             "region_mask": torch.ones(B, K, dtype=torch.bool), "feat_targets": feats, "region_masked": masked,
-            "obj_labels": torch.randint(0, cfg.num_labels, (B, K), generator=gen), "obj_conf": torch.rand(B, K, generator=gen)}
+            "obj_labels": torch.randint(0, cfg.num_labels, (B, K), generator=gen),
+            "obj_conf": torch.rand(B, K, generator=gen)}
 
 
 def time_steps(step, n_warmup, n_steps, device):
@@ -68,25 +76,14 @@ def time_steps(step, n_warmup, n_steps, device):
 
 
 def bench_ours(args, device, batch, cfg):
+    """pretrain.py's training step: its optimiser, autocast, loss scaling (fp16), clip and compile."""
     model = VisualBERT(cfg).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **({"fused": True} if device.type == "cuda" else {"foreach": True}))
-    run = torch.compile(model.pretrain_losses) if args.compile else model.pretrain_losses
-    ctx = torch.autocast(device.type, dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float16, enabled=args.dtype != "fp32")
-    scaler = torch.amp.GradScaler(device.type) if args.dtype == "fp16" else None
-    b = {k: v.to(device) for k, v in batch.items()}
-
-    def step():
-        with ctx:
-            loss, _ = run(b)
-        opt.zero_grad(set_to_none=True)
-        if scaler:
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-        else:
-            loss.backward()
-            opt.step()
-
+    settings = argparse.Namespace(lr=1e-4, warmup=0.0, weight_decay=0.01)
+    optimizer, _, scaler = pretrain.make_optimizer(model.parameters(), settings, 1, device, args.dtype)
+    run = pretrain.wrap(pretrain.Objectives(model), device, 1, args.compile)
+    ctx = pretrain.autocast(device, args.dtype)
+    b = pretrain.to_device(pretrain.with_positions(batch), device)
+    step = lambda: pretrain.pretrain_step(model, run, [b], 1, optimizer, scaler, 1e-4, 1.0, ctx)  # noqa: E731
     return time_steps(step, args.warmup, args.steps, device)
 
 
@@ -95,14 +92,16 @@ def bench_hf(args, device, batch, cfg):
     regions (2K visual tokens of the feature size), its MLM head runs over every text position."""
     from transformers import VisualBertConfig, VisualBertForPreTraining
     hf_cfg = VisualBertConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden, num_hidden_layers=cfg.layers,
-                              num_attention_heads=cfg.heads, intermediate_size=cfg.ffn, visual_embedding_dim=cfg.feat_dim)
+                              num_attention_heads=cfg.heads, intermediate_size=cfg.ffn,
+                              visual_embedding_dim=cfg.feat_dim)
     hf_cfg._attn_implementation = "eager"
     model = VisualBertForPreTraining(hf_cfg).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     B, T, K = batch["input_ids"].shape[0], batch["input_ids"].shape[1], batch["feats"].shape[1]
     visual = torch.cat([batch["feats"], batch["feats"]], 1).to(device)  # (B, 2K, D): tags' and regions' slots
     labels = torch.cat([batch["mlm_labels"], torch.full((B, 2 * K), -100)], 1).to(device)
-    inputs = dict(input_ids=batch["input_ids"].to(device), attention_mask=torch.ones(B, T, dtype=torch.long, device=device),
+    inputs = dict(input_ids=batch["input_ids"].to(device),
+                  attention_mask=torch.ones(B, T, dtype=torch.long, device=device),
                   visual_embeds=visual, visual_attention_mask=torch.ones(B, 2 * K, dtype=torch.long, device=device),
                   labels=labels, sentence_image_labels=batch["match_labels"].to(device))
 
@@ -120,12 +119,14 @@ def bench_loader(args, cfg):
     feature store on disk (small enough to sit in the page cache)."""
     with tempfile.TemporaryDirectory() as tmp:
         r = np.random.default_rng(0)
-        w = data.FeatureWriter(os.path.join(tmp, "store"), args.feat_dim, [f"class{i}" for i in range(cfg.num_labels)], shard_size=128)
+        w = data.FeatureWriter(os.path.join(tmp, "store"), args.feat_dim, [f"class{i}" for i in range(cfg.num_labels)],
+                               shard_size=128)
         for i in range(args.loader_images):
-            w.add(f"im{i}", r.random((args.regions, args.feat_dim), dtype=np.float32), np.sort(r.random((args.regions, 4)), 1),
+            w.add(f"im{i}", r.random((args.regions, args.feat_dim), dtype=np.float32),
+                  np.sort(r.random((args.regions, 4)), 1),
                   r.integers(0, cfg.num_labels, args.regions), r.random(args.regions), 640, 480)
         w.close()
-        vocab = data.Vocab(list(data.Vocab.SPECIALS) + [f"w{i}" for i in range(cfg.vocab_size - 5)])
+        vocab = data.Vocab(list(data.Vocab.RESERVED) + [f"w{i}" for i in range(cfg.vocab_size - 5)])
         words = lambda n: " ".join(f"w{j}" for j in r.integers(0, cfg.vocab_size - 5, n))
         with open(os.path.join(tmp, "pairs.jsonl"), "w") as f:
             for i in range(args.loader_images):
@@ -133,9 +134,10 @@ def bench_loader(args, cfg):
         captions = data.TokenCorpus(os.path.join(tmp, "pairs.jsonl"), vocab, "pairs", os.path.join(tmp, "cache"))
         images = data.Images([os.path.join(tmp, "store")])
         corpus = data.Corpus("pairs", "pair", vocab, (captions, captions.image_ids), images)
-        ds = data.PretrainData([corpus], args.batch_size, seed=0)
+        ds = data.PretrainData([corpus], args.batch_size, seed=0, rank=0, world=args.processes)  # this process's rows
         n = max(16, 8 * args.loader_images // args.batch_size)
-        it = data.batches(ds, range(n), args.workers, pin_memory=torch.device(args.device).type == "cuda")  # as pretrain.py
+        # as pretrain.py
+        it = data.batches(ds, range(n), args.workers, pin_memory=torch.device(args.device).type == "cuda")
         next(it)  # workers started
         t0 = time.perf_counter()
         count = sum(next(it)[1]["input_ids"].shape[0] for _ in range(n - 1))
@@ -143,23 +145,29 @@ def bench_loader(args, cfg):
 
 
 def main(argv=None):
-    args = p.parse_args(argv)
+    args = parser.parse_args(argv)
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = True
     cfg = Config(**{**PRESETS[args.model], "feat_dim": args.feat_dim, "num_labels": 1600})  # the preset's own dropout
     B, T, K = args.batch_size, args.text_len, args.regions
     batch = aligned_batch(cfg, B, T, K, torch.Generator().manual_seed(0))
     tokens = B * (T + K + K)  # text + one tag piece per region + regions
-    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), {torch.get_num_threads()} threads, "
-          f"dtype {args.dtype}, compile {args.compile}; model {args.model}, batch {B}, text {T} + tags {K} + regions {K} = {T + 2 * K} tokens")
-    flops = train_flops(cfg, B, T + 2 * K, int((batch["mlm_labels"] != -100).sum() + (batch["tag_labels"] != -100).sum()))
+    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
+          f"{torch.get_num_threads()} threads, "
+          f"dtype {args.dtype}, compile {args.compile}; model {args.model}, batch {B}, text {T} + tags {K} + regions "
+          f"{K} = {T + 2 * K} tokens")
+    flops = train_flops(cfg, B, T + 2 * K,
+                        int((batch["mlm_labels"] != -100).sum() + (batch["tag_labels"] != -100).sum()))
     peak = peak_flops(device, args.dtype)
 
     if args.loader_images:
         loader_rate = bench_loader(args, cfg)
-        print(f"loader: {loader_rate:.0f} samples/s from a feature store ({args.workers} workers, {args.regions} x {args.feat_dim} features)")
+        print(f"loader: {loader_rate:.0f} samples/s from a feature store ({args.workers} workers, {args.regions} x "
+              f"{args.feat_dim} features) in one process, which builds {B // args.processes} rows of each global batch "
+              f"of {B} (--processes {args.processes})")
         h100 = 0.45 * PEAK_FLOPS["H100"][0] / (flops / B)  # samples/s an H100 trains on at the 45% MFU target, bf16
-        print(f"loader: an H100 at 45% MFU consumes about {h100:.0f} samples/s at these shapes; this loader gives {loader_rate / h100:.2f}x that")
+        print(f"loader: an H100 at 45% MFU consumes about {h100:.0f} samples/s at these shapes; one process's loader gives "
+              f"{loader_rate / h100:.2f}x that")
     if args.steps == 0:
         return
     if args.compare_hf:

@@ -1,12 +1,12 @@
 """
 Data for U-VisualBERT: the feature store, text corpora, masking and batching for pre-training
-(SPEC 2, 4, 7). The built-in toy world that fills these formats with no download is in toy.py.
+(docs/METHOD.md §2, 4, 7). The built-in toy world that fills these formats with no download is in toy.py.
 
 Sections, in order:
   1. the feature store: region features of many images, memory-mapped, toy or real alike
   2. text: a WordPiece tokenizer and corpora pre-tokenised into memory-mapped arrays
-  3. masking (SPEC 2)
-  4. batches, the proportional sampler (SPEC 4), the worker processes that build them
+  3. masking (docs/METHOD.md §2)
+  4. batches, the proportional sampler (docs/METHOD.md §4), the worker processes that build them
 """
 
 import glob
@@ -14,9 +14,12 @@ import hashlib
 import json
 import mmap
 import os
+import shutil
 
 import numpy as np
 import torch
+
+from model import MASK_PROB
 
 # -----------------------------------------------------------------------------
 # 1. the feature store
@@ -45,18 +48,17 @@ class FeatureStore:
         meta_file = os.path.join(path, "meta.json")
         if not os.path.exists(meta_file):
             raise FileNotFoundError(f"{path}: not a feature store (no meta.json); make one with extract_features.py")
-        with open(meta_file) as f:
-            self.meta = json.load(f)
-        if self.meta.get("format") != STORE_FORMAT:
-            raise ValueError(f"{meta_file}: format {self.meta.get('format')!r}, expected {STORE_FORMAT!r}")
+        self.meta = read_json(meta_file)
+        if not isinstance(self.meta, dict) or self.meta.get("format") != STORE_FORMAT:
+            raise ValueError(f"{meta_file}: not the meta.json of a feature store (format {STORE_FORMAT!r}); "
+                             "make one with extract_features.py")
         self.class_names = self.meta["class_names"]
         self.attr_names = self.meta.get("attr_names")
         self.feature_dim = self.meta["feature_dim"]
         self._shards, self._where, self._arrays = [], {}, {}
         for index_file in sorted(glob.glob(os.path.join(path, "*.index.json"))):
             shard = index_file[: -len(".index.json")]
-            with open(index_file) as f:
-                index = json.load(f)
+            index = read_json(index_file)
             self._check_shard(shard, index)
             s = len(self._shards)
             self._shards.append(shard)
@@ -67,6 +69,8 @@ class FeatureStore:
                 self._where[image_id] = (s, index["start"][i], index["count"][i], index["width"][i], index["height"][i])
 
     def _check_shard(self, shard, index):
+        if not isinstance(index, dict) or not {"ids", "start", "count", "width", "height"} <= set(index):
+            raise ValueError(f"{shard}.index.json: not a shard index (ids, start, count, width, height)")
         rows = sum(index["count"])
         for name in ARRAYS:
             file = f"{shard}.{name}.npy"
@@ -79,7 +83,8 @@ class FeatureStore:
             except ValueError as e:
                 raise ValueError(f"{file}: truncated or corrupt ({e})") from None
             if arr.shape[0] != rows or (name == "features" and arr.shape[1] != self.feature_dim):
-                raise ValueError(f"{file}: shape {arr.shape}, the index and meta.json expect ({rows}, ...), feature_dim {self.feature_dim}")
+                raise ValueError(f"{file}: shape {arr.shape}, the index and meta.json expect ({rows}, ...), "
+                                 f"feature_dim {self.feature_dim}")
 
     def _array(self, s, name):
         key = (s, name)
@@ -117,6 +122,11 @@ class FeatureStore:
             out["attr_scores"] = np.array(self._array(s, "attr_scores")[rows])
         return out
 
+    def region(self, image_id, u):
+        """The features (D,) of region floor(u * regions) of the image, as stored (float16): one row read."""
+        s, start, count, _, _ = self._where[image_id]
+        return np.asarray(self._array(s, "features")[start + int(u * count)])
+
 
 def _save_npy(file, arr):
     tmp = f"{file}.{os.getpid()}.tmp"  # one temporary name per process: writers may run side by side
@@ -126,14 +136,62 @@ def _save_npy(file, arr):
 
 
 def read_json(file):
-    """A JSON file, with a clear error naming the file when it is missing or malformed."""
+    """A JSON file, with a clear error naming the file when it is missing, unreadable or malformed."""
     try:
         with open(file) as f:
             return json.load(f)
     except FileNotFoundError:
         raise FileNotFoundError(f"{file}: not found") from None
-    except ValueError as e:
+    except OSError as e:  # a folder, no permission
+        raise ValueError(f"{file}: cannot be read ({e.strerror or e})") from None
+    except ValueError as e:  # bad JSON, bad UTF-8, an empty file
         raise ValueError(f"{file}: not valid JSON ({e})") from None
+
+
+def check_path(path, kind, flag):
+    """A path a command-line flag names, checked before any work so that a bad one costs one clear
+    line naming it (SystemExit) and writes nothing. kind: "file" (readable, not empty), "folder", "file or
+    folder", "checkpoint" (a file, or a Hugging Face BERT folder), "out" (a folder to write: absent or a folder)."""
+    where = f"{flag} {path}"
+    if kind == "out":
+        up = os.path.abspath(path)
+        while not os.path.exists(up):
+            up = os.path.dirname(up)
+        if not os.path.isdir(up):
+            raise SystemExit(f"{where}: {up} is a file, where a folder is wanted")
+        if not os.access(up, os.W_OK):
+            raise SystemExit(f"{where}: {up} is not writable")
+        return
+    if not os.path.exists(path):
+        raise SystemExit(f"{where}: not found")
+    if kind == "checkpoint" and os.path.isdir(path):  # a BERT folder: its config, vocabulary and weights
+        weights = [f for f in ("model.safetensors", "pytorch_model.bin") if os.path.exists(os.path.join(path, f))]
+        for f in ("config.json", "vocab.txt", *(weights[:1] or ["model.safetensors"])):
+            check_path(os.path.join(path, f), "file", f"{flag} (a Hugging Face BERT folder)")
+        return
+    if os.path.isdir(path):
+        if kind in ("file", "checkpoint"):
+            raise SystemExit(f"{where}: a folder, where a file is wanted")
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise SystemExit(f"{where}: cannot be read (permission denied)")
+        return
+    if kind == "folder":
+        raise SystemExit(f"{where}: a file, where a folder is wanted")
+    try:
+        with open(path, "rb") as f:
+            empty = not f.read(1)
+    except OSError as e:
+        raise SystemExit(f"{where}: cannot be read ({e.strerror or e})") from None
+    if empty:
+        raise SystemExit(f"{where}: the file is empty")
+
+
+def check_paths(args, kinds):
+    """check_path on every path of the flags in `kinds` ({dest: kind}) that were given."""
+    for dest, kind in kinds.items():
+        value = getattr(args, dest, None)
+        for path in [value] if isinstance(value, str) else value or []:
+            check_path(path, kind, "--" + dest.replace("_", "-"))
 
 
 def write_json(file, obj):
@@ -152,15 +210,15 @@ class FeatureWriter:
     extractor settings), and `done_ids()` tells which images a rerun can skip.
     """
 
-    def __init__(self, path, feature_dim, class_names, attr_names=None, extractor=None, prefix="shard", shard_size=1000):
+    def __init__(self, path, feature_dim, class_names, attr_names=None, extractor=None, prefix="shard",
+                 shard_size=1000):
         self.path, self.prefix, self.shard_size, self.feature_dim = path, prefix, shard_size, int(feature_dim)
         os.makedirs(path, exist_ok=True)
         meta = {"format": STORE_FORMAT, "feature_dim": int(feature_dim), "class_names": list(class_names),
                 "attr_names": list(attr_names) if attr_names is not None else None, "extractor": extractor or {}}
         meta_file = os.path.join(path, "meta.json")
         if os.path.exists(meta_file):
-            with open(meta_file) as f:
-                old = json.load(f)
+            old = read_json(meta_file)
             meta = json.loads(json.dumps(meta))  # as it would read back (tuples become lists)
             if old != meta:
                 diff = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
@@ -184,7 +242,8 @@ class FeatureWriter:
         K = len(boxes)
         assert features.shape == (K, self.feature_dim) and len(labels) == K and len(scores) == K, \
             f"image {image_id}: features {features.shape}, {K} boxes, {len(labels)} labels, {len(scores)} scores"
-        self._buffer.append((str(image_id), features, boxes, labels, scores, int(width), int(height), attributes, attr_scores))
+        self._buffer.append((str(image_id), features, boxes, labels, scores, int(width), int(height),
+                             attributes, attr_scores))
         if len(self._buffer) >= self.shard_size:
             self.flush()
 
@@ -218,20 +277,20 @@ class FeatureWriter:
 class Vocab:
     """BERT's WordPiece vocabulary (uncased), through the `tokenizers` package."""
 
-    SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+    RESERVED = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
     def __init__(self, tokens, source="vocab"):
         from tokenizers import BertWordPieceTokenizer
         self.tokens = list(tokens)
         index = {t: i for i, t in enumerate(self.tokens)}
-        missing = [s for s in self.SPECIALS if s not in index]
+        missing = [s for s in self.RESERVED if s not in index]
         if missing:
             raise ValueError(f"{source}: no {', '.join(missing)} in the vocabulary")
-        self.pad, self.unk, self.cls, self.sep, self.mask = (index[s] for s in self.SPECIALS)
+        self.pad, self.unk, self.cls, self.sep, self.mask = (index[s] for s in self.RESERVED)
         self.tokenizer = BertWordPieceTokenizer(vocab=index, lowercase=True)
         # a piece that continues a word ("##ing"): whole-word masking keeps it with the word before
         self.continuation = np.array([t.startswith("##") for t in self.tokens])
-        self.special = np.array([t in self.SPECIALS for t in self.tokens])
+        self.special = np.array([t in self.RESERVED for t in self.tokens])
 
     @classmethod
     def from_file(cls, path):
@@ -240,6 +299,8 @@ class Vocab:
                 tokens = [line.rstrip("\n") for line in f]
         except FileNotFoundError:
             raise FileNotFoundError(f"{path}: vocabulary file not found") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"{path}: not a vocabulary (one word piece a line, UTF-8)") from None
         while tokens and tokens[-1] == "":
             tokens.pop()
         return cls(tokens, source=path)
@@ -281,7 +342,14 @@ class TokenCorpus:
         key = hashlib.sha1(json.dumps(["tokens.bin v1", os.path.abspath(path), st.st_size, st.st_mtime_ns, kind, vocab.tokens]).encode()).hexdigest()[:16]
         folder = os.path.join(cache_dir, f"{os.path.basename(path)}-{key}")
         if not os.path.exists(os.path.join(folder, "done")):
-            self._build(path, vocab, kind, folder)
+            new_cache = not os.path.exists(cache_dir)
+            try:
+                self._build(path, vocab, kind, folder)
+            except BaseException:  # a file with no usable line, a kill: no half cache is left behind
+                shutil.rmtree(folder, ignore_errors=True)
+                if new_cache:
+                    shutil.rmtree(cache_dir, ignore_errors=True)
+                raise
         self.path = path
         self.tokens = np.memmap(os.path.join(folder, "tokens.bin"), dtype=np.int32, mode="r") if os.path.getsize(os.path.join(folder, "tokens.bin")) else np.zeros(0, np.int32)
         self.offsets = np.load(os.path.join(folder, "offsets.npy"))
@@ -356,7 +424,7 @@ class TokenCorpus:
 
     def chunks(self, max_pieces):
         """Runs of whole consecutive sentences of one document, each at most `max_pieces` long
-        (a longer sentence is a chunk of its own, cut later): (start, end) item ranges (SPEC 2)."""
+        (a longer sentence is a chunk of its own, cut later): (start, end) item ranges (docs/METHOD.md §2)."""
         lengths = np.diff(self.offsets)
         out, start, size = [], 0, 0
         for i in range(len(self)):
@@ -372,31 +440,61 @@ class TokenCorpus:
 
 
 # -----------------------------------------------------------------------------
-# 3. masking (SPEC 2)
+# 3. masking (docs/METHOD.md §2)
 
-MASK_PROB, TAG_JOINT_PROB = 0.15, 0.9
+TAG_JOINT_PROB = 0.9  # a tag whose region is masked is masked too, with this probability
 
 
-def mask_units(ids, units, chosen, vocab, gen):
+class RowRandom:
+    """Uniform random numbers for some rows of a batch. Number t of draw d of row i is a hash of
+    (seed, step, i, d, t) alone (SplitMix64's mixing), so what row i gets does not depend on the
+    other rows built with it nor on the padded width: a process that builds only its rows of the
+    global batch gets what one process building all of them gets for those rows."""
+
+    def __init__(self, seed, step, rows, size=None):
+        self.rows = np.asarray(rows, dtype=np.int64)  # the rows built, numbered in the whole batch
+        self.size = len(self.rows) if size is None else size  # rows in the whole batch
+        self.key = _mix(_mix(np.uint64(seed % 2**64)) ^ np.uint64(step % 2**64))
+        self.draws = 0
+
+    def uniform(self, n):
+        """(rows, n) float64 in [0, 1), new numbers at each call."""
+        self.draws += 1
+        row = _mix(self.key ^ _mix(self.rows.astype(np.uint64) * GOLDEN + np.uint64(self.draws)))  # (rows,)
+        x = _mix(row[:, None] + np.arange(n, dtype=np.uint64) * GOLDEN)  # (rows, n)
+        return torch.from_numpy((x >> np.uint64(11)).astype(np.float64) / 2.0**53)
+
+
+GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix(x):
+    """SplitMix64's finaliser (uint64 arithmetic wraps around)."""
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def mask_units(ids, units, chosen, vocab, rng):
     """Mask whole units (a piece, a word, a tag) together: each chosen unit's pieces all become
     [MASK] (80%), all become random pieces (10%) or all stay (10%).
 
     ids (B, T) pieces; units (B, T) the unit of each piece, -1 for pieces never masked ([CLS],
     [SEP], padding); chosen (B, U) which units are masked. Returns (inputs, labels), labels -100
     where nothing is predicted."""
-    action = torch.rand(chosen.shape, generator=gen)  # (B, U)
+    action = rng.uniform(chosen.shape[1])  # (B, U)
+    pieces = (rng.uniform(ids.shape[1]) * len(vocab)).long()  # (B, T) a random piece for each position
     u = units.clamp(min=0)
     picked = chosen.gather(1, u) & (units >= 0)  # (B, T)
     act = action.gather(1, u)
     labels = torch.where(picked, ids, torch.full_like(ids, -100))
-    inputs = ids.clone()
-    inputs[picked & (act < 0.8)] = vocab.mask
+    inputs = torch.where(picked & (act < 0.8), vocab.mask, ids)
     rand = picked & (act >= 0.8) & (act < 0.9)
-    inputs[rand] = torch.randint(len(vocab), (int(rand.sum()),), generator=gen)
-    return inputs, labels
+    return torch.where(rand, pieces, inputs), labels
 
 
-def mask_text(ids, vocab, gen, whole_word=False):
+def mask_text(ids, vocab, rng, whole_word=False):
     """Masked LM inputs for padded text (B, T): piece by piece (captions) or by whole words
     (general text: a word's "##" pieces go with it)."""
     maskable = torch.from_numpy(~vocab.special)[ids]  # (B, T)
@@ -406,39 +504,43 @@ def mask_text(ids, vocab, gen, whole_word=False):
     else:
         units = torch.arange(ids.shape[1]).expand_as(ids)
     units = torch.where(maskable, units, torch.full_like(units, -1))
-    chosen = torch.rand(ids.shape, generator=gen) < MASK_PROB  # (B, U), U = T bounds the unit count
-    return mask_units(ids, units, chosen, vocab, gen)
+    chosen = rng.uniform(ids.shape[1]) < MASK_PROB  # (B, U), U = T bounds the unit count
+    return mask_units(ids, units, chosen, vocab, rng)
 
 
-def mask_regions(feats, valid, gen):
+def mask_regions(feats, valid, rng, donor=None):
     """Region masking: each region with p 0.15; of those 80% zeroed, 10% replaced by a region of
-    another image of the batch, 10% kept. The box is never masked. feats (B, K, D), valid (B, K).
-    Returns the new features and which regions were masked. With one image in the batch there is
-    no other image, and regions drawn for replacement stay as they are."""
+    another row's image, 10% kept. The box is never masked. feats (B, K, D), valid (B, K), valid
+    regions first. donor(j, u) -> (N, D) region features: for each row j of the whole batch, its
+    image's region at fraction u of its regions (default: the rows of `feats`, then the whole
+    batch). Returns the new features and which regions were masked. A batch of one row has no
+    other image, and regions drawn for replacement stay as they are."""
     B, K, _ = feats.shape
-    masked = (torch.rand(B, K, generator=gen) < MASK_PROB) & valid
-    action = torch.rand(B, K, generator=gen)
+    masked = (rng.uniform(K) < MASK_PROB) & valid
+    action, other, which = rng.uniform(K), rng.uniform(K), rng.uniform(K)
     out = feats.clone()
     out[(masked & (action < 0.8)).nonzero(as_tuple=True)] = 0  # by row index: a (B, K) boolean mask is slow on float16
-    replace = (masked & (action >= 0.8) & (action < 0.9)).nonzero()  # (N, 2): image, region
-    if B > 1 and len(replace):
-        other = (replace[:, 0] + torch.randint(1, B, (len(replace),), generator=gen)) % B  # never the same image
-        region = torch.multinomial(valid[other].float(), 1, generator=gen).squeeze(1)  # a valid region of it
-        out[replace[:, 0], replace[:, 1]] = feats[other, region]
+    i, k = (masked & (action >= 0.8) & (action < 0.9)).nonzero(as_tuple=True)
+    if rng.size > 1 and len(i):
+        if donor is None:
+            n = valid.sum(1)
+            donor = lambda j, u: feats[j, (u * n[j]).long()]  # noqa: E731
+        j = (torch.from_numpy(rng.rows)[i] + 1 + (other[i, k] * (rng.size - 1)).long()) % rng.size  # never the same row
+        out[i, k] = donor(j, which[i, k]).to(out.dtype)
     return out, masked
 
 
-def mask_tags(tag_ids, tag_region, region_masked, vocab, gen):
+def mask_tags(tag_ids, tag_region, region_masked, vocab, rng):
     """Tag masking: a tag with p 0.15, and with p 0.9 when its region is masked, so the model
     cannot read a masked region's class off its tag. A tag's pieces go together (its unit is its
     region). tag_region (B, L): the region of each tag piece, -1 for padding."""
-    B, K = region_masked.shape
-    chosen = (torch.rand(B, K, generator=gen) < MASK_PROB) | (region_masked & (torch.rand(B, K, generator=gen) < TAG_JOINT_PROB))
-    return mask_units(tag_ids, tag_region, chosen, vocab, gen)
+    K = region_masked.shape[1]
+    chosen = (rng.uniform(K) < MASK_PROB) | (region_masked & (rng.uniform(K) < TAG_JOINT_PROB))
+    return mask_units(tag_ids, tag_region, chosen, vocab, rng)
 
 
 # -----------------------------------------------------------------------------
-# 4. batches (SPEC 4)
+# 4. batches (docs/METHOD.md §4)
 
 CAPTION_LEN, TEXT_LEN, MAX_TAGS = 30, 64, 50  # pieces, [CLS] and [SEP] included
 
@@ -476,7 +578,7 @@ def text_inputs(seqs, vocab, max_len, second=None):
 
 def image_inputs(entries, tag_pieces, tags=True, max_tags=MAX_TAGS):
     """Store entries -> padded region and tag tensors. Each region's tag is its detector class's
-    word pieces, every piece with the region's box (SPEC 1); tags stop at `max_tags` pieces."""
+    word pieces, every piece with the region's box (docs/METHOD.md §1); tags stop at `max_tags` pieces."""
     half = entries[0]["features"].dtype == np.float16
     feats, valid = pad([e["features"] for e in entries], 0.0, torch.float16 if half else torch.float32)  # (B, K, D)
     out = {"feats": feats, "region_mask": valid,
@@ -505,13 +607,23 @@ def image_inputs(entries, tag_pieces, tags=True, max_tags=MAX_TAGS):
     return out
 
 
-def mask_image(batch, vocab, gen):
-    """Add the image objectives' masks and targets to an image batch (SPEC 2)."""
+def mask_image(batch, vocab, rng, donor=None):
+    """Add the image objectives' masks and targets to an image batch; donor: see mask_regions."""
     batch["feat_targets"] = batch["feats"]
-    batch["feats"], batch["region_masked"] = mask_regions(batch["feats"], batch["region_mask"], gen)
+    batch["feats"], batch["region_masked"] = mask_regions(batch["feats"], batch["region_mask"], rng, donor)
     if "tag_ids" in batch:
-        batch["tag_ids"], batch["tag_labels"] = mask_tags(batch["tag_ids"], batch["tag_region"], batch["region_masked"], vocab, gen)
+        batch["tag_ids"], batch["tag_labels"] = mask_tags(batch["tag_ids"], batch["tag_region"], batch["region_masked"],
+                                                          vocab, rng)
     return batch
+
+
+def donor(images, image_ids):
+    """mask_regions' source of replacement regions: row j of the whole batch is image image_ids[j],
+    of which one region is read, not the image."""
+    def regions(rows, u):
+        return torch.from_numpy(np.stack([images.region(image_ids[j], f) for j, f in zip(rows.tolist(), u.tolist())]))
+
+    return regions
 
 
 class Images:
@@ -522,14 +634,20 @@ class Images:
         first = self.stores[0]
         for s in self.stores[1:]:
             if s.class_names != first.class_names or s.feature_dim != first.feature_dim:
-                raise ValueError(f"{s.path}: other classes or feature size than {first.path}; stores must come from one extractor")
+                raise ValueError(f"{s.path}: other classes or feature size than {first.path}; stores must come from "
+                                 f"one extractor")
         self.class_names, self.attr_names, self.feature_dim = first.class_names, first.attr_names, first.feature_dim
         self.where = {i: s for s in self.stores for i in s.ids()}
+        if not self.where:
+            raise ValueError(f"{', '.join(paths)}: no images in the feature store{'s' * (len(paths) > 1)}")
 
     def __getitem__(self, image_id):
         if image_id not in self.where:
             raise KeyError(f"image {image_id!r} is in none of the feature stores {[s.path for s in self.stores]}")
         return self.where[image_id].get(image_id, np.float16)  # half the bytes to move; the model casts
+
+    def region(self, image_id, u):
+        return self.where[image_id].region(image_id, u)
 
     def __contains__(self, image_id):
         return image_id in self.where
@@ -541,7 +659,7 @@ class Corpus:
     kind "image":   image ids, alone (tags + regions, or regions only without tags)
     kind "caption": captions alone, masked piece by piece
     kind "text":    general text, chunks of whole sentences, whole-word masking, NSP optional
-    kind "pair":    aligned image-caption pairs, with image-text match (SPEC 2)
+    kind "pair":    aligned image-caption pairs, with image-text match (docs/METHOD.md §2)
     """
 
     def __init__(self, name, kind, vocab, items, images=None, tags=True, nsp=False, rate=1.0):
@@ -562,43 +680,57 @@ class Corpus:
             return len(self.items[0])
         return len(self.items)
 
-    def batch(self, idx, gen):
-        v = self.vocab
+    def batch(self, idx, rng):
+        """Rows rng.rows of the masked batch of items `idx` (all of the batch's items: a row may take
+        another row's image)."""
+        v, idx = self.vocab, np.asarray(idx)
+        mine = idx[rng.rows]
         if self.kind == "caption":
-            b = text_inputs([self.items[i] for i in idx], v, CAPTION_LEN)
-            b["input_ids"], b["mlm_labels"] = mask_text(b["input_ids"], v, gen)
+            b = text_inputs([self.items[i] for i in mine], v, CAPTION_LEN)
+            b["input_ids"], b["mlm_labels"] = mask_text(b["input_ids"], v, rng)
             return b
         if self.kind == "text":
             span = lambda c: self.items.span(*self.chunks[c])
             if not self.nsp:
-                b = text_inputs([span(i) for i in idx], v, TEXT_LEN)
+                b = text_inputs([span(i) for i in mine], v, TEXT_LEN)
             else:  # B is the next chunk with p 0.5, else a random chunk (label 1, as BERT)
-                first = self.starts[idx]
-                is_random = torch.rand(len(idx), generator=gen) < 0.5
-                rand = torch.randint(len(self.chunks), (len(idx),), generator=gen).numpy()
+                first = self.starts[mine]
+                is_random = rng.uniform(1)[:, 0] < 0.5
+                rand = (rng.uniform(1)[:, 0] * len(self.chunks)).long().numpy()
                 second = np.where(is_random.numpy(), rand, first + 1)
                 b = text_inputs([span(i) for i in first], v, TEXT_LEN, second=[span(i) for i in second])
                 b["nsp_labels"] = is_random.long()
-            b["input_ids"], b["mlm_labels"] = mask_text(b["input_ids"], v, gen, whole_word=True)
+            b["input_ids"], b["mlm_labels"] = mask_text(b["input_ids"], v, rng, whole_word=True)
             return b
         if self.kind == "image":
-            return mask_image(image_inputs([self.images[self.items[i]] for i in idx], self.tag_pieces, self.tags), v, gen)
-        # aligned pairs: with p 0.5 the image is swapped for another one of the batch (label 1)
+            b = image_inputs([self.images[self.items[i]] for i in mine], self.tag_pieces, self.tags)
+            return mask_image(b, v, rng, donor(self.images, [self.items[i] for i in idx]))
+        # aligned pairs: with p 0.5 the image is swapped for a different image, the image of a random
+        # pair of the set redrawn until it differs (LXMERT), label 1. A set whose pairs all show one
+        # image has none to swap in: its pairs stay matched. The caption is masked either way (LXMERT,
+        # the authors' code base): only the match label tells the two apart.
         captions, image_ids = self.items
-        idx = np.asarray(idx)
-        swap = (torch.rand(len(idx), generator=gen) < 0.5) & (len(idx) > 1)
-        shift = torch.randint(1, max(2, len(idx)), (len(idx),), generator=gen)
-        image_of = np.where(swap.numpy(), idx[(np.arange(len(idx)) + shift.numpy()) % len(idx)], idx)
-        b = text_inputs([captions[i] for i in idx], v, CAPTION_LEN)
-        b["input_ids"], b["mlm_labels"] = mask_text(b["input_ids"], v, gen)
-        b["mlm_labels"][swap] = -100  # no MLM on a mismatched pair (LXMERT, the authors' code base)
+        several = any(i != image_ids[0] for i in image_ids)
+        swap = (rng.uniform(1)[:, 0] < 0.5) & several
+        draws = (rng.uniform(16) * len(image_ids)).long().numpy()  # (rows, 16) pairs to redraw from
+        image_of = [image_ids[i] for i in mine]
+        for j in np.nonzero(swap.numpy())[0]:
+            other = next((image_ids[t] for t in draws[j] if image_ids[t] != image_of[j]), None)
+            t = draws[j, -1]
+            while other is None:  # 16 draws of the same image (a set of few images): walk on from the last
+                t = (t + 1) % len(image_ids)
+                other = image_ids[t] if image_ids[t] != image_of[j] else None
+            image_of[j] = other
+        b = text_inputs([captions[i] for i in mine], v, CAPTION_LEN)
+        b["input_ids"], b["mlm_labels"] = mask_text(b["input_ids"], v, rng)
         b["match_labels"] = swap.long()
-        b.update(mask_image(image_inputs([self.images[image_ids[i]] for i in image_of], self.tag_pieces, self.tags), v, gen))
+        image = image_inputs([self.images[i] for i in image_of], self.tag_pieces, self.tags)
+        b.update(mask_image(image, v, rng, donor(self.images, [image_ids[i] for i in idx])))
         return b
 
 
 def epoch_plan(sizes, rates, batch_size, seed, epoch):
-    """SPEC 4: each data set is shuffled and cut into full batches (a set smaller than a batch is
+    """docs/METHOD.md §4: each data set is shuffled and cut into full batches (a set smaller than a batch is
     one batch); a rate below 1 takes that share of the set, rotating so consecutive epochs cover
     all of it; then at each step a set is drawn with probability proportional to the batches it
     has left, until all are used. Returns [(set, item indices)] for the epoch."""
@@ -622,18 +754,21 @@ def epoch_plan(sizes, rates, batch_size, seed, epoch):
 
 
 class PretrainData(torch.utils.data.Dataset):
-    """Batch number `step` of the whole run, computed from (seed, step) alone: the data order and
-    the masks are the same however the run is split, stopped and resumed, and in any worker."""
+    """This process's rows of batch number `step` of the whole run (rank of `world` processes, each
+    a contiguous share). Row i of a batch is a function of (seed, step, i) alone: the data order
+    and the masks are the same however the run is split among processes and workers, stopped and
+    resumed."""
 
-    def __init__(self, corpora, batch_size, seed):
-        self.corpora, self.batch_size, self.seed = corpora, batch_size, seed
+    def __init__(self, corpora, batch_size, seed, rank=0, world=1):
+        self.corpora, self.batch_size, self.seed, self.rank, self.world = corpora, batch_size, seed, rank, world
         self.sizes = [len(c) for c in corpora]
         self.steps_per_epoch = len(epoch_plan(self.sizes, [c.rate for c in corpora], batch_size, seed, 0))
         self._plan = (None, None)
 
     def plan(self, epoch):
         if self._plan[0] != epoch:
-            self._plan = (epoch, epoch_plan(self.sizes, [c.rate for c in self.corpora], self.batch_size, self.seed, epoch))
+            self._plan = (epoch,
+                          epoch_plan(self.sizes, [c.rate for c in self.corpora], self.batch_size, self.seed, epoch))
         return self._plan[1]
 
     def __len__(self):
@@ -641,9 +776,9 @@ class PretrainData(torch.utils.data.Dataset):
 
     def __getitem__(self, step):
         d, idx = self.plan(step // self.steps_per_epoch)[step % self.steps_per_epoch]
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        n, r, w = len(idx), self.rank, self.world
         corpus = self.corpora[d]
-        return corpus.name, corpus.batch(idx, gen)
+        return corpus.name, corpus.batch(idx, RowRandom(self.seed, step, range(n * r // w, n * (r + 1) // w), n))
 
 
 # DataLoader workers. A worker hands a batch to the main process tensor by tensor, each in new shared
@@ -664,7 +799,8 @@ def pack(batch, out=None):
         layout.append((k, v.dtype, tuple(v.shape), size, n))
         size += -(-n // 8) * 8  # 8-byte aligned: any dtype can view its part
     if out is None or size > len(out):
-        out = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(size))  # as DataLoader's collate does
+        # as DataLoader's collate does
+        out = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(size))
     for k, dtype, shape, at, n in layout:
         out[at:at + n].view(dtype).view(shape).copy_(batch[k])
     return out, layout
@@ -696,7 +832,8 @@ class _ViaRing(torch.utils.data.Dataset):
 def batches(dataset, steps, workers=0, pin_memory=False):
     """(name, batch) for each step of `steps`, in order, built by `workers` processes (0: by this
     one): the same batches whatever the number of workers. A batch stays valid after the next."""
-    seed = torch.Generator().manual_seed(0)  # the loader's own: drawing from the global one would shift dropout on resume
+    # the loader's own: drawing from the global one would shift dropout on resume
+    seed = torch.Generator().manual_seed(0)
     if workers == 0 or not hasattr(os, "fork"):  # without fork (Windows) the workers hand tensors over one by one
         yield from torch.utils.data.DataLoader(dataset, batch_size=None, sampler=steps, num_workers=workers,
                                                pin_memory=pin_memory, generator=seed)

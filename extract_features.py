@@ -1,7 +1,7 @@
 """
-Region features and tags from real images with torchvision's Faster R-CNN (SPEC 9), written to the
+Region features and tags from real images with torchvision's Faster R-CNN (docs/METHOD.md §9), written to the
 feature store (data.FeatureStore) that pre-training and fine-tuning read; or an import of the classic
-bottom-up-attention TSV (SPEC 7) into the same store.
+bottom-up-attention TSV (docs/METHOD.md §7) into the same store.
 
     python extract_features.py --images path/to/images --out features/cc     # a folder, or a list file of paths
     python extract_features.py --images imgs --out feats/refcoco --given-boxes boxes.json
@@ -44,7 +44,6 @@ import base64
 import contextlib
 import csv
 import hashlib
-import json
 import math
 import os
 import sys
@@ -67,8 +66,9 @@ EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--images", help="folder of images (searched recursively) or a text file of image paths")
 parser.add_argument("--out", help="the feature store folder to write (resumed if it exists)")
-parser.add_argument("--weights", default="DEFAULT", help="DEFAULT (torchvision's COCO weights, downloaded once), a weights enum name, "
-                    "none (random, seeded by --seed: for tests and offline machines), or a local .pth state dict")
+parser.add_argument("--weights", default="DEFAULT",
+                    help="DEFAULT (torchvision's COCO weights, downloaded once), a weights enum name, "
+                         "none (random, seeded by --seed: for tests and offline machines), or a local .pth state dict")
 parser.add_argument("--model", default="fasterrcnn_resnet50_fpn_v2", help="torchvision Faster R-CNN with FPN "
                     "(fasterrcnn_resnet50_fpn_v2, fasterrcnn_resnet50_fpn, fasterrcnn_mobilenet_v3_large_fpn)")
 parser.add_argument("--feature", default="box_head", choices=["box_head", "c5"],
@@ -76,14 +76,22 @@ parser.add_argument("--feature", default="box_head", choices=["box_head", "c5"],
 parser.add_argument("--boxes", type=int, default=None, help="fixed number of boxes per image (default 36)")
 parser.add_argument("--min-boxes", type=int, default=None, help="adaptive: at least this many boxes (default 10)")
 parser.add_argument("--max-boxes", type=int, default=None, help="adaptive: at most this many boxes (default 100)")
-parser.add_argument("--score-thresh", type=float, default=0.2, help="adaptive: keep boxes scoring at least this (%(default)s)")
+parser.add_argument("--score-thresh", type=float, default=0.2,
+                    help="adaptive: keep boxes scoring at least this (%(default)s)")
 parser.add_argument("--nms", type=float, default=0.3, help="IoU of the class-agnostic NMS (%(default)s)")
-parser.add_argument("--proposals", type=int, default=1000, help="RPN proposals per image (%(default)s, torchvision's)")
-parser.add_argument("--min-size", type=int, default=800, help="resize the shorter side to this (%(default)s, torchvision's)")
-parser.add_argument("--max-size", type=int, default=1333, help="... unless the longer side would exceed this (%(default)s)")
-parser.add_argument("--given-boxes", default=None, help="JSON {image id or file name: [[x1, y1, x2, y2], ...]} pixel boxes to pool")
-parser.add_argument("--from-tsv", default=None, help="import a bottom-up-attention TSV (SPEC 7) instead of running a detector")
-parser.add_argument("--vocab", default=None, help="TSV import: object class names, one a line (first synonym); else class_<i>")
+parser.add_argument("--proposals", type=int, default=1000,
+                    help="RPN proposals per image (%(default)s, torchvision's; fewer are faster: see "
+                         "--bench-proposals)")
+parser.add_argument("--min-size", type=int, default=800,
+                    help="resize the shorter side to this (%(default)s, torchvision's)")
+parser.add_argument("--max-size", type=int, default=1333,
+                    help="... unless the longer side would exceed this (%(default)s)")
+parser.add_argument("--given-boxes", default=None,
+                    help="JSON {image id or file name: [[x1, y1, x2, y2], ...]} pixel boxes to pool")
+parser.add_argument("--from-tsv", default=None,
+                    help="import a bottom-up-attention TSV (docs/METHOD.md §7) instead of running a detector")
+parser.add_argument("--vocab", default=None,
+                    help="TSV import: object class names, one a line (first synonym); else class_<i>")
 parser.add_argument("--attr-vocab", default=None, help="TSV import: attribute names, one a line; else attr_<i>")
 parser.add_argument("--batch-size", type=int, default=4, help="images per detector batch (%(default)s)")
 parser.add_argument("--workers", type=int, default=4, help="image-decoding processes (%(default)s)")
@@ -92,22 +100,57 @@ parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", 
                     help="autocast dtype; auto: fp16 on CUDA, fp32 on CPU")
 parser.add_argument("--seed", type=int, default=0, help="seed of the random detector with --weights none (%(default)s)")
 parser.add_argument("--shard", type=int, default=None, help="this process's share (default: torchrun's RANK, else 0)")
-parser.add_argument("--num-shards", type=int, default=None, help="number of processes sharing the job (default: WORLD_SIZE, else 1)")
-parser.add_argument("--shard-size", type=int, default=1000, help="images per written shard, the most a kill can lose (%(default)s)")
-parser.add_argument("--bench", action="store_true", help="images/s of extraction vs torchvision's plain model(images), nothing written")
-parser.add_argument("--bench-images", type=int, default=16, help="--bench: images to time, the first of --images, else random ones (%(default)s)")
+parser.add_argument("--num-shards", type=int, default=None,
+                    help="number of processes sharing the job (default: WORLD_SIZE, else 1)")
+parser.add_argument("--shard-size", type=int, default=1000,
+                    help="images per written shard, the most a kill can lose (%(default)s)")
+parser.add_argument("--bench", action="store_true",
+                    help="images/s of extraction vs torchvision's plain model(images), nothing written")
+parser.add_argument("--bench-images", type=int, default=16,
+                    help="--bench: images to time, the first of --images, else random ones (%(default)s)")
+parser.add_argument("--bench-proposals", type=int, nargs="+", metavar="N",
+                    help="--bench: at each of these proposal counts, and how many of the boxes kept with the first "
+                         "are kept with each other")
+# every flag that names a path, and what it must be (data.check_path); --weights is checked where it is read
+PATH_FLAGS = {"images": "file or folder", "out": "out", "given_boxes": "file", "from_tsv": "file", "vocab": "file",
+              "attr_vocab": "file"}
 
 # -----------------------------------------------------------------------------
 # images: find, decode to upright 8-bit RGB
 
 
 def find_images(spec):
-    """A folder (searched recursively) or a list file -> sorted paths."""
+    """A folder (searched recursively) or a list file -> sorted paths; none is an error."""
     if os.path.isdir(spec):
-        return sorted(os.path.join(d, f) for d, _, files in os.walk(spec) for f in files if f.lower().endswith(EXTENSIONS))
-    with open(spec) as f:
-        lines = [line.strip() for line in f if line.strip()]
+        paths = sorted(os.path.join(d, f) for d, _, fs in os.walk(spec) for f in fs if f.lower().endswith(EXTENSIONS))
+        if not paths:
+            sys.exit(f"--images {spec}: no images in this folder ({', '.join(EXTENSIONS)})")
+        return paths
+    if spec.lower().endswith(EXTENSIONS):
+        sys.exit(f"--images {spec}: an image; --images takes a folder of images or a text file listing them")
+    try:
+        with open(spec, encoding="utf-8") as f:
+            lines = [line.strip() for line in f if line.strip()]
+    except UnicodeDecodeError:
+        sys.exit(f"--images {spec}: not a text file listing image paths, one a line")
+    if not lines:
+        sys.exit(f"--images {spec}: lists no images")
     return [os.path.join(os.path.dirname(os.path.abspath(spec)), p) for p in lines]
+
+
+def read_given_boxes(file):
+    """--given-boxes: {image id or file name: [[x1, y1, x2, y2], ...]} in pixels, checked before any work."""
+    try:
+        given = data.read_json(file)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(str(e))
+    if not isinstance(given, dict):
+        sys.exit(f"--given-boxes {file}: not a JSON object {{image id or file name: [[x1, y1, x2, y2], ...]}}")
+    box = lambda b: isinstance(b, list) and len(b) == 4 and all(type(v) in (int, float) for v in b)  # noqa: E731
+    for k, boxes in given.items():
+        if not isinstance(boxes, list) or not all(map(box, boxes)):
+            sys.exit(f"--given-boxes {file}: image {k!r}: not a list of [x1, y1, x2, y2] pixel boxes")
+    return {str(k): v for k, v in given.items()}
 
 
 def stem(path):
@@ -136,7 +179,8 @@ def load_image(path, max_side):
             a = a / 257.0  # 0..65535 -> 0..255
         img = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
-        img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img.convert("RGBA"))  # alpha on white
+        # alpha on white
+        img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img.convert("RGBA"))
     img = img.convert("RGB")  # L, 1, P, CMYK, YCbCr, ... -> RGB
     if max(width, height) > max_side:  # very large: shrink by an integer factor first (memory, speed)
         img = img.reduce(math.ceil(max(width, height) / max_side))
@@ -170,20 +214,32 @@ def build_model(args):
     kw = dict(min_size=args.min_size, max_size=args.max_size, rpn_post_nms_top_n_test=args.proposals,
               box_score_thresh=args.score_thresh, box_nms_thresh=args.nms, box_detections_per_img=args.max_k)
     categories = torchvision.models.get_model_weights(args.model).DEFAULT.meta["categories"]  # 91 COCO ids, offline
+    weights_file = os.path.isfile(args.weights) or args.weights.endswith((".pth", ".pt")) or os.sep in args.weights
     if args.weights.lower() == "none":
         torch.manual_seed(args.seed)  # the same random detector in every process and rerun
         model = torchvision.models.get_model(args.model, weights=None, weights_backbone=None, **kw)
         name = f"none (random, seed {args.seed})"
-    elif os.path.isfile(args.weights):
-        state = torch.load(args.weights, map_location="cpu", weights_only=True)
-        state = state.get("model", state)  # torchvision's reference scripts save {"model": ...}
-        num_classes = state["roi_heads.box_predictor.cls_score.weight"].shape[0]
-        model = torchvision.models.get_model(args.model, weights=None, weights_backbone=None, num_classes=num_classes, **kw)
-        model.load_state_dict(state)
+    elif weights_file:
+        data.check_path(args.weights, "file", "--weights")
+        try:
+            state = torch.load(args.weights, map_location="cpu", weights_only=True)
+            state = state.get("model", state)  # torchvision's reference scripts save {"model": ...}
+            num_classes = state["roi_heads.box_predictor.cls_score.weight"].shape[0]
+            model = torchvision.models.get_model(args.model, weights=None, weights_backbone=None,
+                                                 num_classes=num_classes, **kw)
+            model.load_state_dict(state)
+        except Exception as e:  # not a torch file, not a state dict, another model's
+            first = (str(e).splitlines() or [""])[0][:200]
+            sys.exit(f"--weights {args.weights}: not a state dict of {args.model} ({type(e).__name__}: {first})")
         with open(args.weights, "rb") as f:
             name = f"{os.path.basename(args.weights)} sha256:{hashlib.sha256(f.read()).hexdigest()[:16]}"
         categories = categories if num_classes == len(categories) else [f"class_{i}" for i in range(num_classes)]
     else:  # DEFAULT or an enum name: torchvision downloads the file once, on a machine with internet
+        try:
+            torchvision.models.get_model_weights(args.model).verify(args.weights)
+        except (ValueError, KeyError):
+            sys.exit(f"--weights {args.weights}: not a file, nor a name of {args.model}'s weights in torchvision "
+                     f"({', '.join(torchvision.models.get_model_weights(args.model).__members__)}), nor none")
         try:
             model = torchvision.models.get_model(args.model, weights=args.weights, **kw)
         except OSError as e:  # offline: no cached file and no internet
@@ -193,6 +249,18 @@ def build_model(args):
     return model.eval(), categories, name
 
 
+def box_policy(args):
+    """Fixed K, or adaptive min..max: fills in args.adaptive, the box counts and args.max_k; returns the
+    policy's name as the store records it (ask.py reads it back)."""
+    if args.min_boxes is None and args.max_boxes is None:
+        args.adaptive, args.boxes = False, args.boxes or 36
+        args.max_k = args.boxes
+        return f"fixed {args.boxes}"
+    args.adaptive, args.min_boxes, args.max_boxes = True, args.min_boxes or 10, args.max_boxes or 100
+    args.max_k = args.max_boxes
+    return f"adaptive {args.min_boxes}-{args.max_boxes} at score >= {args.score_thresh}"
+
+
 def feature_dim(model, kind):
     return model.backbone.fpn.inner_blocks[-1][0].in_channels if kind == "c5" else model.roi_heads.box_predictor.cls_score.in_features
 
@@ -200,7 +268,8 @@ def feature_dim(model, kind):
 def select_boxes(boxes, scores, args):
     """The box policy on one image's candidates, (P, 4) boxes and (P,) scores -> indices, best first."""
     keep = box_ops.nms(boxes, scores, args.nms)  # (k,) survivors, sorted by score
-    n = args.boxes if not args.adaptive else min(max(int((scores[keep] >= args.score_thresh).sum()), args.min_boxes), args.max_boxes)
+    n = args.boxes if not args.adaptive else min(max(int((scores[keep] >= args.score_thresh).sum()), args.min_boxes),
+                                                 args.max_boxes)
     if len(keep) < n:  # too few survive NMS: the best suppressed boxes fill in
         suppressed = torch.ones(len(scores), dtype=torch.bool, device=scores.device)
         suppressed[keep] = False
@@ -227,7 +296,8 @@ def extract(model, images, args, given=None):
         probs = F.softmax(logits.float(), -1)
         s_all, lab_all = probs[:, 1:].max(1)  # best foreground class per proposal, (sum P,)
         lab_all = lab_all + 1  # label ids count the background as 0
-        d = deltas.float().reshape(len(deltas), -1, 4)[torch.arange(len(deltas), device=deltas.device), lab_all]  # (sum P, 4)
+        # (sum P, 4)
+        d = deltas.float().reshape(len(deltas), -1, 4)[torch.arange(len(deltas), device=deltas.device), lab_all]
         b_all = rh.box_coder.decode_single(d, torch.cat(proposals).float())  # (sum P, 4) that class's regressed box
         final, labels, scores, counts = [], [], [], [len(q) for q in proposals]
         for i, (b, s, lab) in enumerate(zip(b_all.split(counts), s_all.split(counts), lab_all.split(counts))):
@@ -247,7 +317,8 @@ def extract(model, images, args, given=None):
         x = rh.box_head(rh.box_roi_pool(fpn, final, sizes))  # (sum K, 1024) the final boxes pooled again
     if args.feature == "c5":  # the last ResNet stage, RoIAlign 7x7 then averaged: (sum K, 2048)
         c5 = list(body.values())[-1]
-        feats = roi_align(c5, final, output_size=7, spatial_scale=c5.shape[-1] / batch.tensors.shape[-1], sampling_ratio=2).mean((2, 3))
+        feats = roi_align(c5, final, output_size=7, spatial_scale=c5.shape[-1] / batch.tensors.shape[-1],
+                          sampling_ratio=2).mean((2, 3))
     else:
         feats = x
     if tag:
@@ -266,17 +337,24 @@ def extract(model, images, args, given=None):
     return out
 
 # -----------------------------------------------------------------------------
-# the bottom-up-attention TSV (SPEC 7)
+# the bottom-up-attention TSV (docs/METHOD.md §7)
 
-TSV_FIELDS = ["img_id", "img_h", "img_w", "objects_id", "objects_conf", "attrs_id", "attrs_conf", "num_boxes", "boxes", "features"]
+TSV_FIELDS = ["img_id", "img_h", "img_w", "objects_id", "objects_conf", "attrs_id", "attrs_conf", "num_boxes", "boxes",
+              "features"]
 
 
 def read_vocab(file, n, prefix):
     """One class a line, first synonym of "a,b,c"; no file: n names prefix_<i> (Visual Genome's sizes)."""
     if file is None:
         return [f"{prefix}_{i}" for i in range(n)]
-    with open(file) as f:
-        return [line.strip().split(",")[0] for line in f if line.strip()]
+    try:
+        with open(file, encoding="utf-8") as f:
+            names = [line.strip().split(",")[0] for line in f if line.strip()]
+    except UnicodeDecodeError:
+        names = []
+    if not names:
+        sys.exit(f"{file}: not a list of names, one a line")
+    return names
 
 
 def import_tsv(args, rank, world):
@@ -285,29 +363,44 @@ def import_tsv(args, rank, world):
     if args.vocab is None:
         print("no --vocab: class names are class_<i> (1600 Visual Genome objects); attributes attr_<i> (400)")
     settings = {"source": "bottom-up-attention TSV", "tsv": os.path.basename(args.from_tsv),
-                "vocab": args.vocab and os.path.basename(args.vocab), "attr_vocab": args.attr_vocab and os.path.basename(args.attr_vocab),
+                "vocab": args.vocab and os.path.basename(args.vocab),
+                "attr_vocab": args.attr_vocab and os.path.basename(args.attr_vocab),
                 "boxes": "as in the TSV, normalised by img_w, img_h"}
-    writer, done, n = None, set(), 0
-    decode = lambda s, dtype: np.frombuffer(base64.b64decode(s), dtype=dtype)  # noqa: E731
-    with open(args.from_tsv) as f:
+    writer, done, n, rows = None, set(), 0, 0
+    decode = lambda s, dtype: np.frombuffer(base64.b64decode(s, validate=True), dtype=dtype)  # noqa: E731
+    with open(args.from_tsv, encoding="utf-8", errors="replace") as f:
         for r, row in enumerate(csv.DictReader(f, TSV_FIELDS, delimiter="\t")):
+            rows += 1
             if r % world != rank:
                 continue
-            K = int(row["num_boxes"])
-            w, h = int(float(row["img_w"])), int(float(row["img_h"]))
-            feats = decode(row["features"], np.float32).reshape(K, -1)  # (K, 2048)
+            try:
+                K = int(row["num_boxes"])
+                w, h = int(float(row["img_w"])), int(float(row["img_h"]))
+                feats = decode(row["features"], np.float32).reshape(K, -1)  # (K, 2048)
+                labels, attrs = decode(row["objects_id"], np.int64), decode(row["attrs_id"], np.int64)
+                boxes = decode(row["boxes"], np.float32).reshape(K, 4) / np.array([w, h, w, h], np.float32)  # (K, 4)
+                conf, attr_conf = decode(row["objects_conf"], np.float32), decode(row["attrs_conf"], np.float32)
+                if not len(labels) == len(attrs) == len(conf) == len(attr_conf) == K or feats.shape[1] == 0:
+                    raise ValueError(f"{K} boxes, {len(labels)} classes, {len(conf)} scores, {len(attrs)} attributes")
+            except (ValueError, TypeError) as e:  # a missing field is None: TypeError
+                sys.exit(f"{args.from_tsv}: row {r + 1} is not a bottom-up-attention TSV row "
+                         f"({', '.join(TSV_FIELDS)}): {type(e).__name__}: {str(e)[:200]}")
+            if labels.size and (labels.max() >= len(names) or attrs.max() >= len(attr_names)):
+                sys.exit(f"{args.from_tsv}: image {row['img_id']} has class ids beyond the vocabulary "
+                         f"({len(names)}, {len(attr_names)})")
             if writer is None:
-                writer = data.FeatureWriter(args.out, feats.shape[1], names, attr_names, extractor=settings, prefix=f"shard{rank}", shard_size=args.shard_size)
+                try:
+                    writer = data.FeatureWriter(args.out, feats.shape[1], names, attr_names, extractor=settings,
+                                                prefix=f"shard{rank}", shard_size=args.shard_size)
+                except ValueError as e:  # a store made with other settings, a broken meta.json
+                    sys.exit(str(e))
                 done = writer.done_ids()
             if row["img_id"] in done:
                 continue
-            labels, attrs = decode(row["objects_id"], np.int64), decode(row["attrs_id"], np.int64)
-            if labels.size and (labels.max() >= len(names) or attrs.max() >= len(attr_names)):
-                sys.exit(f"{args.from_tsv}: image {row['img_id']} has class ids beyond the vocabulary ({len(names)}, {len(attr_names)})")
-            boxes = decode(row["boxes"], np.float32).reshape(K, 4) / np.array([w, h, w, h], np.float32)  # (K, 4) in [0, 1]
-            writer.add(row["img_id"], feats, np.clip(boxes, 0, 1), labels, decode(row["objects_conf"], np.float32), w, h,
-                       attributes=attrs, attr_scores=decode(row["attrs_conf"], np.float32))
+            writer.add(row["img_id"], feats, np.clip(boxes, 0, 1), labels, conf, w, h, attrs, attr_conf)
             n += 1
+    if not rows:
+        sys.exit(f"{args.from_tsv}: no rows")
     if writer is not None:
         writer.close()
     print(f"imported {n} images from {args.from_tsv} into {args.out}")
@@ -320,18 +413,18 @@ def main(argv=None):
     args = parser.parse_args(argv)
     rank = args.shard if args.shard is not None else int(os.environ.get("RANK", 0))
     world = args.num_shards if args.num_shards is not None else int(os.environ.get("WORLD_SIZE", 1))
-    assert 0 <= rank < world, f"--shard {rank} is not in [0, --num-shards {world})"
+    if not 0 <= rank < world:
+        parser.error(f"--shard {rank} is not in [0, --num-shards {world})")
+    data.check_paths(args, PATH_FLAGS)
     if args.from_tsv:
-        assert args.out, "--out is required"
+        if not args.out:
+            parser.error("--out is required")
         return import_tsv(args, rank, world)
-    assert args.bench or (args.images and args.out), "--images and --out are required (or --from-tsv, or --bench)"
-    if args.min_boxes is None and args.max_boxes is None:  # the box policy: fixed K, or adaptive min..max
-        args.adaptive, args.boxes = False, args.boxes or 36
-        args.max_k, policy = args.boxes, f"fixed {args.boxes}"
-    else:
-        assert args.boxes is None, "choose --boxes K (fixed) or --min-boxes/--max-boxes (adaptive), not both"
-        args.adaptive, args.min_boxes, args.max_boxes = True, args.min_boxes or 10, args.max_boxes or 100
-        args.max_k, policy = args.max_boxes, f"adaptive {args.min_boxes}-{args.max_boxes} at score >= {args.score_thresh}"
+    if not (args.bench or (args.images and args.out)):
+        parser.error("--images and --out are required (or --from-tsv, or --bench)")
+    if args.boxes is not None and (args.min_boxes is not None or args.max_boxes is not None):
+        parser.error("choose --boxes K (fixed) or --min-boxes/--max-boxes (adaptive), not both")
+    policy = box_policy(args)
     if args.device == "auto":
         local = int(os.environ.get("LOCAL_RANK", 0))
         args.device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
@@ -342,16 +435,18 @@ def main(argv=None):
     autocast = torch.autocast(device.type, half) if half else contextlib.nullcontext()
     paths = find_images(args.images) if args.images else []
     ids = image_ids(paths)  # fails at start on two files with one stem
+    given = read_given_boxes(args.given_boxes) if args.given_boxes and not args.bench else None
     model, categories, weights_name = build_model(args)
     model.to(device)
     dim = feature_dim(model, args.feature)
     settings = {"extractor": "extract_features.py", "model": args.model, "weights": weights_name,
                 "torchvision": torchvision.__version__.split("+")[0], "feature": args.feature,
-                "box_policy": "given boxes" if args.given_boxes else policy, "nms": args.nms, "score_thresh": args.score_thresh,
+                "box_policy": "given boxes" if args.given_boxes else policy, "nms": args.nms,
+                "score_thresh": args.score_thresh,
                 "candidates": "best foreground class per proposal, class-agnostic NMS, best first",
                 "fill": "best NMS-suppressed boxes, then the whole-image box", "proposals": args.proposals,
                 "image_size": f"shorter side {args.min_size}, longer at most {args.max_size} (torchvision transform); "
-                              f"longer than {4 * args.max_size} first reduced by an integer factor",
+                f"longer than {4 * args.max_size} first reduced by an integer factor",
                 "pixels": "RGB, EXIF-transposed, alpha on white, 16-bit scaled", "dtype": args.dtype,
                 "given_boxes": args.given_boxes and os.path.basename(args.given_boxes)}
     print(f"{args.model}, weights {weights_name}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
@@ -359,21 +454,23 @@ def main(argv=None):
 
     if args.bench:
         return bench(model, paths, args, device, autocast)
-    given = None
-    if args.given_boxes:
-        with open(args.given_boxes) as f:
-            given = {str(k): v for k, v in json.load(f).items()}
+    if given is not None:
         keep = [i for i, (p, k) in enumerate(zip(paths, ids)) if k in given or os.path.basename(p) in given]
         print(f"--given-boxes: {len(keep)} of {len(paths)} images have boxes; the others are left out")
         paths, ids = [paths[i] for i in keep], [ids[i] for i in keep]
-    writer = data.FeatureWriter(args.out, dim, categories, extractor=settings, prefix=f"shard{rank}", shard_size=args.shard_size)
+    try:
+        writer = data.FeatureWriter(args.out, dim, categories, extractor=settings, prefix=f"shard{rank}",
+                                    shard_size=args.shard_size)
+    except ValueError as e:  # a store made with other settings, a broken meta.json
+        sys.exit(str(e))
     done = writer.done_ids()
     skipped_file = os.path.join(args.out, "skipped.txt")
     listed = set()
     if os.path.exists(skipped_file):
         with open(skipped_file) as f:
             text = f.read()
-        listed = {line.split("\t")[0] for line in text.splitlines() if "\t" in line}  # a line cut by a kill has no reason
+        # a line cut by a kill has no reason
+        listed = {line.split("\t")[0] for line in text.splitlines() if "\t" in line}
         if text and not text.endswith("\n"):
             with open(skipped_file, "a") as f:
                 f.write("\n")
@@ -382,7 +479,8 @@ def main(argv=None):
     batches = [mine[i:i + args.batch_size] for i in range(0, len(mine), args.batch_size)]
     batches = [[p for p, _ in b] for b in batches if any(k not in done and p not in listed for p, k in b)]
     todo = {p for b in batches for p in b if stem(p) not in done and p not in listed}
-    print(f"{len(paths)} images, {len(mine)} in shard {rank}/{world}, {len(mine) - len(todo)} already done or skipped, {len(todo)} to go")
+    print(f"{len(paths)} images, {len(mine)} in shard {rank}/{world}, {len(mine) - len(todo)} already done or skipped, "
+          f"{len(todo)} to go")
     loader = torch.utils.data.DataLoader(Batches(batches, 4 * args.max_size), batch_size=None, num_workers=args.workers,
                                          pin_memory=device.type == "cuda")
     handled, written, bad, t0, last = 0, 0, 0, time.time(), 0.0
@@ -423,7 +521,9 @@ def main(argv=None):
 
 @torch.inference_mode()
 def bench(model, paths, args, device, autocast):
-    """Images/s of extraction (detect + pool the final boxes again) and of torchvision's model(images)."""
+    """Images/s of extraction (detect + pool the final boxes again) and of torchvision's model(images),
+    at each RPN proposal count of --bench-proposals (default: --proposals); with several, how many of
+    the boxes kept with the first count are kept again (a box of IoU >= 0.5) with each other count."""
     g = torch.Generator().manual_seed(0)
     if paths:
         images = [load_image(p, 4 * args.max_size)[0] for p in paths[: args.bench_images]]
@@ -431,25 +531,42 @@ def bench(model, paths, args, device, autocast):
         images = [torch.randint(0, 256, (3, 480, 640), generator=g, dtype=torch.uint8) for _ in range(args.bench_images)]
     images = [t.to(device).float() / 255 for t in images]
     batches = [images[i:i + args.batch_size] for i in range(0, len(images), args.batch_size)]
+    print(f"{len(images)} images, batch {args.batch_size}, {args.min_size}/{args.max_size} px, {device} {args.dtype}")
+    rows, first = {}, None
+    for n in args.bench_proposals or [args.proposals]:
+        model.rpn._post_nms_top_n["testing"] = args.proposals = n  # the proposals the RPN keeps per image
+        ips, kept = time_runs(model, batches, args, device, autocast)
+        first = first or kept
+        # each box kept with the first count: its best IoU with a box kept with this one
+        iou = torch.cat([box_ops.box_iou(torch.from_numpy(a), torch.from_numpy(b)).max(1)[0] for a, b in zip(first, kept)])
+        rows[n] = {**ips, "kept": iou.ge(0.5).float().mean().item(), "best_iou": iou.mean().item()}
+        print(f"{n:5d} proposals | extraction {ips['extraction']:.2f} images/s | model(images) "
+              f"{ips['model(images)']:.2f} images/s | overhead "
+              f"{100 * (ips['model(images)'] / ips['extraction'] - 1):+.1f}% | "
+              f"boxes of {next(iter(rows))} proposals kept again {rows[n]['kept']:.0%}, mean best IoU "
+              f"{rows[n]['best_iou']:.2f}")
+    return {**rows[next(iter(rows))], "by_proposals": rows}
+
+
+def time_runs(model, batches, args, device, autocast):
+    """Images/s of extraction and of model(images), each batch's fastest of 3 rounds after a warm-up
+    round, the two alternating batch by batch on the same images; and the boxes extraction kept."""
     runs = {"extraction": lambda b: extract(model, b, args), "model(images)": lambda b: model(b)}
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    best = {k: [float("inf")] * len(batches) for k in runs}  # per batch, the fastest of 3 rounds
-    for rep in range(4):  # a warm-up round, then 3 timed; the two alternate batch by batch, on the same images
+    best, kept = {k: [float("inf")] * len(batches) for k in runs}, []
+    for rep in range(4):
         for j, b in enumerate(batches):
             for name, fn in runs.items():
                 sync()
                 t = time.time()
                 with autocast:
-                    fn(b)
+                    out = fn(b)
                 sync()
                 if rep > 0:
                     best[name][j] = min(best[name][j], time.time() - t)
-    best = {k: sum(v) for k, v in best.items()}
-    ips = {k: len(images) / v for k, v in best.items()}
-    print(f"{len(images)} images, batch {args.batch_size}, {args.min_size}/{args.max_size} px, {args.proposals} proposals, {device} {args.dtype}")
-    print(f"extraction {ips['extraction']:.2f} images/s | model(images) {ips['model(images)']:.2f} images/s | "
-          f"overhead {100 * (best['extraction'] / best['model(images)'] - 1):+.1f}%")
-    return ips
+                if rep == 0 and name == "extraction":
+                    kept += [o["boxes"] for o in out]
+    return {k: sum(len(b) for b in batches) / sum(v) for k, v in best.items()}, kept
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """
-Fine-tune U-VisualBERT on the paper's four downstream tasks (SPEC 6) and report their metrics.
+Fine-tune U-VisualBERT on the paper's four downstream tasks (docs/METHOD.md §6) and report their metrics.
 
     python finetune.py --task vqa --init-from out/pretrain/ckpt.pt        # VQA 2.0: soft accuracy
     python finetune.py --task nlvr2 --init-from out/pretrain/ckpt.pt      # NLVR2: accuracy and consistency
@@ -7,11 +7,11 @@ Fine-tune U-VisualBERT on the paper's four downstream tasks (SPEC 6) and report 
     python finetune.py --task refcoco --init-from out/pretrain/ckpt.pt    # RefCOCO+: the top region's box has IoU >= 0.5
 
 With no data flags a task uses the toy world's files (made by toy.py on first use); --data DIR and
---features STORE... point it at the real benchmark files (SPEC 7) and a feature store made by
+--features STORE... point it at the real benchmark files (docs/METHOD.md §7) and a feature store made by
 extract_features.py. Every run writes OUT/results.json, OUT/baseline.json, OUT/log.jsonl,
 OUT/args.json and OUT/ckpt.pt (--resume goes on from it), and prints each split's result beside a
 trivial baseline. Under torchrun the same command trains data-parallel (--batch-size stays the global
-batch), as pretrain.py does:
+batch; --grad-accum N takes each process's share in N micro-batches), as pretrain.py does:
 
     torchrun --standalone --nproc_per_node 8 finetune.py --task vqa --init-from out/pretrain/ckpt.pt
 
@@ -26,28 +26,27 @@ import json
 import math
 import os
 import pickle
-import platform
 import re
-import sys
 import time
 from collections import Counter
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 import data
 import toy
-from model import PRESETS, Config, VisualBERT, config_from_hf, load_bert
-from pretrain import autocast, load_checkpoint, pick_dtype, restore, save_checkpoint, setup_device, shard, trim_log
+from model import PRESETS
+from pretrain import (Objectives, all_sum, autocast, check_batch, leave, load_checkpoint, load_weights, make_model,
+                      make_optimizer, optimizer_step, pick_dtype, pretrain_step, restore, save_checkpoint, say,
+                      setup_device, shard, to_device, toy_world, trim_log, with_positions, wrap, write_args)
 
 # -----------------------------------------------------------------------------
 # settings: every flag, in one place; `python finetune.py -h` is the manual
 
 # Defaults sized for the toy world (each task in <= 3 min on a 2-core CPU, the tiny model). For the
-# real benchmarks with BERT-base use the paper's settings (SPEC 6), listed in PAPER and in --help.
+# real benchmarks with BERT-base use the paper's settings (docs/METHOD.md §6), listed in PAPER and in --help.
 # VQA and retrieval learn at 3e-4, not 1e-3, at which the word-to-tag match they need is not found.
 DEFAULTS = {  # task: epochs, batch size, peak learning rate
     "vqa": dict(epochs=16, batch_size=32, lr=3e-4),
@@ -68,58 +67,83 @@ TOY = {  # task: its folder under toy_world/tasks, its feature stores under toy_
     "refcoco": ("refcoco+", ["refcoco"]),
 }
 REAL_DATA = """
-real benchmarks (SPEC 7): --data DIR holds the task's files under their official names, and
+real benchmarks (docs/METHOD.md §7): --data DIR holds the task's files under their official names, and
 --features the feature stores of its images (extract_features.py; several stores are read as one):
   vqa        DIR/v2_OpenEnded_mscoco_{train2014,val2014}_questions.json, DIR/v2_mscoco_{train2014,val2014}_annotations.json;
              trains on train2014, reports val2014. COCO images are found as "42" or "COCO_val2014_000000000042".
   nlvr2      DIR/{train,dev,test1}.json (test2.json too if present); images "dev-850-0-img0", "dev-850-0-img1".
   retrieval  DIR/dataset_flickr30k.json (Karpathy's split); images by file stem ("1000092795"); reports test.
   refcoco    DIR/refs(unc).p and DIR/instances.json (RefCOCO+, UNC split; the COCO train2014 images); reports val, testA, testB.
-paper settings for BERT-base (SPEC 6):
+paper settings for BERT-base (docs/METHOD.md §6):
 """ + "\n".join(f"  {t:<10} {s}" for t, s in PAPER.items())
 
-p = argparse.ArgumentParser(description="Fine-tune U-VisualBERT on VQA, NLVR2, Flickr30K retrieval or RefCOCO+ (SPEC 6).",
-                            epilog=REAL_DATA, formatter_class=argparse.RawDescriptionHelpFormatter)
-p.add_argument("--task", required=True, choices=list(TOY), help="which downstream task")
-d = p.add_argument_group("data (default: the toy world's task files and feature stores)")
-d.add_argument("--data", metavar="DIR", help="folder holding the task's files under their official names (see below)")
-d.add_argument("--features", nargs="+", metavar="STORE", help="feature stores holding every image the task's files name")
-d.add_argument("--toy-root", default=toy.TOY_DIR, metavar="DIR", help="where the toy world is made and cached")
-d.add_argument("--train-fraction", type=float, default=1.0, metavar="F",
-               help="train on the first ceil(F * N) of the N training examples (retrieval: images) in one fixed order, "
-                    "the same for every --seed, so a smaller fraction's examples are among a larger one's")
-d.add_argument("--min-answer-count", type=int, default=9, metavar="N",
-               help="vqa: the answer set is every answer that is the multiple_choice_answer of at least this many "
-                    "training questions (9 over train+val gives the usual 3129)")
-m = p.add_argument_group("model and optimisation (SPEC 6); a task's defaults suit the toy world, see the paper's below")
-m.add_argument("--init-from", metavar="PATH", help="our checkpoint (ckpt.pt), a Hugging Face BERT directory (the Base row), "
-                                                   "or nothing: random weights of --model")
-m.add_argument("--model", default="tiny", choices=sorted(PRESETS), help="size preset when there is no --init-from")
-m.add_argument("--no-tags", action="store_true", help="regions only, no detector tags (the _NT rows)")
-m.add_argument("--epochs", type=float, metavar="E", help="epochs, may be fractional (toy: " + ", ".join(f"{t} {v['epochs']}" for t, v in DEFAULTS.items()) + ")")
-m.add_argument("--batch-size", type=int, metavar="B", help="examples per step, the global batch: with N processes (torchrun) each takes 1/N of it (toy: 32)")
-m.add_argument("--lr", type=float, metavar="LR", help="peak learning rate (toy: " + ", ".join(f"{t} {v['lr']:g}" for t, v in DEFAULTS.items()) + ")")
-m.add_argument("--warmup", type=float, default=0.1, metavar="F", help="share of steps for linear warm-up, then linear decay to zero")
-m.add_argument("--weight-decay", type=float, default=0.01, metavar="W")
-m.add_argument("--clip", type=float, default=1.0, metavar="NORM", help="gradient-norm clip")
-m.add_argument("--dropout", type=float, default=None, metavar="P", help="override the model's dropout")
-m.add_argument("--hard-negatives", type=int, default=4, metavar="N",
-               help="retrieval: the wrong image of each positive is the most tag-alike of N random other images (1: a random one)")
-m.add_argument("--test-images", type=int, default=None, metavar="N",
-               help="retrieval: rank among the first N test images only (a quicker check; the paper ranks all 1,000)")
-m.add_argument("--task-pretrain-epochs", type=int, default=0, metavar="N",
-               help="nlvr2: first this many epochs of mask-and-predict on NLVR2's own data, keeping the epoch with the "
-                    "best dev MLM loss (paper: at most 5)")
-r = p.add_argument_group("run")
-r.add_argument("--out", metavar="DIR", help="output folder (default out/finetune/TASK): results.json, baseline.json, log.jsonl, args.json, ckpt.pt")
-r.add_argument("--seed", type=int, default=0)
-r.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if there is one)")
-r.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="autocast dtype (auto: bf16 on a GPU that has it, else fp32)")
-r.add_argument("--compile", action="store_true", help="torch.compile the model for the training steps (worth it on a GPU)")
-r.add_argument("--log-every", type=int, default=50, metavar="STEPS")
-r.add_argument("--save-every", type=int, default=500, metavar="STEPS", help="write OUT/ckpt.pt every this many steps, and at the end")
-r.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt; the rest of the command must be the same")
-r.add_argument("--eval-batch-size", type=int, default=256, metavar="N", help="sequences per forward pass when evaluating")
+parser = argparse.ArgumentParser(description="Fine-tune U-VisualBERT on VQA, NLVR2, Flickr30K retrieval or RefCOCO+ "
+                                             "(docs/METHOD.md §6).",
+                                 epilog=REAL_DATA, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--task", required=True, choices=list(TOY), help="which downstream task")
+group = parser.add_argument_group("data (default: the toy world's task files and feature stores)")
+group.add_argument("--data", metavar="DIR",
+                   help="folder holding the task's files under their official names (see below)")
+group.add_argument("--features", nargs="+", metavar="STORE",
+                   help="feature stores holding every image the task's files name")
+group.add_argument("--toy-root", default=toy.TOY_DIR, metavar="DIR", help="where the toy world is made and cached")
+group.add_argument("--train-fraction", type=float, default=1.0, metavar="F",
+                   help="train on the first ceil(F * N) of the N training examples (retrieval: images) in one fixed "
+                        "order, the same for every --seed, so a smaller fraction's examples are among a larger one's")
+group.add_argument("--min-answer-count", type=int, default=9, metavar="N",
+                   help="vqa: the answer set is every answer that is the multiple_choice_answer of at least this many "
+                        "training questions (or questions of --answers)")
+group.add_argument("--answers", nargs="+", metavar="FILE",
+                   help="vqa: count the answer set over these VQA annotation files instead of the training questions "
+                        "(train2014 + val2014 with the default count of 9 gives the usual 3,129 answers), or read it from "
+                        "one ans2label JSON file {\"answer\": index}")
+group = parser.add_argument_group("model and optimisation (docs/METHOD.md §6); a task's defaults suit the toy world, "
+                                  "see the paper's below")
+group.add_argument("--init-from", metavar="PATH",
+                   help="our checkpoint (ckpt.pt), a Hugging Face BERT directory (the Base row), "
+                        "or nothing: random weights of --model")
+group.add_argument("--model", default="tiny", choices=sorted(PRESETS), help="size preset when there is no --init-from")
+group.add_argument("--no-tags", action="store_true", help="regions only, no detector tags (the _NT rows)")
+group.add_argument("--epochs", type=float, metavar="E",
+                   help="epochs, may be fractional (toy: " + ", ".join(f"{t} {v['epochs']}" for t, v in DEFAULTS.items()) + ")")
+group.add_argument("--batch-size", type=int, metavar="B",
+                   help="examples per step, the global batch: with N processes (torchrun) each takes 1/N of it (toy: 32)")
+group.add_argument("--grad-accum", type=int, default=1, metavar="N",
+                   help="each process takes its share of the batch in N micro-batches, adding up their gradients (less memory)")
+group.add_argument("--lr", type=float, metavar="LR",
+                   help="peak learning rate (toy: " + ", ".join(f"{t} {v['lr']:g}" for t, v in DEFAULTS.items()) + ")")
+group.add_argument("--warmup", type=float, default=0.1, metavar="F",
+                   help="share of steps for linear warm-up, then linear decay to zero")
+group.add_argument("--weight-decay", type=float, default=0.01, metavar="W")
+group.add_argument("--clip", type=float, default=1.0, metavar="NORM", help="gradient-norm clip")
+group.add_argument("--dropout", type=float, default=None, metavar="P", help="override the model's dropout")
+group.add_argument("--hard-negatives", type=int, default=4, metavar="N",
+                   help="retrieval: the wrong image of each positive is the most tag-alike of N random other images "
+                        "(1: a random one)")
+group.add_argument("--test-images", type=int, default=None, metavar="N",
+                   help="retrieval: rank among the first N test images only (a quicker check; the paper ranks all 1,000)")
+group.add_argument("--task-pretrain-epochs", type=int, default=0, metavar="N",
+                   help="nlvr2: first this many epochs of mask-and-predict on NLVR2's own data, keeping the epoch with the "
+                        "best dev MLM loss (paper: at most 5)")
+group = parser.add_argument_group("run")
+group.add_argument("--out", metavar="DIR",
+                   help="output folder (default out/finetune/TASK): results.json, baseline.json, log.jsonl, args.json, ckpt.pt")
+group.add_argument("--seed", type=int, default=0)
+group.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if there is one)")
+group.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="autocast dtype (auto: bf16 on a GPU that has it, else fp32)")
+group.add_argument("--compile", action="store_true",
+                   help="torch.compile the model for the training steps (worth it on a GPU)")
+group.add_argument("--log-every", type=int, default=50, metavar="STEPS")
+group.add_argument("--save-every", type=int, default=500, metavar="STEPS",
+                   help="write OUT/ckpt.pt every this many steps, and at the end")
+group.add_argument("--resume", action="store_true",
+                   help="continue from OUT/ckpt.pt; the rest of the command must be the same")
+group.add_argument("--eval-batch-size", type=int, default=256, metavar="N",
+                   help="sequences per forward pass when evaluating")
+# every flag that names a path, and what it must be (data.check_path)
+PATH_FLAGS = {"data": "folder", "features": "folder", "answers": "file", "init_from": "checkpoint", "out": "out",
+              "toy_root": "out"}
 
 # -----------------------------------------------------------------------------
 # metrics
@@ -153,8 +177,8 @@ def process_punctuation(text):
     digits, "1,000") is deleted, one between two characters becomes a space ("red-and-white")."""
     out = text
     delete = COMMA_IN_NUMBER.search(text) is not None
-    for p_ in PUNCT:
-        out = out.replace(p_, "" if delete or p_ + " " in text or " " + p_ in text else " ")
+    for mark in PUNCT:
+        out = out.replace(mark, "" if delete or mark + " " in text or " " + mark in text else " ")
     return PERIOD.sub("", out)
 
 
@@ -163,23 +187,35 @@ def process_digit_article(text):
     return " ".join(CONTRACTIONS.get(w, w) for w in words if w not in ARTICLES)
 
 
+def clean_answer(answer):
+    """The official evaluation's first step on every answer: newlines and tabs to spaces, stripped."""
+    return answer.replace("\n", " ").replace("\t", " ").strip()
+
+
 def normalize_answer(answer):
-    """An answer as the official evaluation compares it: "Two dogs!" -> "2 dogs"."""
-    return process_digit_article(process_punctuation(answer.replace("\n", " ").replace("\t", " ").strip()))
+    """An answer as the official evaluation compares it when annotators disagree: "Two dogs!" -> "2 dogs"."""
+    return process_digit_article(process_punctuation(clean_answer(answer)))
+
+
+def as_compared(gt_answers):
+    """The annotators' answers as the official evaluation (vqaEval.py of the VQA API, since its 2021
+    fix) compares them, and what it does to the prediction: both normalised when the annotators
+    disagree, both only cleaned when all agree ("two" does not match ten "2"s, nor "Yes" ten "yes")."""
+    gts = [clean_answer(a) for a in gt_answers]
+    norm = normalize_answer if len(set(gts)) > 1 else clean_answer
+    return [norm(a) for a in gts], norm
 
 
 def vqa_accuracy(pred, gt_answers):
     """The official VQA accuracy of one predicted answer: over the 10 ways of leaving one annotator
-    out, the mean of min(1, matches among the other 9 / 3). As in the official code the prediction
-    is fully normalised, and the annotators' answers (clean in the released files) only lose
-    punctuation, and only when they disagree."""
-    pred = normalize_answer(pred)
-    gts = [process_punctuation(a) for a in gt_answers] if len(set(gt_answers)) > 1 else list(gt_answers)
+    out, the mean of min(1, matches among the other 9 / 3)."""
+    gts, norm = as_compared(gt_answers)
+    pred = norm(pred)
     return sum(min(1.0, sum(g == pred for j, g in enumerate(gts) if j != i) / 3) for i in range(len(gts))) / len(gts)
 
 
 def soft_score(k, n=10):
-    """vqa_accuracy of an answer that k of n annotators gave; for n = 10 it is min(1, 0.3 k) (SPEC 6):
+    """vqa_accuracy of an answer that k of n annotators gave; for n = 10 it is min(1, 0.3 k) (docs/METHOD.md §6):
     0, 0.3, 0.6, 0.9, then 1."""
     return (k * min(1.0, (k - 1) / 3) + (n - k) * min(1.0, k / 3)) / n
 
@@ -210,7 +246,7 @@ def consistency(keys, correct):
 
 
 # -----------------------------------------------------------------------------
-# loaders of the real file formats (SPEC 7). Each names the file and the record on a bad input: a
+# loaders of the real file formats (docs/METHOD.md §7). Each names the file and the record on a bad input: a
 # malformed record (a missing field, an unknown split) stops the run, as the file is not what it
 # should be; a record whose image has no features is skipped and counted, unless none is left.
 
@@ -293,31 +329,35 @@ def load_vqa(questions_file, annotations_file, images, skipped):
 def load_nlvr2(file, images, skipped):
     """NLVR2 JSON lines -> [{id, text, images: (img0, img1), label, sentence}]. The images are named
     from the identifier split-set-pair-sentence: split-set-pair-img0 and -img1."""
-    if not os.path.exists(file):
-        raise FileNotFoundError(f"{file}: not found")
+    try:
+        with open(file, encoding="utf-8") as f:
+            lines = f.readlines()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{file}: not found") from None
+    except (OSError, UnicodeDecodeError) as e:  # a folder, no permission, not text
+        raise ValueError(f"{file}: cannot be read as text ({getattr(e, 'strerror', None) or e})") from None
     out = []
-    with open(file) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                raise ValueError(f"{file}: line {n} is not JSON") from None
-            ident = field(rec, "identifier", file, f"line {n}")
-            where = f"line {n} ({ident})"
-            text, label = field(rec, "sentence", file, where), str(field(rec, "label", file, where))
-            if label not in ("True", "False"):
-                raise ValueError(f"{file}: {where}: label {label!r}, expected 'True' or 'False'")
-            parts = str(ident).split("-")
-            if len(parts) != 4:
-                raise ValueError(f"{file}: {where}: the identifier is not split-set-pair-sentence")
-            pair = "-".join(parts[:3])
-            img0 = find_image(images, [f"{pair}-img0"], file, where, skipped)
-            img1 = find_image(images, [f"{pair}-img1"], file, where, skipped) if img0 else None
-            if img1 is not None:
-                out.append({"id": ident, "text": text, "images": (img0, img1), "label": int(label == "True"),
-                            "sentence": "-".join(parts[:2] + parts[3:])})  # split-set-*-sentence: one per unique sentence
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            raise ValueError(f"{file}: line {n} is not JSON") from None
+        ident = field(rec, "identifier", file, f"line {n}")
+        where = f"line {n} ({ident})"
+        text, label = field(rec, "sentence", file, where), str(field(rec, "label", file, where))
+        if label not in ("True", "False"):
+            raise ValueError(f"{file}: {where}: label {label!r}, expected 'True' or 'False'")
+        parts = str(ident).split("-")
+        if len(parts) != 4:
+            raise ValueError(f"{file}: {where}: the identifier is not split-set-pair-sentence")
+        pair = "-".join(parts[:3])
+        img0 = find_image(images, [f"{pair}-img0"], file, where, skipped)
+        img1 = find_image(images, [f"{pair}-img1"], file, where, skipped) if img0 else None
+        if img1 is not None:
+            out.append({"id": ident, "text": text, "images": (img0, img1), "label": int(label == "True"),
+                        "sentence": "-".join(parts[:2] + parts[3:])})  # split-set-*-sentence: one per unique sentence
     if not out:
         raise skipped.none_left(file, "example")
     return out
@@ -365,7 +405,8 @@ def load_refcoco(refs_file, instances_file, images, skipped):
     instances = data.read_json(instances_file)
     boxes = {field(a, "id", instances_file, f"annotation {n}"): field(a, "bbox", instances_file, f"annotation {n}")
              for n, a in enumerate(field(instances, "annotations", instances_file, "the file"))}
-    sizes = {field(im, "id", instances_file, f"image {n}"): (field(im, "width", instances_file, f"image {n}"), field(im, "height", instances_file, f"image {n}"))
+    sizes = {field(im, "id", instances_file, f"image {n}"): (field(im, "width", instances_file, f"image {n}"),
+                                                             field(im, "height", instances_file, f"image {n}"))
              for n, im in enumerate(field(instances, "images", instances_file, "the file"))}
     splits, named = {}, set()
     for n, ref in enumerate(refs):
@@ -393,12 +434,43 @@ def load_refcoco(refs_file, instances_file, images, skipped):
     return splits
 
 
+def frequent(counts, min_count, where="training questions"):
+    """The answers counted at least `min_count` times, the most frequent first."""
+    answers = sorted((a for a, c in counts.items() if c >= min_count), key=lambda a: (-counts[a], a))
+    if not answers:
+        raise ValueError(f"no answer is given to {min_count} {where}: lower --min-answer-count")
+    return answers
+
+
+def read_answer_set(files, min_count):
+    """--answers: VQA annotation files, over which the normalised multiple_choice_answers are counted
+    (train + val at 9: the usual 3,129), or one ans2label file {"answer": index} (LXMERT's
+    trainval_ans2label.json). Returns (the answers in index order, where they come from)."""
+    objs = [data.read_json(f) for f in files]
+    if len(files) == 1 and isinstance(objs[0], dict) and "annotations" not in objs[0]:
+        table = objs[0]
+        if not table or not all(isinstance(a, str) and type(i) is int for a, i in table.items()) \
+                or sorted(table.values()) != list(range(len(table))):
+            raise ValueError(f"{files[0]}: not a VQA annotations file, nor an ans2label file "
+                             f"{{\"answer\": index}} with the indices 0 to N-1")
+        return sorted(table, key=table.get), f"read from {files[0]}"
+    counts = Counter()
+    for f, obj in zip(files, objs):
+        if not isinstance(obj, dict) or "annotations" not in obj:
+            raise ValueError(f"{f}: not a VQA annotations file (no 'annotations'); an ans2label file goes alone")
+        for n, a in enumerate(field(obj, "annotations", f, "the file")):
+            counts[normalize_answer(str(field(a, "multiple_choice_answer", f, f"record {n}")))] += 1
+    return frequent(counts, min_count, f"questions of "
+                                       f"{' '.join(files)}"), f"each the answer of >= {min_count} questions of {' '.join(files)}"
+
+
 # -----------------------------------------------------------------------------
 # the tasks: each has .splits, .train (examples), .eval_splits, and makes a head, a loss, metrics.
 # A training step is task.draw(items, gen) on the global batch, then task.loss(model, head, items)
 # on this process's share of it (all of it with one process): the mean over those items.
 
-INPUTS = ("input_ids", "attention_mask", "token_type_ids", "tag_ids", "tag_boxes", "tag_mask", "feats", "boxes", "region_mask")
+INPUTS = ("input_ids", "attention_mask", "token_type_ids", "tag_ids", "tag_boxes", "tag_mask", "feats", "boxes",
+          "region_mask")
 
 
 def chunks(items, size):
@@ -428,7 +500,7 @@ class Task:
             x["ids"] = ids
 
     def encode(self, texts, image_ids):
-        """Pieces of each text and its image's id -> the model's inputs, [text ; tags ; regions] (SPEC 1)."""
+        """Pieces of each text and its image's id -> the model's inputs, [text ; tags ; regions] (docs/METHOD.md §1)."""
         b = data.text_inputs(texts, self.vocab, self.max_len)
         b.update(data.image_inputs([self.images[i] for i in image_ids], self.tag_pieces, self.tags))
         return {k: b[k].to(self.device, non_blocking=True) for k in INPUTS if k in b}
@@ -450,32 +522,37 @@ class Task:
 
 
 class VQA(Task):
-    """VQA 2.0 (SPEC 6): question + tags + regions; an MLP on the pooled output scores every answer."""
+    """VQA 2.0 (docs/METHOD.md §6): question + tags + regions; an MLP on the pooled output scores every answer."""
 
     max_len = 20
 
     def __init__(self, args, vocab, images, root):
         super().__init__(args, vocab, images)
-        files = lambda sub: (os.path.join(root, f"v2_OpenEnded_mscoco_{sub}_questions.json"), os.path.join(root, f"v2_mscoco_{sub}_annotations.json"))
+        files = lambda sub: (os.path.join(root, f"v2_OpenEnded_mscoco_{sub}_questions.json"),
+                             os.path.join(root, f"v2_mscoco_{sub}_annotations.json"))
         self.splits = {s: load_vqa(*files(sub), images, self.skipped) for s, sub in (("train", "train2014"), ("val", "val2014"))}
         self.train, self.eval_splits = self.splits["train"], ["val"]
-        # the answer set: normalised answers that are the multiple_choice_answer of >= N training questions
+        # the answer set: normalised answers that are the multiple_choice_answer of >= N training
+        # questions, or of the questions of --answers, or an ans2label file's
         counts = Counter(normalize_answer(x["mc"]) for x in self.train)
-        self.answers = sorted((a for a, c in counts.items() if c >= args.min_answer_count), key=lambda a: (-counts[a], a))
-        if not self.answers:
-            raise ValueError(f"no answer is given to {args.min_answer_count} training questions: lower --min-answer-count")
+        if args.answers:
+            self.answers, source = read_answer_set(args.answers, args.min_answer_count)
+        else:
+            self.answers, source = frequent(counts, args.min_answer_count), f"each the answer of >= {args.min_answer_count} training questions"
         index = {a: i for i, a in enumerate(self.answers)}
         for items in self.splits.values():
             self.tokenize(items)
             for x in items:
-                # BCE targets: the official accuracy each answer would get, min(1, 0.3 k) with 10 annotators
-                ks = Counter(normalize_answer(a) for a in x["answers"])
+                # BCE targets: the official accuracy each answer would get, min(1, 0.3 k) with 10 annotators,
+                # the answers normalised (or not) as the official evaluation compares them
+                ks = Counter(as_compared(x["answers"])[0])
                 x["target"] = {index[a]: soft_score(k, len(x["answers"])) for a, k in ks.items() if a in index}
-        self.info.append(f"{len(self.answers)} answers (each the answer of >= {args.min_answer_count} training questions)")
+        self.info.append(f"{len(self.answers)} answers ({source})")
         # a question none of whose answers is in the set stays: the official evaluation counts it (the
         # model scores 0 on it), and it trains every answer's score toward 0
         lost = ", ".join(f"{s} {sum(not x['target'] for x in xs)}/{len(xs)}" for s, xs in self.splits.items())
-        self.notes.append(f"questions whose every answer is outside the answer set (kept, with an empty training target): {lost}")
+        self.notes.append(f"questions whose every answer is outside the answer set (kept, with an empty training "
+                          f"target): {lost}")
         # baseline: the most frequent answer of each question type in train (of all of train for a new type)
         self.by_type = {}
         for x in self.train:
@@ -484,8 +561,9 @@ class VQA(Task):
         self.baseline_name = "most frequent answer per question type"
 
     def make_head(self, model):
-        H, eps = model.cfg.hidden, model.cfg.ln_eps  # SPEC 6: Linear(H, 2H), GELU, LN, Linear(2H, #answers)
-        return nn.Sequential(nn.Linear(H, 2 * H), nn.GELU(), nn.LayerNorm(2 * H, eps=eps), nn.Linear(2 * H, len(self.answers)))
+        H, eps = model.cfg.hidden, model.cfg.ln_eps  # docs/METHOD.md §6: Linear(H, 2H), GELU, LN, Linear(2H, #answers)
+        return nn.Sequential(nn.Linear(H, 2 * H), nn.GELU(), nn.LayerNorm(2 * H, eps=eps),
+                             nn.Linear(2 * H, len(self.answers)))
 
     def logits(self, model, head, items):
         return head(self.pooled(model, [x["ids"] for x in items], [x["image"] for x in items])).float()  # (B, A)
@@ -496,7 +574,7 @@ class VQA(Task):
         for i, x in enumerate(items):
             for a, s in x["target"].items():
                 target[i, a] = s
-        # SPEC 6: binary cross-entropy against the soft scores, scaled by the number of answers
+        # docs/METHOD.md §6: binary cross-entropy against the soft scores, scaled by the number of answers
         return F.binary_cross_entropy_with_logits(logits, target) * logits.shape[1]
 
     def evaluate(self, model, head, split):
@@ -506,7 +584,7 @@ class VQA(Task):
             for a, x in zip(pred, items):
                 acc.append(vqa_accuracy(self.answers[a], x["answers"]))
                 by_type.setdefault(x["atype"], []).append(acc[-1])
-        print(f"{split} accuracy by answer type: " + ", ".join(f"{t} {np.mean(v):.3f}" for t, v in sorted(by_type.items())))
+        say(f"{split} accuracy by answer type: " + ", ".join(f"{t} {np.mean(v):.3f}" for t, v in sorted(by_type.items())))
         return {"accuracy": float(np.mean(acc))}
 
     def baseline(self, split):
@@ -515,7 +593,7 @@ class VQA(Task):
 
 
 class NLVR2(Task):
-    """NLVR2 (SPEC 6): the sentence with each of its two images, the two pooled outputs side by side,
+    """NLVR2 (docs/METHOD.md §6): the sentence with each of its two images, the two pooled outputs side by side,
     an MLP -> true / false."""
 
     max_len = 32
@@ -541,37 +619,43 @@ class NLVR2(Task):
         return head(torch.cat([pooled[:B], pooled[B:]], dim=1)).float()  # (B, 2H) -> (B, 2)
 
     def loss(self, model, head, items):
-        labels = torch.tensor([x["label"] for x in items], device=self.device)
+        labels = torch.tensor([x["label"] for x in items]).to(self.device, non_blocking=True)
         return F.cross_entropy(self.logits(model, head, items), labels)
 
     def metrics(self, split, pred):
-        correct = [int(p_ == x["label"]) for p_, x in zip(pred, self.splits[split])]
-        return {"accuracy": float(np.mean(correct)), "consistency": consistency([x["sentence"] for x in self.splits[split]], correct)}
+        correct = [int(guess == x["label"]) for guess, x in zip(pred, self.splits[split])]
+        return {"accuracy": float(np.mean(correct)),
+                "consistency": consistency([x["sentence"] for x in self.splits[split]], correct)}
 
     def evaluate(self, model, head, split):
-        pred = [a for items in chunks(self.splits[split], self.eval_batch_size // 2) for a in self.logits(model, head, items).argmax(1).tolist()]
+        pred = [a for items in chunks(self.splits[split], self.eval_batch_size // 2) for a in self.logits(model,
+                                                                                                          head, items).argmax(1).tolist()]
         return self.metrics(split, pred)
 
     def baseline(self, split):
         return self.metrics(split, [self.majority] * len(self.splits[split]))
 
-    # SPEC 6: task-specific pre-training, mask-and-predict on NLVR2's own sentences and images. We
+    # docs/METHOD.md §6: task-specific pre-training, mask-and-predict on NLVR2's own sentences and images. We
     # pair each sentence with one of its two images, drawn at random (it speaks of both), and mask
-    # both as in aligned pre-training (SPEC 2), without the match loss.
-    def pretrain_batch(self, items, gen, attrs):
-        pick = torch.randint(2, (len(items),), generator=gen).tolist()
-        b = data.text_inputs([x["ids"] for x in items], self.vocab, self.max_len)
-        b["input_ids"], b["mlm_labels"] = data.mask_text(b["input_ids"], self.vocab, gen)
-        b.update(data.image_inputs([self.images[x["images"][k]] for x, k in zip(items, pick)], self.tag_pieces, self.tags))
+    # both as in aligned pre-training (docs/METHOD.md §2), without the match loss.
+    def pretrain_batch(self, items, rng, attrs):
+        """Rows rng.rows of the masked batch of `items` (all of the batch: a region may be replaced by
+        one of another row's image)."""
+        mine = [items[i] for i in rng.rows]
+        pick = (rng.uniform(1)[:, 0] < 0.5).long().tolist()
+        b = data.text_inputs([x["ids"] for x in mine], self.vocab, self.max_len)
+        b["input_ids"], b["mlm_labels"] = data.mask_text(b["input_ids"], self.vocab, rng)
+        b.update(data.image_inputs([self.images[x["images"][k]] for x, k in zip(mine, pick)], self.tag_pieces,
+                                   self.tags))
         if not attrs:  # the model has no attribute head of this size
             b.pop("attr_labels", None), b.pop("attr_conf", None)
-        return data.mask_image(b, self.vocab, gen)
+        return data.mask_image(b, self.vocab, rng, data.donor(self.images, [x["images"][0] for x in items]))
 
     def task_pretrain(self, model, args, ctx, rank=0, world=1):
         dev = self.splits.get("dev") or self.splits["train"][: len(self.splits["train"]) // 10]
         attrs = model.cfg.num_attrs == len(self.images.attr_names or [])
-        gen = torch.Generator().manual_seed(1234)
-        dev_batches = [self.pretrain_batch(items, gen, attrs) for items in chunks(dev, args.batch_size)]  # fixed masks
+        dev_batches = [self.pretrain_batch(items, data.RowRandom(1234, i, range(len(items))), attrs)  # fixed masks
+                       for i, items in enumerate(chunks(dev, args.batch_size))]
 
         @torch.no_grad()
         def dev_mlm():
@@ -582,34 +666,33 @@ class NLVR2(Task):
             return float(np.mean(losses))
 
         steps = args.task_pretrain_epochs * max(1, len(self.train) // args.batch_size)
-        optimizer, lr_at, scaler = make_optimizer([model], args, steps, self.device)
-        best, gen, step = (float("inf"), None, 0), torch.Generator().manual_seed(args.seed), 0
-        print(f"task-specific pre-training: {args.task_pretrain_epochs} epochs; dev MLM loss before {dev_mlm():.3f}")
+        optimizer, lr_at, scaler = make_optimizer(model.parameters(), args, steps, self.device, args.dtype)
+        run = wrap(Objectives(model), self.device, world)
+        best, step = (float("inf"), None, 0), 0
+        say(f"task-specific pre-training: {args.task_pretrain_epochs} epochs; dev MLM loss before {dev_mlm():.3f}")
         model.train()
         for epoch in range(args.task_pretrain_epochs):
             order = np.random.default_rng([args.seed, 99, epoch]).permutation(len(self.train))
             for idx in chunks(order, args.batch_size)[: steps // args.task_pretrain_epochs]:
-                b = self.pretrain_batch([self.train[i] for i in idx], gen, attrs)  # the global batch: the same masks on every process
-                b = {k: v.to(self.device) for k, v in shard(b, rank, world).items()}  # this process's rows
-                with ctx:
-                    terms = model.pretrain_terms(b)  # each objective: (sum over these rows, count)
-                # each sum over the count of the global batch: summed over the processes (as
-                # optimizer_step sums the gradients), the mean over the global batch
-                counts = all_sum(torch.stack([c_ for _, c_ in terms.values()]).float())
-                loss = sum(s_ / c_.clamp(min=1) for (s_, _), c_ in zip(terms.values(), counts))
-                optimizer_step(loss, optimizer, scaler, lr_at(step), [model], args.clip)
+                n = len(idx)  # this process builds its rows of the global batch alone
+                rng = data.RowRandom(args.seed, step, range(n * rank // world, n * (rank + 1) // world), n)
+                b = self.pretrain_batch([self.train[i] for i in idx], rng, attrs)
+                micro = [to_device(with_positions(shard(b, j, args.grad_accum)), self.device)
+                         for j in range(args.grad_accum)]
+                _, sums, counts, _ = pretrain_step(model, run, micro, world, optimizer, scaler, lr_at(step),
+                                                   args.clip, ctx)
                 step += 1
-            mlm = dev_mlm()
-            print(f"task-specific pre-training epoch {epoch + 1}: train loss {all_sum(loss.detach().clone()).item():.3f}, dev MLM loss {mlm:.3f}")
+            loss, mlm = (all_sum(sums) / counts).sum().item(), dev_mlm()
+            say(f"task-specific pre-training epoch {epoch + 1}: train loss {loss:.3f}, dev MLM loss {mlm:.3f}")
             if mlm < best[0]:
                 best = (mlm, copy.deepcopy(model.state_dict()), epoch + 1)
         model.load_state_dict(best[1])
-        print(f"kept epoch {best[2]} (dev MLM loss {best[0]:.3f})")
+        say(f"kept epoch {best[2]} (dev MLM loss {best[0]:.3f})")
         return {"task_pretrain_epoch": best[2], "dev_mlm": best[0]}
 
 
 class Retrieval(Task):
-    """Flickr30K image retrieval (SPEC 6): a score for a caption and an image from the pooled output;
+    """Flickr30K image retrieval (docs/METHOD.md §6): a score for a caption and an image from the pooled output;
     each positive with two negatives, cross-entropy over the three."""
 
     max_len = 30  # as captions in pre-training
@@ -671,9 +754,10 @@ class Retrieval(Task):
 
     def draw(self, items, gen):
         train = self.splits["train"]
-        # SPEC 6: each positive with two negatives, its caption with a wrong image (a tag-alike one,
+        # docs/METHOD.md §6: each positive with two negatives, its caption with a wrong image (a tag-alike one,
         # --hard-negatives) and a wrong caption (of a random other image) with its image
-        wrong_img = [train[self.negative(x["k"], gen, self.hard)]["image"] for x in items]  # hard: the metric ranks images
+        # hard: the metric ranks images
+        wrong_img = [train[self.negative(x["k"], gen, self.hard)]["image"] for x in items]
         wrong_cap = []
         for x in items:
             other = train[self.negative(x["k"], gen, hard=1)]["ids"]
@@ -694,7 +778,8 @@ class Retrieval(Task):
         caps = [(c, k) for k, im in enumerate(ims) for c in im["ids"]]
         M, N = len(caps), len(ims)
         txt = data.text_inputs([c for c, _ in caps], self.vocab, self.max_len)  # every caption once (M, T)
-        img = data.image_inputs([self.images[im["image"]] for im in ims], self.tag_pieces, self.tags)  # every image once (N, K, ...)
+        # every image once (N, K, ...)
+        img = data.image_inputs([self.images[im["image"]] for im in ims], self.tag_pieces, self.tags)
         scores = torch.empty(M * N)
         for start in range(0, M * N, self.eval_batch_size):
             pair = torch.arange(start, min(start + self.eval_batch_size, M * N))
@@ -713,7 +798,7 @@ class Retrieval(Task):
 
 
 class RefCOCO(Task):
-    """RefCOCO+ (SPEC 6): a linear score on each region's output; right when the top region's box has
+    """RefCOCO+ (docs/METHOD.md §6): a linear score on each region's output; right when the top region's box has
     IoU >= 0.5 with the gold box. Trained with cross-entropy over the regions toward the region
     whose box best overlaps the gold box."""
 
@@ -721,7 +806,8 @@ class RefCOCO(Task):
 
     def __init__(self, args, vocab, images, root):
         super().__init__(args, vocab, images)
-        self.splits = load_refcoco(os.path.join(root, "refs(unc).p"), os.path.join(root, "instances.json"), images, self.skipped)
+        self.splits = load_refcoco(os.path.join(root, "refs(unc).p"), os.path.join(root, "instances.json"), images,
+                                   self.skipped)
         if "train" not in self.splits:
             raise ValueError(f"{root}/refs(unc).p: no train split")
         cache = {}
@@ -750,11 +836,12 @@ class RefCOCO(Task):
         return logits.masked_fill(~inputs["region_mask"], float("-inf"))
 
     def loss(self, model, head, items):
-        target = torch.tensor([int(x["iou"].argmax()) for x in items], device=self.device)
+        target = torch.tensor([int(x["iou"].argmax()) for x in items]).to(self.device, non_blocking=True)
         return F.cross_entropy(self.region_logits(model, head, items), target)
 
     def evaluate(self, model, head, split):
-        top = [k for items in chunks(self.splits[split], self.eval_batch_size) for k in self.region_logits(model, head, items).argmax(1).tolist()]
+        top = [k for items in chunks(self.splits[split], self.eval_batch_size) for k in self.region_logits(model,
+                                                                                                           head, items).argmax(1).tolist()]
         return {"accuracy": float(np.mean([x["iou"][k] >= 0.5 for k, x in zip(top, self.splits[split])]))}
 
     def baseline(self, split):
@@ -768,98 +855,53 @@ TASKS = {"vqa": VQA, "nlvr2": NLVR2, "retrieval": Retrieval, "refcoco": RefCOCO}
 
 
 def build_model(args, images, toy_vocab, resume=None):
-    """--init-from our checkpoint (config and vocabulary inside), a Hugging Face BERT directory (the
-    Base row: BERT's weights, new visual modules sized from the store), or nothing (random weights
-    of --model with the toy vocabulary). With --resume, the model of the run's own checkpoint."""
-    visual = dict(feat_dim=images.feature_dim, num_labels=len(images.class_names), num_attrs=len(images.attr_names or []))
-    drop = {} if args.dropout is None else {"dropout": args.dropout}
-    src = os.path.join(args.out, "ckpt.pt") if resume is not None else args.init_from
-    if src and os.path.isdir(src):
-        return load_bert(VisualBERT(config_from_hf(src, **visual, **drop)), src), data.Vocab.from_file(os.path.join(src, "vocab.txt"))
-    if src:
-        ckpt = resume if resume is not None else load_checkpoint(src)
-        if not isinstance(ckpt, dict) or not {"model", "config", "vocab"} <= set(ckpt):
-            raise SystemExit(f"{src}: not a checkpoint of pretrain.py or finetune.py (no model, config and vocab inside); "
-                             f"--init-from takes one of those or a Hugging Face BERT directory")
-        cfg = Config(**{**ckpt["config"], **drop})
-        for k, what in (("feat_dim", "feature size"), ("num_labels", "detector classes")):
-            if getattr(cfg, k) != visual[k]:
+    """--init-from our checkpoint, a Hugging Face BERT directory (the Base row: BERT's weights, new
+    visual modules sized from the store), or nothing (random weights of --model with the toy
+    vocabulary); with --resume, the model of the run's own checkpoint (pretrain.make_model). The
+    attribute head may differ: fine-tuning does not use it."""
+    def check(cfg, ckpt):
+        sizes = (("feat_dim", "feature size", images.feature_dim),
+                 ("num_labels", "detector classes", len(images.class_names)))
+        for k, what, have in sizes:
+            if getattr(cfg, k) != have:
                 raise SystemExit(f"{src}: the checkpoint was pre-trained with {what} {getattr(cfg, k)}, the feature stores "
-                                 f"{' '.join(s.path for s in images.stores)} have {visual[k]}: use features from the same extractor")
+                                 f"{' '.join(s.path for s in images.stores)} have {have}: use features from the same extractor")
         if ckpt.get("class_names") and list(ckpt["class_names"]) != list(images.class_names):
-            print(f"warning: {src} was pre-trained with other detector class names than the feature stores have")
-        model = VisualBERT(cfg)
-        load_weights(model, ckpt["model"], src)
-        return model, data.Vocab(ckpt["vocab"], source=src)
-    if toy_vocab is None:
-        raise SystemExit("real data needs a vocabulary: give --init-from (a BERT directory or one of our checkpoints)")
-    vocab = data.Vocab.from_file(toy_vocab)
-    return VisualBERT(Config(**{**PRESETS[args.model], "vocab_size": len(vocab), **visual, **drop})), vocab
+            say(f"warning: {src} was pre-trained with other detector class names than the feature stores have")
 
-
-def load_weights(module, state, src):
-    try:
-        module.load_state_dict(state)
-    except RuntimeError as e:  # the first line names the mismatch; the rest lists every tensor
-        raise SystemExit(f"{src}: its weights do not fit the model ({str(e).splitlines()[0].strip()} ...)") from None
+    src = os.path.join(args.out, "ckpt.pt") if resume is not None else args.init_from
+    return make_model(args, images, toy_vocab, src, resume, check)
 
 
 # what a resumed run may change; any other setting makes it another run, which --resume refuses
-RESUME_MAY_CHANGE = ("out", "resume", "save_every", "log_every", "eval_batch_size", "device", "dtype", "compile", "toy_root")
+RESUME_MAY_CHANGE = ("out", "resume", "save_every", "log_every", "eval_batch_size", "device", "dtype", "compile",
+                     "toy_root", "grad_accum")
 
 
 def load_resume(path, args):
     """OUT/ckpt.pt of an earlier run of this same command, or one clear line naming the file."""
     ckpt = load_checkpoint(path)
     if not isinstance(ckpt, dict) or "head" not in ckpt:
-        raise SystemExit(f"{path}: not a checkpoint of finetune.py (no head inside); --resume goes on from a run of this command in --out")
+        raise SystemExit(f"{path}: not a checkpoint of finetune.py (no head inside); --resume goes on from a run of "
+                         f"this command in --out")
     changed = [f"--{k.replace('_', '-')} {v!r} (now {getattr(args, k, None)!r})" for k, v in ckpt["args"].items()
                if k not in RESUME_MAY_CHANGE and getattr(args, k, None) != v]
     if changed:
-        raise SystemExit(f"{path}: saved by a run with other settings: {', '.join(changed)}; resume with the same command, or give another --out")
+        raise SystemExit(f"{path}: saved by a run with other settings: {', '.join(changed)}; resume with the same "
+                         f"command, or give another --out")
     return ckpt
 
 
-def make_optimizer(modules, args, steps, device):
-    """AdamW without decay on biases and LayerNorms (BERT); linear warm-up, then linear decay to zero."""
-    params = [p_ for mod in modules for p_ in mod.parameters()]
-    groups = [{"params": [p_ for p_ in params if p_.dim() >= 2], "weight_decay": args.weight_decay},
-              {"params": [p_ for p_ in params if p_.dim() < 2], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-6, **({"fused": True} if device.type == "cuda" else {}))
-    warmup = max(1, int(args.warmup * steps))
-    lr_at = lambda s: args.lr * min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup)))
-    scaler = torch.amp.GradScaler(device.type) if args.dtype == "fp16" else None
-    return optimizer, lr_at, scaler
+class TaskLoss(nn.Module):
+    """What DDP wraps: the model (compiled with --compile) and the task's head; forward(items) -> the
+    task's mean loss over the items. The task calls the model, model.pool and its head apart."""
 
+    def __init__(self, task, model, head, compile=False):
+        super().__init__()
+        self.task, self.model, self.head = task, torch.compile(model) if compile else model, head
 
-def all_sum(t):
-    """`t` summed over the processes, in place (itself when there is one process)."""
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t
-
-
-def optimizer_step(loss, optimizer, scaler, lr, modules, clip):
-    """Backward, then one AdamW step. With N processes each `loss` is its share's sum over the global
-    batch's count, so the sum of the N gradients is the gradient of the global batch's mean loss: we sum
-    them by hand (DDP would wrap one module; a task calls the model, model.pool and its head apart).
-    Every process then holds the same gradients, clips by the same norm, and takes the same step."""
-    for g in optimizer.param_groups:
-        g["lr"] = lr
-    optimizer.zero_grad(set_to_none=True)
-    (scaler.scale(loss) if scaler else loss).backward()
-    for p_ in [p_ for mod in modules for p_ in mod.parameters()]:
-        if p_.grad is not None:  # the same parameters on every process: the same code ran on each
-            all_sum(p_.grad)
-    if scaler:
-        scaler.unscale_(optimizer)
-    norm = torch.nn.utils.clip_grad_norm_([p_ for mod in modules for p_ in mod.parameters()], clip)
-    if scaler:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    return norm
+    def forward(self, items):
+        return self.task.loss(self.model, self.head, items)
 
 
 @torch.no_grad()
@@ -871,37 +913,115 @@ def evaluate(task, model, head, ctx):
     return results
 
 
+def read_losses(pending, step, scaler, saved, out):
+    """The global batches' mean losses of the steps up to `step` since the host last looked (logging
+    and saving steps), one read of the device; a non-finite one stops the run (under fp16 the scaler
+    skipped that step instead and lowered its scale)."""
+    losses = all_sum(torch.stack(pending)).tolist()
+    bad = [(step + 1 - len(losses) + k, value) for k, value in enumerate(losses) if not np.isfinite(value)]
+    if bad and not scaler.is_enabled():
+        raise SystemExit(f"step {bad[0][0]}: non-finite loss {bad[0][1]}; stopping, "
+                         + (f"the last good checkpoint is {os.path.join(out, 'ckpt.pt')} (step {saved})" if saved
+                            else "no checkpoint was saved yet") + "; try a lower --lr")
+    return losses
+
+
+def train(args, task, run, opt, start, steps, losses, gen, world, rank, ctx, log, save):
+    """Steps start + 1 to `steps` (opt: the optimiser, the learning rate of a step, the scaler); rank 0
+    logs and saves (save(step, losses)). The host reads the device on logging and saving steps alone:
+    the check for a non-finite loss waits for them."""
+    optimizer, lr_at, scaler = opt
+    steps_per_epoch = max(1, len(task.train) // args.batch_size)
+    t0, seen, saved, pending = time.time(), 0, start, []
+    for step in range(start, steps):
+        epoch, i = divmod(step, steps_per_epoch)
+        if i == 0 or step == start:  # a new shuffle each epoch; the last partial batch is dropped
+            order = np.random.default_rng([args.seed, epoch]).permutation(len(task.train))
+        items = [task.train[j] for j in order[i * args.batch_size:(i + 1) * args.batch_size]]  # the global batch
+        items = task.draw(items, gen)  # its random choices, the same on every process
+        mine, parts = shard(items, rank, world), []  # this process's share
+
+        def loss_of(mb):  # the task's mean over mb as mb's share of the global batch's mean
+            parts.append(run(mb) * (len(mb) / len(items)))
+            return parts[-1] * world  # DDP averages the processes' gradients; the loss is their sum
+
+        micro = [shard(mine, j, args.grad_accum) for j in range(args.grad_accum)]
+        norm = optimizer_step(run, micro, loss_of, optimizer, scaler, lr_at(step), args.clip, ctx)
+        pending.append(sum(parts).detach())
+        seen += len(items)
+        log_now = (step + 1) % args.log_every == 0 or step + 1 == steps
+        save_now = (step + 1) % args.save_every == 0 or step + 1 == steps
+        if not (log_now or save_now):
+            continue
+        losses, pending = losses + read_losses(pending, step + 1, scaler, saved, args.out), []
+        if log_now:
+            dt = (time.time() - t0) / len(losses)
+            record = {"step": step + 1, "epoch": epoch + (i + 1) / steps_per_epoch, "loss": float(np.mean(losses)),
+                      "lr": lr_at(step), "grad_norm": norm.item()}
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            say(f"step {step + 1}/{steps} | epoch {record['epoch']:.2f} | loss {record['loss']:.4f} | lr "
+                f"{record['lr']:.2e} | "
+                f"norm {record['grad_norm']:.2f} | {dt * 1000:.0f} ms/step | {seen / (time.time() - t0):.0f} samples/s | "
+                f"ETA {dt * (steps - step - 1) / 60:.1f} min", flush=True)
+            t0, seen, losses = time.time(), 0, []
+        if save_now:
+            save(step + 1, losses)
+            saved = step + 1
+
+
+def report(args, task, model, head, ctx, log, t_start, rank):
+    """Every split the data has, each beside the baseline: OUT/results.json, OUT/baseline.json, a table.
+    Every process evaluates all of it (the same weights, the same numbers); rank 0 alone writes."""
+    results = {"task": args.task, **evaluate(task, model, head, ctx)}
+    if task.skipped.files:
+        results["skipped"] = {file: n for file, (n, _) in task.skipped.files.items()}
+    baseline = {"task": args.task, "baseline": task.baseline_name, **{s: task.baseline(s) for s in task.eval_splits}}
+    for name, obj in (("results.json", results), ("baseline.json", baseline)):
+        if rank == 0:
+            with open(os.path.join(args.out, name), "w") as f:
+                json.dump(obj, f, indent=1)
+    log.write(json.dumps({"phase": "eval", "results": results, "baseline": baseline}) + "\n")
+    log.close()
+    # said again at the end, where it is seen
+    for line in ["warning: " + s_ for s_ in task.skipped.lines()] + task.notes:
+        say(line)
+    say(f"\n{args.task}: result vs baseline ({task.baseline_name}), {(time.time() - t_start) / 60:.1f} min in all")
+    say(f"{'split':<8} {'metric':<12} {'result':>8} {'baseline':>9}")
+    for s in task.eval_splits:
+        for k, value in results[s].items():
+            say(f"{s:<8} {k:<12} {value:8.3f} {baseline[s][k]:9.3f}")
+    say(f"results: {os.path.join(args.out, 'results.json')}, fine-tuned model: {os.path.join(args.out, 'ckpt.pt')}")
+    return results
+
+
 def main(argv=None):
-    args = p.parse_args(argv)
+    args = parser.parse_args(argv)
     for k, v in DEFAULTS[args.task].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     if args.task_pretrain_epochs and args.task != "nlvr2":
-        p.error("--task-pretrain-epochs is NLVR2's task-specific pre-training (SPEC 6)")
+        parser.error("--task-pretrain-epochs is NLVR2's task-specific pre-training (docs/METHOD.md §6)")
     if not 0 < args.train_fraction <= 1:
-        p.error(f"--train-fraction {args.train_fraction}: a fraction of the training set, in (0, 1]")
+        parser.error(f"--train-fraction {args.train_fraction}: a fraction of the training set, in (0, 1]")
     if (args.data is None) != (args.features is None):
-        p.error("--data and --features go together: the task's files and the stores of their images")
+        parser.error("--data and --features go together: the task's files and the stores of their images")
+    if args.answers and args.task != "vqa":
+        parser.error("--answers is VQA's answer set")
+    data.check_paths(args, PATH_FLAGS)
     args.out = args.out or os.path.join("out", "finetune", args.task)
     device, rank, world = setup_device(args)  # under torchrun: this process's rank of `world`
-    master = rank == 0  # only rank 0 writes the log, the checkpoints and the results
-    if not master:
-        sys.stdout = open(os.devnull, "w")  # and only rank 0 prints; errors still reach stderr
-    if args.batch_size < world:
-        raise SystemExit(f"--batch-size {args.batch_size} is the global batch; it must be at least the {world} processes")
+    check_batch(args.batch_size, world, args.grad_accum)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     args.dtype, why = pick_dtype(args, device)
     ctx = autocast(device, args.dtype)
-    os.makedirs(args.out, exist_ok=True)
     t_start = time.time()
 
     # data: the toy world's task unless --data/--features are given
     toy_vocab = None
     if args.data is None:
-        root = toy.make_toy_world(args.toy_root) if master else args.toy_root
-        if world > 1:
-            dist.barrier()  # rank 0 made the toy world; the others wait for it
+        root = toy_world(args.toy_root, world)
         folder, stores = TOY[args.task]
         args.data, args.features = os.path.join(root, "tasks", folder), [os.path.join(root, "features", s) for s in stores]
         toy_vocab = os.path.join(root, "vocab.txt")
@@ -922,99 +1042,54 @@ def main(argv=None):
     model.to(device), head.to(device)
     steps_per_epoch = max(1, len(task.train) // args.batch_size)
     steps = max(1, round(args.epochs * steps_per_epoch))
-    optimizer, lr_at, scaler = make_optimizer([model, head], args, steps, device)
+    optimizer, lr_at, scaler = make_optimizer([*model.parameters(), *head.parameters()], args, steps, device,
+                                              args.dtype)
     gen = torch.Generator().manual_seed(args.seed)  # the task's own draws (retrieval's negatives)
     start, losses = 0, []
     if resume is not None:  # the state after step `start`: weights, optimiser, random states, the log's open window
         start, losses = restore(resume, optimizer, scaler), resume["losses"]
         gen.set_state(resume["gen"])
 
-    if master:
-        with open(os.path.join(args.out, "args.json"), "w") as f:
-            json.dump({"argv": sys.argv, "args": vars(args), "world_size": world, "torch": torch.__version__,
-                       "python": platform.python_version()}, f, indent=1)
-    print(f"task: {args.task}, from {args.init_from or f'random weights ({args.model})'}, {'no tags' if args.no_tags else 'with tags'}")
-    print(f"model: {model.num_params() / 1e6:.2f}M parameters + head {sum(p_.numel() for p_ in head.parameters()) / 1e6:.2f}M, "
-          f"{model.cfg.layers} layers, hidden {model.cfg.hidden}")
-    print(f"device: {device} x {world} process(es), dtype: {args.dtype} ({why}), compile: {args.compile}")
-    print("data: " + ", ".join(f"{s} {len(x)}" for s, x in task.splits.items()) + f" {task.unit}; {len(images.where)} images in {len(images.stores)} stores")
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)  # only now: a bad input leaves no output folder behind
+    write_args(args, world)
+    say(f"task: {args.task}, from {args.init_from or f'random weights ({args.model})'}, "
+        f"{'no tags' if args.no_tags else 'with tags'}")
+    say(f"model: {model.num_params() / 1e6:.2f}M parameters + head "
+        f"{sum(t.numel() for t in head.parameters()) / 1e6:.2f}M, "
+        f"{model.cfg.layers} layers, hidden {model.cfg.hidden}")
+    say(f"device: {device} x {world} process(es), dtype: {args.dtype} ({why}), compile: {args.compile}")
+    say("data: " + ", ".join(f"{s} {len(x)}" for s, x in task.splits.items())
+        + f" {task.unit}; {len(images.where)} images in {len(images.stores)} stores")
     for line in task.info + ["warning: " + s_ for s_ in task.skipped.lines()] + task.notes:
-        print(line)
-    print(f"{steps_per_epoch} steps per epoch, {steps} steps, global batch {args.batch_size}, lr {args.lr:g}")
+        say(line)
+    say(f"{steps_per_epoch} steps per epoch, {steps} steps, global batch {args.batch_size}, lr {args.lr:g}"
+        + (f", {args.grad_accum} micro-batches per process" if args.grad_accum > 1 else ""))
 
     log_file = os.path.join(args.out, "log.jsonl")
     if resume is not None:
-        if master:
-            trim_log(log_file, start, keep_phases=("task_pretrain",))  # the evaluation's line goes; task pre-training's stays
-        print(f"resuming from {ckpt_path} at step {start}")
-    log = open(log_file, "a" if resume is not None else "w") if master else open(os.devnull, "w")  # rank 0 alone logs
+        if rank == 0:
+            # the evaluation's line goes; task pre-training's stays
+            trim_log(log_file, start, keep_phases=("task_pretrain",))
+        say(f"resuming from {ckpt_path} at step {start}")
+    log = open(log_file, "a" if resume is not None else "w") if rank == 0 else open(os.devnull, "w")  # rank 0 logs
     # NLVR2's task-specific pre-training runs before the first checkpoint, which holds its result: a
     # resumed run skips it; a run killed during it has no checkpoint of its own and starts over
     if args.task_pretrain_epochs and resume is None:
         log.write(json.dumps({"phase": "task_pretrain", **task.task_pretrain(model, args, ctx, rank, world)}) + "\n")
 
-    model.train(), head.train()
-    run = torch.compile(model) if args.compile else model  # the training steps' model; the plain one is saved and evaluated
-    t0, seen, saved = time.time(), 0, start
-    for step in range(start, steps):
-        epoch, i = divmod(step, steps_per_epoch)
-        if i == 0 or step == start:  # a new shuffle each epoch; the last partial batch is dropped
-            order = np.random.default_rng([args.seed, epoch]).permutation(len(task.train))
-        items = [task.train[j] for j in order[i * args.batch_size:(i + 1) * args.batch_size]]  # the global batch
-        items = task.draw(items, gen)  # its random choices, the same on every process
-        mine = items[len(items) * rank // world:len(items) * (rank + 1) // world]  # this process's share
-        with ctx:
-            # the task's mean over `mine`, times len(mine) / len(items): this share's sum over the global
-            # count, so the sum over the processes (optimizer_step sums gradients) is the global mean
-            loss = task.loss(run, head, mine) * (len(mine) / len(items))
-        logged = all_sum(loss.detach().clone()).item()  # the global batch's mean loss
-        if not np.isfinite(logged) and scaler is None:  # under fp16 the scaler skips the step and lowers its scale
-            raise SystemExit(f"step {step + 1}: non-finite loss {logged}; stopping, "
-                             + (f"the last good checkpoint is {ckpt_path} (step {saved})" if saved else "no checkpoint was saved yet")
-                             + "; try a lower --lr")
-        norm = optimizer_step(loss, optimizer, scaler, lr_at(step), [model, head], args.clip)
-        losses.append(logged)
-        seen += len(items)
-        if (step + 1) % args.log_every == 0 or step + 1 == steps:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            dt = (time.time() - t0) / (len(losses))
-            record = {"step": step + 1, "epoch": epoch + (i + 1) / steps_per_epoch, "loss": float(np.mean(losses)),
-                      "lr": lr_at(step), "grad_norm": norm.item()}
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            print(f"step {step + 1}/{steps} | epoch {record['epoch']:.2f} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
-                  f"norm {record['grad_norm']:.2f} | {dt * 1000:.0f} ms/step | {seen / (time.time() - t0):.0f} samples/s | "
-                  f"ETA {dt * (steps - step - 1) / 60:.1f} min", flush=True)
-            t0, seen, losses = time.time(), 0, []
-        if (step + 1) % args.save_every == 0 or step + 1 == steps:
-            if master:  # the plain model, never the compiled one
-                save_checkpoint(ckpt_path, model, optimizer, scaler, step + 1, args, vocab, images.class_names,
-                                head=head.state_dict(), gen=gen.get_state(), losses=losses)
-            saved = step + 1
+    def save(step, losses):  # the plain model, never the compiled one
+        if rank == 0:
+            save_checkpoint(ckpt_path, model, optimizer, scaler, step, args, vocab, images.class_names,
+                            head=head.state_dict(), gen=gen.get_state(), losses=losses, task=args.task,
+                            answers=getattr(task, "answers", None), tags=task.tags,  # what ask.py needs
+                            extractor=images.stores[0].meta.get("extractor", {}))
 
-    # evaluation: every split the data has, each beside the baseline. Every process evaluates all of it
-    # (the same weights, the same numbers: the simplest correct way); rank 0 alone writes.
-    results = {"task": args.task, **evaluate(task, model, head, ctx)}
-    if task.skipped.files:
-        results["skipped"] = {file: n for file, (n, _) in task.skipped.files.items()}
-    baseline = {"task": args.task, "baseline": task.baseline_name, **{s: task.baseline(s) for s in task.eval_splits}}
-    for name, obj in (("results.json", results), ("baseline.json", baseline)):
-        if master:
-            with open(os.path.join(args.out, name), "w") as f:
-                json.dump(obj, f, indent=1)
-    log.write(json.dumps({"phase": "eval", "results": results, "baseline": baseline}) + "\n")
-    log.close()
-    for line in ["warning: " + s_ for s_ in task.skipped.lines()] + task.notes:  # said again at the end, where it is seen
-        print(line)
-    print(f"\n{args.task}: result vs baseline ({task.baseline_name}), {(time.time() - t_start) / 60:.1f} min in all")
-    print(f"{'split':<8} {'metric':<12} {'result':>8} {'baseline':>9}")
-    for s in task.eval_splits:
-        for k, v_ in results[s].items():
-            print(f"{s:<8} {k:<12} {v_:8.3f} {baseline[s][k]:9.3f}")
-    print(f"results: {os.path.join(args.out, 'results.json')}, fine-tuned model: {ckpt_path}")
-    if world > 1:
-        dist.destroy_process_group()
+    model.train(), head.train()
+    run = wrap(TaskLoss(task, model, head, args.compile), device, world)
+    train(args, task, run, (optimizer, lr_at, scaler), start, steps, losses, gen, world, rank, ctx, log, save)
+    results = report(args, task, model, head, ctx, log, t_start, rank)
+    leave(world)
     return results
 
 

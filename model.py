@@ -1,14 +1,14 @@
 """
 U-VisualBERT: one BERT encoder over text, detector tags and image regions.
 
-Papers: Devlin et al. 2019 (BERT); Li et al. 2020 (VisualBERT); Li, Yin, Zhou, Chang et al.,
+Papers: Devlin et al. 2019 (BERT); Li et al. 2020 (VisualBERT); Li, You, Wang, Zareian, Chang and Chang,
 NAACL 2021, "Unsupervised Vision-and-Language Pre-training Without Parallel Images and Captions".
-The recipe, with every number, is ../shared/SPEC.md; comments cite its sections ("SPEC 1").
+The recipe, with every number, is docs/METHOD.md; comments cite its sections ("docs/METHOD.md §1").
 
 The file reads from the smallest part up: config, embeddings, attention, layer, encoder, heads,
 losses, loading a Hugging Face BERT checkpoint.
 
-The input sequence is [text ; tags ; regions] (SPEC 1: the authors' order). Any part may be
+The input sequence is [text ; tags ; regions] (docs/METHOD.md §1: the authors' order). Any part may be
 absent: a text batch has text only, an image batch has tags and regions (or regions only, in the
 _NT variants), an aligned batch has all three.
 """
@@ -53,19 +53,13 @@ PRESETS = {
     "small": dict(hidden=256, layers=4, heads=4, ffn=1024, max_positions=128, init_std=0.0625),
     "tiny": dict(hidden=128, layers=2, heads=4, ffn=512, max_positions=128, init_std=0.088, dropout=0.0),
 }
-# The narrow presets start at 1/sqrt(hidden) instead of BERT's 0.02. At hidden 128, 0.02 makes every
-# attention logit nearly zero, and a query-key match that the toy tasks need (is this word among the
-# tags?) is not found for hundreds of steps: tests/test_model.py's "is there a X?" over four tags
-# stays at its 67% prior for 800 steps at 0.02 and is solved by step 300 at 1/sqrt(128).
-# tiny has 4 heads and no dropout. With BERT-tiny's 2 heads and dropout 0.1 the toy VQA learned little
-# beyond each question type's commonest answer (0.341 against 0.322 after 3,920 steps; 0.360 with either
-# change alone, 0.38-0.43 with both). [CLS] reads the answer in the last layer alone (in the first its
-# query is the same for every input), so 2 heads are 2 reads for 4 question types; and dropout slows
-# the exact word-to-tag matches that a model this small must learn in minutes (README, "fine-tuning").
+# The narrow presets start at 1/sqrt(hidden), not BERT's 0.02, which at hidden 128 keeps attention logits near
+# zero and a word-to-tag match unfound for hundreds of steps; tiny has 4 heads (one read of the answer each by
+# [CLS] in the last layer) and no dropout. The measurements behind both are in docs/LOG.md.
 
 
 # -----------------------------------------------------------------------------
-# embeddings (SPEC 1, paper section 3.2)
+# embeddings (docs/METHOD.md §1, paper section 3.2)
 
 
 class Embeddings(nn.Module):
@@ -83,7 +77,7 @@ class Embeddings(nn.Module):
         self.feat = nn.Sequential(nn.Linear(cfg.feat_dim, H), nn.LayerNorm(H, eps=cfg.ln_eps))
         self.box = nn.Sequential(nn.Linear(4, H), nn.LayerNorm(H, eps=cfg.ln_eps))
         # tag piece: LN_tag(word[t]) + LN_box(W_box box_of_its_region);
-        # word[] is self.word_embeddings and LN_box(W_box .) is self.box: the two sharings of SPEC 1
+        # word[] is self.word_embeddings and LN_box(W_box .) is self.box: the two sharings of docs/METHOD.md §1
         self.tag_ln = nn.LayerNorm(H, eps=cfg.ln_eps)
 
     def text(self, input_ids, token_type_ids=None):
@@ -116,6 +110,7 @@ class SelfAttention(nn.Module):
         self.value = nn.Linear(cfg.hidden, cfg.hidden)
         self.out = nn.Linear(cfg.hidden, cfg.hidden)
         self.dropout = cfg.dropout
+        self.keep_probs, self.probs = False, None  # ask.py --show sets keep_probs to see what each position attends to
 
     def forward(self, x, key_mask):
         B, T, C = x.shape
@@ -124,6 +119,9 @@ class SelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=key_mask[:, None, None, :],  # (B, 1, 1, T): True = attend
             dropout_p=self.dropout if self.training else 0.0)
+        if self.keep_probs:  # the fused kernel does not return its weights: the same softmax again, by hand
+            logits = (q @ k.transpose(-2, -1)) / math.sqrt(C // self.heads)  # (B, nh, T, T)
+            self.probs = logits.float().masked_fill(~key_mask[:, None, None, :], float("-inf")).softmax(-1)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.out(y)
 
@@ -163,7 +161,7 @@ class Transform(nn.Module):
 
 
 class MLMHead(nn.Module):
-    """Predicts masked text pieces and masked tag pieces (SPEC 2: the same head for both)."""
+    """Predicts masked text pieces and masked tag pieces (docs/METHOD.md §2: the same head for both)."""
 
     def __init__(self, cfg, word_embeddings):
         super().__init__()
@@ -239,7 +237,7 @@ class VisualBERT(nn.Module):
             add("tags", self.embeddings.tags(tag_ids, tag_boxes), tag_mask)
         if feats is not None:
             add("regions", self.embeddings.regions(feats, boxes), region_mask)
-        x = self.drop(torch.cat(parts, dim=1))  # (B, T, H); dropout once, no LN over the whole (SPEC 1)
+        x = self.drop(torch.cat(parts, dim=1))  # (B, T, H); dropout once, no LN over the whole (docs/METHOD.md §1)
         key_mask = torch.cat(masks, dim=1)  # (B, T)
         for layer in self.layers:
             x = layer(x, key_mask)
@@ -255,7 +253,7 @@ class VisualBERT(nn.Module):
         return self.mlm(h)
 
     # -------------------------------------------------------------------------
-    # pre-training losses (SPEC 2)
+    # pre-training losses (docs/METHOD.md §2)
 
     def pretrain_losses(self, batch):
         """The sum of the objectives present in `batch` (a dict built by data.py), and each term.
@@ -279,33 +277,56 @@ class VisualBERT(nn.Module):
         if has_image:
             inputs.update(feats=batch["feats"], boxes=batch["boxes"], region_mask=batch["region_mask"])
         h, spans = self(**inputs)
-        terms = {}
+        sums = {}
         if has_text:
-            terms["mlm"] = masked_lm_terms(self.mlm, h[:, spans["text"]], batch["mlm_labels"])
+            sums["mlm"] = masked_lm_sum(self.mlm, h[:, spans["text"]], batch["mlm_labels"], batch.get("mlm_at"))
             for key in ("nsp", "match"):
                 if f"{key}_labels" in batch:
-                    labels = batch[f"{key}_labels"]
-                    ce = F.cross_entropy(self.nsp(self.pool(h)).float(), labels, reduction="sum")
-                    terms[key] = (ce, torch.tensor(float(len(labels)), device=h.device))
+                    sums[key] = F.cross_entropy(self.nsp(self.pool(h)).float(), batch[f"{key}_labels"], reduction="sum")
         if has_tags:
-            terms["tag"] = masked_lm_terms(self.mlm, h[:, spans["tags"]], batch["tag_labels"])
+            sums["tag"] = masked_lm_sum(self.mlm, h[:, spans["tags"]], batch["tag_labels"], batch.get("tag_at"))
         if has_image:
-            terms.update(visual_terms(self.visual, h[:, spans["regions"]], batch))
-        return terms
+            sums.update(visual_sums(self.visual, h[:, spans["regions"]], batch))
+        counts = self.term_counts(batch)
+        return {k: (sums[k], counts[k]) for k in counts}
+
+    def term_counts(self, batch):
+        """What pretrain_terms divides each objective's sum by, from the batch alone (no forward):
+        a run totals them over its micro-batches and processes before the first backward."""
+        counts = {}
+        if "input_ids" in batch:
+            counts["mlm"] = (batch["mlm_labels"] != -100).sum()
+            for key in ("nsp", "match"):
+                if f"{key}_labels" in batch:
+                    counts[key] = batch[f"{key}_labels"].new_full((), len(batch[f"{key}_labels"]))
+        if "tag_ids" in batch:
+            counts["tag"] = (batch["tag_labels"] != -100).sum()
+        if "feats" in batch:
+            regions = batch["region_mask"].sum()  # every valid region counts in the denominator
+            visual = ["feat", "label"] + (["attr"] if self.visual.attr is not None and "attr_labels" in batch else [])
+            counts.update({k: regions for k in visual})
+        return {k: c.float() for k, c in counts.items()}
 
 
-def masked_lm_terms(head, h, labels):
-    """Cross-entropy summed over the masked positions, and their count. The vocabulary projection
-    runs on those positions alone, which saves most of the head's cost (15% are masked)."""
-    keep = labels != -100  # (B, T)
-    logits = head(h[keep])  # (N, vocab); N may be 0, and the sum is then a zero with a gradient graph
-    return F.cross_entropy(logits.float(), labels[keep], reduction="sum"), keep.sum().float()
+def positions(mask, given=None):
+    """(rows, columns) where `mask` holds; `given`: the same found earlier on the host (pretrain.py),
+    as finding them on a GPU would make the host wait for it."""
+    at = mask.nonzero() if given is None else given  # (N, 2)
+    return at[:, 0], at[:, 1]
 
 
-MASK_PROB = 0.15
+def masked_lm_sum(head, h, labels, at=None):
+    """Cross-entropy summed over the masked positions. The vocabulary projection runs on those
+    positions alone, which saves most of the head's cost (15% are masked)."""
+    at = positions(labels != -100, at)
+    logits = head(h[at])  # (N, vocab); N may be 0, and the sum is then a zero with a gradient graph
+    return F.cross_entropy(logits.float(), labels[at], reduction="sum")
 
 
-def visual_terms(head, h, batch):
+MASK_PROB = 0.15  # of text pieces, regions and tags (data.py masks them); the visual losses divide by it
+
+
+def visual_sums(head, h, batch):
     """Feature regression, detector-label (and attribute) classification of masked regions.
 
     Paper: the visual objectives are computed on masked regions; the authors' code (from LXMERT)
@@ -314,16 +335,16 @@ def visual_terms(head, h, batch):
     scale by 1/0.15 (authors' code), so a term is about the mean over masked regions. Regression
     is smooth-L1 (beta 1), averaged over the feature dimension, as in the authors' code.
     h (B, K, H) the regions' hidden states; head(x) -> (features, label logits, attribute logits).
+    Returns the sums; term_counts gives what they are divided by, the batch's valid regions.
     """
-    valid = batch["region_mask"].bool()  # (B, K)
-    sel = batch["region_masked"].bool() & valid  # (B, K)
-    n = valid.sum().float()  # every valid region counts in the denominator
+    sel = positions(batch["region_masked"].bool() & batch["region_mask"].bool(), batch.get("region_at"))
     feat, label, attr = head(h[sel])  # (N, D), (N, C), (N, A)
-    out = {"feat": (F.smooth_l1_loss(feat.float(), batch["feat_targets"][sel].float(), reduction="none", beta=1.0).mean(-1).sum() / MASK_PROB, n),
-           "label": ((F.cross_entropy(label.float(), batch["obj_labels"][sel], reduction="none") * batch["obj_conf"][sel]).sum() / MASK_PROB, n)}
+    regression = F.smooth_l1_loss(feat.float(), batch["feat_targets"][sel].float(), reduction="none", beta=1.0).mean(-1)
+    out = {"feat": regression.sum() / MASK_PROB,
+           "label": (F.cross_entropy(label.float(), batch["obj_labels"][sel], reduction="none") * batch["obj_conf"][sel]).sum() / MASK_PROB}
     if attr is not None and "attr_labels" in batch:
         ce = F.cross_entropy(attr.float(), batch["attr_labels"][sel].clamp(min=0), reduction="none")
-        out["attr"] = ((ce * batch["attr_conf"][sel]).sum() / MASK_PROB, n)
+        out["attr"] = (ce * batch["attr_conf"][sel]).sum() / MASK_PROB
     return out
 
 
@@ -358,7 +379,7 @@ def peak_flops(device, dtype):
 
 
 # -----------------------------------------------------------------------------
-# loading a Hugging Face BERT checkpoint (SPEC 8)
+# loading a Hugging Face BERT checkpoint (docs/METHOD.md §8)
 
 # Hugging Face name -> ours. Applied in order to every key after the "bert." prefix is dropped.
 HF_RENAMES = [
@@ -391,10 +412,14 @@ def read_safetensors(path):
     """A minimal reader of the safetensors format (8-byte header size, JSON header, raw data),
     so loading needs no package beyond torch."""
     dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:  # UnicodeDecodeError too
+            raise ValueError(f"{path}: not a safetensors file (no JSON header)") from None
         data = f.read()
     tensors = {}
     for name, info in header.items():
@@ -402,17 +427,27 @@ def read_safetensors(path):
             continue
         start, end = info["data_offsets"]
         if info["dtype"] not in dtypes or end > len(data):
-            raise ValueError(f"{path}: tensor {name} is unreadable (dtype {info['dtype']}, bytes {start}-{end} of {len(data)})")
-        t = torch.frombuffer(bytearray(data[start:end]), dtype=dtypes[info["dtype"]]) if end > start else torch.empty(0, dtype=dtypes[info["dtype"]])
+            raise ValueError(f"{path}: tensor {name} is unreadable (dtype {info['dtype']}, bytes {start}-{end} of "
+                             f"{len(data)})")
+        t = torch.frombuffer(bytearray(data[start:end]), dtype=dtypes[info["dtype"]]) if end > start else torch.empty(0,
+                                                                                                                      dtype=dtypes[info["dtype"]])
         tensors[name] = t.reshape(info["shape"])
     return tensors
 
 
 def config_from_hf(path, **overrides):
-    with open(os.path.join(path, "config.json")) as f:
-        c = json.load(f)
+    file = os.path.join(path, "config.json")
+    try:
+        with open(file) as f:
+            c = json.load(f)
+    except ValueError as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from None
+    keys = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+            "max_position_embeddings")
+    if not isinstance(c, dict) or not set(keys) <= set(c):
+        raise ValueError(f"{file}: not a BERT config (it needs {', '.join(keys)})")
     if c.get("hidden_act", "gelu") != "gelu":
-        raise ValueError(f"{path}/config.json: hidden_act {c['hidden_act']!r}, this model implements BERT's erf GELU only")
+        raise ValueError(f"{file}: hidden_act {c['hidden_act']!r}, this model implements BERT's erf GELU only")
     return Config(vocab_size=c["vocab_size"], hidden=c["hidden_size"], layers=c["num_hidden_layers"],
                   heads=c["num_attention_heads"], ffn=c["intermediate_size"],
                   max_positions=c["max_position_embeddings"], type_vocab=c.get("type_vocab_size", 2),
@@ -428,19 +463,27 @@ def load_bert(model, path):
     if os.path.exists(st):
         src = read_safetensors(st)
     elif os.path.exists(binf):
-        src = torch.load(binf, map_location="cpu", weights_only=True)
+        try:
+            src = torch.load(binf, map_location="cpu", weights_only=True)
+        except Exception as e:  # not a torch file, truncated, not plain tensors
+            first = (str(e).splitlines() or [""])[0][:200]
+            raise ValueError(f"{binf}: not a readable PyTorch weights file ({type(e).__name__}: {first})") from None
     else:
         raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin in this BERT directory")
     src = {hf_to_ours(k): v for k, v in src.items() if not HF_IGNORED.search(k)}
     ours = model.state_dict()
-    bert_keys = {k for k in ours if not k.startswith(("embeddings.feat.", "embeddings.box.", "embeddings.tag_ln.", "visual.", "mlm.decoder."))}
+    bert_keys = {k for k in ours if not k.startswith(("embeddings.feat.", "embeddings.box.", "embeddings.tag_ln.",
+                                                      "visual.", "mlm.decoder."))}
     missing, unexpected = bert_keys - src.keys(), src.keys() - bert_keys
     if "nsp.weight" in missing and "nsp.bias" in missing:  # a checkpoint without NSP head (BertForMaskedLM)
         missing -= {"nsp.weight", "nsp.bias"}
-    assert not missing and not unexpected, f"{path}: keys do not match BERT's. missing {sorted(missing)[:8]}, unexpected {sorted(unexpected)[:8]}"
+    if missing or unexpected:
+        raise ValueError(f"{path}: keys do not match BERT's. missing {sorted(missing)[:8]}, "
+                         f"unexpected {sorted(unexpected)[:8]}")
     with torch.no_grad():
         for k, v in src.items():
-            assert ours[k].shape == v.shape, f"{path}: {k} has shape {tuple(v.shape)}, the model expects {tuple(ours[k].shape)}"
+            if ours[k].shape != v.shape:
+                raise ValueError(f"{path}: {k} has shape {tuple(v.shape)}, the model expects {tuple(ours[k].shape)}")
             ours[k].copy_(v)
     return model
 

@@ -2,7 +2,7 @@
 Reproduce the paper's comparisons in miniature (Tables 1-3 and Figure 2 of U-VisualBERT) on the toy
 world, with a protocol that can show what pre-training buys if it buys anything:
 
-- the toy BERT (text only), then every variant of docs/METHOD.md section 3 from it, each pre-trained
+- the toy BERT (text only), then every variant of docs/METHOD.md §3 from it, each pre-trained
   once, until its held-out objectives have converged (CONVERGED below, checked and reported), and
   with at least the compute of any fine-tuning run it is compared through;
 - every task fine-tuned from every variant on nested fractions of its training set (1/16, 1/4, all:
@@ -44,23 +44,27 @@ from pretrain import load_checkpoint
 
 
 def variant_flags(v, root):
-    """Each variant's pre-training flags (docs/METHOD.md section 3); None for Base, the toy BERT itself.
+    """Each variant's pre-training flags (docs/METHOD.md §3); None for Base, the toy BERT itself.
     U_SBU is U with the toy world's second caption corpus (toy.py: captions of other photos, in
     other words), given with every data flag, as real data is."""
     sbu = ["--images", f"{root}/features/pretrain", "--captions", f"{root}/pretrain/captions_sbu.txt",
            "--text", f"{root}/pretrain/text.txt", "--heldout-images", f"{root}/features/heldout",
            "--heldout-captions", f"{root}/heldout/captions.txt", "--heldout-text", f"{root}/heldout/text.txt"]
-    return {"Base": None, "U": ["--unaligned"], "U_NT": ["--unaligned", "--no-tags"], "U_NC": ["--unaligned", "--no-captions"],
-            "U_SBU": ["--unaligned", *sbu], "S": ["--aligned"], "S_NT": ["--aligned", "--no-tags"], "H": ["--hybrid"]}[v]
+    return {"Base": None, "U": ["--unaligned"], "U_NT": ["--unaligned", "--no-tags"],
+            "U_NC": ["--unaligned", "--no-captions"],
+            "U_SBU": ["--unaligned", *sbu], "S": ["--aligned"], "S_NT": ["--aligned", "--no-tags"],
+            "H": ["--hybrid"]}[v]
 
 
 VARIANTS = ["Base", "U", "U_NT", "U_NC", "U_SBU", "S", "S_NT", "H"]
 QUICK = ["Base", "U", "U_NT"]  # --quick: do tags anchor anything (U against U_NT), and against the toy BERT
-# the table's columns: (header, task, split, metric), as the paper's Tables 1-3 (docs/METHOD.md section 10)
+# the table's columns: (header, task, split, metric), as the paper's Tables 1-3 (docs/METHOD.md §10)
 COLUMNS = [("VQA", "vqa", "val", "accuracy"),
            ("NLVR2 dev", "nlvr2", "dev", "accuracy"), ("NLVR2 test-P", "nlvr2", "test1", "accuracy"),
-           ("R@1", "retrieval", "test", "R@1"), ("R@5", "retrieval", "test", "R@5"), ("R@10", "retrieval", "test", "R@10"),
-           ("RefCOCO+ val", "refcoco", "val", "accuracy"), ("testA", "refcoco", "testA", "accuracy"), ("testB", "refcoco", "testB", "accuracy")]
+           ("R@1", "retrieval", "test", "R@1"), ("R@5", "retrieval", "test", "R@5"),
+           ("R@10", "retrieval", "test", "R@10"),
+           ("RefCOCO+ val", "refcoco", "val", "accuracy"), ("testA", "refcoco", "testA", "accuracy"),
+           ("testB", "refcoco", "testB", "accuracy")]
 TASKS = list(dict.fromkeys(c[1] for c in COLUMNS))
 PAPER = {  # BERT-base at Conceptual Captions scale, same columns; the project has no U_SBU figures of the paper
     "Base": [69.26, 68.40, 68.65, 42.86, 73.62, 83.28, 70.66, 77.06, 61.43],
@@ -76,27 +80,31 @@ PAPER = {  # BERT-base at Conceptual Captions scale, same columns; the project h
 # epochs on its whole training set; a fraction F of it gets epochs / F: the same number of steps. The
 # fine-tuning budgets are a tenth of finetune.py's defaults (what each task takes to learn from the
 # whole set), and the pre-training budget the most that fits beside them: 3 seeds x 2 fractions x 8
-# variants x 4 tasks in 40 minutes. It is short of what U's tag objective needs (docs/LOG-i13.md)
+# variants x 4 tasks in 40 minutes. It is short of what U's tag objective needs (docs/LOG.md, section 8)
 BUDGET = {"bert": 2400, "pretrain": 4000, "vqa": 1.6, "nlvr2": 0.5, "retrieval": 1.0, "refcoco": 2.0}
 FRACTIONS = ["1/16", "1"]
 TEST_IMAGES = 50  # retrieval ranks each caption among the first 50 toy test images (of 100), for time
 # a pre-training run has converged when every held-out loss fell over the last quarter of the steps by
 # less than 5% of its final value (or by less than 0.01, the evaluation's noise), and a variant with
 # the match loss gets at least 70% of held-out pairs right (chance: 50%). A plateau passes this test:
-# the tag loss of U sits on one for its first ~1,500 image steps before it falls (docs/LOG-i13.md)
+# the tag loss of U sits on one for its first ~1,500 image steps before it falls (docs/LOG.md, section 8)
 CONVERGED = {"last_quarter": 0.05, "noise": 0.01, "match_acc": 0.70}
 
-p = argparse.ArgumentParser(description="The paper's Tables 1-3 and Figure 2 in miniature, on the toy world.")
-p.add_argument("--quick", action="store_true", help="one seed and the variants " + ", ".join(QUICK) + ", for a first look")
-p.add_argument("--seeds", type=int, default=None, help="how many fine-tuning seeds (default 3, or 1 with --quick)")
-p.add_argument("--variants", nargs="+", choices=VARIANTS, help="which rows (default: all, or those of --quick)")
-p.add_argument("--fractions", nargs="+", default=FRACTIONS, help="fractions of each task's training set, e.g. 1/16 1/4 1")
-p.add_argument("--out", default="out/reproduce", help="output folder: one folder per run, table.md, table.json, curves.png, figure2.png")
-p.add_argument("--jobs", type=int, default=max(1, min(2, os.cpu_count() or 1)), help="runs side by side (one thread each when several)")
-p.add_argument("--toy-root", default=toy.TOY_DIR, help="where the toy world is made and cached")
-p.add_argument("--budget", nargs="+", default=[], metavar="KEY=N",
-               help="change a budget: " + ", ".join(f"{k}={v}" for k, v in BUDGET.items()) + " (steps; fine-tuning epochs)")
-p.add_argument("--device", default="cpu", help="where every run trains (cpu, cuda)")
+parser = argparse.ArgumentParser(description="The paper's Tables 1-3 and Figure 2 in miniature, on the toy world.")
+parser.add_argument("--quick", action="store_true",
+                    help="one seed and the variants " + ", ".join(QUICK) + ", for a first look")
+parser.add_argument("--seeds", type=int, default=None, help="how many fine-tuning seeds (default 3, or 1 with --quick)")
+parser.add_argument("--variants", nargs="+", choices=VARIANTS, help="which rows (default: all, or those of --quick)")
+parser.add_argument("--fractions", nargs="+", default=FRACTIONS,
+                    help="fractions of each task's training set, e.g. 1/16 1/4 1")
+parser.add_argument("--out", default="out/reproduce",
+                    help="output folder: one folder per run, table.md, table.json, curves.png, figure2.png")
+parser.add_argument("--jobs", type=int, default=max(1, min(2, os.cpu_count() or 1)),
+                    help="runs side by side (one thread each when several)")
+parser.add_argument("--toy-root", default=toy.TOY_DIR, help="where the toy world is made and cached")
+parser.add_argument("--budget", nargs="+", default=[], metavar="KEY=N",
+                    help="change a budget: " + ", ".join(f"{k}={v}" for k, v in BUDGET.items()) + " (steps; fine-tuning epochs)")
+parser.add_argument("--device", default="cpu", help="where every run trains (cpu, cuda)")
 
 # -----------------------------------------------------------------------------
 # the runs: a list of command lines with their dependencies, run side by side
@@ -121,11 +129,14 @@ def plan(args, budget, seeds):
     common = ["--cache-dir", os.path.join(O, "cache"), "--device", args.device]
     pre = {"Base": Run("Base (the toy BERT)", ["pretrain.py", "--text-only", "--max-steps", str(budget["bert"]),
                                                "--eval-every", str(max(1, budget["bert"] // 4)), "--toy-root", root,
-                                               "--out", f"{O}/pretrain/Base", *common], f"{O}/pretrain/Base", "eval.json")}
+                                               "--out", f"{O}/pretrain/Base", *common], f"{O}/pretrain/Base",
+                                               "eval.json")}
     for v in args.variants:
         if v != "Base":
-            pre[v] = Run(f"{v} pre-training", ["pretrain.py", *variant_flags(v, root), "--init-from", f"{O}/pretrain/Base/ckpt.pt",
-                                               "--max-steps", str(budget["pretrain"]), "--eval-every", str(max(1, budget["pretrain"] // 4)),
+            pre[v] = Run(f"{v} pre-training",
+                         ["pretrain.py", *variant_flags(v, root), "--init-from", f"{O}/pretrain/Base/ckpt.pt",
+                                               "--max-steps", str(budget["pretrain"]), "--eval-every",
+                                               str(max(1, budget["pretrain"] // 4)),
                                                "--toy-root", root, "--out", f"{O}/pretrain/{v}", *common],
                          f"{O}/pretrain/{v}", "eval.json", [pre["Base"]])
     runs = list(pre.values())
@@ -199,7 +210,8 @@ def execute(runs, jobs, threads=1):
                     raise SystemExit(f"{run.name} failed (exit {rc}): python {' '.join(run.argv)}\n{tail}")
                 data.write_json(os.path.join(run.out, "time.json"), {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1)})
                 finished += 1
-                print(f"[{finished}/{finished + len(todo) + len(running)}] {run.name} done, {(time.time() - t0) / 60:.1f} min", flush=True)
+                print(f"[{finished}/{finished + len(todo) + len(running)}] {run.name} done, "
+                      f"{(time.time() - t0) / 60:.1f} min", flush=True)
 
 # -----------------------------------------------------------------------------
 # the table, its intervals, and the paper's claims
@@ -227,7 +239,8 @@ def collect(out, variants, fractions, seeds):
         for fraction in fractions:
             rows = []
             for seed in seeds:
-                res = {task: data.read_json(os.path.join(out, "finetune", v, task, label(fraction), f"seed{seed}", "results.json"))
+                res = {task: data.read_json(os.path.join(out, "finetune", v, task, label(fraction), f"seed{seed}",
+                                                         "results.json"))
                        for task in TASKS}
                 rows.append([100 * res[task][split][metric] for _, task, split, metric in COLUMNS])
             table[v][fraction] = np.array(rows)
@@ -236,7 +249,8 @@ def collect(out, variants, fractions, seeds):
 
 def cell(x, digits=1):
     m, lo, hi = interval(x)
-    return [f"{a:.{digits}f}" + ("" if np.isnan(b) else f" [{b:.{digits}f}, {c:.{digits}f}]") for a, b, c in zip(m, lo, hi)]
+    return [f"{a:.{digits}f}" + ("" if np.isnan(b) else f" [{b:.{digits}f}, "
+                                                        f"{c:.{digits}f}]") for a, b, c in zip(m, lo, hi)]
 
 
 def markdown(table, fractions):
@@ -246,8 +260,8 @@ def markdown(table, fractions):
     n = len(table[v0][fractions[0]])
     lines = [f"Toy world, mean [95% t-interval] over {n} fine-tuning seed{'s' * (n > 1)}, in %.", ""]
     for fraction in fractions:
-        lines += [f"Fine-tuned on {'the whole' if Fraction(fraction) == 1 else fraction + ' of each'} training set:", "",
-                  "| model | " + " | ".join(c[0] for c in COLUMNS) + " |", "|" + " --- |" * (len(COLUMNS) + 1)]
+        lines += [f"Fine-tuned on {'the whole' if Fraction(fraction) == 1 else fraction + ' of each'} training set:",
+                  "", "| model | " + " | ".join(c[0] for c in COLUMNS) + " |", "|" + " --- |" * (len(COLUMNS) + 1)]
         lines += [f"| {v} | " + " | ".join(cell(runs[fraction])) + " |" for v, runs in table.items()]
         lines.append("")
     lines += ["The paper (BERT-base, Conceptual Captions scale, full training sets):", "",
@@ -270,7 +284,7 @@ CLOSE = 2.0  # points: "close" means the 95% interval of the difference lies wit
 
 
 def claims(table, fractions):
-    """The paper's four claims (docs/METHOD.md section 10), and U_SBU close to U, checked at each
+    """The paper's four claims (docs/METHOD.md §10), and U_SBU close to U, checked at each
     fraction on 95% intervals over the seeds of differences averaged over columns, seed by seed (a
     seed fixes the fine-tuning's data order and head, so runs of one seed are paired)."""
     retrieval = np.array([c[1] == "retrieval" for c in COLUMNS])
@@ -286,7 +300,8 @@ def claims(table, fractions):
         if {"U", "Base"} <= set(t):
             d = t["U"] - t["Base"]
             up, down = interval(d)[1] > 0, interval(d)[2] < 0
-            check("U beats Base", d.mean(1), note=f"U - Base per column: {int(up.sum())} above, {int(down.sum())} below, "
+            check("U beats Base", d.mean(1),
+                  note=f"U - Base per column: {int(up.sum())} above, {int(down.sum())} below, "
                                                     f"{len(COLUMNS) - int(up.sum()) - int(down.sum())} undecided")
         if {"U", "S"} <= set(t):
             check("U comes close to S outside retrieval", (t["S"] - t["U"])[:, ~retrieval].mean(1), CLOSE)
@@ -340,7 +355,8 @@ def compute_report(out, variants, fractions, seeds):
                     steps = max(r.get("step", 0) for r in map(json.loads, open(os.path.join(run, "log.jsonl"))))
                     batch = data.read_json(os.path.join(run, "args.json"))["args"]["batch_size"]
                     fine = max(fine, steps * batch * per[task])
-        report[v] = {"pretraining_sequences": pre, "largest_finetuning_sequences": fine, "pretraining_at_least": pre >= fine}
+        report[v] = {"pretraining_sequences": pre, "largest_finetuning_sequences": fine,
+                     "pretraining_at_least": pre >= fine}
     return report
 
 # -----------------------------------------------------------------------------
@@ -390,7 +406,8 @@ def image_states(model, vocab, entries, class_names, tags):
     b = data.image_inputs(entries, vocab.tag_pieces(class_names), tags != "none")
     if tags == "hidden":
         b["tag_ids"] = b["tag_ids"].masked_fill(b["tag_mask"], vocab.mask)
-    h, spans = model(**{k: b[k] for k in ("tag_ids", "tag_boxes", "tag_mask", "feats", "boxes", "region_mask") if k in b})
+    h, spans = model(**{k: b[k] for k in ("tag_ids", "tag_boxes", "tag_mask", "feats", "boxes",
+                                          "region_mask") if k in b})
     out = []
     for i in range(len(entries)):
         K = int(b["region_mask"][i].sum())
@@ -398,7 +415,8 @@ def image_states(model, vocab, entries, class_names, tags):
         if tags != "none":
             where = b["tag_region"][i].tolist()
             first = [where.index(k) if k in where else -1 for k in range(K)]  # a tag cut off by MAX_TAGS: -1
-            tag_states = torch.stack([h[i, spans["tags"]][t] if t >= 0 else torch.full_like(h[i, 0], float("nan")) for t in first])
+            tag_states = torch.stack([h[i, spans["tags"]][t] if t >= 0 else torch.full_like(h[i, 0],
+                                                                                            float("nan")) for t in first])
         out.append((h[i, spans["regions"]][:K].float(), tag_states))
     return out
 
@@ -435,16 +453,20 @@ def probe(model, vocab, images, scenes, captions, tags=True, chunk=100):
     have = np.bincount(wj, minlength=len(names)) >= MIN_WORDS
     among = np.flatnonzero(have)  # the classes of (b); a class's index among them:
     index = torch.from_numpy(np.cumsum(have) - 1)
-    centre = torch.nn.functional.normalize(torch.stack([ws[wj == j].mean(0) for j in among] or [ws[0]]), dim=-1)  # (C, H)
+    # (C, H)
+    centre = torch.nn.functional.normalize(torch.stack([ws[wj == j].mean(0) for j in among] or [ws[0]]), dim=-1)
     first = torch.tensor([pieces[0] for pieces in vocab.tag_pieces(names)])
-    rows = {k: [] for k in ("image", "class", "tag_first", "nearest_word", "cos_gap", "nearest_word_tags_shown", "detector")}
+    rows = {k: [] for k in ("image", "class", "tag_first", "nearest_word", "cos_gap", "nearest_word_tags_shown",
+                            "detector")}
 
-    def near(h, c):  # (K, H) region states, (K,) their classes -> nearest word is its own, cosine gap; NaN without words
+    # (K, H) region states, (K,) their classes -> nearest word is its own, cosine gap; NaN without words
+    def near(h, c):
         cos = torch.nn.functional.normalize(h, dim=-1) @ centre.T  # (K, C)
         own = cos.gather(1, index[c].clamp(min=0)[:, None]).squeeze(1)
         none = torch.from_numpy(~have)[c] | (len(among) < 2)
         nearest = (cos.argmax(1) == index[c]).double().masked_fill(none, float("nan"))
-        return nearest.numpy(), (own - (cos.sum(1) - own) / max(1, len(among) - 1)).double().masked_fill(none, float("nan")).numpy()
+        return nearest.numpy(), (own - (cos.sum(1) - own) / max(1, len(among) - 1)).double().masked_fill(none,
+                                                                                                         float("nan")).numpy()
 
     ids = sorted(images.where)
     for start in range(0, len(ids), chunk):
@@ -507,22 +529,26 @@ def probe_report(out, root, variants):
         report[v] = {k: dict(zip(("value", "low", "high"), bootstrap(rows[v], k))) for k in PROBE}
         report[v]["chance"] = {"tag_first": 1 / len(images.class_names), "nearest_word": 1 / max(1, int(z["classes"]))}
     if {"U", "U_NT"} <= set(rows):
-        report["U - U_NT"] = {k: dict(zip(("value", "low", "high"), bootstrap(rows["U"], rows["U"][k] - rows["U_NT"][k])))
+        report["U - U_NT"] = {k: dict(zip(("value", "low", "high"),
+                                          bootstrap(rows["U"], rows["U"][k] - rows["U_NT"][k])))
                               for k in PROBE[:4]}
     return report
 
 
 def probe_markdown(report):
-    cols = [("tag_first", "(a) own class word first, %", 100), ("nearest_word", "(b) nearest class word is own, %", 100),
+    cols = [("tag_first", "(a) own class word first, %", 100),
+            ("nearest_word", "(b) nearest class word is own, %", 100),
             ("cos_gap", "(b) cosine own - others", 1), ("nearest_word_tags_shown", "(b) same, tags shown, %", 100)]
     lines = ["| model | " + " | ".join(c[1] for c in cols) + " |", "|" + " --- |" * (len(cols) + 1)]
     for v, r in report.items():
         digits = lambda s: 3 if s == 1 else 1
-        lines.append(f"| {v} | " + " | ".join(f"{r[k]['value'] * s:.{digits(s)}f} [{r[k]['low'] * s:.{digits(s)}f}, {r[k]['high'] * s:.{digits(s)}f}]"
+        lines.append(f"| {v} | " + " | ".join(f"{r[k]['value'] * s:.{digits(s)}f} [{r[k]['low'] * s:.{digits(s)}f}, "
+                                              f"{r[k]['high'] * s:.{digits(s)}f}]"
                                             for k, _, s in cols) + " |")
     some = next(r for v, r in report.items() if "chance" in r)
     det = [r["detector"]["value"] for r in report.values() if "detector" in r][0]
-    lines += ["", f"Chance: (a) {100 * some['chance']['tag_first']:.1f}%, (b) {100 * some['chance']['nearest_word']:.1f}%. "
+    lines += ["",
+              f"Chance: (a) {100 * some['chance']['tag_first']:.1f}%, (b) {100 * some['chance']['nearest_word']:.1f}%. "
               f"The detector's own tag is the region's class for {100 * det:.1f}% of these regions. "
               "Intervals: 95%, bootstrap over the held-out images."]
     return "\n".join(lines) + "\n"
@@ -545,7 +571,8 @@ def tsne(x, perplexity=20.0, steps=600, seed=0):
     x = pca(x.double(), min(30, *x.shape))
     n = len(x)
     d2 = torch.cdist(x, x).pow(2)  # (N, N)
-    lo, hi, beta = torch.zeros(n, 1, dtype=x.dtype), torch.full((n, 1), math.inf, dtype=x.dtype), torch.ones(n, 1, dtype=x.dtype) / d2.mean()
+    lo, hi, beta = torch.zeros(n, 1, dtype=x.dtype), torch.full((n, 1), math.inf, dtype=x.dtype), torch.ones(n, 1,
+                                                                                                             dtype=x.dtype) / d2.mean()
     for _ in range(64):  # bisect each point's precision to reach the perplexity
         p = torch.exp(-d2 * beta).fill_diagonal_(0)
         p = p / p.sum(1, keepdim=True).clamp(min=1e-300)
@@ -592,7 +619,8 @@ def representations(model, vocab, images, scenes, captions, classes, per_class=3
     return torch.stack(states).float(), np.array(cls), np.array(modality)
 
 
-PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 190, 190), (240, 50, 230), (128, 128, 0)]
+PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 190, 190), (240, 50, 230),
+           (128, 128, 0)]
 PANEL, LEGEND = 400, 70  # pixels: each square panel, the legend strip below
 
 
@@ -651,7 +679,8 @@ def figure2(args, probe=None):
         return draw_figure(panels, classes, os.path.join(args.out, "figure2.png"))
 
 
-LINES = [(0, 0, 0), (230, 25, 75), (0, 130, 200), (60, 180, 75), (145, 30, 180), (245, 130, 48), (70, 190, 190), (128, 128, 0)]
+LINES = [(0, 0, 0), (230, 25, 75), (0, 130, 200), (60, 180, 75), (145, 30, 180), (245, 130, 48), (70, 190, 190),
+         (128, 128, 0)]
 
 
 def curve_points(table, task, fractions):
@@ -663,7 +692,8 @@ def curve_points(table, task, fractions):
 def baselines(out, variant, fraction):
     """Each task's trivial baseline (finetune.py's baseline.json: the commonest answer per question type,
     the majority class, chance, the most confident box), averaged over its table columns, in %."""
-    runs = {t: data.read_json(os.path.join(out, "finetune", variant, t, label(fraction), "seed0", "baseline.json")) for t in TASKS}
+    runs = {t: data.read_json(os.path.join(out, "finetune", variant, t, label(fraction), "seed0",
+                                           "baseline.json")) for t in TASKS}
     return {t: float(np.mean([100 * runs[t][split][m] for _, task, split, m in COLUMNS if task == t])) for t in TASKS}
 
 
@@ -675,18 +705,19 @@ def draw_curves(table, fractions, path, baseline=None, w=420, h=320):
 
     img = Image.new("RGB", (2 * w, 2 * h + 40), "white")
     d = ImageDraw.Draw(img)
-    names = {"vqa": "VQA accuracy", "nlvr2": "NLVR2 accuracy (dev, test-P)", "retrieval": "retrieval mean of R@1, R@5, R@10",
-             "refcoco": "RefCOCO+ accuracy (val, testA, testB)"}
+    names = {"vqa": "VQA accuracy", "nlvr2": "NLVR2 accuracy (dev, test-P)",
+             "retrieval": "retrieval mean of R@1, R@5, R@10", "refcoco": "RefCOCO+ accuracy (val, testA, testB)"}
     xs = np.log2([float(Fraction(f)) for f in fractions])
     for j, task in enumerate(TASKS):
         x0, y0 = (j % 2) * w, (j // 2) * h
         pts = curve_points(table, task, fractions)
-        vals = [y for ps in pts.values() for p_ in ps for y in p_ if not np.isnan(y)] + ([baseline[task]] if baseline else [])
+        vals = [y for ps in pts.values() for x in ps for y in x if not np.isnan(y)] + ([baseline[task]] if baseline else [])
         vals = np.clip(vals, 0, 100)  # percentages
         lo, hi = max(0, vals.min() - 0.05 * (np.ptp(vals) + 1)), min(100, vals.max() + 0.05 * (np.ptp(vals) + 1))
         left, right, top, bottom = x0 + 50, x0 + w - 15, y0 + 25, y0 + h - 35
         X = lambda x: left + 25 + (x - xs.min()) / max(np.ptp(xs), 1e-9) * (right - left - 50) if len(xs) > 1 else (left + right) / 2
-        Y = lambda y: bottom - (min(max(y, lo), hi) - lo) / (hi - lo) * (bottom - top)  # an interval beyond the axis stops at it
+        # an interval beyond the axis stops at it
+        Y = lambda y: bottom - (min(max(y, lo), hi) - lo) / (hi - lo) * (bottom - top)
         d.rectangle([left, top, right, bottom], outline=(160, 160, 160))
         d.text((x0 + 10, y0 + 6), names[task] + ", %", fill="black")
         for k in range(5):  # y ticks
@@ -701,7 +732,8 @@ def draw_curves(table, fractions, path, baseline=None, w=420, h=320):
                 d.line([x, Y(baseline[task]), x + 4, Y(baseline[task])], fill=(150, 150, 150))
             d.text((right - 55, Y(baseline[task]) - 12), "baseline", fill=(150, 150, 150))
         for n, (v, ps) in enumerate(pts.items()):
-            colour, dx = LINES[VARIANTS.index(v) % len(LINES)], (n - len(pts) / 2) * 2.5  # side by side, so the bars show
+            # side by side, so the bars show
+            colour, dx = LINES[VARIANTS.index(v) % len(LINES)], (n - len(pts) / 2) * 2.5
             xy = [(X(x) + dx, Y(m)) for x, (m, _, _) in zip(xs, ps)]
             d.line(xy, fill=colour, width=2)
             for (px, py), (m, a, b) in zip(xy, ps):
@@ -746,23 +778,27 @@ def finite(x):
 
 
 def main(argv=None):
-    args = p.parse_args(argv)
+    args = parser.parse_args(argv)
     budget = dict(BUDGET)
     for kv in args.budget:
         k, _, v = kv.partition("=")
         if k not in budget:
-            p.error(f"--budget {kv}: the budgets are {', '.join(budget)}")
-        budget[k] = float(v) if k in TASKS else int(v)
+            parser.error(f"--budget {kv}: the budgets are {', '.join(budget)}")
+        try:
+            budget[k] = float(v) if k in TASKS else int(v)  # fine-tuning epochs; the rest are steps
+        except ValueError:
+            parser.error(f"--budget {kv}: {v!r} is not a {'number' if k in TASKS else 'whole number'}")
     for f in args.fractions:
         try:
             ok = 0 < Fraction(f) <= 1
         except ValueError:
             ok = False
         if not ok:
-            p.error(f"--fractions {f}: a fraction in (0, 1], such as 1/16")
+            parser.error(f"--fractions {f}: a fraction in (0, 1], such as 1/16")
     args.variants = chosen(args)
     seeds = list(range(args.seeds or (1 if args.quick else 3)))
     t0 = time.time()
+    data.check_paths(args, {"out": "out", "toy_root": "out"})
     toy.make_toy_world(args.toy_root)
     os.makedirs(args.out, exist_ok=True)
     print(f"variants {', '.join(args.variants)}; fractions {', '.join(args.fractions)}; seeds {seeds}; budget "
@@ -773,7 +809,8 @@ def main(argv=None):
 
     torch.set_num_threads(1)  # the probe and the figures are small; spare threads only spin on a shared CPU
     table = collect(args.out, args.variants, args.fractions, seeds)
-    pre, compute = pretraining_report(args.out, args.variants), compute_report(args.out, args.variants, args.fractions, seeds)
+    pre, compute = pretraining_report(args.out, args.variants), compute_report(args.out, args.variants,
+                                                                               args.fractions, seeds)
     grounding = probe_report(args.out, args.toy_root, args.variants)
     verdicts = claims(table, args.fractions)
     timing = time_report(runs, args.jobs)
@@ -801,15 +838,19 @@ def main(argv=None):
         "mean": {v: {f: s[0].round(2).tolist() for f, s in st.items()} for v, st in stats.items()},
         "interval": {v: {f: np.stack(s[1:], 1).round(2).tolist() for f, s in st.items()} for v, st in stats.items()},
         "interval_method": "95% Student t-interval over the fine-tuning seeds (null with one seed)",
-        "pretraining": pre, "compute": compute, "probe": grounding, "time": timing, "claims": verdicts, "paper": {v: PAPER[v] for v in table}}))
+        "pretraining": pre, "compute": compute, "probe": grounding, "time": timing, "claims": verdicts,
+        "paper": {v: PAPER[v] for v in table}}))
     print("\n" + md)
-    size = draw_curves(table, args.fractions, os.path.join(args.out, "curves.png"), baselines(args.out, "Base", args.fractions[-1]))
+    size = draw_curves(table, args.fractions, os.path.join(args.out, "curves.png"),
+                       baselines(args.out, "Base", args.fractions[-1]))
     print(f"curves: {os.path.join(args.out, 'curves.png')} ({size[0]}x{size[1]})")
     size = figure2(args, grounding)
     if size:
         print(f"figure 2: {os.path.join(args.out, 'figure2.png')} ({size[0]}x{size[1]})")
-    print(f"table: {os.path.join(args.out, 'table.md')}, {os.path.join(args.out, 'table.json')}; {(time.time() - t0) / 60:.1f} min in all")
-    print(f"all runs: {timing['cpu_min']} min of CPU time and {timing['wall_min']} min of wall time, summed; on an idle CPU with "
+    print(f"table: {os.path.join(args.out, 'table.md')}, {os.path.join(args.out, 'table.json')}; "
+          f"{(time.time() - t0) / 60:.1f} min in all")
+    print(f"all runs: {timing['cpu_min']} min of CPU time and {timing['wall_min']} min of wall time, summed; on an "
+          f"idle CPU with "
           f"{args.jobs} at a time, about {timing['idle_wall_min']} min")
     return table
 

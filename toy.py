@@ -36,7 +36,8 @@ GROUP_OF = {c: g for g, cs in GROUPS.items() for c in cs}
 COLORS = ["red", "blue", "green", "yellow", "black", "white", "brown", "gray"]
 SIZES = ["small", "large"]
 PLURAL = {"bus": "buses", "sheep": "sheep", "knife": "knives", "bench": "benches", "man": "men", "woman": "women",
-          "baby": "babies", "sandwich": "sandwiches", "fire truck": "fire trucks", "hot dog": "hot dogs", "glass": "glasses"}
+          "baby": "babies", "sandwich": "sandwiches", "fire truck": "fire trucks", "hot dog": "hot dogs",
+          "glass": "glasses"}
 NUMBERS = ["zero", "one", "two", "three", "four", "five"]
 SCENES = {  # scene type: (groups its objects come from, background classes)
     "street": (["vehicle", "vehicle", "person", "animal"], ["road", "sky"]),
@@ -82,7 +83,8 @@ class ToyWorld:
                             "box": [round(float(v), 1) for v in (x, y, x + w, y + h)]})
         for c in background:  # stuff regions: detected and tagged, seldom talked about
             objects.append({"class": c, "color": str(r.choice(COLORS)), "size": "large", "background": True,
-                            "box": [0.0, 0.0 if c in ("sky", "wall", "window") else H / 2, float(W), H / 2 if c in ("sky", "wall", "window") else float(H)]})
+                            "box": [0.0, 0.0 if c in ("sky", "wall", "window") else H / 2, float(W),
+                                    H / 2 if c in ("sky", "wall", "window") else float(H)]})
         return {"kind": str(kind), "width": W, "height": H, "objects": objects}
 
     def detect(self, scene):
@@ -143,19 +145,24 @@ class ToyWorld:
 
 
 GENERAL_TEXT = {
-    "vehicle": ["the {x} stopped at the traffic light .", "he bought a new {x} last year .", "she drove the {x} to work .",
+    "vehicle": ["the {x} stopped at the traffic light .", "he bought a new {x} last year .",
+                "she drove the {x} to work .",
                 "the {x} was parked outside the station .", "a {x} needs fuel to run .", "they washed the {x} in the driveway ."],
-    "animal": ["the {x} was hungry and wanted food .", "a {x} is an animal that lives on a farm .", "the vet looked at the sick {x} .",
+    "animal": ["the {x} was hungry and wanted food .", "a {x} is an animal that lives on a farm .",
+               "the vet looked at the sick {x} .",
                "the {x} slept in the sun all day .", "children like to feed the {x} .", "the {x} ran across the field ."],
-    "kitchenware": ["she washed the {x} after dinner .", "put the {x} back in the cupboard .", "the {x} fell and made a loud noise .",
+    "kitchenware": ["she washed the {x} after dinner .", "put the {x} back in the cupboard .",
+                    "the {x} fell and made a loud noise .",
                     "he set the {x} on the kitchen counter .", "a clean {x} was next to the sink ."],
     "food": ["the {x} tasted sweet and fresh .", "he ate a {x} for lunch .", "she bought a {x} at the market .",
              "the {x} was still warm from the oven .", "kids love to eat {xs} ."],
-    "furniture": ["they moved the {x} into the new house .", "the old {x} is made of wood .", "she sat down near the {x} .",
+    "furniture": ["they moved the {x} into the new house .", "the old {x} is made of wood .",
+                  "she sat down near the {x} .",
                   "the {x} was too heavy to carry .", "we painted the {x} last summer ."],
-    "person": ["the {x} walked to work in the morning .", "a {x} said hello to the neighbours .", "the {x} laughed at the joke .",
-               "the {x} was reading a book .", "a young {x} waved from the window ."],
-    "any": ["the {x} was {color} and {size} .", "a {size} {x} is not like a {y} .", "the {x} and the {y} were both {color} .",
+    "person": ["the {x} walked to work in the morning .", "a {x} said hello to the neighbours .",
+               "the {x} laughed at the joke .", "the {x} was reading a book .", "a young {x} waved from the window ."],
+    "any": ["the {x} was {color} and {size} .", "a {size} {x} is not like a {y} .",
+            "the {x} and the {y} were both {color} .",
             "there was a {color} {x} in the picture .", "how many {xs} did you see ?", "what color is your {x} ?",
             "is there a {x} in the house ?", "what is next to the {y} ?", "we saw two {xs} and three {ys} ."],
 }
@@ -195,7 +202,8 @@ def make_toy_world(root=TOY_DIR, seed=0, scale=1.0, log=print):
         for image_id, s in items:
             scenes[image_id] = s
             d = world.detect(s)
-            w.add(image_id, d["features"], d["boxes"], d["labels"], d["scores"], d["width"], d["height"], d["attributes"], d["attr_scores"])
+            w.add(image_id, d["features"], d["boxes"], d["labels"], d["scores"], d["width"], d["height"],
+                  d["attributes"], d["attr_scores"])
         w.close()
 
     def write_lines(path, lines):
@@ -210,7 +218,8 @@ def make_toy_world(root=TOY_DIR, seed=0, scale=1.0, log=print):
     store("pretrain", images)
     store("extra", [(f"ex{i:06d}", world.scene()) for i in range(n(3000))])
     write_lines(os.path.join(root, "pretrain", "captions.txt"), [world.caption(world.scene()) for _ in range(n(6000))])
-    write_lines(os.path.join(root, "pretrain", "pairs.jsonl"), [json.dumps({"image_id": i, "caption": world.caption(s)}) for i, s in images])
+    write_lines(os.path.join(root, "pretrain", "pairs.jsonl"),
+                [json.dumps({"image_id": i, "caption": world.caption(s)}) for i, s in images])
     write_lines(os.path.join(root, "pretrain", "text.txt"), text(n(3000)))
     store("heldout", [(f"ho{i:06d}", world.scene()) for i in range(n(300))])
     write_lines(os.path.join(root, "heldout", "captions.txt"), [world.caption(world.scene()) for _ in range(n(300))])
@@ -222,10 +231,11 @@ def make_toy_world(root=TOY_DIR, seed=0, scale=1.0, log=print):
     from tokenizers import BertWordPieceTokenizer
     tok = BertWordPieceTokenizer(lowercase=True)
     words = [" ".join(CLASSES + COLORS + SIZES + NUMBERS + list(SCENES) + [plural(c) for c in CLASSES])]
-    words += [q["question"] for q in read_json(os.path.join(root, "tasks", "vqa", "v2_OpenEnded_mscoco_train2014_questions.json"))["questions"]]
+    words += [q["question"] for q in read_json(os.path.join(root, "tasks", "vqa",
+                                                            "v2_OpenEnded_mscoco_train2014_questions.json"))["questions"]]
     text = [line for f in ("text.txt", "captions.txt") for line in open(os.path.join(root, "pretrain", f)).read().splitlines()]
     tok.train_from_iterator(words + text,
-                            vocab_size=500, min_frequency=2, show_progress=False, special_tokens=list(Vocab.SPECIALS))
+                            vocab_size=500, min_frequency=2, show_progress=False, special_tokens=list(Vocab.RESERVED))
     write_lines(os.path.join(root, "vocab.txt"), [t for t, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])])
     write_json(os.path.join(root, "scenes.json"), scenes)
     make_later_corpora(root, seed)
@@ -241,7 +251,8 @@ def make_toy_world(root=TOY_DIR, seed=0, scale=1.0, log=print):
 # templates were set once, before any result with them; nothing else in the world depends on them.
 SBU_KINDS = {"street": 0.35, "farm": 0.35, "living room": 0.15, "kitchen": 0.05, "dining room": 0.10}
 SBU_TEMPLATES = ["we saw a {a[color]} {a[class]} and a {b[class]} .", "the {a[class]} was {a[color]} and {a[size]} .",
-                 "a {a[class]} near the {b[class]} in the {kind} .", "there was a {a[size]} {a[class]} next to the {b[class]} .",
+                 "a {a[class]} near the {b[class]} in the {kind} .",
+                 "there was a {a[size]} {a[class]} next to the {b[class]} .",
                  "she saw a {a[color]} {a[class]} in the picture ."]
 
 
@@ -267,7 +278,8 @@ def make_later_corpora(root, seed=0):
     lines = [sbu_caption(r, world.scene(kinds[r.choice(len(kinds), p=list(SBU_KINDS.values()))])) for _ in range(count)]
     heldout = FeatureStore(os.path.join(root, "features", "heldout")).ids()
     scenes = read_json(os.path.join(root, "scenes.json"))
-    for path, out in ((sbu, lines), (pairs, [json.dumps({"image_id": i, "caption": world.caption(scenes[i])}) for i in heldout])):
+    for path, out in ((sbu, lines),
+                      (pairs, [json.dumps({"image_id": i, "caption": world.caption(scenes[i])}) for i in heldout])):
         with open(path + ".tmp", "w") as f:
             f.write("\n".join(out) + "\n")
         os.replace(path + ".tmp", path)
@@ -275,7 +287,7 @@ def make_later_corpora(root, seed=0):
 
 
 def make_toy_tasks(world, root, n, store, scenes):
-    """The four downstream tasks on fresh scenes, each in its real dataset's file format (SPEC 7)."""
+    """The four downstream tasks on fresh scenes, each in its real dataset's file format (docs/METHOD.md §7)."""
     r, tasks = world.rng, os.path.join(root, "tasks")
     things = lambda s: [o for o in s["objects"] if not o.get("background")]
 
@@ -291,7 +303,8 @@ def make_toy_tasks(world, root, n, store, scenes):
                 qid += 1
                 answers = [answer if r.random() < 0.9 else str(r.choice(options)) for _ in range(10)]
                 questions.append({"image_id": int(image_id), "question": question, "question_id": qid})
-                annotations.append({"question_id": qid, "image_id": int(image_id), "question_type": qtype, "answer_type": atype,
+                annotations.append({"question_id": qid, "image_id": int(image_id), "question_type": qtype,
+                                    "answer_type": atype,
                                     "multiple_choice_answer": max(set(answers), key=answers.count),
                                     "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": k + 1} for k, a in enumerate(answers)]})
         write_json(os.path.join(tasks, "vqa", f"v2_OpenEnded_mscoco_{split}_questions.json"),
@@ -309,7 +322,8 @@ def make_toy_tasks(world, root, n, store, scenes):
                 label = bool(r.random() < 0.5)
                 left, right = make_pair(label)
                 items += [(f"{split}-{k}-{p}-img0", left), (f"{split}-{k}-{p}-img1", right)]
-                lines.append(json.dumps({"identifier": f"{split}-{k}-{p}-0", "sentence": sentence, "label": str(label)}))
+                lines.append(json.dumps({"identifier": f"{split}-{k}-{p}-0", "sentence": sentence,
+                                         "label": str(label)}))
         store(f"nlvr2_{split}", items)
         with open(os.path.join(tasks, "nlvr2", f"{split}.json"), "w") as f:
             f.write("\n".join(lines) + "\n")
@@ -322,7 +336,8 @@ def make_toy_tasks(world, root, n, store, scenes):
             i, s = len(images), world.scene()
             items.append((str(700000 + i), s))
             sents = [world.caption(s) for _ in range(5)]
-            images.append({"filename": f"{700000 + i}.jpg", "imgid": i, "split": split, "sentids": list(range(5 * i, 5 * i + 5)),
+            images.append({"filename": f"{700000 + i}.jpg", "imgid": i, "split": split,
+                           "sentids": list(range(5 * i, 5 * i + 5)),
                            "sentences": [{"raw": c, "tokens": c.replace(" .", "").split(), "imgid": i, "sentid": 5 * i + j} for j, c in enumerate(sents)]})
     store("flickr30k", items)
     write_json(os.path.join(tasks, "flickr30k", "dataset_flickr30k.json"), {"dataset": "flickr30k", "images": images})
@@ -342,16 +357,20 @@ def make_toy_tasks(world, root, n, store, scenes):
                 continue
             made += 1
             items.append((str(image_id), s))
-            coco_images.append({"id": image_id, "width": s["width"], "height": s["height"], "file_name": f"COCO_train2014_{image_id:012d}.jpg"})
+            coco_images.append({"id": image_id, "width": s["width"], "height": s["height"],
+                                "file_name": f"COCO_train2014_{image_id:012d}.jpg"})
             for obj in things(s):
                 x1, y1, x2, y2 = obj["box"]
-                annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": CLASSES.index(obj["class"]) + 1,
+                annotations.append({"id": len(annotations) + 1, "image_id": image_id,
+                                    "category_id": CLASSES.index(obj["class"]) + 1,
                                     "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
                 if obj is o:
                     ann_id = annotations[-1]["id"]
-            refs.append({"ref_id": len(refs), "ann_id": ann_id, "image_id": image_id, "split": split, "category_id": CLASSES.index(o["class"]) + 1,
+            refs.append({"ref_id": len(refs), "ann_id": ann_id, "image_id": image_id, "split": split,
+                         "category_id": CLASSES.index(o["class"]) + 1,
                          "sent_ids": [len(refs)], "file_name": coco_images[-1]["file_name"],
-                         "sentences": [{"sent": expression, "raw": expression, "tokens": expression.split(), "sent_id": len(refs)}]})
+                         "sentences": [{"sent": expression, "raw": expression, "tokens": expression.split(),
+                                        "sent_id": len(refs)}]})
     store("refcoco", items)
     import pickle
     with open(os.path.join(tasks, "refcoco+", "refs(unc).p"), "wb") as f:
@@ -380,7 +399,8 @@ def toy_questions(r, s):
     if len(unique) >= 2:
         i, j = r.choice(len(unique), 2, replace=False)
         a, b = unique[i], unique[j]
-        out.append(("what is", "other", f"what is {relation(a, b)} the {b['class']}?", a["class"], CLASSES[:-len(GROUPS['background'])]))
+        out.append(("what is", "other", f"what is {relation(a, b)} the {b['class']}?", a["class"],
+                    CLASSES[:-len(GROUPS['background'])]))
     return out
 
 
@@ -411,7 +431,8 @@ def toy_nlvr2_sentence(world):
         pair = lambda t: (scene(1), scene(1)) if t else ((scene(1), scene(0)) if r.random() < 0.5 else (scene(0), scene(1)))
     elif form == 2:
         sentence = f"there {'is' if count == 1 else 'are'} exactly {NUMBERS[count]} {c if count == 1 else plural(c)} in the left image ."
-        pair = lambda t: (scene(count if t else int(r.choice([x for x in (count - 1, count + 1) if x >= 0]))), scene(int(r.integers(0, 3))))
+        pair = lambda t: (scene(count if t else int(r.choice([x for x in (count - 1, count + 1) if x >= 0]))),
+                          scene(int(r.integers(0, 3))))
     else:
         sentence = f"the right image has a {color} {c} ."
         pair = lambda t: (scene(int(r.integers(0, 2))), scene(1, color) if t else scene(int(r.integers(0, 2))))
@@ -445,11 +466,12 @@ def draw_scene(root, image_id, out_png):
         scene = json.load(f).get(image_id)
     if scene is None:
         raise KeyError(f"{root}/scenes.json: no scene {image_id!r}")
-    name = next(n for n in os.listdir(os.path.join(root, "features")) if image_id in FeatureStore(os.path.join(root, "features", n)))
+    name = next(n for n in os.listdir(os.path.join(root, "features")) if image_id in FeatureStore(os.path.join(root,
+                                                                                                               "features", n)))
     det = FeatureStore(os.path.join(root, "features", name))[image_id]
     W, H = scene["width"], scene["height"]
-    rgb = {"red": (220, 50, 50), "blue": (60, 90, 220), "green": (60, 170, 80), "yellow": (230, 200, 40), "black": (30, 30, 30),
-           "white": (245, 245, 245), "brown": (140, 90, 50), "gray": (150, 150, 150)}
+    rgb = {"red": (220, 50, 50), "blue": (60, 90, 220), "green": (60, 170, 80), "yellow": (230, 200, 40),
+           "black": (30, 30, 30), "white": (245, 245, 245), "brown": (140, 90, 50), "gray": (150, 150, 150)}
     img = Image.new("RGB", (W, H + 40), (255, 255, 255))
     draw = ImageDraw.Draw(img)
     for o in sorted(scene["objects"], key=lambda o: not o.get("background")):  # background first

@@ -1,6 +1,7 @@
 """What several test files share."""
 
 import pytest
+import torch
 
 
 @pytest.fixture
@@ -20,3 +21,13 @@ def kill_at(monkeypatch):
         monkeypatch.setattr(module, name, dies)
 
     return arm
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one thread is as fast, and does not stall when other processes share the CPU.
+    A test file takes it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

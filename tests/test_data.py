@@ -1,4 +1,4 @@
-"""Data: the feature store, tokenised corpora, masking statistics (SPEC 2), the sampler (SPEC 4)."""
+"""Data: the feature store, tokenised corpora, masking statistics (docs/METHOD.md §2), the sampler (docs/METHOD.md §4)."""
 
 import os
 import subprocess
@@ -14,7 +14,7 @@ from toy import CLASSES, ToyWorld, draw_scene, make_toy_world  # noqa: E402
 from data import FeatureStore, FeatureWriter, Vocab  # noqa: E402
 
 WORDS = ["the", "a", "red", "car", "dog", "big", "truck", "sat", "on", "mat", "fire", "hot"]
-VOCAB = Vocab(list(Vocab.SPECIALS) + WORDS + ["##s", "##ing", "##er"] + [f"w{i}" for i in range(40)])
+VOCAB = Vocab(list(Vocab.RESERVED) + WORDS + ["##s", "##ing", "##er"] + [f"w{i}" for i in range(40)])
 
 
 def write_store(path, n=7, K=3, D=8, shard_size=3, attrs=True, seed=0):
@@ -104,7 +104,7 @@ def test_text_masking_statistics():
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(5, len(VOCAB), (400, 60), generator=gen)
     ids[:, 0], ids[:, -1], ids[:10, 30:] = VOCAB.cls, VOCAB.sep, VOCAB.pad
-    inputs, labels = data.mask_text(ids, VOCAB, gen)
+    inputs, labels = data.mask_text(ids, VOCAB, data.RowRandom(0, 0, range(400)))
     maskable = ~torch.from_numpy(VOCAB.special)[ids]
     picked = labels != -100
     assert not (picked & ~maskable).any()  # never [CLS], [SEP], padding
@@ -118,28 +118,28 @@ def test_text_masking_statistics():
 
 
 def test_whole_word_masking_takes_all_pieces_of_a_word():
-    gen = torch.Generator().manual_seed(1)
+    rng = data.RowRandom(1, 0, range(300))
     cont = VOCAB.tokens.index("##s")
     row = [VOCAB.cls] + [VOCAB.tokens.index("dog"), cont, cont, VOCAB.tokens.index("car")] * 10 + [VOCAB.sep]
     ids = torch.tensor([row] * 300)
-    _, labels = data.mask_text(ids, VOCAB, gen, whole_word=True)
+    _, labels = data.mask_text(ids, VOCAB, rng, whole_word=True)
     picked = labels != -100
     words = picked[:, 1:-1].view(300, 10, 4)
     assert torch.equal(words[..., 0], words[..., 1]) and torch.equal(words[..., 0], words[..., 2])  # "dog ##s ##s" together
     rate = words[..., [0, 3]].float().mean()  # words are chosen with p 0.15
     assert abs(rate - 0.15) < 0.015, rate
-    _, piecewise = data.mask_text(ids, VOCAB, gen)
+    _, piecewise = data.mask_text(ids, VOCAB, rng)
     pw = (piecewise != -100)[:, 1:-1].view(300, 10, 4)
     assert not torch.equal(pw[..., 0], pw[..., 1])  # piece by piece they come apart
 
 
 def test_region_and_tag_masking_statistics():
-    gen = torch.Generator().manual_seed(2)
+    gen, rng = torch.Generator().manual_seed(2), data.RowRandom(2, 0, range(300))
     B, K, D = 300, 20, 4
     feats = (torch.arange(B)[:, None, None] * 1000 + torch.arange(K)[None, :, None] + 1).float().expand(B, K, D).clone()
     valid = torch.ones(B, K, dtype=torch.bool)
     valid[::3, 15:] = False
-    out, masked = data.mask_regions(feats, valid, gen)
+    out, masked = data.mask_regions(feats, valid, rng)
     assert not (masked & ~valid).any()
     assert abs(masked.sum() / valid.sum() - 0.15) < 0.01
     zero = (out == 0).all(-1)
@@ -156,7 +156,7 @@ def test_region_and_tag_masking_statistics():
     # tags: masked with p 0.15, and with p 0.9 more when their region is masked: 1 - 0.85 * 0.1 = 0.915
     tag_region = torch.arange(K).repeat_interleave(2).expand(B, 2 * K)  # two pieces per tag
     tag_ids = torch.randint(5, len(VOCAB), (B, 2 * K), generator=gen)
-    _, labels = data.mask_tags(tag_ids, tag_region, masked, VOCAB, gen)
+    _, labels = data.mask_tags(tag_ids, tag_region, masked, VOCAB, rng)
     tag_masked = (labels != -100)[:, ::2]
     assert torch.equal(tag_masked, (labels != -100)[:, 1::2])  # a tag's pieces go together
     assert abs(tag_masked[masked].float().mean() - 0.915) < 0.03
@@ -201,6 +201,40 @@ def test_image_inputs_tags_carry_their_region_box(tmp_path):
     capped = data.image_inputs(entries, pieces, max_tags=2)
     assert capped["tag_mask"].sum(1).max() <= 2
     assert not any(k.startswith("tag") for k in data.image_inputs(entries, pieces, tags=False))
+
+
+def pair_corpus(path, image_of_pair):
+    """Aligned pairs over a store whose image k has every feature equal to k + 1, so that the image a
+    batch row shows can be read back from its feature targets."""
+    ids = sorted(set(image_of_pair))
+    w = FeatureWriter(path, 4, ["car", "dog", "man,men"])
+    for k, i in enumerate(ids):
+        w.add(i, np.full((2, 4), k + 1, np.float32), np.array([[0, 0, 0.5, 0.5], [0.5, 0.5, 1, 1]], np.float32),
+              np.array([0, 1]), np.array([0.9, 0.8], np.float32), 10, 10)
+    w.close()
+    captions = [np.array([VOCAB.tokens.index(t) for t in "the big red dog sat on the mat".split()])] * len(image_of_pair)
+    return data.Corpus("pairs", "pair", VOCAB, (captions, list(image_of_pair)), data.Images([path])), ids
+
+
+def test_a_swapped_image_is_another_image_and_its_caption_is_still_masked(tmp_path):
+    image_of_pair = [f"im{k // 5}" for k in range(15)]  # five captions of each of three images, as COCO has
+    corpus, ids = pair_corpus(str(tmp_path / "a"), image_of_pair)
+    rows = []
+    for seed in range(20):
+        b = corpus.batch(np.arange(15), data.RowRandom(seed, 0, range(15)))
+        shown = [ids[int(k) - 1] for k in b["feat_targets"][:, 0, 0]]  # (15,) the image each row shows
+        for j in range(15):
+            rows.append((int(b["match_labels"][j]), shown[j] != image_of_pair[j], int((b["mlm_labels"][j] != -100).sum())))
+    swapped = [r for r in rows if r[0] == 1]
+    assert 0.4 < len(swapped) / len(rows) < 0.6  # label 1 with p 0.5
+    assert all(other == bool(label) for label, other, _ in rows)  # label 1 exactly when the image is another one
+    # the caption is masked and predicted whether or not the pair matches, at the same rate
+    masked = lambda label: np.mean([n for lab, _, n in rows if lab == label])  # noqa: E731
+    assert masked(1) > 0.5 and masked(0) > 0.5 and abs(masked(1) - masked(0)) < 0.5, (masked(1), masked(0))
+    # a set of pairs that all show one image has no other image: every pair stays matched
+    one, _ = pair_corpus(str(tmp_path / "b"), ["im0"] * 6)
+    b = one.batch(np.arange(6), data.RowRandom(0, 0, range(6)))
+    assert b["match_labels"].tolist() == [0] * 6 and (b["mlm_labels"] != -100).any()
 
 
 def test_nsp_layout():
@@ -281,3 +315,33 @@ def test_bench_reports_the_loader_and_what_an_h100_consumes(capsys):
     out = capsys.readouterr().out
     assert "loader: " in out and " samples/s from a feature store (1 workers, 5 x 16 features)" in out
     assert "an H100 at 45% MFU consumes about" in out and "tokens/s" not in out  # --steps 0: the loader alone
+
+
+def test_each_process_builds_its_rows_of_the_global_batch(tmp_path):
+    """PretrainData for rank r of 3 builds rows 16 r to 16 r + 15 of the global batch of 48, each row as
+    one process building all 48 has it (up to the padded width): a row depends on (seed, step, row)
+    alone, whatever the other rows built with it. Every kind of data set; a pair's image and a
+    replaced region may come from another process's rows."""
+    toy = make_toy_world(str(tmp_path / "toy"), seed=0, scale=0.03, log=lambda *a: None)
+    vocab = Vocab.from_file(os.path.join(toy, "vocab.txt"))
+    images = data.Images([os.path.join(toy, "features", "pretrain")])
+    tok = lambda f, kind: data.TokenCorpus(os.path.join(toy, "pretrain", f), vocab, kind, str(tmp_path / "cache"))  # noqa: E731
+    pairs = tok("pairs.jsonl", "pairs")
+    corpora = [data.Corpus("images", "image", vocab, sorted(images.where), images), data.Corpus("captions", "caption", vocab, tok("captions.txt", "lines")),
+               data.Corpus("text", "text", vocab, tok("text.txt", "docs"), nsp=True), data.Corpus("pairs", "pair", vocab, (pairs, pairs.image_ids), images)]
+    whole = data.PretrainData(corpora, 48, seed=5)
+    shares = [data.PretrainData(corpora, 48, seed=5, rank=r, world=3) for r in range(3)]
+    seen = set()
+    for step in range(40):
+        name, full = whole[step]
+        seen.add(name)
+        for r, share in enumerate(shares):
+            got_name, part = share[step]
+            assert got_name == name and part.keys() == full.keys()
+            for k, v in part.items():
+                rows = full[k][16 * r:16 * r + len(v)]
+                assert len(v) == 16 and torch.equal(v, rows[(slice(None),) + tuple(slice(0, n) for n in v.shape[1:])]), (step, name, k)
+        if name == "images":  # some regions were replaced by another row's region
+            replaced = full["region_masked"] & (full["feats"] != full["feat_targets"]).any(-1) & (full["feats"] != 0).any(-1)
+            assert replaced.any()
+    assert seen == {"images", "captions", "text", "pairs"}

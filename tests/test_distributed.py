@@ -1,5 +1,5 @@
-"""A 2-process run (gloo, CPU) logs the same losses as 1 process on the same global batch: pretrain.py
-(DDP), then finetune.py (gradients summed by hand)."""
+"""A 2-process run (gloo, CPU) logs the same losses as 1 process on the same global batch: pretrain.py,
+then finetune.py (both DDP), then both with --grad-accum."""
 
 import json
 import os
@@ -11,18 +11,17 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import data  # noqa: E402
 from toy import make_toy_world  # noqa: E402
 
 
-def one_and_two(common, tmp_path):
-    """Run a script's command line as 1 process, then as 2 under torchrun (gloo): the 2-process run's
-    output and both runs' log.jsonl records."""
+def one_and_two(common, tmp_path, two_extra=()):
+    """Run a script's command line as 1 process, then as 2 under torchrun (gloo) with `two_extra` added:
+    the 2-process run's output and both runs' log.jsonl records."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, *common, "--out", str(tmp_path / "one")], cwd=ROOT, env=env, capture_output=True, text=True)
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *common,
-                          "--out", str(tmp_path / "two")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                          "--out", str(tmp_path / "two"), *two_extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     return two, [[json.loads(line) for line in open(tmp_path / run / "log.jsonl")] for run in ("one", "two")]
 
@@ -65,3 +64,23 @@ def test_finetune_two_processes_match_one(tmp_path, task, flags):
     assert results[0] == results[1]  # every process evaluates the same weights; rank 0 wrote them
     ckpt = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=False)  # the plain model: no DDP or compile prefixes
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
+
+
+# --grad-accum under DDP: 2 processes of 2 micro-batches each take the step 1 process takes on the
+# whole batch (dropout 0, fp32): the same losses, gradient norms and, after the steps, parameters
+@pytest.mark.parametrize("script, flags", [("pretrain.py", ["--aligned", "--max-steps", "3", "--eval-batches", "1"]),
+                                           ("finetune.py", ["--task", "vqa", "--epochs", "0.3", "--min-answer-count", "1"])])
+def test_two_processes_with_micro_batches_match_one(tmp_path, script, flags):
+    toy = make_toy_world(str(tmp_path / "toy"), seed=0, scale=0.03)
+    common = [script, *flags, "--toy-root", toy, "--batch-size", "8", "--log-every", "1", "--dropout", "0", "--device", "cpu"]
+    two, logs = one_and_two(common, tmp_path, ["--grad-accum", "2"])
+    assert "x 2 process(es)" in two.stdout
+    steps = [[r for r in log if "step" in r] for log in logs]
+    assert len(steps[0]) == len(steps[1]) >= 2
+    for a, b in zip(*steps):
+        for k in ("loss", "grad_norm"):
+            assert b[k] == pytest.approx(a[k], rel=1e-5), (a["step"], k)
+    ckpts = [torch.load(tmp_path / run / "ckpt.pt", weights_only=False) for run in ("one", "two")]
+    for part in ("model", "head") if script == "finetune.py" else ("model",):
+        for k in ckpts[0][part]:
+            torch.testing.assert_close(ckpts[1][part][k], ckpts[0][part][k], atol=1e-5, rtol=0, msg=k)

@@ -102,7 +102,7 @@ def test_store_holds_every_good_image_and_lists_bad_files(folder, tmp_path, caps
     ef.main(FAST + ["--images", str(folder), "--out", out])
     assert open(os.path.join(out, "skipped.txt")).read().splitlines() == lines
     assert "0 to go" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="other settings"):
+    with pytest.raises(SystemExit, match="meta.json: this store was made with other settings"):
         ef.main(FAST + ["--boxes", "5", "--images", str(folder), "--out", out])
 
 
@@ -293,3 +293,12 @@ def test_shards_read_as_one_store(six, tmp_path):
 def test_bench_reports_both_rates():
     ips = ef.main(FAST + ["--bench", "--bench-images", "1", "--batch-size", "1"])
     assert ips["extraction"] > 0 and ips["model(images)"] > 0
+
+
+def test_bench_sweeps_proposal_counts():
+    ips = ef.main(FAST + ["--bench", "--bench-images", "2", "--batch-size", "2", "--bench-proposals", "10", "3"])
+    rows = ips["by_proposals"]
+    assert list(rows) == [10, 3] and ips["extraction"] == rows[10]["extraction"]
+    assert rows[10]["kept"] == 1.0 and rows[10]["best_iou"] == pytest.approx(1.0)  # the first count against itself
+    assert 0 <= rows[3]["kept"] <= 1 and rows[3]["best_iou"] < 1  # 3 proposals cannot hold the 4 boxes kept from 10
+    assert all(r["extraction"] > 0 and r["model(images)"] > 0 for r in rows.values())

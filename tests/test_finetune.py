@@ -18,13 +18,7 @@ import finetune as ft  # noqa: E402
 from model import Config, VisualBERT  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is as fast, and does not stall when other processes share the CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -----------------------------------------------------------------------------
@@ -48,6 +42,15 @@ def one_thread():
     ("couldnt've", "couldn't've"),
     ("couldn'tve", "couldn't've"),
     ("im", "im"),  # the official table's "Im" has a capital and never matches
+    ("isnt it", "isn't it"),
+    ("it's", "it's"),  # the apostrophe and the colon are not among the official marks
+    ("10:30", "10:30"),
+    ("1,000 cats!", "1000 cats"),  # with a comma between digits even "!" is deleted, not made a space
+    ("a man and a dog", "man and dog"),
+    ("Ten", "10"),
+    ("eleven", "eleven"),  # the official map stops at ten
+    ("(left)", "left"),
+    ("yes;no", "yes no"),
     ("  two \t dogs \n", "2 dogs"),
 ])
 def test_answer_normalisation(raw, clean):
@@ -70,14 +73,27 @@ def test_vqa_accuracy_by_hand(k, expected):
     assert ft.soft_score(k) == pytest.approx(expected) == pytest.approx(min(1, 0.3 * k))
 
 
-def test_vqa_accuracy_normalises_as_the_official_code():
-    assert ft.vqa_accuracy("Two", ["2"] * 10) == 1.0  # the prediction is normalised
-    assert ft.vqa_accuracy("the dog", ["dog"] * 10) == 1.0
-    # annotators who disagree lose their punctuation ("yes." -> "yes")...
-    assert ft.vqa_accuracy("yes", ["yes."] * 3 + ["no"] * 7) == pytest.approx(0.9)
-    # ...unanimous ones are left as they are (the released annotations are clean)
-    assert ft.vqa_accuracy("yes", ["yes."] * 10) == 0.0
-    assert ft.soft_score(2, n=3) == pytest.approx((2 * (1 / 3) + 1 * (2 / 3)) / 3)  # fewer annotators: the same definition
+@pytest.mark.parametrize("pred, answers, expected", [
+    # the official evaluation since its 2021 fix: annotators who disagree have their answers normalised
+    # as the prediction is, so these four differ from the 2016 code (which gave 0.6, 0.9, 0.6 and 1.0)
+    ("2", ["two"] * 4 + ["2"] * 2 + ["3"] * 4, 1.0),  # six "2" once "two" is a digit
+    ("dog", ["a dog"] * 3 + ["dog"] * 3 + ["cat"] * 4, 1.0),  # six "dog" without the article
+    ("yes", ["Yes"] * 5 + ["yes"] * 2 + ["no"] * 3, 1.0),  # seven "yes" in lower case
+    ("two", ["2"] * 10, 0.0),  # all ten agree: nothing is normalised, "two" is not "2"
+    ("Two", ["two"] * 10, 0.0),
+    ("2", ["2"] * 10, 1.0),
+    (" 2\n", ["2\t"] * 10, 1.0),  # but newlines and tabs become spaces, then both ends are stripped
+    ("the dog.", ["dog"] * 3 + ["cat"] * 7, 0.9),  # disagreeing: the prediction is normalised too
+    ("yes", ["yes."] * 3 + ["no"] * 7, 0.9),
+    ("yes", ["yes."] * 10, 0.0),
+])
+def test_vqa_accuracy_is_the_official_one(pred, answers, expected):
+    assert ft.vqa_accuracy(pred, answers) == pytest.approx(expected)
+
+
+def test_soft_score_with_fewer_annotators():
+    assert ft.soft_score(2, n=3) == pytest.approx((2 * (1 / 3) + 1 * (2 / 3)) / 3)  # the same definition
+    assert ft.vqa_accuracy("a", ["a", "a", "b"]) == pytest.approx(ft.soft_score(2, n=3))
 
 
 def test_recall_at_k_by_hand():
@@ -180,6 +196,53 @@ def write_lines(path, records):
     with open(path, "w") as f:
         f.write("\n".join(json.dumps(r) for r in records) + "\n")
     return str(path)
+
+
+def vqa_folder(tmp_path):
+    """VQA files under their official names: three training and three validation questions."""
+    ten = lambda *parts: [a for n, a in parts for _ in range(n)]  # noqa: E731
+    splits = {"train2014": [(1, 42, "yes", ten((10, "yes"))), (2, 7, "yes", ten((7, "yes"), (3, "no"))),
+                            (3, 42, "Two", ten((4, "two"), (2, "2"), (4, "3")))],
+              "val2014": [(11, 42, "2", ten((10, "2"))), (12, 7, "2", ten((6, "2"), (4, "3"))), (13, 7, "Two", ten((10, "Two")))]}
+    for sub, qs in splits.items():
+        write(tmp_path / f"v2_OpenEnded_mscoco_{sub}_questions.json",
+              {"questions": [{"image_id": i, "question": "how many cats?", "question_id": q} for q, i, _, _ in qs]})
+        write(tmp_path / f"v2_mscoco_{sub}_annotations.json",
+              {"annotations": [{**annotation(q, i, answers), "multiple_choice_answer": mc} for q, i, mc, answers in qs]})
+    return {sub: str(tmp_path / f"v2_mscoco_{sub}_annotations.json") for sub in splits}
+
+
+def test_answer_set_counted_over_the_files_named(tmp_path):
+    files = vqa_folder(tmp_path)
+    # multiple_choice_answer, normalised: train "yes" 2, "2" 1 ("Two"); val "2" 3 ("2", "2", "Two")
+    assert ft.read_answer_set([files["train2014"]], 2)[0] == ["yes"]
+    answers, source = ft.read_answer_set([files["train2014"], files["val2014"]], 2)
+    assert answers == ["2", "yes"] and source.startswith("each the answer of >= 2 questions of ")
+    assert ft.read_answer_set([files["train2014"], files["val2014"]], 3)[0] == ["2"]
+    with pytest.raises(ValueError, match="no answer is given to 5 questions of .*: lower --min-answer-count"):
+        ft.read_answer_set([files["train2014"], files["val2014"]], 5)
+    ans2label = write(tmp_path / "trainval_ans2label.json", {"no": 1, "3": 3, "yes": 0, "2": 2})
+    assert ft.read_answer_set([ans2label], 9) == (["yes", "no", "2", "3"], f"read from {ans2label}")  # in index order
+    for bad in ({"yes": 0, "no": 0}, {"yes": 1}, {"yes": "0"}, {"yes": True}, {}):
+        with pytest.raises(ValueError, match="nor an ans2label file"):
+            ft.read_answer_set([write(tmp_path / "bad.json", bad)], 9)
+
+
+def test_answer_flag_and_training_targets_follow_the_official_evaluation(tmp_path, store):
+    files = vqa_folder(tmp_path)
+    vocab = data.Vocab(list(data.Vocab.RESERVED) + ["how", "many", "cat", "##s", "?", "dog"])
+    ans2label = write(tmp_path / "trainval_ans2label.json", {"yes": 0, "no": 1, "2": 2, "3": 3})
+    counted = ft.VQA(ft.parser.parse_args(["--task", "vqa", "--answers", *files.values(), "--min-answer-count", "2"]), vocab, store, str(tmp_path))
+    assert counted.answers == ["2", "yes"] and counted.info[-1].startswith("2 answers (each the answer of >= 2 questions of")
+    task = ft.VQA(ft.parser.parse_args(["--task", "vqa", "--answers", ans2label]), vocab, store, str(tmp_path))
+    assert task.answers == ["yes", "no", "2", "3"] and task.info[-1] == f"4 answers (read from {ans2label})"
+    # each target is the official accuracy of that answer: question 3's "two" counts as "2" (its
+    # annotators disagree), question 13's ten "Two" match no answer of the set (they agree: kept as said)
+    for x in task.splits["train"] + task.splits["val"]:
+        assert {a: x["target"].get(a, 0.0) for a in range(4)} == pytest.approx(
+            {a: ft.vqa_accuracy(label, x["answers"]) for a, label in enumerate(task.answers)}), x["qid"]
+    by_qid = {x["qid"]: x["target"] for x in task.splits["train"] + task.splits["val"]}
+    assert by_qid[3] == pytest.approx({2: 1.0, 3: 1.0}) and by_qid[2] == pytest.approx({0: 1.0, 1: 0.9}) and by_qid[13] == {}
 
 
 def test_nlvr2_loader(tmp_path, store):
@@ -292,7 +355,7 @@ def toy(tmp_path_factory):
 
 
 def make_task(toy, name, *flags):
-    args = ft.p.parse_args(["--task", name, "--min-answer-count", "1", *flags])
+    args = ft.parser.parse_args(["--task", name, "--min-answer-count", "1", *flags])
     folder, stores = ft.TOY[name]
     images = data.Images([os.path.join(toy, "features", s) for s in stores])
     model, vocab = ft.build_model(args, images, os.path.join(toy, "vocab.txt"))
@@ -354,7 +417,7 @@ def test_vqa_answer_set_and_targets(toy):
     x = task.train[0]
     for a, s in x["target"].items():  # each target is the official accuracy of that answer
         assert s == pytest.approx(ft.vqa_accuracy(task.answers[a], x["answers"]))
-    args = ft.p.parse_args(["--task", "vqa", "--min-answer-count", "100000"])
+    args = ft.parser.parse_args(["--task", "vqa", "--min-answer-count", "100000"])
     with pytest.raises(ValueError, match="lower --min-answer-count"):
         ft.VQA(args, task.vocab, task.images, os.path.join(toy, "tasks", "vqa"))
 

@@ -1,4 +1,4 @@
-"""The model: BERT path against Hugging Face, the three sharings of SPEC 1, each loss by hand."""
+"""The model: BERT path against Hugging Face, the three sharings of docs/METHOD.md §1, each loss by hand."""
 
 import os
 import sys
@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import MASK_PROB, PRESETS, Config, VisualBERT, hf_to_ours, visual_terms  # noqa: E402
+from model import MASK_PROB, PRESETS, Config, VisualBERT, hf_to_ours, visual_sums  # noqa: E402
 
 
 def tiny(**kw):
@@ -70,7 +70,7 @@ def test_from_bert_rejects_wrong_shapes(tmp_path):
     write_hf_bert(str(tmp_path), safe=True)
     model = VisualBERT(tiny(hidden=48, heads=4))
     from model import load_bert
-    with pytest.raises(AssertionError, match="shape"):
+    with pytest.raises(ValueError, match="shape"):
         load_bert(model, str(tmp_path))
 
 
@@ -171,8 +171,8 @@ def test_visual_losses_by_hand():
     feat, label, attr = torch.randn(2, 4, 12), torch.randn(2, 4, 7), torch.randn(2, 4, 5)
     h = torch.arange(8.0).view(2, 4, 1)  # hidden states that say which region they are
     head = lambda x: (feat.view(8, -1)[x[:, 0].long()], label.view(8, -1)[x[:, 0].long()], attr.view(8, -1)[x[:, 0].long()])
-    got = {k: s / c for k, (s, c) in visual_terms(head, h, b).items()}
     n_regions = 7  # valid regions in the batch: 4 + 3
+    got = {k: s / n_regions for k, s in visual_sums(head, h, b).items()}
     masked = [(0, 0), (1, 1), (1, 2)]
 
     def smooth_l1(x, y):

@@ -125,7 +125,7 @@ def test_bad_input_gets_one_clear_line(toy, tmp_path):
     base = ["--unaligned", "--out", str(tmp_path / "o"), "--init-from", str(tmp_path / "ck" / "ckpt.pt"), "--max-steps", "2"]
     run(toy, tmp_path / "ck", "--text-only")
     for extra, message in [
-        (["--images", str(tmp_path / "nowhere"), "--text", str(bad)], "nowhere: not a feature store"),
+        (["--images", str(tmp_path / "nowhere"), "--text", str(bad)], "nowhere: not found"),
         (["--images", store, "--text", str(bad)], r"bad.txt: no usable line \(1 bad, the first: line 1, not valid UTF-8"),
         (["--images", store, "--text", str(empty)], "empty.txt: the file is empty"),
     ]:

@@ -15,7 +15,7 @@ sys.path.insert(0, ROOT)
 import data  # noqa: E402
 import reproduce  # noqa: E402
 from toy import make_toy_world  # noqa: E402
-from model import Config, VisualBERT, masked_lm_terms  # noqa: E402
+from model import Config, VisualBERT, masked_lm_sum  # noqa: E402
 
 
 def write_results(out, variant, task_fraction_seed, acc):
@@ -108,10 +108,10 @@ def test_figure_has_one_panel_per_variant_with_each_class_colour(tmp_path):
 
 
 def test_plan_pretrains_each_variant_once_from_one_bert_and_finetunes_every_fraction(tmp_path):
-    args = reproduce.p.parse_args(["--out", str(tmp_path), "--toy-root", "toy", "--fractions", "1/16", "1"])
+    args = reproduce.parser.parse_args(["--out", str(tmp_path), "--toy-root", "toy", "--fractions", "1/16", "1"])
     args.variants = reproduce.chosen(args)
-    assert reproduce.chosen(reproduce.p.parse_args(["--quick"])) == reproduce.QUICK
-    assert reproduce.chosen(reproduce.p.parse_args(["--variants", "S", "U"])) == ["Base", "U", "S"]
+    assert reproduce.chosen(reproduce.parser.parse_args(["--quick"])) == reproduce.QUICK
+    assert reproduce.chosen(reproduce.parser.parse_args(["--variants", "S", "U"])) == ["Base", "U", "S"]
     budget = dict(reproduce.BUDGET)
     runs = reproduce.plan(args, budget, [0, 1])
     pre = [r for r in runs if r.argv[0] == "pretrain.py" and "--text-only" not in r.argv]
@@ -152,7 +152,7 @@ def handmade(tmp_path_factory):
         scenes[f"im{i}"] = {"objects": [{"class": CLASSES[c]} for c in cls]}
     w.close()
     captions = [f"a {CLASSES[i % 6]} and a {CLASSES[(i + 1) % 6]} ." for i in range(30)]
-    vocab = data.Vocab(list(data.Vocab.SPECIALS) + ["a", "and", "."] + CLASSES)
+    vocab = data.Vocab(list(data.Vocab.RESERVED) + ["a", "and", "."] + CLASSES)
     return data.Images([str(out / "store")]), scenes, captions, vocab
 
 
@@ -163,7 +163,7 @@ def small_model(vocab):
 
 
 def test_find_words_takes_whole_words_and_the_longest_name():
-    vocab = data.Vocab(list(data.Vocab.SPECIALS) + ["a", "fire", "truck", "dog", "##s", "hot", "."])
+    vocab = data.Vocab(list(data.Vocab.RESERVED) + ["a", "fire", "truck", "dog", "##s", "hot", "."])
     rows = [vocab.encode_batch(["a fire truck and a truck ."])[0], vocab.encode_batch(["a dogs hot dog ."])[0]]
     found = reproduce.find_words(vocab, rows, ["truck", "fire truck", "dog", "hot dog"])
     assert sorted(found) == [(0, 1, 1), (0, 5, 0), (1, 3, 3)]  # "dogs" is no "dog"; "hot dog" wins over "dog"
@@ -184,9 +184,9 @@ def test_probe_a_region_names_its_class_once_the_model_has_learned_to(handmade):
         labels = b["tag_ids"].masked_fill(~b["tag_mask"], -100)
         b["tag_ids"] = b["tag_ids"].masked_fill(b["tag_mask"], vocab.mask)
         h, spans = model(**{k: b[k] for k in ("tag_ids", "tag_boxes", "tag_mask", "feats", "boxes", "region_mask")})
-        loss, count = masked_lm_terms(model.mlm, h[:, spans["tags"]], labels)
+        loss = masked_lm_sum(model.mlm, h[:, spans["tags"]], labels) / (labels != -100).sum()
         opt.zero_grad()
-        (loss / count).backward()
+        loss.backward()
         opt.step()
     rows, _ = reproduce.probe(model.eval(), vocab, images, scenes, captions)
     assert rows["tag_first"].mean() > 0.95

@@ -13,7 +13,6 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import data  # noqa: E402
 from toy import make_toy_world  # noqa: E402
 import finetune  # noqa: E402
 import pretrain  # noqa: E402

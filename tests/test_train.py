@@ -1,0 +1,209 @@
+"""The training step both scripts share: --grad-accum takes the step the whole batch takes, and the
+host reads the device on logging and saving steps alone."""
+
+import contextlib
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+from toy import make_toy_world  # noqa: E402
+import finetune  # noqa: E402
+import pretrain  # noqa: E402
+from model import PRESETS, Config, VisualBERT  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    return make_toy_world(str(tmp_path_factory.mktemp("toy") / "world"), seed=0, scale=0.03)
+
+
+def pair_batch(toy, rows=16):
+    """An aligned batch of the toy world (text, tags, regions), and a model for it, dropout 0."""
+    vocab = data.Vocab.from_file(os.path.join(toy, "vocab.txt"))
+    images = data.Images([os.path.join(toy, "features", "pretrain")])
+    pairs = data.TokenCorpus(os.path.join(toy, "pretrain", "pairs.jsonl"), vocab, "pairs", os.path.join(toy, "cache"))
+    corpus = data.Corpus("pairs", "pair", vocab, (pairs, pairs.image_ids), images)
+    batch = corpus.batch(np.arange(rows), data.RowRandom(0, 0, range(rows)))
+    cfg = Config(**{**PRESETS["tiny"], "vocab_size": len(vocab), "feat_dim": images.feature_dim,
+                    "num_labels": len(images.class_names), "num_attrs": len(images.attr_names), "dropout": 0.0})
+    torch.manual_seed(0)
+    return batch, VisualBERT(cfg)
+
+
+def gradient(start, micro, loss_of=None):
+    """The gradient of one step from the model `start`, read off a step of SGD at lr 1 without clip:
+    through pretrain_step, or through optimizer_step with loss_of(model, micro-batch)."""
+    model = VisualBERT(start.cfg)
+    model.load_state_dict(start.state_dict())
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    micro = [pretrain.with_positions(mb) for mb in micro]
+    if loss_of is None:
+        pretrain.pretrain_step(model, pretrain.Objectives(model), micro, 1, opt, scaler, 1.0, 1e9, contextlib.nullcontext())
+    else:
+        pretrain.optimizer_step(model, micro, lambda mb: loss_of(model, mb), opt, scaler, 1.0, 1e9, contextlib.nullcontext())
+    return {k: start.state_dict()[k] - v for k, v in model.state_dict().items()}
+
+
+def assert_same(a, b, rel):
+    """Each tensor of a equal to b's within rel of its largest entry (some are 1e4; 0.1 at least: some are 0)."""
+    for k in b:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=rel * max(b[k].abs().max().item(), 0.1), msg=k)
+
+
+def test_micro_batches_take_the_step_of_the_whole_batch(toy):
+    batch, model = pair_batch(toy)
+    whole = gradient(model, [batch])
+    counts = [int((pretrain.shard(batch, j, 4)["mlm_labels"] != -100).sum()) for j in range(4)]
+    assert len(set(counts)) > 1, counts  # the micro-batches hold different numbers of masked tokens
+    for n in (2, 4):
+        assert_same(gradient(model, [pretrain.shard(batch, j, n) for j in range(n)]), whole, 1e-5)
+    # the mean of each micro-batch's own means is another gradient: the test above would see it
+    naive = gradient(model, [pretrain.shard(batch, j, 4) for j in range(4)],
+                     lambda m, mb: sum(s / c.clamp(min=1) for s, c in m.pretrain_terms(mb).values()) / 4)
+    with pytest.raises(AssertionError):
+        assert_same(naive, whole, 1e-3)
+
+
+def read_log(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_grad_accum_end_to_end_pretrain(toy, tmp_path, monkeypatch):
+    flops = {}
+    real = pretrain.train_flops
+
+    def spy(cfg, B, T, predicted=0):  # what the status line's samples/s, tokens/s and MFU count
+        flops.setdefault(spy.run, []).append((B, T, predicted))
+        return real(cfg, B, T, predicted)
+
+    monkeypatch.setattr(pretrain, "train_flops", spy)
+    for n in (1, 4):
+        spy.run = n
+        pretrain.main(["--aligned", "--toy-root", toy, "--out", str(tmp_path / str(n)), "--cache-dir", os.path.join(toy, "cache"),
+                       "--max-steps", "3", "--batch-size", "8", "--log-every", "1", "--eval-batches", "1", "--dropout", "0",
+                       "--grad-accum", str(n)])
+    one, four = read_log(tmp_path / "1"), read_log(tmp_path / "4")
+    assert len(one) == 3 and {r["modality"].split(":")[0] for r in one} == {"text", "pairs"}
+    for a, b in zip(one, four):
+        assert a.keys() == b.keys() and a["modality"] == b["modality"]
+        for k in a:
+            if k != "modality":
+                assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), (a["step"], k)
+    ckpts = [torch.load(tmp_path / n / "ckpt.pt", weights_only=False)["model"] for n in ("1", "4")]
+    for k in ckpts[0]:
+        torch.testing.assert_close(ckpts[1][k], ckpts[0][k], atol=1e-5, rtol=0, msg=k)
+    assert flops[4] == flops[1] and all(B == 8 for B, _, _ in flops[4])  # the whole batch of each step, counted once
+    with pytest.raises(SystemExit, match=r"--batch-size 8 is the global batch: it must split into 1 process\(es\) x --grad-accum 3"):
+        pretrain.main(["--aligned", "--toy-root", toy, "--out", str(tmp_path / "3"), "--batch-size", "8", "--grad-accum", "3"])
+
+
+def test_grad_accum_end_to_end_finetune(toy, tmp_path):
+    common = ["--task", "vqa", "--toy-root", toy, "--batch-size", "8", "--epochs", "0.5", "--log-every", "1", "--dropout", "0",
+              "--min-answer-count", "1"]
+    for n in (1, 4):
+        finetune.main(common + ["--out", str(tmp_path / str(n)), "--grad-accum", str(n)])
+    one, four = [[r for r in read_log(tmp_path / n) if "step" in r] for n in ("1", "4")]
+    assert len(one) == len(four) >= 2
+    for a, b in zip(one, four):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+    ckpts = [torch.load(tmp_path / n / "ckpt.pt", weights_only=False) for n in ("1", "4")]
+    for part in ("model", "head"):
+        for k in ckpts[0][part]:
+            torch.testing.assert_close(ckpts[1][part][k], ckpts[0][part][k], atol=1e-5, rtol=0, msg=k)
+
+
+# -----------------------------------------------------------------------------
+# no host-device synchronisation on a step that does not log or save. On a CPU nothing waits, so
+# what is counted is every call that on a GPU makes the host wait for the device: reading a value
+# (item, float, bool, tolist, cpu) and the operations whose output size depends on the data
+# (nonzero, masked_select, indexing by a boolean mask).
+
+aten = torch.ops.aten
+SYNCING = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default}
+
+
+class Syncs(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        indices = args[1] if func in (aten.index.Tensor, aten.index_put.default, aten.index_put_.default) else []
+        if func in SYNCING or any(t is not None and t.dtype == torch.bool for t in indices):
+            self.calls.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def count_syncs(monkeypatch):
+    """count_syncs(module, name): every call of module.name runs under Syncs; returns the list of
+    each call's syncing calls."""
+    active = []
+    for method in ("tolist", "cpu"):  # these read without dispatching an operation on a CPU (numpy() refuses a GPU's tensor)
+        real_method = getattr(torch.Tensor, method)
+
+        def reading(self, *a, _real=real_method, _name=method, **k):
+            if active:
+                active[-1].calls.append(_name)
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, method, reading)
+
+    def arm(module, name):
+        real, per_call = getattr(module, name), []
+
+        def counted(*a, **k):
+            with Syncs() as s:
+                active.append(s)
+                try:
+                    return real(*a, **k)
+                finally:
+                    active.pop()
+                    per_call.append(s.calls)
+
+        monkeypatch.setattr(module, name, counted)
+        return per_call
+
+    return arm
+
+
+def test_the_counter_sees_what_synchronises(toy, count_syncs):
+    batch, model = pair_batch(toy, rows=4)
+    with Syncs() as s:
+        x = torch.arange(6.0)
+        x[x > 2], float(x.sum()), x.nonzero()
+        model.pretrain_terms(batch)  # the positions of the masked tokens and regions found from boolean masks
+    assert "aten.index.Tensor" in s.calls and "aten._local_scalar_dense.default" in s.calls and s.calls.count("aten.nonzero.default") >= 4
+    batch = pretrain.with_positions(batch)  # found by the host
+    with Syncs() as s:
+        model.pretrain_terms(batch)
+    assert s.calls == []
+
+
+def test_no_host_sync_on_a_step_that_does_not_log_or_save(toy, tmp_path, count_syncs, monkeypatch):
+    per_step = count_syncs(pretrain, "pretrain_step")
+    reads = []
+    real_read = pretrain.read_terms
+    monkeypatch.setattr(pretrain, "read_terms", lambda pending, *a: reads.append(pending[-1][0]) or real_read(pending, *a))
+    pretrain.main(["--hybrid", "--toy-root", toy, "--out", str(tmp_path / "pre"), "--cache-dir", os.path.join(toy, "cache"),
+                   "--max-steps", "8", "--batch-size", "8", "--log-every", "4", "--save-every", "100", "--eval-batches", "1",
+                   "--grad-accum", "2"])
+    assert len(per_step) == 8 and per_step == [[]] * 8  # forward, backward, counts, clip and AdamW: never a read
+    assert reads == [4, 8]  # the host reads the losses (and checks them) on the logging steps alone
+
+    per_step, reads = count_syncs(finetune, "optimizer_step"), []
+    real_losses = finetune.read_losses
+    monkeypatch.setattr(finetune, "read_losses", lambda pending, step, *a: reads.append(step) or real_losses(pending, step, *a))
+    finetune.main(["--task", "retrieval", "--toy-root", toy, "--out", str(tmp_path / "ft"), "--batch-size", "8", "--epochs", "0.5",
+                   "--log-every", "4", "--save-every", "100"])
+    assert len(per_step) == 9 and per_step == [[]] * 9
+    assert reads == [4, 8, 9]  # logging steps and the last

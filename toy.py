@@ -117,7 +117,8 @@ class ToyWorld:
         r = self.rng
         things = [o for o in scene["objects"] if not o.get("background")]
         a, b = (things[i] for i in r.choice(len(things), 2, replace=False))
-        counts = {c: sum(o["class"] == c for o in things) for c in {o["class"] for o in things}}
+        # the classes in scene order: a set's order changes with PYTHONHASHSEED, and so did the captions
+        counts = {c: sum(o["class"] == c for o in things) for c in dict.fromkeys(o["class"] for o in things)}
         many = [c for c, n in counts.items() if n > 1]
         form = r.integers(5)
         if form == 0:
@@ -305,7 +306,7 @@ def make_toy_tasks(world, root, n, store, scenes):
                 questions.append({"image_id": int(image_id), "question": question, "question_id": qid})
                 annotations.append({"question_id": qid, "image_id": int(image_id), "question_type": qtype,
                                     "answer_type": atype,
-                                    "multiple_choice_answer": max(set(answers), key=answers.count),
+                                    "multiple_choice_answer": max(dict.fromkeys(answers), key=answers.count),
                                     "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": k + 1} for k, a in enumerate(answers)]})
         write_json(os.path.join(tasks, "vqa", f"v2_OpenEnded_mscoco_{split}_questions.json"),
                    {"task_type": "Open-Ended", "data_type": "mscoco", "data_subtype": split, "questions": questions})

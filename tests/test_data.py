@@ -275,6 +275,19 @@ def test_a_drawn_scene_is_the_same_in_every_process(tmp_path):
     assert open(tmp_path / "1.png", "rb").read() == open(tmp_path / "2.png", "rb").read()
 
 
+def test_the_toy_world_is_the_same_in_every_process(tmp_path):
+    """The toy world's text and answers do not depend on Python's per-process string hash seed (a
+    set's order did pick the class of "two dogs and ..." captions and the VQA answer of a tie)."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for seed in ["1", "2"]:
+        script = f"import toy; toy.make_toy_world({str(tmp_path / seed)!r}, seed=3, scale=0.05)"
+        subprocess.run([sys.executable, "-c", script], cwd=here, check=True, env={**os.environ, "PYTHONHASHSEED": seed},
+                       stdout=subprocess.DEVNULL)
+    for rel in ["pretrain/captions.txt", "pretrain/pairs.jsonl", "heldout/pairs.jsonl", "tasks/flickr30k/dataset_flickr30k.json",
+                "tasks/vqa/v2_mscoco_train2014_annotations.json"]:
+        assert (tmp_path / "1" / rel).read_bytes() == (tmp_path / "2" / rel).read_bytes(), rel
+
+
 def test_toy_detector_features_follow_classes_and_groups():
     """Related classes get related features: same class closest, then same group, then others."""
     world = ToyWorld(0)

@@ -534,7 +534,7 @@ def train(args, model, run, dataset, optimizer, scaler, lr_at, step, device, dty
             t0, window = time.time(), [0, 0, 0, 0.0]
         if save_now and master:
             save(step)
-        if heldout and args.eval_every and step % args.eval_every == 0 and step < args.max_steps:
+        if master and heldout and args.eval_every and step % args.eval_every == 0 and step < args.max_steps:
             curve.append({"step": step, **evaluate(model, heldout, device, ctx)})
             log.write(json.dumps({"phase": "eval", **curve[-1]}) + "\n")
             log.flush()
@@ -544,10 +544,15 @@ def train(args, model, run, dataset, optimizer, scaler, lr_at, step, device, dty
     return step
 
 
+def real_data(args):
+    """Whether any data flag is given (else the toy world is used)."""
+    return bool(args.images or args.captions or args.text or args.pairs)
+
+
 def use_toy_world(args, world):
     """With no data flags, the toy world's files (made on first use); returns its vocabulary file
     (None with real data)."""
-    if args.images or args.captions or args.text or args.pairs:
+    if real_data(args):
         return None
     root = toy_world(args.toy_root, world)
     args.text = [os.path.join(root, "pretrain", "text.txt")]
@@ -568,8 +573,7 @@ def main(argv=None):
     if args.no_captions and not args.unaligned:
         parser.error("--no-captions goes with --unaligned (the U_NC row)")
     data.check_paths(args, PATH_FLAGS)
-    real = args.images or args.captions or args.text or args.pairs
-    if real and not (args.init_from or args.resume):  # before any model is built: its size comes from the vocabulary
+    if real_data(args) and not (args.init_from or args.resume):  # before any model is built: its size comes from the vocabulary
         raise SystemExit("real data needs a vocabulary: give --init-from (a BERT directory or a checkpoint)")
     device, rank, world = setup_device(args)
     check_batch(args.batch_size, world, args.grad_accum)

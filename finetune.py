@@ -4,7 +4,7 @@ Fine-tune U-VisualBERT on the paper's four downstream tasks (docs/METHOD.md §6)
     python finetune.py --task vqa --init-from out/pretrain/ckpt.pt        # VQA 2.0: soft accuracy
     python finetune.py --task nlvr2 --init-from out/pretrain/ckpt.pt      # NLVR2: accuracy and consistency
     python finetune.py --task retrieval --init-from out/pretrain/ckpt.pt  # Flickr30K image retrieval: R@1, R@5, R@10
-    python finetune.py --task refcoco --init-from out/pretrain/ckpt.pt    # RefCOCO+: the top region's box has IoU >= 0.5
+    python finetune.py --task refcoco --init-from out/pretrain/ckpt.pt    # RefCOCO+: the top region's IoU >= 0.5
 
 With no data flags a task uses the toy world's files (made by toy.py on first use); --data DIR and
 --features STORE... point it at the real benchmark files (docs/METHOD.md §7) and a feature store made by
@@ -69,16 +69,23 @@ TOY = {  # task: its folder under toy_world/tasks, its feature stores under toy_
 REAL_DATA = """
 real benchmarks (docs/METHOD.md §7): --data DIR holds the task's files under their official names, and
 --features the feature stores of its images (extract_features.py; several stores are read as one):
-  vqa        DIR/v2_OpenEnded_mscoco_{train2014,val2014}_questions.json, DIR/v2_mscoco_{train2014,val2014}_annotations.json;
+  vqa        DIR/v2_OpenEnded_mscoco_{train2014,val2014}_questions.json,
+             DIR/v2_mscoco_{train2014,val2014}_annotations.json;
              trains on train2014, reports val2014. COCO images are found as "42" or "COCO_val2014_000000000042".
   nlvr2      DIR/{train,dev,test1}.json (test2.json too if present); images "dev-850-0-img0", "dev-850-0-img1".
   retrieval  DIR/dataset_flickr30k.json (Karpathy's split); images by file stem ("1000092795"); reports test.
-  refcoco    DIR/refs(unc).p and DIR/instances.json (RefCOCO+, UNC split; the COCO train2014 images); reports val, testA, testB.
+  refcoco    DIR/refs(unc).p and DIR/instances.json (RefCOCO+, UNC split; the COCO train2014 images);
+             reports val, testA, testB.
 paper settings for BERT-base (docs/METHOD.md §6):
 """ + "\n".join(f"  {t:<10} {s}" for t, s in PAPER.items())
 
-parser = argparse.ArgumentParser(description="Fine-tune U-VisualBERT on VQA, NLVR2, Flickr30K retrieval or RefCOCO+ "
-                                             "(docs/METHOD.md §6).",
+
+def toy_defaults(key):
+    return "toy: " + ", ".join(f"{t} {v[key]:g}" for t, v in DEFAULTS.items())
+
+
+parser = argparse.ArgumentParser(description="Fine-tune U-VisualBERT on VQA, NLVR2, Flickr30K retrieval or "
+                                             "RefCOCO+ (docs/METHOD.md §6).",
                                  epilog=REAL_DATA, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--task", required=True, choices=list(TOY), help="which downstream task")
 group = parser.add_argument_group("data (default: the toy world's task files and feature stores)")
@@ -88,30 +95,32 @@ group.add_argument("--features", nargs="+", metavar="STORE",
                    help="feature stores holding every image the task's files name")
 group.add_argument("--toy-root", default=toy.TOY_DIR, metavar="DIR", help="where the toy world is made and cached")
 group.add_argument("--train-fraction", type=float, default=1.0, metavar="F",
-                   help="train on the first ceil(F * N) of the N training examples (retrieval: images) in one fixed "
-                        "order, the same for every --seed, so a smaller fraction's examples are among a larger one's")
+                   help="train on the first ceil(F * N) of the N training examples (retrieval: images) in one "
+                        "fixed order, the same for every --seed, so a smaller fraction's examples are among a "
+                        "larger one's")
 group.add_argument("--min-answer-count", type=int, default=9, metavar="N",
-                   help="vqa: the answer set is every answer that is the multiple_choice_answer of at least this many "
-                        "training questions (or questions of --answers)")
+                   help="vqa: the answer set is every answer that is the multiple_choice_answer of at least this "
+                        "many training questions (or questions of --answers)")
 group.add_argument("--answers", nargs="+", metavar="FILE",
-                   help="vqa: count the answer set over these VQA annotation files instead of the training questions "
-                        "(train2014 + val2014 with the default count of 9 gives the usual 3,129 answers), or read it from "
-                        "one ans2label JSON file {\"answer\": index}")
-group = parser.add_argument_group("model and optimisation (docs/METHOD.md §6); a task's defaults suit the toy world, "
-                                  "see the paper's below")
+                   help="vqa: count the answer set over these VQA annotation files instead of the training "
+                        "questions (train2014 + val2014 with the default count of 9 gives the usual 3,129 answers), "
+                        "or read it from one ans2label JSON file {\"answer\": index}")
+group = parser.add_argument_group("model and optimisation (docs/METHOD.md §6); a task's defaults suit the toy "
+                                  "world, see the paper's below")
 group.add_argument("--init-from", metavar="PATH",
                    help="our checkpoint (ckpt.pt), a Hugging Face BERT directory (the Base row), "
                         "or nothing: random weights of --model")
 group.add_argument("--model", default="tiny", choices=sorted(PRESETS), help="size preset when there is no --init-from")
 group.add_argument("--no-tags", action="store_true", help="regions only, no detector tags (the _NT rows)")
 group.add_argument("--epochs", type=float, metavar="E",
-                   help="epochs, may be fractional (toy: " + ", ".join(f"{t} {v['epochs']}" for t, v in DEFAULTS.items()) + ")")
+                   help=f"epochs, may be fractional ({toy_defaults('epochs')})")
 group.add_argument("--batch-size", type=int, metavar="B",
-                   help="examples per step, the global batch: with N processes (torchrun) each takes 1/N of it (toy: 32)")
+                   help="examples per step, the global batch: with N processes (torchrun) each takes 1/N of it "
+                        "(toy: 32)")
 group.add_argument("--grad-accum", type=int, default=1, metavar="N",
-                   help="each process takes its share of the batch in N micro-batches, adding up their gradients (less memory)")
-group.add_argument("--lr", type=float, metavar="LR",
-                   help="peak learning rate (toy: " + ", ".join(f"{t} {v['lr']:g}" for t, v in DEFAULTS.items()) + ")")
+                   help="each process takes its share of the batch in N micro-batches, adding up their gradients "
+                        "(less memory)")
+group.add_argument("--lr", type=float, metavar="LR", help=f"peak learning rate ({toy_defaults('lr')})")
 group.add_argument("--warmup", type=float, default=0.1, metavar="F",
                    help="share of steps for linear warm-up, then linear decay to zero")
 group.add_argument("--weight-decay", type=float, default=0.01, metavar="W")
@@ -121,13 +130,15 @@ group.add_argument("--hard-negatives", type=int, default=4, metavar="N",
                    help="retrieval: the wrong image of each positive is the most tag-alike of N random other images "
                         "(1: a random one)")
 group.add_argument("--test-images", type=int, default=None, metavar="N",
-                   help="retrieval: rank among the first N test images only (a quicker check; the paper ranks all 1,000)")
+                   help="retrieval: rank among the first N test images only (a quicker check; the paper ranks all "
+                        "1,000)")
 group.add_argument("--task-pretrain-epochs", type=int, default=0, metavar="N",
-                   help="nlvr2: first this many epochs of mask-and-predict on NLVR2's own data, keeping the epoch with the "
-                        "best dev MLM loss (paper: at most 5)")
+                   help="nlvr2: first this many epochs of mask-and-predict on NLVR2's own data, keeping the epoch "
+                        "with the best dev MLM loss (paper: at most 5)")
 group = parser.add_argument_group("run")
 group.add_argument("--out", metavar="DIR",
-                   help="output folder (default out/finetune/TASK): results.json, baseline.json, log.jsonl, args.json, ckpt.pt")
+                   help="output folder (default out/finetune/TASK): results.json, baseline.json, log.jsonl, "
+                        "args.json, ckpt.pt")
 group.add_argument("--seed", type=int, default=0)
 group.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if there is one)")
 group.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
@@ -188,19 +199,19 @@ def process_digit_article(text):
 
 
 def clean_answer(answer):
-    """The official evaluation's first step on every answer: newlines and tabs to spaces, stripped."""
+    """The official first step on every answer: newlines and tabs to spaces, stripped."""
     return answer.replace("\n", " ").replace("\t", " ").strip()
 
 
 def normalize_answer(answer):
-    """An answer as the official evaluation compares it when annotators disagree: "Two dogs!" -> "2 dogs"."""
+    """An answer as compared when annotators disagree: "Two dogs!" -> "2 dogs"."""
     return process_digit_article(process_punctuation(clean_answer(answer)))
 
 
 def as_compared(gt_answers):
-    """The annotators' answers as the official evaluation (vqaEval.py of the VQA API, since its 2021
-    fix) compares them, and what it does to the prediction: both normalised when the annotators
-    disagree, both only cleaned when all agree ("two" does not match ten "2"s, nor "Yes" ten "yes")."""
+    """The annotators' answers as the official evaluation (since its 2021 fix) compares them, and what
+    it does to the prediction: both normalised when the annotators disagree, both only cleaned when all
+    agree ("two" does not match ten "2"s, nor "Yes" ten "yes")."""
     gts = [clean_answer(a) for a in gt_answers]
     norm = normalize_answer if len(set(gts)) > 1 else clean_answer
     return [norm(a) for a in gts], norm
@@ -211,12 +222,13 @@ def vqa_accuracy(pred, gt_answers):
     out, the mean of min(1, matches among the other 9 / 3)."""
     gts, norm = as_compared(gt_answers)
     pred = norm(pred)
-    return sum(min(1.0, sum(g == pred for j, g in enumerate(gts) if j != i) / 3) for i in range(len(gts))) / len(gts)
+    others_agreeing = [sum(g == pred for j, g in enumerate(gts) if j != i) for i in range(len(gts))]
+    return sum(min(1.0, k / 3) for k in others_agreeing) / len(gts)
 
 
 def soft_score(k, n=10):
-    """vqa_accuracy of an answer that k of n annotators gave; for n = 10 it is min(1, 0.3 k) (docs/METHOD.md §6):
-    0, 0.3, 0.6, 0.9, then 1."""
+    """vqa_accuracy of an answer that k of n annotators gave; for n = 10 it is min(1, 0.3 k) (docs/METHOD.md
+    §6): 0, 0.3, 0.6, 0.9, then 1."""
     return (k * min(1.0, (k - 1) / 3) + (n - k) * min(1.0, k / 3)) / n
 
 
@@ -305,7 +317,8 @@ def load_vqa(questions_file, annotations_file, images, skipped):
     for n, a in enumerate(annotations):
         qid = field(a, "question_id", annotations_file, f"record {n}")
         where = f"record {n} (question_id {qid})"
-        answers = [field(x, "answer", annotations_file, f"{where}, answer {k},") for k, x in enumerate(field(a, "answers", annotations_file, where))]
+        answers = [field(x, "answer", annotations_file, f"{where}, answer {k},")
+                   for k, x in enumerate(field(a, "answers", annotations_file, where))]
         if not answers:
             raise ValueError(f"{annotations_file}: {where} has no answers")
         mc = a.get("multiple_choice_answer") or Counter(answers).most_common(1)[0][0]
@@ -363,6 +376,19 @@ def load_nlvr2(file, images, skipped):
     return out
 
 
+def check_split(split, known, file, where):
+    if split not in known:
+        raise ValueError(f"{file}: {where}: unknown split {split!r}, expected one of {', '.join(known)}")
+
+
+def none_empty(splits, named, file, what, skipped):
+    """The splits, unless a split the file names lost every record (no features for its images)."""
+    empty = sorted(named - set(splits))
+    if empty:
+        raise skipped.none_left(file, f"{what} of split {empty[0]!r}")
+    return splits
+
+
 KARPATHY_SPLITS = ("train", "restval", "val", "test")
 
 
@@ -373,20 +399,17 @@ def load_karpathy(file, images, skipped):
         name = field(im, "filename", file, f"image record {n}")
         where = f"image record {n} ({name})"
         split = field(im, "split", file, where)
-        if split not in KARPATHY_SPLITS:
-            raise ValueError(f"{file}: {where}: unknown split {split!r}, expected one of {', '.join(KARPATHY_SPLITS)}")
+        check_split(split, KARPATHY_SPLITS, file, where)
         captions = []
         for k, s in enumerate(field(im, "sentences", file, where)):
-            captions.append(s["raw"] if isinstance(s, dict) and "raw" in s else " ".join(field(s, "tokens", file, f"{where}, sentence {k},")))
+            raw = isinstance(s, dict) and "raw" in s
+            captions.append(s["raw"] if raw else " ".join(field(s, "tokens", file, f"{where}, sentence {k},")))
         split = "train" if split == "restval" else split
         named.add(split)
         image = find_image(images, [os.path.splitext(name)[0]], file, where, skipped)
         if image is not None:
             splits.setdefault(split, []).append({"image": image, "captions": captions})
-    empty = sorted(named - set(splits))
-    if empty:
-        raise skipped.none_left(file, f"image of split {empty[0]!r}")
-    return splits
+    return none_empty(splits, named, file, "image", skipped)
 
 
 REF_SPLITS = ("train", "val", "test", "testA", "testB", "testC")
@@ -413,14 +436,14 @@ def load_refcoco(refs_file, instances_file, images, skipped):
         ref_id = field(ref, "ref_id", refs_file, f"record {n}")
         where = f"record {n} (ref_id {ref_id})"
         split, ann_id, image_id = (field(ref, k, refs_file, where) for k in ("split", "ann_id", "image_id"))
-        if split not in REF_SPLITS:
-            raise ValueError(f"{refs_file}: {where}: unknown split {split!r}, expected one of {', '.join(REF_SPLITS)}")
+        check_split(split, REF_SPLITS, refs_file, where)
         if ann_id not in boxes:
             raise ValueError(f"{refs_file}: {where}: annotation {ann_id} is not in {instances_file}")
         if image_id not in sizes:
             raise ValueError(f"{refs_file}: {where}: image {image_id} is not in {instances_file}")
         x, y, w, h = boxes[ann_id]
-        sentences = [field(s, "sent", refs_file, f"{where}, sentence {k},") for k, s in enumerate(field(ref, "sentences", refs_file, where))]
+        sentences = [field(s, "sent", refs_file, f"{where}, sentence {k},")
+                     for k, s in enumerate(field(ref, "sentences", refs_file, where))]
         named.add(split)
         image = find_image(images, coco_ids(image_id), refs_file, where, skipped)
         if image is None:
@@ -428,10 +451,7 @@ def load_refcoco(refs_file, instances_file, images, skipped):
         for text in sentences:
             splits.setdefault(split, []).append({"ref_id": ref_id, "image": image, "text": text,
                                                  "gold": [x, y, x + w, y + h], "size": sizes[image_id]})
-    empty = sorted(named - set(splits))
-    if empty:
-        raise skipped.none_left(refs_file, f"expression of split {empty[0]!r}")
-    return splits
+    return none_empty(splits, named, refs_file, "expression", skipped)
 
 
 def frequent(counts, min_count, where="training questions"):
@@ -460,8 +480,8 @@ def read_answer_set(files, min_count):
             raise ValueError(f"{f}: not a VQA annotations file (no 'annotations'); an ans2label file goes alone")
         for n, a in enumerate(field(obj, "annotations", f, "the file")):
             counts[normalize_answer(str(field(a, "multiple_choice_answer", f, f"record {n}")))] += 1
-    return frequent(counts, min_count, f"questions of "
-                                       f"{' '.join(files)}"), f"each the answer of >= {min_count} questions of {' '.join(files)}"
+    where = f"questions of {' '.join(files)}"
+    return frequent(counts, min_count, where), f"each the answer of >= {min_count} {where}"
 
 
 # -----------------------------------------------------------------------------

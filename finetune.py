@@ -503,8 +503,19 @@ def train_subset(n, fraction):
     return np.sort(np.random.default_rng(2021).permutation(n)[:max(1, math.ceil(fraction * n - 1e-9))])
 
 
+def accuracy(hits):
+    return {"accuracy": float(np.mean(hits))}
+
+
+def mlp_head(model, d_in, d_out):
+    """Linear(d_in, 2H), GELU, LayerNorm, Linear(2H, d_out): VQA's head (docs/METHOD.md §6), and NLVR2's on
+    the two pooled outputs side by side (d_in 2H, as LXMERT's)."""
+    H, eps = model.cfg.hidden, model.cfg.ln_eps
+    return nn.Sequential(nn.Linear(d_in, 2 * H), nn.GELU(), nn.LayerNorm(2 * H, eps=eps), nn.Linear(2 * H, d_out))
+
+
 class Task:
-    """What the four tasks share: the vocabulary, the images, and making the model's inputs."""
+    """What the four tasks share: the vocabulary, the images, making the model's inputs, evaluating."""
 
     max_len = 20  # text pieces, [CLS] and [SEP] included
     unit = "examples"  # what a split is a list of
@@ -520,7 +531,7 @@ class Task:
             x["ids"] = ids
 
     def encode(self, texts, image_ids):
-        """Pieces of each text and its image's id -> the model's inputs, [text ; tags ; regions] (docs/METHOD.md §1)."""
+        """Texts (pieces) and image ids -> the model's inputs, [text ; tags ; regions] (docs/METHOD.md §1)."""
         b = data.text_inputs(texts, self.vocab, self.max_len)
         b.update(data.image_inputs([self.images[i] for i in image_ids], self.tag_pieces, self.tags))
         return {k: b[k].to(self.device, non_blocking=True) for k in INPUTS if k in b}
@@ -528,6 +539,11 @@ class Task:
     def pooled(self, model, texts, image_ids):
         h, _ = model(**self.encode(texts, image_ids))
         return model.pool(h)  # (B, H)
+
+    def predict(self, forward, model, head, split, size=None):
+        """The argmax of forward(model, head, items) for each item of the split, `size` items a pass."""
+        batches = chunks(self.splits[split], size or self.eval_batch_size)
+        return [k for items in batches for k in forward(model, head, items).argmax(1).tolist()]
 
     def keep_train(self, fraction):
         """Train on a fraction of the training examples (train_subset); the rest of the task stays."""
@@ -544,13 +560,12 @@ class Task:
 class VQA(Task):
     """VQA 2.0 (docs/METHOD.md §6): question + tags + regions; an MLP on the pooled output scores every answer."""
 
-    max_len = 20
-
     def __init__(self, args, vocab, images, root):
         super().__init__(args, vocab, images)
         files = lambda sub: (os.path.join(root, f"v2_OpenEnded_mscoco_{sub}_questions.json"),
                              os.path.join(root, f"v2_mscoco_{sub}_annotations.json"))
-        self.splits = {s: load_vqa(*files(sub), images, self.skipped) for s, sub in (("train", "train2014"), ("val", "val2014"))}
+        self.splits = {s: load_vqa(*files(sub), images, self.skipped)
+                       for s, sub in (("train", "train2014"), ("val", "val2014"))}
         self.train, self.eval_splits = self.splits["train"], ["val"]
         # the answer set: normalised answers that are the multiple_choice_answer of >= N training
         # questions, or of the questions of --answers, or an ans2label file's
@@ -558,7 +573,8 @@ class VQA(Task):
         if args.answers:
             self.answers, source = read_answer_set(args.answers, args.min_answer_count)
         else:
-            self.answers, source = frequent(counts, args.min_answer_count), f"each the answer of >= {args.min_answer_count} training questions"
+            self.answers = frequent(counts, args.min_answer_count)
+            source = f"each the answer of >= {args.min_answer_count} training questions"
         index = {a: i for i, a in enumerate(self.answers)}
         for items in self.splits.values():
             self.tokenize(items)
@@ -581,9 +597,7 @@ class VQA(Task):
         self.baseline_name = "most frequent answer per question type"
 
     def make_head(self, model):
-        H, eps = model.cfg.hidden, model.cfg.ln_eps  # docs/METHOD.md §6: Linear(H, 2H), GELU, LN, Linear(2H, #answers)
-        return nn.Sequential(nn.Linear(H, 2 * H), nn.GELU(), nn.LayerNorm(2 * H, eps=eps),
-                             nn.Linear(2 * H, len(self.answers)))
+        return mlp_head(model, model.cfg.hidden, len(self.answers))
 
     def logits(self, model, head, items):
         return head(self.pooled(model, [x["ids"] for x in items], [x["image"] for x in items])).float()  # (B, A)
@@ -598,18 +612,17 @@ class VQA(Task):
         return F.binary_cross_entropy_with_logits(logits, target) * logits.shape[1]
 
     def evaluate(self, model, head, split):
-        acc, by_type = [], {}
-        for items in chunks(self.splits[split], self.eval_batch_size):
-            pred = self.logits(model, head, items).argmax(1).tolist()
-            for a, x in zip(pred, items):
-                acc.append(vqa_accuracy(self.answers[a], x["answers"]))
-                by_type.setdefault(x["atype"], []).append(acc[-1])
-        say(f"{split} accuracy by answer type: " + ", ".join(f"{t} {np.mean(v):.3f}" for t, v in sorted(by_type.items())))
-        return {"accuracy": float(np.mean(acc))}
+        items, pred = self.splits[split], self.predict(self.logits, model, head, split)
+        acc, by_type = [vqa_accuracy(self.answers[a], x["answers"]) for a, x in zip(pred, items)], {}
+        for a, x in zip(acc, items):
+            by_type.setdefault(x["atype"], []).append(a)
+        say(f"{split} accuracy by answer type: "
+            + ", ".join(f"{t} {np.mean(v):.3f}" for t, v in sorted(by_type.items())))
+        return accuracy(acc)
 
     def baseline(self, split):
         guess = lambda x: self.by_type.get(x["qtype"], self.overall).most_common(1)[0][0]
-        return {"accuracy": float(np.mean([vqa_accuracy(guess(x), x["answers"]) for x in self.splits[split]]))}
+        return accuracy([vqa_accuracy(guess(x), x["answers"]) for x in self.splits[split]])
 
 
 class NLVR2(Task):
@@ -621,21 +634,23 @@ class NLVR2(Task):
     def __init__(self, args, vocab, images, root):
         super().__init__(args, vocab, images)
         files = {s: os.path.join(root, f"{s}.json") for s in ("train", "dev", "test1", "test2")}
-        self.splits = {s: load_nlvr2(f, images, self.skipped) for s, f in files.items() if s == "train" or os.path.exists(f)}
+        self.splits = {s: load_nlvr2(f, images, self.skipped)
+                       for s, f in files.items() if s == "train" or os.path.exists(f)}
         for items in self.splits.values():
             self.tokenize(items)
-        self.train, self.eval_splits = self.splits["train"], [s for s in ("dev", "test1", "test2") if s in self.splits]
+        self.train = self.splits["train"]
+        self.eval_splits = [s for s in ("dev", "test1", "test2") if s in self.splits]
         self.majority = int(np.mean([x["label"] for x in self.train]) >= 0.5)
         self.baseline_name = f"majority class ({bool(self.majority)})"
 
     def make_head(self, model):
-        H, eps = model.cfg.hidden, model.cfg.ln_eps  # on (B, 2H), as LXMERT's NLVR2 head
-        return nn.Sequential(nn.Linear(2 * H, 2 * H), nn.GELU(), nn.LayerNorm(2 * H, eps=eps), nn.Linear(2 * H, 2))
+        return mlp_head(model, 2 * model.cfg.hidden, 2)
 
     def logits(self, model, head, items):
         B = len(items)
         texts = [x["ids"] for x in items] * 2  # each sentence with img0, then with img1: one pass of 2B
-        pooled = self.pooled(model, texts, [x["images"][0] for x in items] + [x["images"][1] for x in items])  # (2B, H)
+        images = [x["images"][0] for x in items] + [x["images"][1] for x in items]
+        pooled = self.pooled(model, texts, images)  # (2B, H)
         return head(torch.cat([pooled[:B], pooled[B:]], dim=1)).float()  # (B, 2H) -> (B, 2)
 
     def loss(self, model, head, items):
@@ -644,13 +659,10 @@ class NLVR2(Task):
 
     def metrics(self, split, pred):
         correct = [int(guess == x["label"]) for guess, x in zip(pred, self.splits[split])]
-        return {"accuracy": float(np.mean(correct)),
-                "consistency": consistency([x["sentence"] for x in self.splits[split]], correct)}
+        return {**accuracy(correct), "consistency": consistency([x["sentence"] for x in self.splits[split]], correct)}
 
-    def evaluate(self, model, head, split):
-        pred = [a for items in chunks(self.splits[split], self.eval_batch_size // 2) for a in self.logits(model,
-                                                                                                          head, items).argmax(1).tolist()]
-        return self.metrics(split, pred)
+    def evaluate(self, model, head, split):  # two sequences an example
+        return self.metrics(split, self.predict(self.logits, model, head, split, self.eval_batch_size // 2))
 
     def baseline(self, split):
         return self.metrics(split, [self.majority] * len(self.splits[split]))
@@ -681,7 +693,8 @@ class NLVR2(Task):
         def dev_mlm():
             model.eval()
             with ctx:
-                losses = [model.pretrain_losses({k: v.to(self.device) for k, v in b.items()})[1]["mlm"].item() for b in dev_batches]
+                losses = [model.pretrain_losses({k: v.to(self.device) for k, v in b.items()})[1]["mlm"].item()
+                          for b in dev_batches]
             model.train()
             return float(np.mean(losses))
 
@@ -731,7 +744,8 @@ class Retrieval(Task):
             for im in ims:
                 im["ids"], ids = ids[: len(im["captions"])], ids[len(im["captions"]):]
         self.eval_splits = ["test"]
-        self.info.append("captions (images): " + ", ".join(f"{s} {sum(len(im['ids']) for im in ims)} ({len(ims)})" for s, ims in self.splits.items()))
+        self.info.append("captions (images): " + ", ".join(f"{s} {sum(len(im['ids']) for im in ims)} ({len(ims)})"
+                                                           for s, ims in self.splits.items()))
         self.hard = args.hard_negatives
         self.index_train()
         self.baseline_name = "chance, K / number of images"
@@ -739,17 +753,18 @@ class Retrieval(Task):
     def index_train(self):
         """The training captions, each with its image's index k in splits["train"], and which
         detector classes each training image has: how alike two images look, for hard negatives."""
-        self.train = [{"ids": c, "image": im["image"], "k": k} for k, im in enumerate(self.splits["train"]) for c in im["ids"]]
+        self.train = [{"ids": c, "image": im["image"], "k": k}
+                      for k, im in enumerate(self.splits["train"]) for c in im["ids"]]
         self.tag_sets = np.zeros((len(self.splits["train"]), len(self.images.class_names)), dtype=bool)  # (N, C)
         for k, im in enumerate(self.splits["train"]):
             self.tag_sets[k, self.images[im["image"]]["labels"]] = True
 
     def keep_train(self, fraction):
         """A fraction of the training images, with all their captions; negatives come from them alone."""
-        n = len(self.splits["train"])
-        self.splits["train"] = [self.splits["train"][i] for i in train_subset(n, fraction)]
+        self.train = self.splits["train"]  # the images, for Task.keep_train
+        super().keep_train(fraction)
+        self.splits["train"] = self.train
         self.index_train()
-        self.info.append(f"training on {len(self.splits['train'])} of {n} training images (--train-fraction {fraction:g})")
 
     def make_head(self, model):
         # a linear score on the pooled output, started from the pre-trained match head's "matched
@@ -804,7 +819,8 @@ class Retrieval(Task):
         for start in range(0, M * N, self.eval_batch_size):
             pair = torch.arange(start, min(start + self.eval_batch_size, M * N))
             m, n = pair // N, pair % N  # caption, image of each pair
-            inputs = {k: (txt[k][m] if k in txt else img[k][n]).to(self.device) for k in INPUTS if k in txt or k in img}
+            inputs = {k: (txt[k][m] if k in txt else img[k][n]).to(self.device)
+                      for k in INPUTS if k in txt or k in img}
             h, _ = model(**inputs)
             scores[pair] = head(model.pool(h)).squeeze(-1).float().cpu()
         return scores.view(M, N), torch.tensor([k for _, k in caps])
@@ -821,8 +837,6 @@ class RefCOCO(Task):
     """RefCOCO+ (docs/METHOD.md §6): a linear score on each region's output; right when the top region's box has
     IoU >= 0.5 with the gold box. Trained with cross-entropy over the regions toward the region
     whose box best overlaps the gold box."""
-
-    max_len = 20
 
     def __init__(self, args, vocab, images, root):
         super().__init__(args, vocab, images)
@@ -860,12 +874,11 @@ class RefCOCO(Task):
         return F.cross_entropy(self.region_logits(model, head, items), target)
 
     def evaluate(self, model, head, split):
-        top = [k for items in chunks(self.splits[split], self.eval_batch_size) for k in self.region_logits(model,
-                                                                                                           head, items).argmax(1).tolist()]
-        return {"accuracy": float(np.mean([x["iou"][k] >= 0.5 for k, x in zip(top, self.splits[split])]))}
+        top = self.predict(self.region_logits, model, head, split)
+        return accuracy([x["iou"][k] >= 0.5 for k, x in zip(top, self.splits[split])])
 
     def baseline(self, split):
-        return {"accuracy": float(np.mean([x["iou"][x["conf"].argmax()] >= 0.5 for x in self.splits[split]]))}
+        return accuracy([x["iou"][x["conf"].argmax()] >= 0.5 for x in self.splits[split]])
 
 
 TASKS = {"vqa": VQA, "nlvr2": NLVR2, "retrieval": Retrieval, "refcoco": RefCOCO}
@@ -884,8 +897,9 @@ def build_model(args, images, toy_vocab, resume=None):
                  ("num_labels", "detector classes", len(images.class_names)))
         for k, what, have in sizes:
             if getattr(cfg, k) != have:
-                raise SystemExit(f"{src}: the checkpoint was pre-trained with {what} {getattr(cfg, k)}, the feature stores "
-                                 f"{' '.join(s.path for s in images.stores)} have {have}: use features from the same extractor")
+                raise SystemExit(f"{src}: the checkpoint was pre-trained with {what} {getattr(cfg, k)}, the feature "
+                                 f"stores {' '.join(s.path for s in images.stores)} have {have}: use features from "
+                                 f"the same extractor")
         if ckpt.get("class_names") and list(ckpt["class_names"]) != list(images.class_names):
             say(f"warning: {src} was pre-trained with other detector class names than the feature stores have")
 
@@ -946,16 +960,20 @@ def read_losses(pending, step, scaler, saved, out):
     return losses
 
 
+def steps_per_epoch(args, task):
+    return max(1, len(task.train) // args.batch_size)  # the last partial batch is dropped
+
+
 def train(args, task, run, opt, start, steps, losses, gen, world, rank, ctx, log, save):
     """Steps start + 1 to `steps` (opt: the optimiser, the learning rate of a step, the scaler); rank 0
     logs and saves (save(step, losses)). The host reads the device on logging and saving steps alone:
     the check for a non-finite loss waits for them."""
     optimizer, lr_at, scaler = opt
-    steps_per_epoch = max(1, len(task.train) // args.batch_size)
+    per_epoch = steps_per_epoch(args, task)
     t0, seen, saved, pending = time.time(), 0, start, []
     for step in range(start, steps):
-        epoch, i = divmod(step, steps_per_epoch)
-        if i == 0 or step == start:  # a new shuffle each epoch; the last partial batch is dropped
+        epoch, i = divmod(step, per_epoch)
+        if i == 0 or step == start:  # a new shuffle each epoch
             order = np.random.default_rng([args.seed, epoch]).permutation(len(task.train))
         items = [task.train[j] for j in order[i * args.batch_size:(i + 1) * args.batch_size]]  # the global batch
         items = task.draw(items, gen)  # its random choices, the same on every process
@@ -976,14 +994,13 @@ def train(args, task, run, opt, start, steps, losses, gen, world, rank, ctx, log
         losses, pending = losses + read_losses(pending, step + 1, scaler, saved, args.out), []
         if log_now:
             dt = (time.time() - t0) / len(losses)
-            record = {"step": step + 1, "epoch": epoch + (i + 1) / steps_per_epoch, "loss": float(np.mean(losses)),
+            record = {"step": step + 1, "epoch": epoch + (i + 1) / per_epoch, "loss": float(np.mean(losses)),
                       "lr": lr_at(step), "grad_norm": norm.item()}
             log.write(json.dumps(record) + "\n")
             log.flush()
-            say(f"step {step + 1}/{steps} | epoch {record['epoch']:.2f} | loss {record['loss']:.4f} | lr "
-                f"{record['lr']:.2e} | "
-                f"norm {record['grad_norm']:.2f} | {dt * 1000:.0f} ms/step | {seen / (time.time() - t0):.0f} samples/s | "
-                f"ETA {dt * (steps - step - 1) / 60:.1f} min", flush=True)
+            say(f"step {step + 1}/{steps} | epoch {record['epoch']:.2f} | loss {record['loss']:.4f} | "
+                f"lr {record['lr']:.2e} | norm {record['grad_norm']:.2f} | {dt * 1000:.0f} ms/step | "
+                f"{seen / (time.time() - t0):.0f} samples/s | ETA {dt * (steps - step - 1) / 60:.1f} min", flush=True)
             t0, seen, losses = time.time(), 0, []
         if save_now:
             save(step + 1, losses)
@@ -1015,7 +1032,8 @@ def report(args, task, model, head, ctx, log, t_start, rank):
     return results
 
 
-def main(argv=None):
+def parse_args(argv=None):
+    """The command line, with the task's defaults filled in and the flags checked together."""
     args = parser.parse_args(argv)
     for k, v in DEFAULTS[args.task].items():
         if getattr(args, k) is None:
@@ -1030,20 +1048,18 @@ def main(argv=None):
         parser.error("--answers is VQA's answer set")
     data.check_paths(args, PATH_FLAGS)
     args.out = args.out or os.path.join("out", "finetune", args.task)
-    device, rank, world = setup_device(args)  # under torchrun: this process's rank of `world`
-    check_batch(args.batch_size, world, args.grad_accum)
-    torch.manual_seed(args.seed)
-    np.random.seed(args.seed)
-    args.dtype, why = pick_dtype(args, device)
-    ctx = autocast(device, args.dtype)
-    t_start = time.time()
+    return args
 
-    # data: the toy world's task unless --data/--features are given
+
+def load_task(args, world):
+    """The task (the toy world's unless --data/--features are given), the model and its head, and with
+    --resume the checkpoint they were loaded from; a bad input is one line naming it."""
     toy_vocab = None
     if args.data is None:
         root = toy_world(args.toy_root, world)
         folder, stores = TOY[args.task]
-        args.data, args.features = os.path.join(root, "tasks", folder), [os.path.join(root, "features", s) for s in stores]
+        args.data = os.path.join(root, "tasks", folder)
+        args.features = [os.path.join(root, "features", s) for s in stores]
         toy_vocab = os.path.join(root, "vocab.txt")
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     resume = load_resume(ckpt_path, args) if args.resume else None
@@ -1055,13 +1071,52 @@ def main(argv=None):
             task.keep_train(args.train_fraction)
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise SystemExit(str(e).strip('"')) from None
-    task.device = device
     head = task.make_head(model)
     if resume is not None:
         load_weights(head, resume["head"], ckpt_path)
+    return task, model, head, resume
+
+
+def say_start(args, task, model, head, device, world, why, steps):
+    """What was decided at start-up: the model, the device and dtype, the data, the steps."""
+    say(f"task: {args.task}, from {args.init_from or f'random weights ({args.model})'}, "
+        f"{'no tags' if args.no_tags else 'with tags'}")
+    say(f"model: {model.num_params() / 1e6:.2f}M parameters + head "
+        f"{sum(t.numel() for t in head.parameters()) / 1e6:.2f}M, "
+        f"{model.cfg.layers} layers, hidden {model.cfg.hidden}")
+    say(f"device: {device} x {world} process(es), dtype: {args.dtype} ({why}), compile: {args.compile}")
+    say("data: " + ", ".join(f"{s} {len(x)}" for s, x in task.splits.items())
+        + f" {task.unit}; {len(task.images.where)} images in {len(task.images.stores)} stores")
+    for line in task.info + ["warning: " + s_ for s_ in task.skipped.lines()] + task.notes:
+        say(line)
+    say(f"{steps_per_epoch(args, task)} steps per epoch, {steps} steps, global batch {args.batch_size}, "
+        f"lr {args.lr:g}" + (f", {args.grad_accum} micro-batches per process" if args.grad_accum > 1 else ""))
+
+
+def open_log(args, rank, resume, start):
+    """OUT/log.jsonl, which rank 0 alone writes: a new one, or a resumed run's cut back to step `start`."""
+    log_file = os.path.join(args.out, "log.jsonl")
+    if resume is not None:
+        if rank == 0:
+            # the evaluation's line goes; task pre-training's stays
+            trim_log(log_file, start, keep_phases=("task_pretrain",))
+        say(f"resuming from {os.path.join(args.out, 'ckpt.pt')} at step {start}")
+    return open(log_file, "a" if resume is not None else "w") if rank == 0 else open(os.devnull, "w")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device, rank, world = setup_device(args)  # under torchrun: this process's rank of `world`
+    check_batch(args.batch_size, world, args.grad_accum)
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    args.dtype, why = pick_dtype(args, device)
+    ctx = autocast(device, args.dtype)
+    t_start = time.time()
+    task, model, head, resume = load_task(args, world)
+    task.device = device
     model.to(device), head.to(device)
-    steps_per_epoch = max(1, len(task.train) // args.batch_size)
-    steps = max(1, round(args.epochs * steps_per_epoch))
+    steps = max(1, round(args.epochs * steps_per_epoch(args, task)))
     optimizer, lr_at, scaler = make_optimizer([*model.parameters(), *head.parameters()], args, steps, device,
                                               args.dtype)
     gen = torch.Generator().manual_seed(args.seed)  # the task's own draws (retrieval's negatives)
@@ -1073,26 +1128,8 @@ def main(argv=None):
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)  # only now: a bad input leaves no output folder behind
     write_args(args, world)
-    say(f"task: {args.task}, from {args.init_from or f'random weights ({args.model})'}, "
-        f"{'no tags' if args.no_tags else 'with tags'}")
-    say(f"model: {model.num_params() / 1e6:.2f}M parameters + head "
-        f"{sum(t.numel() for t in head.parameters()) / 1e6:.2f}M, "
-        f"{model.cfg.layers} layers, hidden {model.cfg.hidden}")
-    say(f"device: {device} x {world} process(es), dtype: {args.dtype} ({why}), compile: {args.compile}")
-    say("data: " + ", ".join(f"{s} {len(x)}" for s, x in task.splits.items())
-        + f" {task.unit}; {len(images.where)} images in {len(images.stores)} stores")
-    for line in task.info + ["warning: " + s_ for s_ in task.skipped.lines()] + task.notes:
-        say(line)
-    say(f"{steps_per_epoch} steps per epoch, {steps} steps, global batch {args.batch_size}, lr {args.lr:g}"
-        + (f", {args.grad_accum} micro-batches per process" if args.grad_accum > 1 else ""))
-
-    log_file = os.path.join(args.out, "log.jsonl")
-    if resume is not None:
-        if rank == 0:
-            # the evaluation's line goes; task pre-training's stays
-            trim_log(log_file, start, keep_phases=("task_pretrain",))
-        say(f"resuming from {ckpt_path} at step {start}")
-    log = open(log_file, "a" if resume is not None else "w") if rank == 0 else open(os.devnull, "w")  # rank 0 logs
+    say_start(args, task, model, head, device, world, why, steps)
+    log = open_log(args, rank, resume, start)
     # NLVR2's task-specific pre-training runs before the first checkpoint, which holds its result: a
     # resumed run skips it; a run killed during it has no checkpoint of its own and starts over
     if args.task_pretrain_epochs and resume is None:
@@ -1100,9 +1137,10 @@ def main(argv=None):
 
     def save(step, losses):  # the plain model, never the compiled one
         if rank == 0:
-            save_checkpoint(ckpt_path, model, optimizer, scaler, step, args, vocab, images.class_names,
-                            head=head.state_dict(), gen=gen.get_state(), losses=losses, task=args.task,
-                            answers=getattr(task, "answers", None), tags=task.tags,  # what ask.py needs
+            images = task.images
+            save_checkpoint(os.path.join(args.out, "ckpt.pt"), model, optimizer, scaler, step, args, task.vocab,
+                            images.class_names, head=head.state_dict(), gen=gen.get_state(), losses=losses,
+                            task=args.task, answers=getattr(task, "answers", None), tags=task.tags,  # for ask.py
                             extractor=images.stores[0].meta.get("extractor", {}))
 
     model.train(), head.train()

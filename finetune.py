@@ -503,6 +503,10 @@ def train_subset(n, fraction):
     return np.sort(np.random.default_rng(2021).permutation(n)[:max(1, math.ceil(fraction * n - 1e-9))])
 
 
+def steps_per_epoch(args, task):
+    return max(1, len(task.train) // args.batch_size)  # the last partial batch is dropped
+
+
 def accuracy(hits):
     return {"accuracy": float(np.mean(hits))}
 
@@ -524,7 +528,7 @@ class Task:
         self.vocab, self.images, self.tags = vocab, images, not args.no_tags
         self.tag_pieces = vocab.tag_pieces(images.class_names)
         self.eval_batch_size, self.device, self.info = args.eval_batch_size, torch.device("cpu"), []
-        self.skipped, self.notes = Skipped(), []  # records left out; lines said at the start and again at the end
+        self.skipped, self.notes = Skipped(), []  # records left out; notes for self.warnings()
 
     def tokenize(self, items):
         for x, ids in zip(items, self.vocab.encode_batch([x["text"] for x in items])):
@@ -550,6 +554,10 @@ class Task:
         n = len(self.train)
         self.train = [self.train[i] for i in train_subset(n, fraction)]
         self.info.append(f"training on {len(self.train)} of {n} training {self.unit} (--train-fraction {fraction:g})")
+
+    def warnings(self):
+        """Said at the start and again at the end, where it is seen."""
+        return ["warning: " + line for line in self.skipped.lines()] + self.notes
 
     def draw(self, items, gen):
         """The step's random choices, made for the whole global batch before it is split among the
@@ -698,7 +706,7 @@ class NLVR2(Task):
             model.train()
             return float(np.mean(losses))
 
-        steps = args.task_pretrain_epochs * max(1, len(self.train) // args.batch_size)
+        steps = args.task_pretrain_epochs * steps_per_epoch(args, self)
         optimizer, lr_at, scaler = make_optimizer(model.parameters(), args, steps, self.device, args.dtype)
         run = wrap(Objectives(model), self.device, world)
         best, step = (float("inf"), None, 0), 0
@@ -938,15 +946,6 @@ class TaskLoss(nn.Module):
         return self.task.loss(self.model, self.head, items)
 
 
-@torch.no_grad()
-def evaluate(task, model, head, ctx):
-    model.eval(), head.eval()
-    with ctx:
-        results = {s: task.evaluate(model, head, s) for s in task.eval_splits}
-    model.train(), head.train()
-    return results
-
-
 def read_losses(pending, step, scaler, saved, out):
     """The global batches' mean losses of the steps up to `step` since the host last looked (logging
     and saving steps), one read of the device; a non-finite one stops the run (under fp16 the scaler
@@ -958,10 +957,6 @@ def read_losses(pending, step, scaler, saved, out):
                          + (f"the last good checkpoint is {os.path.join(out, 'ckpt.pt')} (step {saved})" if saved
                             else "no checkpoint was saved yet") + "; try a lower --lr")
     return losses
-
-
-def steps_per_epoch(args, task):
-    return max(1, len(task.train) // args.batch_size)  # the last partial batch is dropped
 
 
 def train(args, task, run, opt, start, steps, losses, gen, world, rank, ctx, log, save):
@@ -1010,7 +1005,9 @@ def train(args, task, run, opt, start, steps, losses, gen, world, rank, ctx, log
 def report(args, task, model, head, ctx, log, t_start, rank):
     """Every split the data has, each beside the baseline: OUT/results.json, OUT/baseline.json, a table.
     Every process evaluates all of it (the same weights, the same numbers); rank 0 alone writes."""
-    results = {"task": args.task, **evaluate(task, model, head, ctx)}
+    model.eval(), head.eval()
+    with ctx, torch.no_grad():
+        results = {"task": args.task, **{s: task.evaluate(model, head, s) for s in task.eval_splits}}
     if task.skipped.files:
         results["skipped"] = {file: n for file, (n, _) in task.skipped.files.items()}
     baseline = {"task": args.task, "baseline": task.baseline_name, **{s: task.baseline(s) for s in task.eval_splits}}
@@ -1020,8 +1017,7 @@ def report(args, task, model, head, ctx, log, t_start, rank):
                 json.dump(obj, f, indent=1)
     log.write(json.dumps({"phase": "eval", "results": results, "baseline": baseline}) + "\n")
     log.close()
-    # said again at the end, where it is seen
-    for line in ["warning: " + s_ for s_ in task.skipped.lines()] + task.notes:
+    for line in task.warnings():
         say(line)
     say(f"\n{args.task}: result vs baseline ({task.baseline_name}), {(time.time() - t_start) / 60:.1f} min in all")
     say(f"{'split':<8} {'metric':<12} {'result':>8} {'baseline':>9}")
@@ -1087,7 +1083,7 @@ def say_start(args, task, model, head, device, world, why, steps):
     say(f"device: {device} x {world} process(es), dtype: {args.dtype} ({why}), compile: {args.compile}")
     say("data: " + ", ".join(f"{s} {len(x)}" for s, x in task.splits.items())
         + f" {task.unit}; {len(task.images.where)} images in {len(task.images.stores)} stores")
-    for line in task.info + ["warning: " + s_ for s_ in task.skipped.lines()] + task.notes:
+    for line in task.info + task.warnings():
         say(line)
     say(f"{steps_per_epoch(args, task)} steps per epoch, {steps} steps, global batch {args.batch_size}, "
         f"lr {args.lr:g}" + (f", {args.grad_accum} micro-batches per process" if args.grad_accum > 1 else ""))

@@ -8,10 +8,8 @@ Fine-tune U-VisualBERT on the paper's four downstream tasks (docs/METHOD.md §6)
 
 With no data flags a task uses the toy world's files (made by toy.py on first use); --data DIR and
 --features STORE... point it at the real benchmark files (docs/METHOD.md §7) and a feature store made by
-extract_features.py. Every run writes OUT/results.json, OUT/baseline.json, OUT/log.jsonl,
-OUT/args.json and OUT/ckpt.pt (--resume goes on from it), and prints each split's result beside a
-trivial baseline. Under torchrun the same command trains data-parallel (--batch-size stays the global
-batch; --grad-accum N takes each process's share in N micro-batches), as pretrain.py does:
+extract_features.py. A run prints each split's result beside a trivial baseline and writes them to OUT
+(see -h). Under torchrun the same command trains data-parallel, as pretrain.py does:
 
     torchrun --standalone --nproc_per_node 8 finetune.py --task vqa --init-from out/pretrain/ckpt.pt
 
@@ -379,6 +377,7 @@ def load_nlvr2(file, images, skipped):
 def check_split(split, known, file, where):
     if split not in known:
         raise ValueError(f"{file}: {where}: unknown split {split!r}, expected one of {', '.join(known)}")
+    return split
 
 
 def none_empty(splits, named, file, what, skipped):
@@ -398,8 +397,7 @@ def load_karpathy(file, images, skipped):
     for n, im in enumerate(field(data.read_json(file), "images", file, "the file")):
         name = field(im, "filename", file, f"image record {n}")
         where = f"image record {n} ({name})"
-        split = field(im, "split", file, where)
-        check_split(split, KARPATHY_SPLITS, file, where)
+        split = check_split(field(im, "split", file, where), KARPATHY_SPLITS, file, where)
         captions = []
         for k, s in enumerate(field(im, "sentences", file, where)):
             raw = isinstance(s, dict) and "raw" in s
@@ -798,8 +796,7 @@ class Retrieval(Task):
     def draw(self, items, gen):
         train = self.splits["train"]
         # docs/METHOD.md §6: each positive with two negatives, its caption with a wrong image (a tag-alike one,
-        # --hard-negatives) and a wrong caption (of a random other image) with its image
-        # hard: the metric ranks images
+        # --hard-negatives, as the metric ranks images) and a wrong caption (of a random other image) with its image
         wrong_img = [train[self.negative(x["k"], gen, self.hard)]["image"] for x in items]
         wrong_cap = []
         for x in items:

@@ -619,7 +619,8 @@ class VQA(Task):
 
     def evaluate(self, model, head, split):
         items, pred = self.splits[split], self.predict(self.logits, model, head, split)
-        acc, by_type = [vqa_accuracy(self.answers[a], x["answers"]) for a, x in zip(pred, items)], {}
+        acc = [vqa_accuracy(self.answers[a], x["answers"]) for a, x in zip(pred, items)]
+        by_type = {}
         for a, x in zip(acc, items):
             by_type.setdefault(x["atype"], []).append(a)
         say(f"{split} accuracy by answer type: "

@@ -247,8 +247,7 @@ def box_iou(a, b):
 
 
 def consistency(keys, correct):
-    """NLVR2: the share of unique sentences (key: the identifier without its pair index) whose every
-    example is right."""
+    """NLVR2: the share of unique sentences (the identifier without its pair index) whose every example is right."""
     ok = {}
     for k, c in zip(keys, correct):
         ok[k] = ok.get(k, True) and bool(c)
@@ -894,10 +893,8 @@ TASKS = {"vqa": VQA, "nlvr2": NLVR2, "retrieval": Retrieval, "refcoco": RefCOCO}
 
 
 def build_model(args, images, toy_vocab, resume=None):
-    """--init-from our checkpoint, a Hugging Face BERT directory (the Base row: BERT's weights, new
-    visual modules sized from the store), or nothing (random weights of --model with the toy
-    vocabulary); with --resume, the model of the run's own checkpoint (pretrain.make_model). The
-    attribute head may differ: fine-tuning does not use it."""
+    """The model of --init-from (see -h; random weights of --model with the toy vocabulary when none), or with
+    --resume of the run's own checkpoint (pretrain.make_model). The attribute head may differ: it is not used."""
     def check(cfg, ckpt):
         sizes = (("feat_dim", "feature size", images.feature_dim),
                  ("num_labels", "detector classes", len(images.class_names)))

@@ -2,11 +2,11 @@
 Reproduce the paper's comparisons in miniature (Tables 1-3 and Figure 2 of U-VisualBERT) on the toy
 world, with a protocol that can show what pre-training buys if it buys anything:
 
-- the toy BERT (text only), then every variant of docs/METHOD.md §3 from it, each pre-trained
-  once, until its held-out objectives have converged (CONVERGED below, checked and reported), and
-  with at least the compute of any fine-tuning run it is compared through;
-- every task fine-tuned from every variant on nested fractions of its training set (1/16, 1/4, all:
-  finetune.py --train-fraction), each fraction for the same number of steps, with several seeds;
+- the toy BERT (text only), then every variant of docs/METHOD.md §3 from it, each pre-trained once
+  (BUDGET); the report says whether its held-out objectives converged (CONVERGED) and whether it saw
+  at least as many sequences as the largest fine-tuning run from it;
+- every task fine-tuned from every variant on nested fractions of its training set (by default 1/16
+  and all: finetune.py --train-fraction), each fraction for the same number of steps, with several seeds;
 - a 95% confidence interval over the fine-tuning seeds on every number, and the paper's claims
   checked with the intervals;
 - a grounding probe, with no fine-tuning: does the model name a region's class from the region
@@ -14,12 +14,13 @@ world, with a protocol that can show what pre-training buys if it buys anything:
 - Figure 2: t-SNE of the states of words, tags and regions.
 
     python reproduce.py            # every variant, 3 seeds
-    python reproduce.py --quick    # Base, U, U_NT and S, 1 seed: no interval and no claim verdict, a first look
+    python reproduce.py --quick    # Base, U and U_NT, 1 seed: no interval and no claim verdict, a first look
 
-It runs pretrain.py and finetune.py by their command lines, two at a time on a 2-core CPU (--jobs),
-each in its own folder under OUT; a run whose results are already there is not run again, so an
-interrupted reproduction goes on where it stopped and --quick followed by the full command only adds
-seeds. It writes OUT/table.md, OUT/table.json, OUT/curves.png and OUT/figure2.png.
+It runs pretrain.py and finetune.py by their command lines (each script's main(argv) in a worker
+process), two at a time on a 2-core CPU (--jobs), each in its own folder under OUT; a run whose results
+are already there is not run again, so an interrupted reproduction goes on where it stopped and --quick
+followed by the full command only adds variants and seeds. It writes OUT/table.md, OUT/table.json,
+OUT/curves.png and, with S, U or U_NT among the rows, OUT/figure2.png.
 """
 
 import argparse

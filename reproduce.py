@@ -24,6 +24,7 @@ OUT/curves.png and, with S, U or U_NT among the rows, OUT/figure2.png.
 """
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -78,33 +79,35 @@ PAPER = {  # BERT-base at Conceptual Captions scale, same columns; the project h
     "H": [71.05, 73.80, 74.82, 60.28, 86.30, 92.06, 74.01, 80.18, 64.89],
 }
 # the budgets: the toy BERT's steps, every variant's pre-training steps, and each task's fine-tuning
-# epochs on its whole training set; a fraction F of it gets epochs / F: the same number of steps. The
-# fine-tuning budgets are a tenth of finetune.py's defaults (what each task takes to learn from the
-# whole set), and the pre-training budget the most that fits beside them: 3 seeds x 2 fractions x 8
-# variants x 4 tasks in 40 minutes. It is short of what U's tag objective needs (docs/LOG.md, section 8)
+# epochs on its whole training set, a tenth of finetune.py's defaults; a fraction F of the set gets
+# epochs / F, the same number of steps. Why these, and what they are short of: docs/LOG.md, section 8
 BUDGET = {"bert": 2400, "pretrain": 4000, "vqa": 1.6, "nlvr2": 0.5, "retrieval": 1.0, "refcoco": 2.0}
 FRACTIONS = ["1/16", "1"]
 TEST_IMAGES = 50  # retrieval ranks each caption among the first 50 toy test images (of 100), for time
 # a pre-training run has converged when every held-out loss fell over the last quarter of the steps by
 # less than 5% of its final value (or by less than 0.01, the evaluation's noise), and a variant with
-# the match loss gets at least 70% of held-out pairs right (chance: 50%). A plateau passes this test:
-# the tag loss of U sits on one for its first ~1,500 image steps before it falls (docs/LOG.md, section 8)
+# the match loss gets at least 70% of held-out pairs right (chance: 50%). A plateau passes this test
+# (docs/LOG.md, section 8)
 CONVERGED = {"last_quarter": 0.05, "noise": 0.01, "match_acc": 0.70}
 
-parser = argparse.ArgumentParser(description="The paper's Tables 1-3 and Figure 2 in miniature, on the toy world.")
+parser = argparse.ArgumentParser(
+    description="The paper's Tables 1-3 and Figure 2 in miniature, on the toy world.")
 parser.add_argument("--quick", action="store_true",
                     help="one seed and the variants " + ", ".join(QUICK) + ", for a first look")
-parser.add_argument("--seeds", type=int, default=None, help="how many fine-tuning seeds (default 3, or 1 with --quick)")
-parser.add_argument("--variants", nargs="+", choices=VARIANTS, help="which rows (default: all, or those of --quick)")
+parser.add_argument("--seeds", type=int, default=None,
+                    help="how many fine-tuning seeds (default 3, or 1 with --quick)")
+parser.add_argument("--variants", nargs="+", choices=VARIANTS,
+                    help="which rows (default: all, or those of --quick; Base always)")
 parser.add_argument("--fractions", nargs="+", default=FRACTIONS,
                     help="fractions of each task's training set, e.g. 1/16 1/4 1")
 parser.add_argument("--out", default="out/reproduce",
                     help="output folder: one folder per run, table.md, table.json, curves.png, figure2.png")
 parser.add_argument("--jobs", type=int, default=max(1, min(2, os.cpu_count() or 1)),
-                    help="runs side by side (one thread each when several)")
+                    help="runs side by side, one thread each (the toy BERT runs first, alone, on every core)")
 parser.add_argument("--toy-root", default=toy.TOY_DIR, help="where the toy world is made and cached")
 parser.add_argument("--budget", nargs="+", default=[], metavar="KEY=N",
-                    help="change a budget: " + ", ".join(f"{k}={v}" for k, v in BUDGET.items()) + " (steps; fine-tuning epochs)")
+                    help="change a budget: " + ", ".join(f"{k}={v}" for k, v in BUDGET.items())
+                    + " (steps; fine-tuning epochs)")
 parser.add_argument("--device", default="cpu", help="where every run trains (cpu, cuda)")
 
 # -----------------------------------------------------------------------------
@@ -123,37 +126,37 @@ def label(fraction):
     return "f" + fraction.replace("/", "-")  # a folder name: f1-16, f1-4, f1
 
 
+def finetuned(out, variant, task, fraction, seed):
+    """The folder of one fine-tuning run."""
+    return f"{out}/finetune/{variant}/{task}/{label(fraction)}/seed{seed}"
+
+
 def plan(args, budget, seeds):
     """Every run the table needs: the toy BERT, each variant's pre-training (once), and each
     (variant, task, fraction, seed) fine-tuning from its variant's checkpoint."""
     O, root = args.out, args.toy_root
-    common = ["--cache-dir", os.path.join(O, "cache"), "--device", args.device]
-    pre = {"Base": Run("Base (the toy BERT)", ["pretrain.py", "--text-only", "--max-steps", str(budget["bert"]),
-                                               "--eval-every", str(max(1, budget["bert"] // 4)), "--toy-root", root,
-                                               "--out", f"{O}/pretrain/Base", *common], f"{O}/pretrain/Base",
-                                               "eval.json")}
+
+    def pretraining(name, v, flags, steps, after=()):
+        argv = ["pretrain.py", *flags, "--max-steps", str(steps), "--eval-every", str(max(1, steps // 4)),
+                "--toy-root", root, "--out", f"{O}/pretrain/{v}", "--cache-dir", os.path.join(O, "cache"),
+                "--device", args.device]
+        return Run(name, argv, f"{O}/pretrain/{v}", "eval.json", after)
+
+    pre = {"Base": pretraining("Base (the toy BERT)", "Base", ["--text-only"], budget["bert"])}
     for v in args.variants:
         if v != "Base":
-            pre[v] = Run(f"{v} pre-training",
-                         ["pretrain.py", *variant_flags(v, root), "--init-from", f"{O}/pretrain/Base/ckpt.pt",
-                                               "--max-steps", str(budget["pretrain"]), "--eval-every",
-                                               str(max(1, budget["pretrain"] // 4)),
-                                               "--toy-root", root, "--out", f"{O}/pretrain/{v}", *common],
-                         f"{O}/pretrain/{v}", "eval.json", [pre["Base"]])
+            flags = [*variant_flags(v, root), "--init-from", f"{O}/pretrain/Base/ckpt.pt"]
+            pre[v] = pretraining(f"{v} pre-training", v, flags, budget["pretrain"], [pre["Base"]])
     runs = list(pre.values())
-    for seed in seeds:
-        for fraction in args.fractions:
-            for v in args.variants:
-                for task in TASKS:
-                    out = f"{O}/finetune/{v}/{task}/{label(fraction)}/seed{seed}"
-                    runs.append(Run(f"{v} {task} {fraction} seed {seed}",
-                                    ["finetune.py", "--task", task, "--init-from", f"{pre[v].out}/ckpt.pt",
-                                     "--train-fraction", repr(float(Fraction(fraction))),
-                                     "--epochs", repr(float(budget[task] / Fraction(fraction))), "--seed", str(seed),
-                                     "--out", out, "--toy-root", root, "--device", args.device,
-                                     *(["--test-images", str(TEST_IMAGES)] if task == "retrieval" else []),
-                                     *(["--no-tags"] if v.endswith("_NT") else [])],
-                                    out, "results.json", [pre[v]]))
+    for seed, fraction, v, task in itertools.product(seeds, args.fractions, args.variants, TASKS):
+        out = finetuned(O, v, task, fraction, seed)
+        argv = ["finetune.py", "--task", task, "--init-from", f"{pre[v].out}/ckpt.pt",
+                "--train-fraction", repr(float(Fraction(fraction))),
+                "--epochs", repr(float(budget[task] / Fraction(fraction))), "--seed", str(seed),
+                "--out", out, "--toy-root", root, "--device", args.device]
+        argv += ["--test-images", str(TEST_IMAGES)] if task == "retrieval" else []
+        argv += ["--no-tags"] if v.endswith("_NT") else []
+        runs.append(Run(f"{v} {task} {fraction} seed {seed}", argv, out, "results.json", [pre[v]]))
     return runs
 
 
@@ -167,7 +170,8 @@ def work(argv, out, threads):
     torch.set_num_threads(threads)
     main = importlib.import_module(argv[0][:-3]).main  # pretrain.py -> pretrain.main
     t, cpu = time.time(), time.process_time()
-    with open(os.path.join(out, "stdout.txt"), "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+    log = open(os.path.join(out, "stdout.txt"), "w")
+    with log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         sys.argv, rc = list(argv), 0
         try:
             main(argv[1:])
@@ -209,7 +213,8 @@ def execute(runs, jobs, threads=1):
                     with open(os.path.join(run.out, "stdout.txt")) as f:
                         tail = "".join(f.readlines()[-5:])
                     raise SystemExit(f"{run.name} failed (exit {rc}): python {' '.join(run.argv)}\n{tail}")
-                data.write_json(os.path.join(run.out, "time.json"), {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1)})
+                times = {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1)}
+                data.write_json(os.path.join(run.out, "time.json"), times)
                 finished += 1
                 print(f"[{finished}/{finished + len(todo) + len(running)}] {run.name} done, "
                       f"{(time.time() - t0) / 60:.1f} min", flush=True)
@@ -234,40 +239,38 @@ def interval(x):
 
 def collect(out, variants, fractions, seeds):
     """{variant: {fraction: (seeds, columns) array of percentages}} from every run's results.json."""
-    table = {}
-    for v in variants:
-        table[v] = {}
-        for fraction in fractions:
-            rows = []
-            for seed in seeds:
-                res = {task: data.read_json(os.path.join(out, "finetune", v, task, label(fraction), f"seed{seed}",
-                                                         "results.json"))
-                       for task in TASKS}
-                rows.append([100 * res[task][split][metric] for _, task, split, metric in COLUMNS])
-            table[v][fraction] = np.array(rows)
-    return table
+
+    def seed_row(v, fraction, seed):
+        res = {task: data.read_json(f"{finetuned(out, v, task, fraction, seed)}/results.json") for task in TASKS}
+        return [100 * res[task][split][metric] for _, task, split, metric in COLUMNS]
+
+    return {v: {f: np.array([seed_row(v, f, seed) for seed in seeds]) for f in fractions} for v in variants}
 
 
-def cell(x, digits=1):
+def cells(x):
+    """Each column of x (seeds, columns) as "mean [low, high]", or the mean alone with one seed."""
     m, lo, hi = interval(x)
-    return [f"{a:.{digits}f}" + ("" if np.isnan(b) else f" [{b:.{digits}f}, "
-                                                        f"{c:.{digits}f}]") for a, b, c in zip(m, lo, hi)]
+    return [f"{a:.1f}" + ("" if np.isnan(b) else f" [{b:.1f}, {c:.1f}]") for a, b, c in zip(m, lo, hi)]
+
+
+def table_lines(header, rows):
+    """A markdown table with a "model" column first: its header, then a line per (model, cells)."""
+    return ["| model | " + " | ".join(header) + " |", "|" + " --- |" * (len(header) + 1),
+            *(f"| {name} | " + " | ".join(row) + " |" for name, row in rows)]
 
 
 def markdown(table, fractions):
-    """One table per fraction as the paper lays it out: mean [95% interval] over seeds, the paper's
-    number (at its full data) under the last."""
-    v0 = next(iter(table))
-    n = len(table[v0][fractions[0]])
+    """One table per fraction as the paper lays it out: mean [95% interval] over seeds, then the
+    paper's numbers (at its full data)."""
+    n = len(next(iter(table.values()))[fractions[0]])
+    header = [c[0] for c in COLUMNS]
     lines = [f"Toy world, mean [95% t-interval] over {n} fine-tuning seed{'s' * (n > 1)}, in %.", ""]
     for fraction in fractions:
-        lines += [f"Fine-tuned on {'the whole' if Fraction(fraction) == 1 else fraction + ' of each'} training set:",
-                  "", "| model | " + " | ".join(c[0] for c in COLUMNS) + " |", "|" + " --- |" * (len(COLUMNS) + 1)]
-        lines += [f"| {v} | " + " | ".join(cell(runs[fraction])) + " |" for v, runs in table.items()]
-        lines.append("")
+        which = "the whole" if Fraction(fraction) == 1 else fraction + " of each"
+        lines += [f"Fine-tuned on {which} training set:", "",
+                  *table_lines(header, [(v, cells(runs[fraction])) for v, runs in table.items()]), ""]
     lines += ["The paper (BERT-base, Conceptual Captions scale, full training sets):", "",
-              "| model | " + " | ".join(c[0] for c in COLUMNS) + " |", "|" + " --- |" * (len(COLUMNS) + 1)]
-    lines += [f"| {v} | " + " | ".join(f"{x:.1f}" for x in PAPER[v]) + " |" for v in table if PAPER[v]]
+              *table_lines(header, [(v, [f"{x:.1f}" for x in PAPER[v]]) for v in table if PAPER[v]])]
     return "\n".join(lines) + "\n"
 
 
@@ -278,7 +281,9 @@ def verdict(lo, hi, close=None):
         return "undecided (one seed: no interval)"
     if close is None:
         return "shown" if lo > 0 else "contradicted" if hi < 0 else "undecided"
-    return "shown" if -close <= lo and hi <= close else "contradicted" if lo > close or hi < -close else "undecided"
+    if -close <= lo and hi <= close:
+        return "shown"
+    return "contradicted" if lo > close or hi < -close else "undecided"
 
 
 CLOSE = 2.0  # points: "close" means the 95% interval of the difference lies within +-2 points
@@ -295,22 +300,23 @@ def claims(table, fractions):
 
         def check(claim, diff, close=None, note=""):
             m, lo, hi = (float(a[0]) for a in interval(np.asarray(diff)[:, None]))
-            out.append({"claim": claim, "fraction": f, "verdict": verdict(lo, hi, close), "difference": round(m, 2),
-                        "interval": [round(lo, 2), round(hi, 2)], "figures": note})
+            out.append({"claim": claim, "fraction": f, "verdict": verdict(lo, hi, close),
+                        "difference": round(m, 2), "interval": [round(lo, 2), round(hi, 2)], "figures": note})
 
         if {"U", "Base"} <= set(t):
             d = t["U"] - t["Base"]
-            up, down = interval(d)[1] > 0, interval(d)[2] < 0
+            _, low, high = interval(d)
+            up, down = int((low > 0).sum()), int((high < 0).sum())
             check("U beats Base", d.mean(1),
-                  note=f"U - Base per column: {int(up.sum())} above, {int(down.sum())} below, "
-                                                    f"{len(COLUMNS) - int(up.sum()) - int(down.sum())} undecided")
+                  note=f"U - Base per column: {up} above, {down} below, {len(COLUMNS) - up - down} undecided")
         if {"U", "S"} <= set(t):
             check("U comes close to S outside retrieval", (t["S"] - t["U"])[:, ~retrieval].mean(1), CLOSE)
             check("S beats U on retrieval", (t["S"] - t["U"])[:, retrieval].mean(1))
         if {"U", "U_NT", "S", "S_NT"} <= set(t):
             check("tags matter more without aligned data: (U - U_NT) - (S - S_NT) > 0",
                   (t["U"] - t["U_NT"] - t["S"] + t["S_NT"]).mean(1),
-                  note=f"U - U_NT {np.mean(t['U'] - t['U_NT']):+.1f}, S - S_NT {np.mean(t['S'] - t['S_NT']):+.1f} points")
+                  note=f"U - U_NT {np.mean(t['U'] - t['U_NT']):+.1f}, "
+                       f"S - S_NT {np.mean(t['S'] - t['S_NT']):+.1f} points")
         if {"U", "U_NC"} <= set(t):
             check("U_NC (no captions) stays close to U", (t["U_NC"] - t["U"]).mean(1), CLOSE)
         if {"U", "U_SBU"} <= set(t):
@@ -325,7 +331,7 @@ def pretraining_report(out, variants):
         ev = data.read_json(os.path.join(out, "pretrain", v, "eval.json"))
         curve, before = ev["curve"], ev["before"] or {}
         end = curve[-1]
-        quarter = min(curve, key=lambda r: abs(r["step"] - 0.75 * end["step"]))  # the evaluation nearest 3/4 of the run
+        quarter = min(curve, key=lambda r: abs(r["step"] - 0.75 * end["step"]))  # the evaluation nearest 3/4
         why = []
         for k in end:
             if k in ("step", "match_acc"):
@@ -341,7 +347,7 @@ def pretraining_report(out, variants):
 
 
 def compute_report(out, variants, fractions, seeds):
-    """Sequences through the model: each pre-training run (steps x 64) against the largest
+    """Sequences through the model: each pre-training run (steps x batch) against the largest
     fine-tuning run from it (steps x batch x sequences per example: NLVR2 2, retrieval 3)."""
     per = {"vqa": 1, "nlvr2": 2, "retrieval": 3, "refcoco": 1}
     report = {}
@@ -349,13 +355,12 @@ def compute_report(out, variants, fractions, seeds):
         args = data.read_json(os.path.join(out, "pretrain", v, "args.json"))["args"]
         pre = args["max_steps"] * args["batch_size"]
         fine = 0
-        for task in TASKS:
-            for f in fractions:
-                for seed in seeds:
-                    run = os.path.join(out, "finetune", v, task, label(f), f"seed{seed}")
-                    steps = max(r.get("step", 0) for r in map(json.loads, open(os.path.join(run, "log.jsonl"))))
-                    batch = data.read_json(os.path.join(run, "args.json"))["args"]["batch_size"]
-                    fine = max(fine, steps * batch * per[task])
+        for task, f, seed in itertools.product(TASKS, fractions, seeds):
+            run = finetuned(out, v, task, f, seed)
+            with open(f"{run}/log.jsonl") as log:
+                steps = max(json.loads(line).get("step", 0) for line in log)
+            batch = data.read_json(f"{run}/args.json")["args"]["batch_size"]
+            fine = max(fine, steps * batch * per[task])
         report[v] = {"pretraining_sequences": pre, "largest_finetuning_sequences": fine,
                      "pretraining_at_least": pre >= fine}
     return report
@@ -381,7 +386,8 @@ def find_words(vocab, rows, words):
         while t < len(row):
             for pieces, j in names:
                 end = t + len(pieces)
-                if row[t:end] == pieces and not vocab.continuation[row[t]] and (end == len(row) or not vocab.continuation[row[end]]):
+                starts = row[t:end] == pieces and not vocab.continuation[row[t]]
+                if starts and (end == len(row) or not vocab.continuation[row[end]]):
                     found.append((i, t, j))
                     t = end - 1
                     break
@@ -416,8 +422,8 @@ def image_states(model, vocab, entries, class_names, tags):
         if tags != "none":
             where = b["tag_region"][i].tolist()
             first = [where.index(k) if k in where else -1 for k in range(K)]  # a tag cut off by MAX_TAGS: -1
-            tag_states = torch.stack([h[i, spans["tags"]][t] if t >= 0 else torch.full_like(h[i, 0],
-                                                                                            float("nan")) for t in first])
+            nan = torch.full_like(h[i, 0], float("nan"))
+            tag_states = torch.stack([h[i, spans["tags"]][t] if t >= 0 else nan for t in first])
         out.append((h[i, spans["regions"]][:K].float(), tag_states))
     return out
 
@@ -430,7 +436,8 @@ def heldout(root):
     return images, data.read_json(os.path.join(root, "scenes.json")), captions
 
 
-MIN_WORDS = 3  # a class takes part in the nearest-word probe when its word occurs this often in the held-out captions
+MIN_WORDS = 3  # a class takes part in the nearest-word probe when the held-out captions have its word this often
+PROBE = ["tag_first", "nearest_word", "cos_gap", "nearest_word_tags_shown", "detector"]  # probe's columns
 
 
 @torch.no_grad()
@@ -454,11 +461,10 @@ def probe(model, vocab, images, scenes, captions, tags=True, chunk=100):
     have = np.bincount(wj, minlength=len(names)) >= MIN_WORDS
     among = np.flatnonzero(have)  # the classes of (b); a class's index among them:
     index = torch.from_numpy(np.cumsum(have) - 1)
-    # (C, H)
-    centre = torch.nn.functional.normalize(torch.stack([ws[wj == j].mean(0) for j in among] or [ws[0]]), dim=-1)
+    centre = torch.stack([ws[wj == j].mean(0) for j in among] or [ws[0]])  # (C, H)
+    centre = torch.nn.functional.normalize(centre, dim=-1)
     first = torch.tensor([pieces[0] for pieces in vocab.tag_pieces(names)])
-    rows = {k: [] for k in ("image", "class", "tag_first", "nearest_word", "cos_gap", "nearest_word_tags_shown",
-                            "detector")}
+    rows = {k: [] for k in ["image", "class", *PROBE]}
 
     # (K, H) region states, (K,) their classes -> nearest word is its own, cosine gap; NaN without words
     def near(h, c):
@@ -466,8 +472,8 @@ def probe(model, vocab, images, scenes, captions, tags=True, chunk=100):
         own = cos.gather(1, index[c].clamp(min=0)[:, None]).squeeze(1)
         none = torch.from_numpy(~have)[c] | (len(among) < 2)
         nearest = (cos.argmax(1) == index[c]).double().masked_fill(none, float("nan"))
-        return nearest.numpy(), (own - (cos.sum(1) - own) / max(1, len(among) - 1)).double().masked_fill(none,
-                                                                                                         float("nan")).numpy()
+        gap = (own - (cos.sum(1) - own) / max(1, len(among) - 1)).double().masked_fill(none, float("nan"))
+        return nearest.numpy(), gap.numpy()
 
     ids = sorted(images.where)
     for start in range(0, len(ids), chunk):
@@ -511,14 +517,15 @@ def bootstrap(rows, column, n=1000, seed=0):
     return float(x[valid].mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
-PROBE = ["tag_first", "nearest_word", "cos_gap", "nearest_word_tags_shown", "detector"]
-
-
 def probe_report(out, root, variants):
     """The probe of every variant's pre-trained model (cached in OUT/pretrain/V/probe.npz), with its
     intervals, and U - U_NT with its interval."""
     images, scenes, captions = heldout(root)
     rows, report = {}, {}
+
+    def estimate(r, column):
+        return dict(zip(("value", "low", "high"), bootstrap(r, column)))
+
     for v in variants:
         cache = os.path.join(out, "pretrain", v, "probe.npz")
         if not os.path.exists(cache):
@@ -527,31 +534,30 @@ def probe_report(out, root, variants):
             np.savez(cache, classes=classes, **r)
         z = np.load(cache)
         rows[v] = {k: z[k] for k in z.files}
-        report[v] = {k: dict(zip(("value", "low", "high"), bootstrap(rows[v], k))) for k in PROBE}
-        report[v]["chance"] = {"tag_first": 1 / len(images.class_names), "nearest_word": 1 / max(1, int(z["classes"]))}
+        report[v] = {k: estimate(rows[v], k) for k in PROBE}
+        report[v]["chance"] = {"tag_first": 1 / len(images.class_names),
+                               "nearest_word": 1 / max(1, int(z["classes"]))}
     if {"U", "U_NT"} <= set(rows):
-        report["U - U_NT"] = {k: dict(zip(("value", "low", "high"),
-                                          bootstrap(rows["U"], rows["U"][k] - rows["U_NT"][k])))
-                              for k in PROBE[:4]}
+        report["U - U_NT"] = {k: estimate(rows["U"], rows["U"][k] - rows["U_NT"][k]) for k in PROBE[:4]}
     return report
 
 
 def probe_markdown(report):
+    """The probe's table, each number with its interval (in %, the cosine gap as it is), and chance."""
     cols = [("tag_first", "(a) own class word first, %", 100),
             ("nearest_word", "(b) nearest class word is own, %", 100),
             ("cos_gap", "(b) cosine own - others", 1), ("nearest_word_tags_shown", "(b) same, tags shown, %", 100)]
-    lines = ["| model | " + " | ".join(c[1] for c in cols) + " |", "|" + " --- |" * (len(cols) + 1)]
-    for v, r in report.items():
-        digits = lambda s: 3 if s == 1 else 1
-        lines.append(f"| {v} | " + " | ".join(f"{r[k]['value'] * s:.{digits(s)}f} [{r[k]['low'] * s:.{digits(s)}f}, "
-                                              f"{r[k]['high'] * s:.{digits(s)}f}]"
-                                            for k, _, s in cols) + " |")
-    some = next(r for v, r in report.items() if "chance" in r)
-    det = [r["detector"]["value"] for r in report.values() if "detector" in r][0]
-    lines += ["",
-              f"Chance: (a) {100 * some['chance']['tag_first']:.1f}%, (b) {100 * some['chance']['nearest_word']:.1f}%. "
-              f"The detector's own tag is the region's class for {100 * det:.1f}% of these regions. "
-              "Intervals: 95%, bootstrap over the held-out images."]
+
+    def estimate(e, scale):
+        d = 3 if scale == 1 else 1
+        return f"{e['value'] * scale:.{d}f} [{e['low'] * scale:.{d}f}, {e['high'] * scale:.{d}f}]"
+
+    lines = table_lines([c[1] for c in cols], [(v, [estimate(r[k], s) for k, _, s in cols]) for v, r in report.items()])
+    chance = next(r["chance"] for r in report.values() if "chance" in r)
+    det = next(r["detector"]["value"] for r in report.values() if "detector" in r)
+    lines += ["", f"Chance: (a) {100 * chance['tag_first']:.1f}%, (b) {100 * chance['nearest_word']:.1f}%. "
+                  f"The detector's own tag is the region's class for {100 * det:.1f}% of these regions. "
+                  "Intervals: 95%, bootstrap over the held-out images."]
     return "\n".join(lines) + "\n"
 
 # -----------------------------------------------------------------------------

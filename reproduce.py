@@ -237,6 +237,11 @@ def interval(x):
     return m, m - h, m + h
 
 
+def seed_interval(x):
+    """interval() of one number per seed -> (mean, low, high) as floats."""
+    return tuple(float(a[0]) for a in interval(np.asarray(x)[:, None]))
+
+
 def collect(out, variants, fractions, seeds):
     """{variant: {fraction: (seeds, columns) array of percentages}} from every run's results.json."""
 
@@ -299,7 +304,7 @@ def claims(table, fractions):
         t = {v: runs[f] for v, runs in table.items()}
 
         def check(claim, diff, close=None, note=""):
-            m, lo, hi = (float(a[0]) for a in interval(np.asarray(diff)[:, None]))
+            m, lo, hi = seed_interval(diff)
             out.append({"claim": claim, "fraction": f, "verdict": verdict(lo, hi, close),
                         "difference": round(m, 2), "interval": [round(lo, 2), round(hi, 2)], "figures": note})
 
@@ -578,8 +583,8 @@ def tsne(x, perplexity=20.0, steps=600, seed=0):
     x = pca(x.double(), min(30, *x.shape))
     n = len(x)
     d2 = torch.cdist(x, x).pow(2)  # (N, N)
-    lo, hi, beta = torch.zeros(n, 1, dtype=x.dtype), torch.full((n, 1), math.inf, dtype=x.dtype), torch.ones(n, 1,
-                                                                                                             dtype=x.dtype) / d2.mean()
+    lo, hi = torch.zeros(n, 1, dtype=x.dtype), torch.full((n, 1), math.inf, dtype=x.dtype)
+    beta = torch.ones(n, 1, dtype=x.dtype) / d2.mean()
     for _ in range(64):  # bisect each point's precision to reach the perplexity
         p = torch.exp(-d2 * beta).fill_diagonal_(0)
         p = p / p.sum(1, keepdim=True).clamp(min=1e-300)
@@ -611,13 +616,15 @@ def representations(model, vocab, images, scenes, captions, classes, per_class=3
     def keep(h, c, m):
         if c in classes and taken[c, m] < per_class:
             taken[c, m] += 1
-            states.append(h), cls.append(classes.index(c)), modality.append(m)
+            states.append(h)
+            cls.append(classes.index(c))
+            modality.append(m)
 
     for h, j in zip(*word_states(model, vocab, captions, names)):
         keep(h, names[j], "word")
     ids = sorted(images.where)[:300]
-    entries = [images[i] for i in ids]
-    for i, (regions, tag_states) in zip(ids, image_states(model, vocab, entries, names, "shown" if tags else "none")):
+    seen = image_states(model, vocab, [images[i] for i in ids], names, "shown" if tags else "none")
+    for i, (regions, tag_states) in zip(ids, seen):
         truth = [o["class"] for o in scenes[i]["objects"]]
         for k in range(len(regions)):
             if tag_states is not None and not torch.isnan(tag_states[k]).any():
@@ -626,8 +633,8 @@ def representations(model, vocab, images, scenes, captions, classes, per_class=3
     return torch.stack(states).float(), np.array(cls), np.array(modality)
 
 
-PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 190, 190), (240, 50, 230),
-           (128, 128, 0)]
+PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 190, 190),
+           (240, 50, 230), (128, 128, 0)]
 PANEL, LEGEND = 400, 70  # pixels: each square panel, the legend strip below
 
 
@@ -679,7 +686,8 @@ def figure2(args, probe=None):
         if not os.path.exists(ckpt):
             continue
         model, vocab = load_model(ckpt)
-        h, cls, modality = representations(model, vocab, images, scenes, captions, classes, tags=not v.endswith("_NT"))
+        tags = not v.endswith("_NT")
+        h, cls, modality = representations(model, vocab, images, scenes, captions, classes, tags=tags)
         near = f", nearest word own {100 * probe[v]['nearest_word']['value']:.0f}%" if probe and v in probe else ""
         panels.append((f"{v}: t-SNE of last-layer states{near}", tsne(h).numpy(), cls, modality))
     if panels:
@@ -693,15 +701,15 @@ LINES = [(0, 0, 0), (230, 25, 75), (0, 130, 200), (60, 180, 75), (145, 30, 180),
 def curve_points(table, task, fractions):
     """Per variant, per fraction: the task's columns averaged, seed by seed -> (mean, low, high)."""
     cols = [k for k, c in enumerate(COLUMNS) if c[1] == task]
-    return {v: [tuple(float(x[0]) for x in interval(runs[f][:, cols].mean(1)[:, None])) for f in fractions] for v, runs in table.items()}
+    return {v: [seed_interval(runs[f][:, cols].mean(1)) for f in fractions] for v, runs in table.items()}
 
 
 def baselines(out, variant, fraction):
     """Each task's trivial baseline (finetune.py's baseline.json: the commonest answer per question type,
     the majority class, chance, the most confident box), averaged over its table columns, in %."""
-    runs = {t: data.read_json(os.path.join(out, "finetune", variant, t, label(fraction), "seed0",
-                                           "baseline.json")) for t in TASKS}
-    return {t: float(np.mean([100 * runs[t][split][m] for _, task, split, m in COLUMNS if task == t])) for t in TASKS}
+    runs = {t: data.read_json(f"{finetuned(out, variant, t, fraction, 0)}/baseline.json") for t in TASKS}
+    return {t: float(np.mean([100 * runs[t][split][m] for _, task, split, m in COLUMNS if task == t]))
+            for t in TASKS}
 
 
 def draw_curves(table, fractions, path, baseline=None, w=420, h=320):
@@ -718,11 +726,13 @@ def draw_curves(table, fractions, path, baseline=None, w=420, h=320):
     for j, task in enumerate(TASKS):
         x0, y0 = (j % 2) * w, (j // 2) * h
         pts = curve_points(table, task, fractions)
-        vals = [y for ps in pts.values() for x in ps for y in x if not np.isnan(y)] + ([baseline[task]] if baseline else [])
-        vals = np.clip(vals, 0, 100)  # percentages
-        lo, hi = max(0, vals.min() - 0.05 * (np.ptp(vals) + 1)), min(100, vals.max() + 0.05 * (np.ptp(vals) + 1))
+        vals = [y for ps in pts.values() for x in ps for y in x if not np.isnan(y)]
+        vals = np.clip(vals + ([baseline[task]] if baseline else []), 0, 100)  # percentages
+        margin = 0.05 * (np.ptp(vals) + 1)
+        lo, hi = max(0, vals.min() - margin), min(100, vals.max() + margin)
         left, right, top, bottom = x0 + 50, x0 + w - 15, y0 + 25, y0 + h - 35
-        X = lambda x: left + 25 + (x - xs.min()) / max(np.ptp(xs), 1e-9) * (right - left - 50) if len(xs) > 1 else (left + right) / 2
+        X = lambda x: (left + 25 + (x - xs.min()) / max(np.ptp(xs), 1e-9) * (right - left - 50) if len(xs) > 1
+                       else (left + right) / 2)
         # an interval beyond the axis stops at it
         Y = lambda y: bottom - (min(max(y, lo), hi) - lo) / (hi - lo) * (bottom - top)
         d.rectangle([left, top, right, bottom], outline=(160, 160, 160))
@@ -747,7 +757,8 @@ def draw_curves(table, fractions, path, baseline=None, w=420, h=320):
                 d.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colour)
                 if not np.isnan(a):
                     d.line([px, Y(a), px, Y(b)], fill=colour)
-                    d.line([px - 3, Y(a), px + 3, Y(a)], fill=colour), d.line([px - 3, Y(b), px + 3, Y(b)], fill=colour)
+                    d.line([px - 3, Y(a), px + 3, Y(a)], fill=colour)
+                    d.line([px - 3, Y(b), px + 3, Y(b)], fill=colour)
     for n, v in enumerate(table):
         x = 10 + n * 100
         d.line([x, 2 * h + 20, x + 20, 2 * h + 20], fill=LINES[VARIANTS.index(v) % len(LINES)], width=3)
@@ -759,12 +770,16 @@ def draw_curves(table, fractions, path, baseline=None, w=420, h=320):
 def time_report(runs, jobs):
     """Wall and CPU time of every run (time.json), and the wall time they would take on an idle CPU:
     the toy BERT's CPU time over the cores it had alone, the rest's over `jobs` side by side."""
-    t = [data.read_json(os.path.join(r.out, "time.json")) if os.path.exists(os.path.join(r.out, "time.json")) else {} for r in runs]
+    files = [os.path.join(r.out, "time.json") for r in runs]
+    t = [data.read_json(f) if os.path.exists(f) else {} for f in files]
     cpu = [x.get("cpu_s", float("nan")) for x in t]
     idle = cpu[0] / (os.cpu_count() or 1) + sum(cpu[1:]) / jobs
+
+    def task_cpu(task):
+        return round(float(np.mean([c for r, c in zip(runs, cpu) if r.argv[1:3] == ["--task", task]])), 1)
+
     return {"wall_min": round(sum(x.get("wall_s", 0) for x in t) / 60, 1), "cpu_min": round(sum(cpu) / 60, 1),
-            "idle_wall_min": round(idle / 60, 1), "finetune_cpu_s_by_task": {
-                task: round(float(np.mean([c for r, c in zip(runs, cpu) if f"--task {task} " in " ".join(r.argv) + " "])), 1) for task in TASKS}}
+            "idle_wall_min": round(idle / 60, 1), "finetune_cpu_s_by_task": {task: task_cpu(task) for task in TASKS}}
 
 
 def chosen(args):

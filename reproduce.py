@@ -799,8 +799,8 @@ def finite(x):
     return x.item() if isinstance(x, np.generic) else x
 
 
-def main(argv=None):
-    args = parser.parse_args(argv)
+def read_budget(args):
+    """BUDGET with the changes of --budget KEY=N; an unknown key or a bad number stops with a message."""
     budget = dict(BUDGET)
     for kv in args.budget:
         k, _, v = kv.partition("=")
@@ -810,13 +810,60 @@ def main(argv=None):
             budget[k] = float(v) if k in TASKS else int(v)  # fine-tuning epochs; the rest are steps
         except ValueError:
             parser.error(f"--budget {kv}: {v!r} is not a {'number' if k in TASKS else 'whole number'}")
-    for f in args.fractions:
+    return budget
+
+
+def check_fractions(fractions):
+    for f in fractions:
         try:
             ok = 0 < Fraction(f) <= 1
         except ValueError:
             ok = False
         if not ok:
             parser.error(f"--fractions {f}: a fraction in (0, 1], such as 1/16")
+
+
+def pretraining_markdown(pre, compute):
+    """A line per variant: its held-out losses along pre-training, its compute, whether it converged."""
+    md = "\nPre-training (held-out losses: before, at 3/4 of the steps, after; converged: each fell by under " \
+         f"{CONVERGED['last_quarter']:.0%} of its value (or {CONVERGED['noise']}) in the last quarter, " \
+         f"and match accuracy >= {CONVERGED['match_acc']:.2f} where there is one):\n\n"
+    for v, r in pre.items():
+        losses = ", ".join(f"{k} {r['before'].get(k, float('nan')):.3f} / {r['three_quarters'][k]:.3f} / "
+                           f"{r['after'][k]:.3f}" for k in r["after"] if k != "step")
+        converged = "yes" if r["converged"] else "no, " + "; ".join(r["not_converged_because"])
+        md += f"- {v}, {r['steps']} steps, {compute[v]['pretraining_sequences']} sequences (largest fine-tuning " \
+              f"run {compute[v]['largest_finetuning_sequences']}): {losses}; converged: {converged}\n"
+    return md
+
+
+def claims_markdown(verdicts):
+    def line(c):
+        lo, hi = c["interval"]
+        return (f"- {c['claim']}, fraction {c['fraction']}: {c['verdict']} ({c['difference']:+.1f}"
+                + ("" if np.isnan(lo) else f" [{lo:.1f}, {hi:.1f}]") + ")"
+                + (f"; {c['figures']}" if c["figures"] else ""))
+
+    return "\nThe paper's claims, on 95% intervals over seeds of differences averaged over the columns " \
+           f"(close: the interval within +-{CLOSE:g} points):\n\n" + "\n".join(map(line, verdicts)) + "\n"
+
+
+def table_json(table, fractions, seeds, budget, reports):
+    """OUT/table.json: the settings, every run's numbers, their means and intervals, the reports."""
+    stats = {v: {f: interval(t[f]) for f in fractions} for v, t in table.items()}
+    return finite({
+        "columns": [c[0] for c in COLUMNS], "fractions": fractions, "seeds": seeds, "budget": budget,
+        "runs": {v: {f: t[f].round(2).tolist() for f in fractions} for v, t in table.items()},
+        "mean": {v: {f: s[0].round(2).tolist() for f, s in st.items()} for v, st in stats.items()},
+        "interval": {v: {f: np.stack(s[1:], 1).round(2).tolist() for f, s in st.items()} for v, st in stats.items()},
+        "interval_method": "95% Student t-interval over the fine-tuning seeds (null with one seed)",
+        **reports, "paper": {v: PAPER[v] for v in table}})
+
+
+def main(argv=None):
+    args = parser.parse_args(argv)
+    budget = read_budget(args)
+    check_fractions(args.fractions)
     args.variants = chosen(args)
     seeds = list(range(args.seeds or (1 if args.quick else 3)))
     t0 = time.time()
@@ -831,49 +878,28 @@ def main(argv=None):
 
     torch.set_num_threads(1)  # the probe and the figures are small; spare threads only spin on a shared CPU
     table = collect(args.out, args.variants, args.fractions, seeds)
-    pre, compute = pretraining_report(args.out, args.variants), compute_report(args.out, args.variants,
-                                                                               args.fractions, seeds)
-    grounding = probe_report(args.out, args.toy_root, args.variants)
-    verdicts = claims(table, args.fractions)
-    timing = time_report(runs, args.jobs)
-    md = markdown(table, args.fractions)
-    md += "\nPre-training (held-out losses: before, at 3/4 of the steps, after; converged: each fell by under " \
-          f"{CONVERGED['last_quarter']:.0%} of its value (or {CONVERGED['noise']}) in the last quarter, " \
-          f"and match accuracy >= {CONVERGED['match_acc']:.2f} where there is one):\n\n"
-    for v, r in pre.items():
-        md += f"- {v}, {r['steps']} steps, {compute[v]['pretraining_sequences']} sequences (largest fine-tuning run " \
-              f"{compute[v]['largest_finetuning_sequences']}): " + ", ".join(
-                  f"{k} {r['before'].get(k, float('nan')):.3f} / {r['three_quarters'][k]:.3f} / {r['after'][k]:.3f}"
-                  for k in r["after"] if k != "step") + f"; converged: {'yes' if r['converged'] else 'no, ' + '; '.join(r['not_converged_because'])}\n"
-    md += "\nThe grounding probe (held-out regions, no fine-tuning):\n\n" + probe_markdown(grounding)
-    md += "\nThe paper's claims, on 95% intervals over seeds of differences averaged over the columns " \
-          f"(close: the interval within +-{CLOSE:g} points):\n\n" + "\n".join(
-              f"- {c['claim']}, fraction {c['fraction']}: {c['verdict']} ({c['difference']:+.1f}"
-              + (f" [{c['interval'][0]:.1f}, {c['interval'][1]:.1f}])" if not np.isnan(c['interval'][0]) else ")")
-              + (f"; {c['figures']}" if c["figures"] else "") for c in verdicts) + "\n"
+    reports = {"pretraining": pretraining_report(args.out, args.variants),
+               "compute": compute_report(args.out, args.variants, args.fractions, seeds),
+               "probe": probe_report(args.out, args.toy_root, args.variants),
+               "time": time_report(runs, args.jobs), "claims": claims(table, args.fractions)}
+    md = (markdown(table, args.fractions) + pretraining_markdown(reports["pretraining"], reports["compute"])
+          + "\nThe grounding probe (held-out regions, no fine-tuning):\n\n" + probe_markdown(reports["probe"])
+          + claims_markdown(reports["claims"]))
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(md)
-    stats = {v: {f: interval(t[f]) for f in args.fractions} for v, t in table.items()}
-    data.write_json(os.path.join(args.out, "table.json"), finite({
-        "columns": [c[0] for c in COLUMNS], "fractions": args.fractions, "seeds": seeds, "budget": budget,
-        "runs": {v: {f: t[f].round(2).tolist() for f in args.fractions} for v, t in table.items()},
-        "mean": {v: {f: s[0].round(2).tolist() for f, s in st.items()} for v, st in stats.items()},
-        "interval": {v: {f: np.stack(s[1:], 1).round(2).tolist() for f, s in st.items()} for v, st in stats.items()},
-        "interval_method": "95% Student t-interval over the fine-tuning seeds (null with one seed)",
-        "pretraining": pre, "compute": compute, "probe": grounding, "time": timing, "claims": verdicts,
-        "paper": {v: PAPER[v] for v in table}}))
+    data.write_json(os.path.join(args.out, "table.json"), table_json(table, args.fractions, seeds, budget, reports))
     print("\n" + md)
     size = draw_curves(table, args.fractions, os.path.join(args.out, "curves.png"),
                        baselines(args.out, "Base", args.fractions[-1]))
     print(f"curves: {os.path.join(args.out, 'curves.png')} ({size[0]}x{size[1]})")
-    size = figure2(args, grounding)
+    size = figure2(args, reports["probe"])
     if size:
         print(f"figure 2: {os.path.join(args.out, 'figure2.png')} ({size[0]}x{size[1]})")
     print(f"table: {os.path.join(args.out, 'table.md')}, {os.path.join(args.out, 'table.json')}; "
           f"{(time.time() - t0) / 60:.1f} min in all")
-    print(f"all runs: {timing['cpu_min']} min of CPU time and {timing['wall_min']} min of wall time, summed; on an "
-          f"idle CPU with "
-          f"{args.jobs} at a time, about {timing['idle_wall_min']} min")
+    timing = reports["time"]
+    print(f"all runs: {timing['cpu_min']} min of CPU time and {timing['wall_min']} min of wall time, summed; "
+          f"on an idle CPU with {args.jobs} at a time, about {timing['idle_wall_min']} min")
     return table
 
 

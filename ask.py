@@ -175,28 +175,23 @@ def draw(picture, entry, names, out_png, caption, shares=None, chosen=None, labe
     return out_png
 
 
-def main(argv=None):
-    args = parser.parse_args(argv)
-    ckpt = load(args.checkpoint)
-    name, (*specs, text) = ckpt["task"], args.inputs
-    need = {"vqa": 1, "refcoco": 1, "nlvr2": 2}.get(name)
-    if not specs or need and (len(specs) != need or any(os.path.isdir(s) for s in specs)):
-        raise SystemExit(f"{args.checkpoint}: a checkpoint of {name}, which takes {TAKES[name]}; "
-                         f"got {len(specs)} image(s): {specs}")
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-
-    # finetune.py's task without its data files: its head, inputs and forward passes, as its evaluation runs them
-    names, vocab = ckpt["class_names"], data.Vocab(ckpt["vocab"], source=args.checkpoint)
+def build(ckpt, path, device):
+    """finetune.py's task without its data files (its head, inputs and forward passes, as its evaluation
+    runs them), the model and the head -> (task, model, head)."""
+    name, names = ckpt["task"], ckpt["class_names"]
     task = ft.TASKS[name].__new__(ft.TASKS[name])
-    ft.Task.__init__(task, argparse.Namespace(**ckpt["args"]), vocab, Entries(names))
+    ft.Task.__init__(task, argparse.Namespace(**ckpt["args"]), data.Vocab(ckpt["vocab"], source=path), Entries(names))
     task.answers, task.tags, task.device = ckpt["answers"], ckpt["tags"], device
     model = VisualBERT(Config(**ckpt["config"]))
-    ft.load_weights(model, ckpt["model"], args.checkpoint)
+    ft.load_weights(model, ckpt["model"], path)
     head = task.make_head(model)
-    ft.load_weights(head, ckpt["head"], args.checkpoint)
-    model.to(device).eval(), head.to(device).eval()
+    ft.load_weights(head, ckpt["head"], path)
+    return task, model.to(device).eval(), head.to(device).eval()
 
-    # the images: files (a folder's, for retrieval) through the detector, or ids of the feature stores
+
+def add_images(specs, task, model, ckpt, args, device):
+    """Each image into task.images: files (a folder's, for retrieval) through the detector, or ids of the
+    feature stores -> their keys, the pictures to draw on, and each toy scene's world root."""
     stores = args.features or [s for s in ckpt["args"].get("features") or [] if os.path.isdir(s)]
     try:
         stores = data.Images(stores) if stores else None
@@ -212,7 +207,7 @@ def main(argv=None):
             task.images[f], pictures[f] = extract(f, *found, device)
         if not files and stores is not None and s in stores:
             store = stores.where[s]
-            if store.feature_dim != model.cfg.feat_dim or list(store.class_names) != list(names):
+            if store.feature_dim != model.cfg.feat_dim or list(store.class_names) != list(ckpt["class_names"]):
                 raise SystemExit(f"{store.path}: not the features or classes {args.checkpoint} was trained on")
             task.images[s] = e = stores[s]
             root = os.path.dirname(os.path.dirname(store.path))  # a toy world's root/features/NAME: its scene is drawn
@@ -224,46 +219,80 @@ def main(argv=None):
             where = f", nor an image id of {', '.join(x.path for x in stores.stores)}" if stores else ""
             raise SystemExit(f"{s}: no such image file{where}")
         keys += files or [s]
+    return keys, pictures, scenes
 
+
+# each task's answer, as finetune.py's evaluation computes it: (x: the tokenized text) -> the result's
+# fields, the last layer's attention and spans, the (image, row of the batch) pairs to show, the caption
+
+
+def answer_vqa(task, model, head, keys, x, top):
+    """The top answers, each with an independent probability: the head was trained with BCE (docs/METHOD.md §6)."""
+    x["image"] = keys[0]
+    logits, probs, spans = with_attention(model, lambda: task.logits(model, head, [x]))
+    best = torch.sigmoid(logits[0]).topk(min(top, len(task.answers)))
+    answers = [(task.answers[i], v) for v, i in zip(best.values.tolist(), best.indices.tolist())]
+    for a, v in answers:
+        print(f"{v:.3f}  {a}")
+    caption = f"{x['text']}  ->  {answers[0][0]} ({answers[0][1]:.2f})"
+    return {"answers": answers}, probs, spans, [(keys[0], 0)], caption
+
+
+def answer_refcoco(task, model, head, keys, x, top):
+    """The region of a softmax over the regions, as trained, and its box in pixels."""
+    x["image"] = keys[0]
+    logits, probs, spans = with_attention(model, lambda: task.region_logits(model, head, [x]))
+    chosen, e = int(logits[0].argmax()), task.images[keys[0]]
+    box = (e["boxes"][chosen] * [e["width"], e["height"], e["width"], e["height"]]).round(1).tolist()
+    p = logits[0].softmax(-1)[chosen].item()
+    print(f"box {chosen} of {len(e['boxes'])} ({task.images.class_names[e['labels'][chosen]]}): x1 y1 x2 y2 = "
+          f"{' '.join(f'{v:g}' for v in box)} pixels of the {e['width']}x{e['height']} image, probability {p:.3f}")
+    result = {"region": chosen, "box": box, "probability": p}
+    return result, probs, spans, [(keys[0], 0)], f"{x['text']}  ->  box {chosen} ({p:.2f})"
+
+
+def answer_nlvr2(task, model, head, keys, x, top):
+    """True or false (label 1 is "True") with its probability."""
+    x["images"] = tuple(keys)
+    logits, probs, spans = with_attention(model, lambda: task.logits(model, head, [x]))
+    answer, p = bool(logits[0].argmax()), logits[0].softmax(-1)[1].item()
+    p = p if answer else 1 - p
+    print(f"{str(answer).lower()} (probability {p:.3f})")
+    result = {"answer": answer, "probability": p}
+    return result, probs, spans, [(keys[0], 0), (keys[1], 1)], f"{x['text']}  ->  {answer} ({p:.2f})"
+
+
+def answer_retrieval(task, model, head, keys, x, top):
+    """The images ranked by their match score with the caption, best first; the attention shown is the best's."""
+    scores = torch.cat([task.scores(model, head, [x["ids"]] * len(c), c) for c in ft.chunks(keys, 64)])
+    ranking = [(keys[i], scores[i].item()) for i in scores.argsort(descending=True).tolist()]
+    for r, (k, v) in enumerate(ranking):
+        print(f"{r + 1:>4}. {v:8.3f}  {k}")
+    best = ranking[0][0]
+    _, probs, spans = with_attention(model, lambda: task.scores(model, head, [x["ids"]], [best]))
+    caption = f"{x['text']}  ->  best of {len(keys)} ({ranking[0][1]:.2f})"
+    return {"ranking": ranking}, probs, spans, [(best, 0)], caption
+
+
+ANSWERS = {"vqa": answer_vqa, "refcoco": answer_refcoco, "nlvr2": answer_nlvr2, "retrieval": answer_retrieval}
+
+
+def main(argv=None):
+    args = parser.parse_args(argv)
+    ckpt = load(args.checkpoint)
+    name, (*specs, text) = ckpt["task"], args.inputs
+    need = {"vqa": 1, "refcoco": 1, "nlvr2": 2}.get(name)
+    if not specs or need and (len(specs) != need or any(os.path.isdir(s) for s in specs)):
+        raise SystemExit(f"{args.checkpoint}: a checkpoint of {name}, which takes {TAKES[name]}; "
+                         f"got {len(specs)} image(s): {specs}")
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    task, model, head = build(ckpt, args.checkpoint, device)
+    keys, pictures, scenes = add_images(specs, task, model, ckpt, args, device)
     x = {"text": text}
     task.tokenize([x])
-    result, chosen = {"task": name}, None
     with torch.no_grad():
-        if name == "vqa":  # an independent probability per answer: the head was trained with BCE (docs/METHOD.md §6)
-            x["image"] = keys[0]
-            logits, probs, spans = with_attention(model, lambda: task.logits(model, head, [x]))
-            top = torch.sigmoid(logits[0]).topk(min(args.top, len(task.answers)))
-            result["answers"] = [(task.answers[i], v) for v, i in zip(top.values.tolist(), top.indices.tolist())]
-            for a, v in result["answers"]:
-                print(f"{v:.3f}  {a}")
-            shown, caption = [(keys[0], 0)], f"{text}  ->  {result['answers'][0][0]} ({result['answers'][0][1]:.2f})"
-        elif name == "refcoco":  # a softmax over the regions, as trained
-            x["image"] = keys[0]
-            logits, probs, spans = with_attention(model, lambda: task.region_logits(model, head, [x]))
-            chosen, e = int(logits[0].argmax()), task.images[keys[0]]
-            box = (e["boxes"][chosen] * [e["width"], e["height"], e["width"], e["height"]]).round(1).tolist()
-            result.update(region=chosen, box=box, probability=logits[0].softmax(-1)[chosen].item())
-            print(f"box {chosen} of {len(e['boxes'])} ({names[e['labels'][chosen]]}): x1 y1 x2 y2 = "
-                  f"{' '.join(f'{v:g}' for v in box)} pixels of the {e['width']}x{e['height']} image, "
-                  f"probability {result['probability']:.3f}")
-            shown, caption = [(keys[0], 0)], f"{text}  ->  box {chosen} ({result['probability']:.2f})"
-        elif name == "nlvr2":  # label 1 is "True"
-            x["images"] = tuple(keys)
-            logits, probs, spans = with_attention(model, lambda: task.logits(model, head, [x]))
-            answer, prob = bool(logits[0].argmax()), logits[0].softmax(-1)[1].item()
-            result.update(answer=answer, probability=prob if answer else 1 - prob)
-            print(f"{str(answer).lower()} (probability {result['probability']:.3f})")
-            shown, caption = [(keys[0], 0), (keys[1], 1)], f"{text}  ->  {answer} ({result['probability']:.2f})"
-        else:  # retrieval: the match score of the caption with each image, best first
-            scores = torch.cat([task.scores(model, head, [x["ids"]] * len(c), c) for c in ft.chunks(keys, 64)])
-            result["ranking"] = [(keys[i], scores[i].item()) for i in scores.argsort(descending=True).tolist()]
-            for r, (k, v) in enumerate(result["ranking"]):
-                print(f"{r + 1:>4}. {v:8.3f}  {k}")
-            best = result["ranking"][0][0]
-            _, probs, spans = with_attention(model, lambda: task.scores(model, head, [x["ids"]], [best]))
-            shown, caption = [(best, 0)], f"{text}  ->  best of {len(keys)} ({result['ranking'][0][1]:.2f})"
-
-    result["attention"] = {}
+        fields, probs, spans, shown, caption = ANSWERS[name](task, model, head, keys, x, args.top)
+    result = {"task": name, **fields, "attention": {}}
     for key, row in shown:
         e = task.images[key]
         shares = result["attention"][key] = cls_shares(task, probs, spans, row, e)
@@ -275,7 +304,8 @@ def main(argv=None):
         os.makedirs(os.path.dirname(out_png) or ".", exist_ok=True)
         if key in scenes:  # a toy scene, drawn by toy.py with its boxes and tags (its caption cut off)
             pictures[key] = Image.open(toy.draw_scene(scenes[key], key, out_png)).crop((0, 0, e["width"], e["height"]))
-        draw(pictures[key], e, names, out_png, caption, shares if args.show else None, chosen, labelled=key in scenes)
+        draw(pictures[key], e, task.images.class_names, out_png, caption, shares if args.show else None,
+             fields.get("region"), labelled=key in scenes)
         said = f"text {shares['text']:.2f}, regions {sum(shares['regions']):.2f}, tags {sum(shares['tags']):.2f}"
         print(f"wrote {out_png}" + (f" ([CLS] attends to {said})" if args.show else ""))
     return result

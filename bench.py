@@ -163,16 +163,17 @@ def main(argv=None):
     if args.loader_images:
         loader_rate = bench_loader(args, cfg)
         print(f"loader: {loader_rate:.0f} samples/s from a feature store ({args.workers} workers, {args.regions} x "
-              f"{args.feat_dim} features) in one process, which builds {B // args.processes} rows of each global batch "
-              f"of {B} (--processes {args.processes})")
+              f"{args.feat_dim} features) in one process, which builds {B // args.processes} rows of each global "
+              f"batch of {B} (--processes {args.processes})")
         h100 = 0.45 * PEAK_FLOPS["H100"][0] / (flops / B)  # samples/s an H100 trains on at the 45% MFU target, bf16
-        print(f"loader: an H100 at 45% MFU consumes about {h100:.0f} samples/s at these shapes; one process's loader gives "
-              f"{loader_rate / h100:.2f}x that")
+        print(f"loader: an H100 at 45% MFU consumes about {h100:.0f} samples/s at these shapes; one process's loader "
+              f"gives {loader_rate / h100:.2f}x that")
     if args.steps == 0:
         return
     if args.compare_hf:
         dt_hf = bench_hf(args, device, batch, cfg)
-        print(f"transformers VisualBertForPreTraining (eager, fp32): {dt_hf * 1000:.0f} ms/step, {tokens / dt_hf:.0f} tokens/s")
+        print(f"transformers VisualBertForPreTraining (eager, fp32): {dt_hf * 1000:.0f} ms/step, "
+              f"{tokens / dt_hf:.0f} tokens/s")
     dt = bench_ours(args, device, batch, cfg)
     mfu = f"{flops / dt / peak:.1%}" if peak else "n/a (unknown peak for this device)"
     print(f"ours: {dt * 1000:.0f} ms/step, {B / dt:.1f} samples/s, MFU {mfu}")

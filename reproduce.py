@@ -2,11 +2,11 @@
 Reproduce the paper's comparisons in miniature (Tables 1-3 and Figure 2 of U-VisualBERT) on the toy
 world, with a protocol that can show what pre-training buys if it buys anything:
 
-- the toy BERT (text only), then every variant of docs/METHOD.md §3 from it, each pre-trained
-  once, until its held-out objectives have converged (CONVERGED below, checked and reported), and
-  with at least the compute of any fine-tuning run it is compared through;
-- every task fine-tuned from every variant on nested fractions of its training set (1/16, 1/4, all:
-  finetune.py --train-fraction), each fraction for the same number of steps, with several seeds;
+- the toy BERT (text only), then every variant of docs/METHOD.md §3 from it, each pre-trained once
+  (BUDGET); the report says whether its held-out objectives converged (CONVERGED) and whether it saw
+  at least as many sequences as the largest fine-tuning run from it;
+- every task fine-tuned from every variant on nested fractions of its training set (by default 1/16
+  and all: finetune.py --train-fraction), each fraction for the same number of steps, with several seeds;
 - a 95% confidence interval over the fine-tuning seeds on every number, and the paper's claims
   checked with the intervals;
 - a grounding probe, with no fine-tuning: does the model name a region's class from the region
@@ -14,15 +14,17 @@ world, with a protocol that can show what pre-training buys if it buys anything:
 - Figure 2: t-SNE of the states of words, tags and regions.
 
     python reproduce.py            # every variant, 3 seeds
-    python reproduce.py --quick    # Base, U, U_NT and S, 1 seed: no interval and no claim verdict, a first look
+    python reproduce.py --quick    # Base, U and U_NT, 1 seed: no interval and no claim verdict, a first look
 
-It runs pretrain.py and finetune.py by their command lines, two at a time on a 2-core CPU (--jobs),
-each in its own folder under OUT; a run whose results are already there is not run again, so an
-interrupted reproduction goes on where it stopped and --quick followed by the full command only adds
-seeds. It writes OUT/table.md, OUT/table.json, OUT/curves.png and OUT/figure2.png.
+It runs pretrain.py and finetune.py by their command lines (each script's main(argv) in a worker
+process), two at a time on a 2-core CPU (--jobs), each in its own folder under OUT; a run whose results
+are already there is not run again, so an interrupted reproduction goes on where it stopped and --quick
+followed by the full command only adds variants and seeds. It writes OUT/table.md, OUT/table.json,
+OUT/curves.png and, with S, U or U_NT among the rows, OUT/figure2.png.
 """
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -77,33 +79,35 @@ PAPER = {  # BERT-base at Conceptual Captions scale, same columns; the project h
     "H": [71.05, 73.80, 74.82, 60.28, 86.30, 92.06, 74.01, 80.18, 64.89],
 }
 # the budgets: the toy BERT's steps, every variant's pre-training steps, and each task's fine-tuning
-# epochs on its whole training set; a fraction F of it gets epochs / F: the same number of steps. The
-# fine-tuning budgets are a tenth of finetune.py's defaults (what each task takes to learn from the
-# whole set), and the pre-training budget the most that fits beside them: 3 seeds x 2 fractions x 8
-# variants x 4 tasks in 40 minutes. It is short of what U's tag objective needs (docs/LOG.md, section 8)
+# epochs on its whole training set, a tenth of finetune.py's defaults; a fraction F of the set gets
+# epochs / F, the same number of steps. Why these, and what they are short of: docs/LOG.md, section 8
 BUDGET = {"bert": 2400, "pretrain": 4000, "vqa": 1.6, "nlvr2": 0.5, "retrieval": 1.0, "refcoco": 2.0}
 FRACTIONS = ["1/16", "1"]
 TEST_IMAGES = 50  # retrieval ranks each caption among the first 50 toy test images (of 100), for time
 # a pre-training run has converged when every held-out loss fell over the last quarter of the steps by
 # less than 5% of its final value (or by less than 0.01, the evaluation's noise), and a variant with
-# the match loss gets at least 70% of held-out pairs right (chance: 50%). A plateau passes this test:
-# the tag loss of U sits on one for its first ~1,500 image steps before it falls (docs/LOG.md, section 8)
+# the match loss gets at least 70% of held-out pairs right (chance: 50%). A plateau passes this test
+# (docs/LOG.md, section 8)
 CONVERGED = {"last_quarter": 0.05, "noise": 0.01, "match_acc": 0.70}
 
-parser = argparse.ArgumentParser(description="The paper's Tables 1-3 and Figure 2 in miniature, on the toy world.")
+parser = argparse.ArgumentParser(
+    description="The paper's Tables 1-3 and Figure 2 in miniature, on the toy world.")
 parser.add_argument("--quick", action="store_true",
                     help="one seed and the variants " + ", ".join(QUICK) + ", for a first look")
-parser.add_argument("--seeds", type=int, default=None, help="how many fine-tuning seeds (default 3, or 1 with --quick)")
-parser.add_argument("--variants", nargs="+", choices=VARIANTS, help="which rows (default: all, or those of --quick)")
+parser.add_argument("--seeds", type=int, default=None,
+                    help="how many fine-tuning seeds (default 3, or 1 with --quick)")
+parser.add_argument("--variants", nargs="+", choices=VARIANTS,
+                    help="which rows (default: all, or those of --quick; Base always)")
 parser.add_argument("--fractions", nargs="+", default=FRACTIONS,
                     help="fractions of each task's training set, e.g. 1/16 1/4 1")
 parser.add_argument("--out", default="out/reproduce",
                     help="output folder: one folder per run, table.md, table.json, curves.png, figure2.png")
 parser.add_argument("--jobs", type=int, default=max(1, min(2, os.cpu_count() or 1)),
-                    help="runs side by side (one thread each when several)")
+                    help="runs side by side, one thread each (the toy BERT runs first, alone, on every core)")
 parser.add_argument("--toy-root", default=toy.TOY_DIR, help="where the toy world is made and cached")
 parser.add_argument("--budget", nargs="+", default=[], metavar="KEY=N",
-                    help="change a budget: " + ", ".join(f"{k}={v}" for k, v in BUDGET.items()) + " (steps; fine-tuning epochs)")
+                    help="change a budget: " + ", ".join(f"{k}={v}" for k, v in BUDGET.items())
+                    + " (steps; fine-tuning epochs)")
 parser.add_argument("--device", default="cpu", help="where every run trains (cpu, cuda)")
 
 # -----------------------------------------------------------------------------
@@ -122,37 +126,37 @@ def label(fraction):
     return "f" + fraction.replace("/", "-")  # a folder name: f1-16, f1-4, f1
 
 
+def finetuned(out, variant, task, fraction, seed):
+    """The folder of one fine-tuning run."""
+    return f"{out}/finetune/{variant}/{task}/{label(fraction)}/seed{seed}"
+
+
 def plan(args, budget, seeds):
     """Every run the table needs: the toy BERT, each variant's pre-training (once), and each
     (variant, task, fraction, seed) fine-tuning from its variant's checkpoint."""
     O, root = args.out, args.toy_root
-    common = ["--cache-dir", os.path.join(O, "cache"), "--device", args.device]
-    pre = {"Base": Run("Base (the toy BERT)", ["pretrain.py", "--text-only", "--max-steps", str(budget["bert"]),
-                                               "--eval-every", str(max(1, budget["bert"] // 4)), "--toy-root", root,
-                                               "--out", f"{O}/pretrain/Base", *common], f"{O}/pretrain/Base",
-                                               "eval.json")}
+
+    def pretraining(name, v, flags, steps, after=()):
+        argv = ["pretrain.py", *flags, "--max-steps", str(steps), "--eval-every", str(max(1, steps // 4)),
+                "--toy-root", root, "--out", f"{O}/pretrain/{v}", "--cache-dir", os.path.join(O, "cache"),
+                "--device", args.device]
+        return Run(name, argv, f"{O}/pretrain/{v}", "eval.json", after)
+
+    pre = {"Base": pretraining("Base (the toy BERT)", "Base", ["--text-only"], budget["bert"])}
     for v in args.variants:
         if v != "Base":
-            pre[v] = Run(f"{v} pre-training",
-                         ["pretrain.py", *variant_flags(v, root), "--init-from", f"{O}/pretrain/Base/ckpt.pt",
-                                               "--max-steps", str(budget["pretrain"]), "--eval-every",
-                                               str(max(1, budget["pretrain"] // 4)),
-                                               "--toy-root", root, "--out", f"{O}/pretrain/{v}", *common],
-                         f"{O}/pretrain/{v}", "eval.json", [pre["Base"]])
+            flags = [*variant_flags(v, root), "--init-from", f"{O}/pretrain/Base/ckpt.pt"]
+            pre[v] = pretraining(f"{v} pre-training", v, flags, budget["pretrain"], [pre["Base"]])
     runs = list(pre.values())
-    for seed in seeds:
-        for fraction in args.fractions:
-            for v in args.variants:
-                for task in TASKS:
-                    out = f"{O}/finetune/{v}/{task}/{label(fraction)}/seed{seed}"
-                    runs.append(Run(f"{v} {task} {fraction} seed {seed}",
-                                    ["finetune.py", "--task", task, "--init-from", f"{pre[v].out}/ckpt.pt",
-                                     "--train-fraction", repr(float(Fraction(fraction))),
-                                     "--epochs", repr(float(budget[task] / Fraction(fraction))), "--seed", str(seed),
-                                     "--out", out, "--toy-root", root, "--device", args.device,
-                                     *(["--test-images", str(TEST_IMAGES)] if task == "retrieval" else []),
-                                     *(["--no-tags"] if v.endswith("_NT") else [])],
-                                    out, "results.json", [pre[v]]))
+    for seed, fraction, v, task in itertools.product(seeds, args.fractions, args.variants, TASKS):
+        out = finetuned(O, v, task, fraction, seed)
+        argv = ["finetune.py", "--task", task, "--init-from", f"{pre[v].out}/ckpt.pt",
+                "--train-fraction", repr(float(Fraction(fraction))),
+                "--epochs", repr(float(budget[task] / Fraction(fraction))), "--seed", str(seed),
+                "--out", out, "--toy-root", root, "--device", args.device]
+        argv += ["--test-images", str(TEST_IMAGES)] if task == "retrieval" else []
+        argv += ["--no-tags"] if v.endswith("_NT") else []
+        runs.append(Run(f"{v} {task} {fraction} seed {seed}", argv, out, "results.json", [pre[v]]))
     return runs
 
 
@@ -166,7 +170,8 @@ def work(argv, out, threads):
     torch.set_num_threads(threads)
     main = importlib.import_module(argv[0][:-3]).main  # pretrain.py -> pretrain.main
     t, cpu = time.time(), time.process_time()
-    with open(os.path.join(out, "stdout.txt"), "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+    log = open(os.path.join(out, "stdout.txt"), "w")
+    with log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         sys.argv, rc = list(argv), 0
         try:
             main(argv[1:])
@@ -208,7 +213,8 @@ def execute(runs, jobs, threads=1):
                     with open(os.path.join(run.out, "stdout.txt")) as f:
                         tail = "".join(f.readlines()[-5:])
                     raise SystemExit(f"{run.name} failed (exit {rc}): python {' '.join(run.argv)}\n{tail}")
-                data.write_json(os.path.join(run.out, "time.json"), {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1)})
+                times = {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1)}
+                data.write_json(os.path.join(run.out, "time.json"), times)
                 finished += 1
                 print(f"[{finished}/{finished + len(todo) + len(running)}] {run.name} done, "
                       f"{(time.time() - t0) / 60:.1f} min", flush=True)
@@ -231,42 +237,45 @@ def interval(x):
     return m, m - h, m + h
 
 
+def seed_interval(x):
+    """interval() of one number per seed -> (mean, low, high) as floats."""
+    return tuple(float(a[0]) for a in interval(np.asarray(x)[:, None]))
+
+
 def collect(out, variants, fractions, seeds):
     """{variant: {fraction: (seeds, columns) array of percentages}} from every run's results.json."""
-    table = {}
-    for v in variants:
-        table[v] = {}
-        for fraction in fractions:
-            rows = []
-            for seed in seeds:
-                res = {task: data.read_json(os.path.join(out, "finetune", v, task, label(fraction), f"seed{seed}",
-                                                         "results.json"))
-                       for task in TASKS}
-                rows.append([100 * res[task][split][metric] for _, task, split, metric in COLUMNS])
-            table[v][fraction] = np.array(rows)
-    return table
+
+    def seed_row(v, fraction, seed):
+        res = {task: data.read_json(f"{finetuned(out, v, task, fraction, seed)}/results.json") for task in TASKS}
+        return [100 * res[task][split][metric] for _, task, split, metric in COLUMNS]
+
+    return {v: {f: np.array([seed_row(v, f, seed) for seed in seeds]) for f in fractions} for v in variants}
 
 
-def cell(x, digits=1):
+def cells(x):
+    """Each column of x (seeds, columns) as "mean [low, high]", or the mean alone with one seed."""
     m, lo, hi = interval(x)
-    return [f"{a:.{digits}f}" + ("" if np.isnan(b) else f" [{b:.{digits}f}, "
-                                                        f"{c:.{digits}f}]") for a, b, c in zip(m, lo, hi)]
+    return [f"{a:.1f}" + ("" if np.isnan(b) else f" [{b:.1f}, {c:.1f}]") for a, b, c in zip(m, lo, hi)]
+
+
+def table_lines(header, rows):
+    """A markdown table with a "model" column first: its header, then a line per (model, cells)."""
+    return ["| model | " + " | ".join(header) + " |", "|" + " --- |" * (len(header) + 1),
+            *(f"| {name} | " + " | ".join(row) + " |" for name, row in rows)]
 
 
 def markdown(table, fractions):
-    """One table per fraction as the paper lays it out: mean [95% interval] over seeds, the paper's
-    number (at its full data) under the last."""
-    v0 = next(iter(table))
-    n = len(table[v0][fractions[0]])
+    """One table per fraction as the paper lays it out: mean [95% interval] over seeds, then the
+    paper's numbers (at its full data)."""
+    n = len(next(iter(table.values()))[fractions[0]])
+    header = [c[0] for c in COLUMNS]
     lines = [f"Toy world, mean [95% t-interval] over {n} fine-tuning seed{'s' * (n > 1)}, in %.", ""]
     for fraction in fractions:
-        lines += [f"Fine-tuned on {'the whole' if Fraction(fraction) == 1 else fraction + ' of each'} training set:",
-                  "", "| model | " + " | ".join(c[0] for c in COLUMNS) + " |", "|" + " --- |" * (len(COLUMNS) + 1)]
-        lines += [f"| {v} | " + " | ".join(cell(runs[fraction])) + " |" for v, runs in table.items()]
-        lines.append("")
+        which = "the whole" if Fraction(fraction) == 1 else fraction + " of each"
+        lines += [f"Fine-tuned on {which} training set:", "",
+                  *table_lines(header, [(v, cells(runs[fraction])) for v, runs in table.items()]), ""]
     lines += ["The paper (BERT-base, Conceptual Captions scale, full training sets):", "",
-              "| model | " + " | ".join(c[0] for c in COLUMNS) + " |", "|" + " --- |" * (len(COLUMNS) + 1)]
-    lines += [f"| {v} | " + " | ".join(f"{x:.1f}" for x in PAPER[v]) + " |" for v in table if PAPER[v]]
+              *table_lines(header, [(v, [f"{x:.1f}" for x in PAPER[v]]) for v in table if PAPER[v]])]
     return "\n".join(lines) + "\n"
 
 
@@ -277,7 +286,9 @@ def verdict(lo, hi, close=None):
         return "undecided (one seed: no interval)"
     if close is None:
         return "shown" if lo > 0 else "contradicted" if hi < 0 else "undecided"
-    return "shown" if -close <= lo and hi <= close else "contradicted" if lo > close or hi < -close else "undecided"
+    if -close <= lo and hi <= close:
+        return "shown"
+    return "contradicted" if lo > close or hi < -close else "undecided"
 
 
 CLOSE = 2.0  # points: "close" means the 95% interval of the difference lies within +-2 points
@@ -293,23 +304,24 @@ def claims(table, fractions):
         t = {v: runs[f] for v, runs in table.items()}
 
         def check(claim, diff, close=None, note=""):
-            m, lo, hi = (float(a[0]) for a in interval(np.asarray(diff)[:, None]))
-            out.append({"claim": claim, "fraction": f, "verdict": verdict(lo, hi, close), "difference": round(m, 2),
-                        "interval": [round(lo, 2), round(hi, 2)], "figures": note})
+            m, lo, hi = seed_interval(diff)
+            out.append({"claim": claim, "fraction": f, "verdict": verdict(lo, hi, close),
+                        "difference": round(m, 2), "interval": [round(lo, 2), round(hi, 2)], "figures": note})
 
         if {"U", "Base"} <= set(t):
             d = t["U"] - t["Base"]
-            up, down = interval(d)[1] > 0, interval(d)[2] < 0
+            _, low, high = interval(d)
+            up, down = int((low > 0).sum()), int((high < 0).sum())
             check("U beats Base", d.mean(1),
-                  note=f"U - Base per column: {int(up.sum())} above, {int(down.sum())} below, "
-                                                    f"{len(COLUMNS) - int(up.sum()) - int(down.sum())} undecided")
+                  note=f"U - Base per column: {up} above, {down} below, {len(COLUMNS) - up - down} undecided")
         if {"U", "S"} <= set(t):
             check("U comes close to S outside retrieval", (t["S"] - t["U"])[:, ~retrieval].mean(1), CLOSE)
             check("S beats U on retrieval", (t["S"] - t["U"])[:, retrieval].mean(1))
         if {"U", "U_NT", "S", "S_NT"} <= set(t):
             check("tags matter more without aligned data: (U - U_NT) - (S - S_NT) > 0",
                   (t["U"] - t["U_NT"] - t["S"] + t["S_NT"]).mean(1),
-                  note=f"U - U_NT {np.mean(t['U'] - t['U_NT']):+.1f}, S - S_NT {np.mean(t['S'] - t['S_NT']):+.1f} points")
+                  note=f"U - U_NT {np.mean(t['U'] - t['U_NT']):+.1f}, "
+                       f"S - S_NT {np.mean(t['S'] - t['S_NT']):+.1f} points")
         if {"U", "U_NC"} <= set(t):
             check("U_NC (no captions) stays close to U", (t["U_NC"] - t["U"]).mean(1), CLOSE)
         if {"U", "U_SBU"} <= set(t):
@@ -324,7 +336,7 @@ def pretraining_report(out, variants):
         ev = data.read_json(os.path.join(out, "pretrain", v, "eval.json"))
         curve, before = ev["curve"], ev["before"] or {}
         end = curve[-1]
-        quarter = min(curve, key=lambda r: abs(r["step"] - 0.75 * end["step"]))  # the evaluation nearest 3/4 of the run
+        quarter = min(curve, key=lambda r: abs(r["step"] - 0.75 * end["step"]))  # the evaluation nearest 3/4
         why = []
         for k in end:
             if k in ("step", "match_acc"):
@@ -340,7 +352,7 @@ def pretraining_report(out, variants):
 
 
 def compute_report(out, variants, fractions, seeds):
-    """Sequences through the model: each pre-training run (steps x 64) against the largest
+    """Sequences through the model: each pre-training run (steps x batch) against the largest
     fine-tuning run from it (steps x batch x sequences per example: NLVR2 2, retrieval 3)."""
     per = {"vqa": 1, "nlvr2": 2, "retrieval": 3, "refcoco": 1}
     report = {}
@@ -348,13 +360,12 @@ def compute_report(out, variants, fractions, seeds):
         args = data.read_json(os.path.join(out, "pretrain", v, "args.json"))["args"]
         pre = args["max_steps"] * args["batch_size"]
         fine = 0
-        for task in TASKS:
-            for f in fractions:
-                for seed in seeds:
-                    run = os.path.join(out, "finetune", v, task, label(f), f"seed{seed}")
-                    steps = max(r.get("step", 0) for r in map(json.loads, open(os.path.join(run, "log.jsonl"))))
-                    batch = data.read_json(os.path.join(run, "args.json"))["args"]["batch_size"]
-                    fine = max(fine, steps * batch * per[task])
+        for task, f, seed in itertools.product(TASKS, fractions, seeds):
+            run = finetuned(out, v, task, f, seed)
+            with open(f"{run}/log.jsonl") as log:
+                steps = max(json.loads(line).get("step", 0) for line in log)
+            batch = data.read_json(f"{run}/args.json")["args"]["batch_size"]
+            fine = max(fine, steps * batch * per[task])
         report[v] = {"pretraining_sequences": pre, "largest_finetuning_sequences": fine,
                      "pretraining_at_least": pre >= fine}
     return report
@@ -380,7 +391,8 @@ def find_words(vocab, rows, words):
         while t < len(row):
             for pieces, j in names:
                 end = t + len(pieces)
-                if row[t:end] == pieces and not vocab.continuation[row[t]] and (end == len(row) or not vocab.continuation[row[end]]):
+                starts = row[t:end] == pieces and not vocab.continuation[row[t]]
+                if starts and (end == len(row) or not vocab.continuation[row[end]]):
                     found.append((i, t, j))
                     t = end - 1
                     break
@@ -415,8 +427,8 @@ def image_states(model, vocab, entries, class_names, tags):
         if tags != "none":
             where = b["tag_region"][i].tolist()
             first = [where.index(k) if k in where else -1 for k in range(K)]  # a tag cut off by MAX_TAGS: -1
-            tag_states = torch.stack([h[i, spans["tags"]][t] if t >= 0 else torch.full_like(h[i, 0],
-                                                                                            float("nan")) for t in first])
+            nan = torch.full_like(h[i, 0], float("nan"))
+            tag_states = torch.stack([h[i, spans["tags"]][t] if t >= 0 else nan for t in first])
         out.append((h[i, spans["regions"]][:K].float(), tag_states))
     return out
 
@@ -429,7 +441,8 @@ def heldout(root):
     return images, data.read_json(os.path.join(root, "scenes.json")), captions
 
 
-MIN_WORDS = 3  # a class takes part in the nearest-word probe when its word occurs this often in the held-out captions
+MIN_WORDS = 3  # a class takes part in the nearest-word probe when the held-out captions have its word this often
+PROBE = ["tag_first", "nearest_word", "cos_gap", "nearest_word_tags_shown", "detector"]  # probe's columns
 
 
 @torch.no_grad()
@@ -453,11 +466,10 @@ def probe(model, vocab, images, scenes, captions, tags=True, chunk=100):
     have = np.bincount(wj, minlength=len(names)) >= MIN_WORDS
     among = np.flatnonzero(have)  # the classes of (b); a class's index among them:
     index = torch.from_numpy(np.cumsum(have) - 1)
-    # (C, H)
-    centre = torch.nn.functional.normalize(torch.stack([ws[wj == j].mean(0) for j in among] or [ws[0]]), dim=-1)
+    centre = torch.stack([ws[wj == j].mean(0) for j in among] or [ws[0]])  # (C, H)
+    centre = torch.nn.functional.normalize(centre, dim=-1)
     first = torch.tensor([pieces[0] for pieces in vocab.tag_pieces(names)])
-    rows = {k: [] for k in ("image", "class", "tag_first", "nearest_word", "cos_gap", "nearest_word_tags_shown",
-                            "detector")}
+    rows = {k: [] for k in ["image", "class", *PROBE]}
 
     # (K, H) region states, (K,) their classes -> nearest word is its own, cosine gap; NaN without words
     def near(h, c):
@@ -465,8 +477,8 @@ def probe(model, vocab, images, scenes, captions, tags=True, chunk=100):
         own = cos.gather(1, index[c].clamp(min=0)[:, None]).squeeze(1)
         none = torch.from_numpy(~have)[c] | (len(among) < 2)
         nearest = (cos.argmax(1) == index[c]).double().masked_fill(none, float("nan"))
-        return nearest.numpy(), (own - (cos.sum(1) - own) / max(1, len(among) - 1)).double().masked_fill(none,
-                                                                                                         float("nan")).numpy()
+        gap = (own - (cos.sum(1) - own) / max(1, len(among) - 1)).double().masked_fill(none, float("nan"))
+        return nearest.numpy(), gap.numpy()
 
     ids = sorted(images.where)
     for start in range(0, len(ids), chunk):
@@ -510,14 +522,15 @@ def bootstrap(rows, column, n=1000, seed=0):
     return float(x[valid].mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
-PROBE = ["tag_first", "nearest_word", "cos_gap", "nearest_word_tags_shown", "detector"]
-
-
 def probe_report(out, root, variants):
     """The probe of every variant's pre-trained model (cached in OUT/pretrain/V/probe.npz), with its
     intervals, and U - U_NT with its interval."""
     images, scenes, captions = heldout(root)
     rows, report = {}, {}
+
+    def estimate(r, column):
+        return dict(zip(("value", "low", "high"), bootstrap(r, column)))
+
     for v in variants:
         cache = os.path.join(out, "pretrain", v, "probe.npz")
         if not os.path.exists(cache):
@@ -526,31 +539,30 @@ def probe_report(out, root, variants):
             np.savez(cache, classes=classes, **r)
         z = np.load(cache)
         rows[v] = {k: z[k] for k in z.files}
-        report[v] = {k: dict(zip(("value", "low", "high"), bootstrap(rows[v], k))) for k in PROBE}
-        report[v]["chance"] = {"tag_first": 1 / len(images.class_names), "nearest_word": 1 / max(1, int(z["classes"]))}
+        report[v] = {k: estimate(rows[v], k) for k in PROBE}
+        report[v]["chance"] = {"tag_first": 1 / len(images.class_names),
+                               "nearest_word": 1 / max(1, int(z["classes"]))}
     if {"U", "U_NT"} <= set(rows):
-        report["U - U_NT"] = {k: dict(zip(("value", "low", "high"),
-                                          bootstrap(rows["U"], rows["U"][k] - rows["U_NT"][k])))
-                              for k in PROBE[:4]}
+        report["U - U_NT"] = {k: estimate(rows["U"], rows["U"][k] - rows["U_NT"][k]) for k in PROBE[:4]}
     return report
 
 
 def probe_markdown(report):
+    """The probe's table, each number with its interval (in %, the cosine gap as it is), and chance."""
     cols = [("tag_first", "(a) own class word first, %", 100),
             ("nearest_word", "(b) nearest class word is own, %", 100),
             ("cos_gap", "(b) cosine own - others", 1), ("nearest_word_tags_shown", "(b) same, tags shown, %", 100)]
-    lines = ["| model | " + " | ".join(c[1] for c in cols) + " |", "|" + " --- |" * (len(cols) + 1)]
-    for v, r in report.items():
-        digits = lambda s: 3 if s == 1 else 1
-        lines.append(f"| {v} | " + " | ".join(f"{r[k]['value'] * s:.{digits(s)}f} [{r[k]['low'] * s:.{digits(s)}f}, "
-                                              f"{r[k]['high'] * s:.{digits(s)}f}]"
-                                            for k, _, s in cols) + " |")
-    some = next(r for v, r in report.items() if "chance" in r)
-    det = [r["detector"]["value"] for r in report.values() if "detector" in r][0]
-    lines += ["",
-              f"Chance: (a) {100 * some['chance']['tag_first']:.1f}%, (b) {100 * some['chance']['nearest_word']:.1f}%. "
-              f"The detector's own tag is the region's class for {100 * det:.1f}% of these regions. "
-              "Intervals: 95%, bootstrap over the held-out images."]
+
+    def estimate(e, scale):
+        d = 3 if scale == 1 else 1
+        return f"{e['value'] * scale:.{d}f} [{e['low'] * scale:.{d}f}, {e['high'] * scale:.{d}f}]"
+
+    lines = table_lines([c[1] for c in cols], [(v, [estimate(r[k], s) for k, _, s in cols]) for v, r in report.items()])
+    chance = next(r["chance"] for r in report.values() if "chance" in r)
+    det = next(r["detector"]["value"] for r in report.values() if "detector" in r)
+    lines += ["", f"Chance: (a) {100 * chance['tag_first']:.1f}%, (b) {100 * chance['nearest_word']:.1f}%. "
+                  f"The detector's own tag is the region's class for {100 * det:.1f}% of these regions. "
+                  "Intervals: 95%, bootstrap over the held-out images."]
     return "\n".join(lines) + "\n"
 
 # -----------------------------------------------------------------------------
@@ -571,8 +583,8 @@ def tsne(x, perplexity=20.0, steps=600, seed=0):
     x = pca(x.double(), min(30, *x.shape))
     n = len(x)
     d2 = torch.cdist(x, x).pow(2)  # (N, N)
-    lo, hi, beta = torch.zeros(n, 1, dtype=x.dtype), torch.full((n, 1), math.inf, dtype=x.dtype), torch.ones(n, 1,
-                                                                                                             dtype=x.dtype) / d2.mean()
+    lo, hi = torch.zeros(n, 1, dtype=x.dtype), torch.full((n, 1), math.inf, dtype=x.dtype)
+    beta = torch.ones(n, 1, dtype=x.dtype) / d2.mean()
     for _ in range(64):  # bisect each point's precision to reach the perplexity
         p = torch.exp(-d2 * beta).fill_diagonal_(0)
         p = p / p.sum(1, keepdim=True).clamp(min=1e-300)
@@ -604,13 +616,15 @@ def representations(model, vocab, images, scenes, captions, classes, per_class=3
     def keep(h, c, m):
         if c in classes and taken[c, m] < per_class:
             taken[c, m] += 1
-            states.append(h), cls.append(classes.index(c)), modality.append(m)
+            states.append(h)
+            cls.append(classes.index(c))
+            modality.append(m)
 
     for h, j in zip(*word_states(model, vocab, captions, names)):
         keep(h, names[j], "word")
     ids = sorted(images.where)[:300]
-    entries = [images[i] for i in ids]
-    for i, (regions, tag_states) in zip(ids, image_states(model, vocab, entries, names, "shown" if tags else "none")):
+    seen = image_states(model, vocab, [images[i] for i in ids], names, "shown" if tags else "none")
+    for i, (regions, tag_states) in zip(ids, seen):
         truth = [o["class"] for o in scenes[i]["objects"]]
         for k in range(len(regions)):
             if tag_states is not None and not torch.isnan(tag_states[k]).any():
@@ -619,8 +633,8 @@ def representations(model, vocab, images, scenes, captions, classes, per_class=3
     return torch.stack(states).float(), np.array(cls), np.array(modality)
 
 
-PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 190, 190), (240, 50, 230),
-           (128, 128, 0)]
+PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 190, 190),
+           (240, 50, 230), (128, 128, 0)]
 PANEL, LEGEND = 400, 70  # pixels: each square panel, the legend strip below
 
 
@@ -672,7 +686,8 @@ def figure2(args, probe=None):
         if not os.path.exists(ckpt):
             continue
         model, vocab = load_model(ckpt)
-        h, cls, modality = representations(model, vocab, images, scenes, captions, classes, tags=not v.endswith("_NT"))
+        tags = not v.endswith("_NT")
+        h, cls, modality = representations(model, vocab, images, scenes, captions, classes, tags=tags)
         near = f", nearest word own {100 * probe[v]['nearest_word']['value']:.0f}%" if probe and v in probe else ""
         panels.append((f"{v}: t-SNE of last-layer states{near}", tsne(h).numpy(), cls, modality))
     if panels:
@@ -686,15 +701,15 @@ LINES = [(0, 0, 0), (230, 25, 75), (0, 130, 200), (60, 180, 75), (145, 30, 180),
 def curve_points(table, task, fractions):
     """Per variant, per fraction: the task's columns averaged, seed by seed -> (mean, low, high)."""
     cols = [k for k, c in enumerate(COLUMNS) if c[1] == task]
-    return {v: [tuple(float(x[0]) for x in interval(runs[f][:, cols].mean(1)[:, None])) for f in fractions] for v, runs in table.items()}
+    return {v: [seed_interval(runs[f][:, cols].mean(1)) for f in fractions] for v, runs in table.items()}
 
 
 def baselines(out, variant, fraction):
     """Each task's trivial baseline (finetune.py's baseline.json: the commonest answer per question type,
     the majority class, chance, the most confident box), averaged over its table columns, in %."""
-    runs = {t: data.read_json(os.path.join(out, "finetune", variant, t, label(fraction), "seed0",
-                                           "baseline.json")) for t in TASKS}
-    return {t: float(np.mean([100 * runs[t][split][m] for _, task, split, m in COLUMNS if task == t])) for t in TASKS}
+    runs = {t: data.read_json(f"{finetuned(out, variant, t, fraction, 0)}/baseline.json") for t in TASKS}
+    return {t: float(np.mean([100 * runs[t][split][m] for _, task, split, m in COLUMNS if task == t]))
+            for t in TASKS}
 
 
 def draw_curves(table, fractions, path, baseline=None, w=420, h=320):
@@ -711,11 +726,13 @@ def draw_curves(table, fractions, path, baseline=None, w=420, h=320):
     for j, task in enumerate(TASKS):
         x0, y0 = (j % 2) * w, (j // 2) * h
         pts = curve_points(table, task, fractions)
-        vals = [y for ps in pts.values() for x in ps for y in x if not np.isnan(y)] + ([baseline[task]] if baseline else [])
-        vals = np.clip(vals, 0, 100)  # percentages
-        lo, hi = max(0, vals.min() - 0.05 * (np.ptp(vals) + 1)), min(100, vals.max() + 0.05 * (np.ptp(vals) + 1))
+        vals = [y for ps in pts.values() for x in ps for y in x if not np.isnan(y)]
+        vals = np.clip(vals + ([baseline[task]] if baseline else []), 0, 100)  # percentages
+        margin = 0.05 * (np.ptp(vals) + 1)
+        lo, hi = max(0, vals.min() - margin), min(100, vals.max() + margin)
         left, right, top, bottom = x0 + 50, x0 + w - 15, y0 + 25, y0 + h - 35
-        X = lambda x: left + 25 + (x - xs.min()) / max(np.ptp(xs), 1e-9) * (right - left - 50) if len(xs) > 1 else (left + right) / 2
+        X = lambda x: (left + 25 + (x - xs.min()) / max(np.ptp(xs), 1e-9) * (right - left - 50) if len(xs) > 1
+                       else (left + right) / 2)
         # an interval beyond the axis stops at it
         Y = lambda y: bottom - (min(max(y, lo), hi) - lo) / (hi - lo) * (bottom - top)
         d.rectangle([left, top, right, bottom], outline=(160, 160, 160))
@@ -740,7 +757,8 @@ def draw_curves(table, fractions, path, baseline=None, w=420, h=320):
                 d.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colour)
                 if not np.isnan(a):
                     d.line([px, Y(a), px, Y(b)], fill=colour)
-                    d.line([px - 3, Y(a), px + 3, Y(a)], fill=colour), d.line([px - 3, Y(b), px + 3, Y(b)], fill=colour)
+                    d.line([px - 3, Y(a), px + 3, Y(a)], fill=colour)
+                    d.line([px - 3, Y(b), px + 3, Y(b)], fill=colour)
     for n, v in enumerate(table):
         x = 10 + n * 100
         d.line([x, 2 * h + 20, x + 20, 2 * h + 20], fill=LINES[VARIANTS.index(v) % len(LINES)], width=3)
@@ -752,12 +770,16 @@ def draw_curves(table, fractions, path, baseline=None, w=420, h=320):
 def time_report(runs, jobs):
     """Wall and CPU time of every run (time.json), and the wall time they would take on an idle CPU:
     the toy BERT's CPU time over the cores it had alone, the rest's over `jobs` side by side."""
-    t = [data.read_json(os.path.join(r.out, "time.json")) if os.path.exists(os.path.join(r.out, "time.json")) else {} for r in runs]
+    files = [os.path.join(r.out, "time.json") for r in runs]
+    t = [data.read_json(f) if os.path.exists(f) else {} for f in files]
     cpu = [x.get("cpu_s", float("nan")) for x in t]
     idle = cpu[0] / (os.cpu_count() or 1) + sum(cpu[1:]) / jobs
+
+    def task_cpu(task):
+        return round(float(np.mean([c for r, c in zip(runs, cpu) if r.argv[1:3] == ["--task", task]])), 1)
+
     return {"wall_min": round(sum(x.get("wall_s", 0) for x in t) / 60, 1), "cpu_min": round(sum(cpu) / 60, 1),
-            "idle_wall_min": round(idle / 60, 1), "finetune_cpu_s_by_task": {
-                task: round(float(np.mean([c for r, c in zip(runs, cpu) if f"--task {task} " in " ".join(r.argv) + " "])), 1) for task in TASKS}}
+            "idle_wall_min": round(idle / 60, 1), "finetune_cpu_s_by_task": {task: task_cpu(task) for task in TASKS}}
 
 
 def chosen(args):
@@ -777,8 +799,8 @@ def finite(x):
     return x.item() if isinstance(x, np.generic) else x
 
 
-def main(argv=None):
-    args = parser.parse_args(argv)
+def read_budget(args):
+    """BUDGET with the changes of --budget KEY=N; an unknown key or a bad number stops with a message."""
     budget = dict(BUDGET)
     for kv in args.budget:
         k, _, v = kv.partition("=")
@@ -788,13 +810,60 @@ def main(argv=None):
             budget[k] = float(v) if k in TASKS else int(v)  # fine-tuning epochs; the rest are steps
         except ValueError:
             parser.error(f"--budget {kv}: {v!r} is not a {'number' if k in TASKS else 'whole number'}")
-    for f in args.fractions:
+    return budget
+
+
+def check_fractions(fractions):
+    for f in fractions:
         try:
             ok = 0 < Fraction(f) <= 1
         except ValueError:
             ok = False
         if not ok:
             parser.error(f"--fractions {f}: a fraction in (0, 1], such as 1/16")
+
+
+def pretraining_markdown(pre, compute):
+    """A line per variant: its held-out losses along pre-training, its compute, whether it converged."""
+    md = "\nPre-training (held-out losses: before, at 3/4 of the steps, after; converged: each fell by under " \
+         f"{CONVERGED['last_quarter']:.0%} of its value (or {CONVERGED['noise']}) in the last quarter, " \
+         f"and match accuracy >= {CONVERGED['match_acc']:.2f} where there is one):\n\n"
+    for v, r in pre.items():
+        losses = ", ".join(f"{k} {r['before'].get(k, float('nan')):.3f} / {r['three_quarters'][k]:.3f} / "
+                           f"{r['after'][k]:.3f}" for k in r["after"] if k != "step")
+        converged = "yes" if r["converged"] else "no, " + "; ".join(r["not_converged_because"])
+        md += f"- {v}, {r['steps']} steps, {compute[v]['pretraining_sequences']} sequences (largest fine-tuning " \
+              f"run {compute[v]['largest_finetuning_sequences']}): {losses}; converged: {converged}\n"
+    return md
+
+
+def claims_markdown(verdicts):
+    def line(c):
+        lo, hi = c["interval"]
+        return (f"- {c['claim']}, fraction {c['fraction']}: {c['verdict']} ({c['difference']:+.1f}"
+                + ("" if np.isnan(lo) else f" [{lo:.1f}, {hi:.1f}]") + ")"
+                + (f"; {c['figures']}" if c["figures"] else ""))
+
+    return "\nThe paper's claims, on 95% intervals over seeds of differences averaged over the columns " \
+           f"(close: the interval within +-{CLOSE:g} points):\n\n" + "\n".join(map(line, verdicts)) + "\n"
+
+
+def table_json(table, fractions, seeds, budget, reports):
+    """OUT/table.json: the settings, every run's numbers, their means and intervals, the reports."""
+    stats = {v: {f: interval(t[f]) for f in fractions} for v, t in table.items()}
+    return finite({
+        "columns": [c[0] for c in COLUMNS], "fractions": fractions, "seeds": seeds, "budget": budget,
+        "runs": {v: {f: t[f].round(2).tolist() for f in fractions} for v, t in table.items()},
+        "mean": {v: {f: s[0].round(2).tolist() for f, s in st.items()} for v, st in stats.items()},
+        "interval": {v: {f: np.stack(s[1:], 1).round(2).tolist() for f, s in st.items()} for v, st in stats.items()},
+        "interval_method": "95% Student t-interval over the fine-tuning seeds (null with one seed)",
+        **reports, "paper": {v: PAPER[v] for v in table}})
+
+
+def main(argv=None):
+    args = parser.parse_args(argv)
+    budget = read_budget(args)
+    check_fractions(args.fractions)
     args.variants = chosen(args)
     seeds = list(range(args.seeds or (1 if args.quick else 3)))
     t0 = time.time()
@@ -809,49 +878,28 @@ def main(argv=None):
 
     torch.set_num_threads(1)  # the probe and the figures are small; spare threads only spin on a shared CPU
     table = collect(args.out, args.variants, args.fractions, seeds)
-    pre, compute = pretraining_report(args.out, args.variants), compute_report(args.out, args.variants,
-                                                                               args.fractions, seeds)
-    grounding = probe_report(args.out, args.toy_root, args.variants)
-    verdicts = claims(table, args.fractions)
-    timing = time_report(runs, args.jobs)
-    md = markdown(table, args.fractions)
-    md += "\nPre-training (held-out losses: before, at 3/4 of the steps, after; converged: each fell by under " \
-          f"{CONVERGED['last_quarter']:.0%} of its value (or {CONVERGED['noise']}) in the last quarter, " \
-          f"and match accuracy >= {CONVERGED['match_acc']:.2f} where there is one):\n\n"
-    for v, r in pre.items():
-        md += f"- {v}, {r['steps']} steps, {compute[v]['pretraining_sequences']} sequences (largest fine-tuning run " \
-              f"{compute[v]['largest_finetuning_sequences']}): " + ", ".join(
-                  f"{k} {r['before'].get(k, float('nan')):.3f} / {r['three_quarters'][k]:.3f} / {r['after'][k]:.3f}"
-                  for k in r["after"] if k != "step") + f"; converged: {'yes' if r['converged'] else 'no, ' + '; '.join(r['not_converged_because'])}\n"
-    md += "\nThe grounding probe (held-out regions, no fine-tuning):\n\n" + probe_markdown(grounding)
-    md += "\nThe paper's claims, on 95% intervals over seeds of differences averaged over the columns " \
-          f"(close: the interval within +-{CLOSE:g} points):\n\n" + "\n".join(
-              f"- {c['claim']}, fraction {c['fraction']}: {c['verdict']} ({c['difference']:+.1f}"
-              + (f" [{c['interval'][0]:.1f}, {c['interval'][1]:.1f}])" if not np.isnan(c['interval'][0]) else ")")
-              + (f"; {c['figures']}" if c["figures"] else "") for c in verdicts) + "\n"
+    reports = {"pretraining": pretraining_report(args.out, args.variants),
+               "compute": compute_report(args.out, args.variants, args.fractions, seeds),
+               "probe": probe_report(args.out, args.toy_root, args.variants),
+               "time": time_report(runs, args.jobs), "claims": claims(table, args.fractions)}
+    md = (markdown(table, args.fractions) + pretraining_markdown(reports["pretraining"], reports["compute"])
+          + "\nThe grounding probe (held-out regions, no fine-tuning):\n\n" + probe_markdown(reports["probe"])
+          + claims_markdown(reports["claims"]))
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(md)
-    stats = {v: {f: interval(t[f]) for f in args.fractions} for v, t in table.items()}
-    data.write_json(os.path.join(args.out, "table.json"), finite({
-        "columns": [c[0] for c in COLUMNS], "fractions": args.fractions, "seeds": seeds, "budget": budget,
-        "runs": {v: {f: t[f].round(2).tolist() for f in args.fractions} for v, t in table.items()},
-        "mean": {v: {f: s[0].round(2).tolist() for f, s in st.items()} for v, st in stats.items()},
-        "interval": {v: {f: np.stack(s[1:], 1).round(2).tolist() for f, s in st.items()} for v, st in stats.items()},
-        "interval_method": "95% Student t-interval over the fine-tuning seeds (null with one seed)",
-        "pretraining": pre, "compute": compute, "probe": grounding, "time": timing, "claims": verdicts,
-        "paper": {v: PAPER[v] for v in table}}))
+    data.write_json(os.path.join(args.out, "table.json"), table_json(table, args.fractions, seeds, budget, reports))
     print("\n" + md)
     size = draw_curves(table, args.fractions, os.path.join(args.out, "curves.png"),
                        baselines(args.out, "Base", args.fractions[-1]))
     print(f"curves: {os.path.join(args.out, 'curves.png')} ({size[0]}x{size[1]})")
-    size = figure2(args, grounding)
+    size = figure2(args, reports["probe"])
     if size:
         print(f"figure 2: {os.path.join(args.out, 'figure2.png')} ({size[0]}x{size[1]})")
     print(f"table: {os.path.join(args.out, 'table.md')}, {os.path.join(args.out, 'table.json')}; "
           f"{(time.time() - t0) / 60:.1f} min in all")
-    print(f"all runs: {timing['cpu_min']} min of CPU time and {timing['wall_min']} min of wall time, summed; on an "
-          f"idle CPU with "
-          f"{args.jobs} at a time, about {timing['idle_wall_min']} min")
+    timing = reports["time"]
+    print(f"all runs: {timing['cpu_min']} min of CPU time and {timing['wall_min']} min of wall time, summed; "
+          f"on an idle CPU with {args.jobs} at a time, about {timing['idle_wall_min']} min")
     return table
 
 

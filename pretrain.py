@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import toy
-from model import PRESETS, Config, VisualBERT, config_from_hf, load_bert, peak_flops, train_flops
+from model import PRESETS, Config, VisualBERT, peak_flops, train_flops
 
 # -----------------------------------------------------------------------------
 # settings: every flag, in one place; `python pretrain.py -h` is the manual
@@ -183,9 +183,7 @@ def evaluate(model, sets, device, ctx):
             with ctx:
                 _, terms = model.pretrain_losses(b)
                 if "match_labels" in b:
-                    inputs = {k: b[k] for k in ("input_ids", "attention_mask", "token_type_ids", "tag_ids", "tag_boxes",
-                                                "tag_mask", "feats", "boxes", "region_mask") if k in b}
-                    right = model.nsp(model.pool(model(**inputs)[0])).argmax(-1) == b["match_labels"]
+                    right = model.nsp(model.pool(model.encode(b)[0])).argmax(-1) == b["match_labels"]
                     terms["match_acc"] = right.float().mean()
             for k, val in terms.items():
                 sums[k] = sums.get(k, 0.0) + val.item()
@@ -284,8 +282,7 @@ def make_model(args, images, vocab_file, src=None, ckpt=None, check=None):
 
     if src and os.path.isdir(src):
         try:
-            cfg = config_from_hf(src, **visual, **drop)
-            return load_bert(VisualBERT(cfg), src), data.Vocab.from_file(os.path.join(src, "vocab.txt"))
+            return VisualBERT.from_bert(src, **visual, **drop), data.Vocab.from_file(os.path.join(src, "vocab.txt"))
         except ValueError as e:
             raise SystemExit(str(e)) from None
     if src:

@@ -235,7 +235,7 @@ def make_toy_world(root=TOY_DIR, seed=0, scale=1.0, log=print):
                 [world.caption(world.scene()) for _ in range(n(300))])
     write_lines(os.path.join(root, "heldout", "text.txt"), text(n(150)))
 
-    make_toy_tasks(world, root, n, store, scenes)
+    make_toy_tasks(world, root, n, store)
 
     # the vocabulary: WordPiece trained on all the toy world's words, as BERT's covers all of English
     from tokenizers import BertWordPieceTokenizer
@@ -295,11 +295,16 @@ def make_later_corpora(root, seed=0):
     return root
 
 
-def make_toy_tasks(world, root, n, store, scenes):
-    """The four downstream tasks on fresh scenes, each in its real dataset's file format (docs/METHOD.md §7)."""
-    r, tasks = world.rng, os.path.join(root, "tasks")
+def make_toy_tasks(world, root, n, store):
+    """The four downstream tasks on fresh scenes, each in its real dataset's file format (docs/METHOD.md §7);
+    n(k) scales a count, store(name, [(image_id, scene)]) writes a feature store."""
+    for make in (toy_vqa, toy_nlvr2, toy_flickr30k, toy_refcoco):
+        make(world, os.path.join(root, "tasks"), n, store)
 
-    # VQA v2: questions and annotations files, 10 answers per question, COCO-style integer image ids
+
+def toy_vqa(world, tasks, n, store):
+    """VQA v2: questions and annotations files, 10 answers per question, COCO-style integer image ids."""
+    r = world.rng
     os.makedirs(os.path.join(tasks, "vqa"), exist_ok=True)
     qid = 0
     for split, first_id, count in (("train2014", 100000, n(2000)), ("val2014", 200000, n(500))):
@@ -321,14 +326,16 @@ def make_toy_tasks(world, root, n, store, scenes):
         write_json(os.path.join(tasks, "vqa", f"v2_mscoco_{split}_annotations.json"),
                    {"data_type": "mscoco", "data_subtype": split, "annotations": annotations})
 
-    # NLVR2: JSON lines; each sentence is judged against 2 image pairs, named from the identifier
+
+def toy_nlvr2(world, tasks, n, store):
+    """NLVR2: JSON lines; each sentence is judged against 2 image pairs, named from the identifier."""
     os.makedirs(os.path.join(tasks, "nlvr2"), exist_ok=True)
     for split, count in (("train", n(1500)), ("dev", n(300)), ("test1", n(300))):
         lines, items = [], []
         for k in range(count):
             sentence, make_pair = toy_nlvr2_sentence(world)
             for p in range(2):
-                label = bool(r.random() < 0.5)
+                label = bool(world.rng.random() < 0.5)
                 left, right = make_pair(label)
                 items += [(f"{split}-{k}-{p}-img0", left), (f"{split}-{k}-{p}-img1", right)]
                 lines.append(json.dumps({"identifier": f"{split}-{k}-{p}-0", "sentence": sentence,
@@ -336,7 +343,9 @@ def make_toy_tasks(world, root, n, store, scenes):
         store(f"nlvr2_{split}", items)
         write_lines(os.path.join(tasks, "nlvr2", f"{split}.json"), lines)
 
-    # Flickr30K, Karpathy's split file: 5 captions per image
+
+def toy_flickr30k(world, tasks, n, store):
+    """Flickr30K, Karpathy's split file: 5 captions per image."""
     os.makedirs(os.path.join(tasks, "flickr30k"), exist_ok=True)
     images, items = [], []
     for split, count in (("train", n(1000)), ("val", n(100)), ("test", n(100))):
@@ -351,7 +360,10 @@ def make_toy_tasks(world, root, n, store, scenes):
     store("flickr30k", items)
     write_json(os.path.join(tasks, "flickr30k", "dataset_flickr30k.json"), {"dataset": "flickr30k", "images": images})
 
-    # RefCOCO+ (UNC): refs(unc).p and COCO instances.json; testA refers to people, testB to objects
+
+def toy_refcoco(world, tasks, n, store):
+    """RefCOCO+ (UNC): refs(unc).p and COCO instances.json; testA refers to people, testB to objects."""
+    r = world.rng
     os.makedirs(os.path.join(tasks, "refcoco+"), exist_ok=True)
     refs, coco_images, annotations, items = [], [], [], []
     for split, count in (("train", n(1500)), ("val", n(300)), ("testA", n(300)), ("testB", n(300))):

@@ -339,6 +339,15 @@ def extract(model, images, args, given=None):
                     "labels": lab.cpu().numpy(), "scores": s.float().cpu().numpy()})
     return out
 
+
+def open_store(args, rank, dim, class_names, settings, attr_names=None):
+    """This process's writer of the store --out; a store made with other settings stops the run."""
+    try:
+        return data.FeatureWriter(args.out, dim, class_names, attr_names, extractor=settings, prefix=f"shard{rank}",
+                                  shard_size=args.shard_size)
+    except ValueError as e:  # other settings, a broken meta.json
+        sys.exit(str(e))
+
 # -----------------------------------------------------------------------------
 # the bottom-up-attention TSV (docs/METHOD.md §7)
 
@@ -392,11 +401,7 @@ def import_tsv(args, rank, world):
                 sys.exit(f"{args.from_tsv}: image {row['img_id']} has class ids beyond the vocabulary "
                          f"({len(names)}, {len(attr_names)})")
             if writer is None:
-                try:
-                    writer = data.FeatureWriter(args.out, feats.shape[1], names, attr_names, extractor=settings,
-                                                prefix=f"shard{rank}", shard_size=args.shard_size)
-                except ValueError as e:  # a store made with other settings, a broken meta.json
-                    sys.exit(str(e))
+                writer = open_store(args, rank, feats.shape[1], names, settings, attr_names)
                 done = writer.done_ids()
             if row["img_id"] in done:
                 continue
@@ -521,11 +526,7 @@ def main(argv=None):
         keep = [i for i, (p, k) in enumerate(zip(paths, ids)) if k in given or os.path.basename(p) in given]
         print(f"--given-boxes: {len(keep)} of {len(paths)} images have boxes; the others are left out")
         paths, ids = [paths[i] for i in keep], [ids[i] for i in keep]
-    try:
-        writer = data.FeatureWriter(args.out, dim, categories, extractor=settings, prefix=f"shard{rank}",
-                                    shard_size=args.shard_size)
-    except ValueError as e:  # a store made with other settings, a broken meta.json
-        sys.exit(str(e))
+    writer = open_store(args, rank, dim, categories, settings)
     done = writer.done_ids()
     skipped_file = os.path.join(args.out, "skipped.txt")
     listed = read_skipped(skipped_file)

@@ -106,17 +106,16 @@ PATH_FLAGS = {"images": "folder", "captions": "file", "text": "file", "pairs": "
 def build_corpora(args, vocab, images):
     """The pre-training data sets of the chosen variant (docs/METHOD.md §3)."""
     tags = not args.no_tags
-    tok = lambda files, kind: [data.TokenCorpus(f, vocab, kind, args.cache_dir) for f in files or []]
     corpora = [data.Corpus(f"text:{os.path.basename(c.path)}", "text", vocab, c, nsp=args.nsp, rate=args.text_rate)
-               for c in tok(args.text, "docs")]
+               for c in tokenised(args, vocab, args.text, "docs")]
     if args.unaligned:
         corpora += [data.Corpus("images", "image", vocab, sorted(images.where), images, tags)]
         if not args.no_captions:
             corpora += [data.Corpus(f"captions:{os.path.basename(c.path)}", "caption", vocab, c)
-                        for c in tok(args.captions, "lines")]
+                        for c in tokenised(args, vocab, args.captions, "lines")]
     if args.aligned or args.hybrid:
         paired = set()
-        for c in tok(args.pairs, "pairs"):
+        for c in tokenised(args, vocab, args.pairs, "pairs"):
             name = f"pairs:{os.path.basename(c.path)}"
             corpora.append(pairs_corpus(name, c, vocab, images, tags, "no feature store in --images holds"))
             paired.update(c.image_ids)
@@ -128,6 +127,11 @@ def build_corpora(args, vocab, images):
     if not corpora:
         raise SystemExit("no pre-training data: give --text, and --images/--captions/--pairs as the variant needs")
     return corpora
+
+
+def tokenised(args, vocab, files, kind):
+    """A TokenCorpus of each file (built once, cached under --cache-dir)."""
+    return [data.TokenCorpus(f, vocab, kind, args.cache_dir) for f in files or []]
 
 
 def pairs_corpus(name, c, vocab, images, tags, held_in):
@@ -147,23 +151,21 @@ def warn_skipped(corpora):
 
 def heldout_batches(args, vocab, class_names, n):
     """Fixed masked batches of the held-out sets, the same before and after training."""
-    sets = [(f"text:{f}", data.Corpus("text", "text", vocab, data.TokenCorpus(f, vocab, "docs", args.cache_dir)))
-            for f in args.heldout_text or []]
+    tags = not args.no_tags
+    sets = [(f"text:{c.path}", data.Corpus("text", "text", vocab, c))
+            for c in tokenised(args, vocab, args.heldout_text, "docs")]
     if not args.text_only:
-        sets += [(f"captions:{f}",
-                  data.Corpus("captions", "caption", vocab, data.TokenCorpus(f, vocab, "lines", args.cache_dir)))
-                 for f in args.heldout_captions or []]
+        sets += [(f"captions:{c.path}", data.Corpus("captions", "caption", vocab, c))
+                 for c in tokenised(args, vocab, args.heldout_captions, "lines")]
         if args.heldout_images:
             images = data.Images(args.heldout_images)
             if images.class_names != class_names:
                 raise SystemExit("--heldout-images: other detector classes than the training images")
-            sets.append(("images",
-                         data.Corpus("images", "image", vocab, sorted(images.where), images, tags=not args.no_tags)))
+            sets.append(("images", data.Corpus("images", "image", vocab, sorted(images.where), images, tags)))
             if args.aligned or args.hybrid:  # the match objective on pairs never trained on
-                for f in args.heldout_pairs or []:
-                    c = data.TokenCorpus(f, vocab, "pairs", args.cache_dir)
-                    sets.append((f"pairs:{f}", pairs_corpus("pairs", c, vocab, images, not args.no_tags,
-                                                            "--heldout-images does not hold")))
+                for c in tokenised(args, vocab, args.heldout_pairs, "pairs"):
+                    sets.append((f"pairs:{c.path}",
+                                 pairs_corpus("pairs", c, vocab, images, tags, "--heldout-images does not hold")))
     out = {}
     for name, c in sets:
         out[name] = [c.batch(np.arange(i, min(i + 64, len(c))), data.RowRandom(1234, i, range(min(64, len(c) - i))))

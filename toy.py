@@ -259,8 +259,7 @@ def make_toy_world(root=TOY_DIR, seed=0, scale=1.0, log=print):
 # The U_SBU row of the paper pre-trains on Conceptual Captions images with SBU captions: captions
 # that users wrote for other photos (Flickr), in other words. Its miniature: captions in a second
 # style (plain sentences, words of the general text) of scenes drawn with other scene-type
-# proportions (more outdoor photos), never of the pre-training images. The proportions and the
-# templates were set once, before any result with them; nothing else in the world depends on them.
+# proportions (more outdoor photos), never of the pre-training images.
 SBU_KINDS = {"street": 0.35, "farm": 0.35, "living room": 0.15, "kitchen": 0.05, "dining room": 0.10}
 SBU_TEMPLATES = ["we saw a {a[color]} {a[class]} and a {b[class]} .", "the {a[class]} was {a[color]} and {a[size]} .",
                  "a {a[class]} near the {b[class]} in the {kind} .",

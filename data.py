@@ -128,11 +128,17 @@ class FeatureStore:
         return np.asarray(self._array(s, "features")[start + int(u * count)])
 
 
-def _save_npy(file, arr):
-    tmp = f"{file}.{os.getpid()}.tmp"  # one temporary name per process: writers may run side by side
-    with open(tmp, "wb") as f:
-        np.save(f, arr)
+def _replace(file, write, mode="wb"):
+    """write(f) to a temporary file renamed to `file`: readers never see half a file. One temporary
+    name per process: writers may run side by side."""
+    tmp = f"{file}.{os.getpid()}.tmp"
+    with open(tmp, mode) as f:
+        write(f)
     os.replace(tmp, file)
+
+
+def _save_npy(file, arr):
+    _replace(file, lambda f: np.save(f, arr))
 
 
 def read_json(file):
@@ -195,11 +201,7 @@ def check_paths(args, kinds):
 
 
 def write_json(file, obj):
-    """Write JSON to a temporary file and rename it: readers never see half a file."""
-    tmp = f"{file}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.write(json.dumps(obj))  # json.dumps runs in C, json.dump does not
-    os.replace(tmp, file)
+    _replace(file, lambda f: f.write(json.dumps(obj)), "w")  # json.dumps runs in C, json.dump does not
 
 
 class FeatureWriter:
@@ -254,13 +256,10 @@ class FeatureWriter:
         shard = os.path.join(self.path, f"{self.prefix}-{self._next:05d}")
         ids, feats, boxes, labels, scores, widths, heights, attrs, attr_scores = zip(*self._buffer)
         counts = [len(b) for b in boxes]
-        _save_npy(f"{shard}.features.npy", np.concatenate(feats).astype(np.float16))
-        _save_npy(f"{shard}.boxes.npy", np.concatenate(boxes).astype(np.float32).reshape(-1, 4))
-        _save_npy(f"{shard}.labels.npy", np.concatenate(labels).astype(np.int32))
-        _save_npy(f"{shard}.scores.npy", np.concatenate(scores).astype(np.float32))
-        if attrs[0] is not None:
-            _save_npy(f"{shard}.attrs.npy", np.concatenate(attrs).astype(np.int32))
-            _save_npy(f"{shard}.attr_scores.npy", np.concatenate(attr_scores).astype(np.float32))
+        boxes = [np.reshape(b, (-1, 4)) for b in boxes]
+        for name, parts in zip(ARRAYS, (feats, boxes, labels, scores, attrs, attr_scores)):
+            if parts[0] is not None:  # attributes are optional
+                _save_npy(f"{shard}.{name}.npy", np.concatenate(parts).astype(ARRAYS[name]))
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).tolist()
         write_json(f"{shard}.index.json", {"ids": list(ids), "start": starts, "count": counts,
                                            "width": list(widths), "height": list(heights)})
@@ -339,7 +338,8 @@ class TokenCorpus:
         st = os.stat(path) if os.path.exists(path) else None
         if st is None:
             raise FileNotFoundError(f"{path}: text file not found")
-        key = hashlib.sha1(json.dumps(["tokens.bin v1", os.path.abspath(path), st.st_size, st.st_mtime_ns, kind, vocab.tokens]).encode()).hexdigest()[:16]
+        key = json.dumps(["tokens.bin v1", os.path.abspath(path), st.st_size, st.st_mtime_ns, kind, vocab.tokens])
+        key = hashlib.sha1(key.encode()).hexdigest()[:16]
         folder = os.path.join(cache_dir, f"{os.path.basename(path)}-{key}")
         if not os.path.exists(os.path.join(folder, "done")):
             new_cache = not os.path.exists(cache_dir)
@@ -351,7 +351,8 @@ class TokenCorpus:
                     shutil.rmtree(cache_dir, ignore_errors=True)
                 raise
         self.path = path
-        self.tokens = np.memmap(os.path.join(folder, "tokens.bin"), dtype=np.int32, mode="r") if os.path.getsize(os.path.join(folder, "tokens.bin")) else np.zeros(0, np.int32)
+        tokens = os.path.join(folder, "tokens.bin")
+        self.tokens = np.memmap(tokens, dtype=np.int32, mode="r") if os.path.getsize(tokens) else np.zeros(0, np.int32)
         self.offsets = np.load(os.path.join(folder, "offsets.npy"))
         self.docs = np.load(os.path.join(folder, "docs.npy"))  # (N,) document of each item
         self.skipped = read_json(os.path.join(folder, "skipped.json"))  # [[line, reason]]: bad records left out
@@ -401,8 +402,10 @@ class TokenCorpus:
                     flush()
             flush()
         if not docs:
-            reason = f"no usable line ({len(skipped)} bad, the first: line {skipped[0][0]}, {skipped[0][1]})" if skipped else "the file is empty"
-            raise ValueError(f"{path}: {reason}")
+            if skipped:
+                raise ValueError(f"{path}: no usable line ({len(skipped)} bad, the first: line {skipped[0][0]}, "
+                                 f"{skipped[0][1]})")
+            raise ValueError(f"{path}: the file is empty")
         _save_npy(os.path.join(folder, "offsets.npy"), np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
         _save_npy(os.path.join(folder, "docs.npy"), np.asarray(docs, dtype=np.int64))
         write_json(os.path.join(folder, "skipped.json"), skipped)
@@ -414,7 +417,8 @@ class TokenCorpus:
         """One line on the records left out, or None."""
         if self.skipped:
             first = "; ".join(f"line {n}: {why}" for n, why in self.skipped[:3])
-            return f"{self.path}: skipped {len(self.skipped)} bad line(s) ({first}{'; ...' if len(self.skipped) > 3 else ''})"
+            more = "; ..." if len(self.skipped) > 3 else ""
+            return f"{self.path}: skipped {len(self.skipped)} bad line(s) ({first}{more})"
 
     def __len__(self):
         return len(self.offsets) - 1

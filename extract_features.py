@@ -162,7 +162,8 @@ def image_ids(paths):
     seen = {}
     for p in paths:
         if stem(p) in seen:
-            sys.exit(f"error: {seen[stem(p)]} and {p} both have image id {stem(p)!r} (the file stem); rename or leave out one")
+            sys.exit(f"error: {seen[stem(p)]} and {p} both have image id {stem(p)!r} (the file stem); "
+                     "rename or leave out one")
         seen[stem(p)] = p
     return list(seen)
 
@@ -262,7 +263,9 @@ def box_policy(args):
 
 
 def feature_dim(model, kind):
-    return model.backbone.fpn.inner_blocks[-1][0].in_channels if kind == "c5" else model.roi_heads.box_predictor.cls_score.in_features
+    if kind == "c5":
+        return model.backbone.fpn.inner_blocks[-1][0].in_channels
+    return model.roi_heads.box_predictor.cls_score.in_features
 
 
 def select_boxes(boxes, scores, args):
@@ -336,6 +339,15 @@ def extract(model, images, args, given=None):
                     "labels": lab.cpu().numpy(), "scores": s.float().cpu().numpy()})
     return out
 
+
+def open_store(args, rank, dim, class_names, settings, attr_names=None):
+    """This process's writer of the store --out; a store made with other settings stops the run."""
+    try:
+        return data.FeatureWriter(args.out, dim, class_names, attr_names, extractor=settings, prefix=f"shard{rank}",
+                                  shard_size=args.shard_size)
+    except ValueError as e:  # other settings, a broken meta.json
+        sys.exit(str(e))
+
 # -----------------------------------------------------------------------------
 # the bottom-up-attention TSV (docs/METHOD.md §7)
 
@@ -389,11 +401,7 @@ def import_tsv(args, rank, world):
                 sys.exit(f"{args.from_tsv}: image {row['img_id']} has class ids beyond the vocabulary "
                          f"({len(names)}, {len(attr_names)})")
             if writer is None:
-                try:
-                    writer = data.FeatureWriter(args.out, feats.shape[1], names, attr_names, extractor=settings,
-                                                prefix=f"shard{rank}", shard_size=args.shard_size)
-                except ValueError as e:  # a store made with other settings, a broken meta.json
-                    sys.exit(str(e))
+                writer = open_store(args, rank, feats.shape[1], names, settings, attr_names)
                 done = writer.done_ids()
             if row["img_id"] in done:
                 continue
@@ -409,7 +417,8 @@ def import_tsv(args, rank, world):
 # main: settings, the work list, the loop
 
 
-def main(argv=None):
+def parse_args(argv):
+    """The settings, checked before any work, and this process's shard (rank) of `world`."""
     args = parser.parse_args(argv)
     rank = args.shard if args.shard is not None else int(os.environ.get("RANK", 0))
     world = args.num_shards if args.num_shards is not None else int(os.environ.get("WORLD_SIZE", 1))
@@ -419,12 +428,15 @@ def main(argv=None):
     if args.from_tsv:
         if not args.out:
             parser.error("--out is required")
-        return import_tsv(args, rank, world)
-    if not (args.bench or (args.images and args.out)):
+    elif not (args.bench or (args.images and args.out)):
         parser.error("--images and --out are required (or --from-tsv, or --bench)")
-    if args.boxes is not None and (args.min_boxes is not None or args.max_boxes is not None):
+    elif args.boxes is not None and (args.min_boxes is not None or args.max_boxes is not None):
         parser.error("choose --boxes K (fixed) or --min-boxes/--max-boxes (adaptive), not both")
-    policy = box_policy(args)
+    return args, rank, world
+
+
+def pick_device(args):
+    """--device and --dtype made concrete (auto: this process's GPU, fp16 on it); the autocast context."""
     if args.device == "auto":
         local = int(os.environ.get("LOCAL_RANK", 0))
         args.device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
@@ -432,48 +444,92 @@ def main(argv=None):
     if args.dtype == "auto":
         args.dtype = "fp16" if device.type == "cuda" else "fp32"
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype)
-    autocast = torch.autocast(device.type, half) if half else contextlib.nullcontext()
+    return device, torch.autocast(device.type, half) if half else contextlib.nullcontext()
+
+
+def store_settings(args, policy, weights_name):
+    """How the features are made, as store.meta["extractor"] keeps it: a store refuses other settings."""
+    return {"extractor": "extract_features.py", "model": args.model, "weights": weights_name,
+            "torchvision": torchvision.__version__.split("+")[0], "feature": args.feature,
+            "box_policy": "given boxes" if args.given_boxes else policy, "nms": args.nms,
+            "score_thresh": args.score_thresh,
+            "candidates": "best foreground class per proposal, class-agnostic NMS, best first",
+            "fill": "best NMS-suppressed boxes, then the whole-image box", "proposals": args.proposals,
+            "image_size": f"shorter side {args.min_size}, longer at most {args.max_size} (torchvision transform); "
+            f"longer than {4 * args.max_size} first reduced by an integer factor",
+            "pixels": "RGB, EXIF-transposed, alpha on white, 16-bit scaled", "dtype": args.dtype,
+            "given_boxes": args.given_boxes and os.path.basename(args.given_boxes)}
+
+
+def read_skipped(file):
+    """The paths OUT/skipped.txt lists; a line a kill cut short has no reason, so its file is tried again."""
+    if not os.path.exists(file):
+        return set()
+    with open(file) as f:
+        text = f.read()
+    if text and not text.endswith("\n"):
+        with open(file, "a") as f:
+            f.write("\n")
+    return {line.split("\t")[0] for line in text.splitlines() if "\t" in line}
+
+
+def list_bad(batch, listed, file):
+    """How many files of a decoded batch are bad; each is added to `file` once, however often the job is rerun."""
+    bad = [(path, reason) for path, _, _, _, reason in batch if reason is not None]
+    for path, reason in bad:
+        if path not in listed:
+            with open(file, "a") as f:
+                f.write(f"{path}\t{reason}\n")
+            listed.add(path)
+    return len(bad)
+
+
+def write_batch(model, good, args, device, autocast, given, writer, done):
+    """Extract the decoded images `good` and write those not done yet; returns how many were written."""
+    images = [t.to(device, non_blocking=True).float() / 255 for _, t, _, _, _ in good]  # (3, H, W) in [0, 1]
+    boxes = None
+    if given is not None:  # pixel boxes of the original -> normalised
+        boxes = []
+        for path, _, w, h, _ in good:
+            b = given.get(stem(path), given.get(os.path.basename(path)))
+            size = torch.tensor([w, h, w, h], device=device)
+            boxes.append(torch.tensor(b, dtype=torch.float32).reshape(-1, 4).to(device) / size)
+    with autocast:
+        outs = extract(model, images, args, boxes)
+    written = 0
+    for (path, _, w, h, _), o in zip(good, outs):
+        if stem(path) not in done:  # a rerun recomputes a part-done batch but writes only what is missing
+            writer.add(stem(path), o["features"], o["boxes"], o["labels"], o["scores"], w, h)
+            written += 1
+    return written
+
+
+def main(argv=None):
+    args, rank, world = parse_args(argv)
+    if args.from_tsv:
+        return import_tsv(args, rank, world)
+    policy = box_policy(args)
+    device, autocast = pick_device(args)
     paths = find_images(args.images) if args.images else []
     ids = image_ids(paths)  # fails at start on two files with one stem
     given = read_given_boxes(args.given_boxes) if args.given_boxes and not args.bench else None
     model, categories, weights_name = build_model(args)
     model.to(device)
     dim = feature_dim(model, args.feature)
-    settings = {"extractor": "extract_features.py", "model": args.model, "weights": weights_name,
-                "torchvision": torchvision.__version__.split("+")[0], "feature": args.feature,
-                "box_policy": "given boxes" if args.given_boxes else policy, "nms": args.nms,
-                "score_thresh": args.score_thresh,
-                "candidates": "best foreground class per proposal, class-agnostic NMS, best first",
-                "fill": "best NMS-suppressed boxes, then the whole-image box", "proposals": args.proposals,
-                "image_size": f"shorter side {args.min_size}, longer at most {args.max_size} (torchvision transform); "
-                f"longer than {4 * args.max_size} first reduced by an integer factor",
-                "pixels": "RGB, EXIF-transposed, alpha on white, 16-bit scaled", "dtype": args.dtype,
-                "given_boxes": args.given_boxes and os.path.basename(args.given_boxes)}
+    settings = store_settings(args, policy, weights_name)
     print(f"{args.model}, weights {weights_name}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
           f"{device} {args.dtype}; boxes {settings['box_policy']}, nms {args.nms}, {args.feature} features {dim}-d")
-
     if args.bench:
         return bench(model, paths, args, device, autocast)
+
     if given is not None:
         keep = [i for i, (p, k) in enumerate(zip(paths, ids)) if k in given or os.path.basename(p) in given]
         print(f"--given-boxes: {len(keep)} of {len(paths)} images have boxes; the others are left out")
         paths, ids = [paths[i] for i in keep], [ids[i] for i in keep]
-    try:
-        writer = data.FeatureWriter(args.out, dim, categories, extractor=settings, prefix=f"shard{rank}",
-                                    shard_size=args.shard_size)
-    except ValueError as e:  # a store made with other settings, a broken meta.json
-        sys.exit(str(e))
+    writer = open_store(args, rank, dim, categories, settings)
     done = writer.done_ids()
     skipped_file = os.path.join(args.out, "skipped.txt")
-    listed = set()
-    if os.path.exists(skipped_file):
-        with open(skipped_file) as f:
-            text = f.read()
-        # a line cut by a kill has no reason
-        listed = {line.split("\t")[0] for line in text.splitlines() if "\t" in line}
-        if text and not text.endswith("\n"):
-            with open(skipped_file, "a") as f:
-                f.write("\n")
+    listed = read_skipped(skipped_file)
     # this process's share, in fixed batches: a rerun loads only batches with work left, batched as before
     mine = list(zip(paths, ids))[rank::world]
     batches = [mine[i:i + args.batch_size] for i in range(0, len(mine), args.batch_size)]
@@ -481,38 +537,21 @@ def main(argv=None):
     todo = {p for b in batches for p in b if stem(p) not in done and p not in listed}
     print(f"{len(paths)} images, {len(mine)} in shard {rank}/{world}, {len(mine) - len(todo)} already done or skipped, "
           f"{len(todo)} to go")
+
     loader = torch.utils.data.DataLoader(Batches(batches, 4 * args.max_size), batch_size=None, num_workers=args.workers,
                                          pin_memory=device.type == "cuda")
     handled, written, bad, t0, last = 0, 0, 0, time.time(), 0.0
     for batch in loader:
         handled += sum(path in todo for path, *_ in batch)
+        bad += list_bad(batch, listed, skipped_file)
         good = [b for b in batch if b[4] is None]
-        for path, _, _, _, reason in batch:
-            if reason is not None:
-                bad += 1
-                if path not in listed:  # each bad file once, however often the job is rerun
-                    with open(skipped_file, "a") as f:
-                        f.write(f"{path}\t{reason}\n")
-                    listed.add(path)
         if good:
-            images = [t.to(device, non_blocking=True).float() / 255 for _, t, _, _, _ in good]  # (3, H, W) in [0, 1]
-            boxes = None
-            if given is not None:  # pixel boxes of the original -> normalised
-                boxes = []
-                for path, _, w, h, _ in good:
-                    b = given.get(stem(path), given.get(os.path.basename(path)))
-                    boxes.append(torch.tensor(b, dtype=torch.float32).reshape(-1, 4).to(device) / torch.tensor([w, h, w, h], device=device))
-            with autocast:
-                outs = extract(model, images, args, boxes)
-            for (path, _, w, h, _), o in zip(good, outs):
-                image_id = stem(path)
-                if image_id not in done:  # a rerun recomputes a part-done batch but writes only what is missing
-                    writer.add(image_id, o["features"], o["boxes"], o["labels"], o["scores"], w, h)
-                    written += 1
+            written += write_batch(model, good, args, device, autocast, given, writer, done)
         if time.time() - last > 5:  # progress line, every 5 s
             last, rate = time.time(), handled / max(time.time() - t0, 1e-9)
             eta = (len(todo) - handled) / max(rate, 1e-9)
-            print(f"[shard {rank}] {handled}/{len(todo)} images | {rate:.2f} images/s | ETA {eta / 60:.1f} min | {bad} skipped", flush=True)
+            print(f"[shard {rank}] {handled}/{len(todo)} images | {rate:.2f} images/s | ETA {eta / 60:.1f} min | "
+                  f"{bad} skipped", flush=True)
     writer.close()
     rate = handled / max(time.time() - t0, 1e-9)
     print(f"[shard {rank}] done: {written} images written to {args.out} ({rate:.2f} images/s), "
@@ -528,7 +567,8 @@ def bench(model, paths, args, device, autocast):
     if paths:
         images = [load_image(p, 4 * args.max_size)[0] for p in paths[: args.bench_images]]
     else:  # random 640 x 480 images, for a machine without any
-        images = [torch.randint(0, 256, (3, 480, 640), generator=g, dtype=torch.uint8) for _ in range(args.bench_images)]
+        images = [torch.randint(0, 256, (3, 480, 640), generator=g, dtype=torch.uint8)
+                  for _ in range(args.bench_images)]
     images = [t.to(device).float() / 255 for t in images]
     batches = [images[i:i + args.batch_size] for i in range(0, len(images), args.batch_size)]
     print(f"{len(images)} images, batch {args.batch_size}, {args.min_size}/{args.max_size} px, {device} {args.dtype}")
@@ -538,7 +578,8 @@ def bench(model, paths, args, device, autocast):
         ips, kept = time_runs(model, batches, args, device, autocast)
         first = first or kept
         # each box kept with the first count: its best IoU with a box kept with this one
-        iou = torch.cat([box_ops.box_iou(torch.from_numpy(a), torch.from_numpy(b)).max(1)[0] for a, b in zip(first, kept)])
+        iou = torch.cat([box_ops.box_iou(torch.from_numpy(a), torch.from_numpy(b)).max(1)[0]
+                         for a, b in zip(first, kept)])
         rows[n] = {**ips, "kept": iou.ge(0.5).float().mean().item(), "best_iou": iou.mean().item()}
         print(f"{n:5d} proposals | extraction {ips['extraction']:.2f} images/s | model(images) "
               f"{ips['model(images)']:.2f} images/s | overhead "

@@ -85,7 +85,8 @@ class Embeddings(nn.Module):
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         pos = torch.arange(T, device=input_ids.device)
-        x = self.word_embeddings(input_ids) + self.position_embeddings(pos)[None] + self.token_type_embeddings(token_type_ids)
+        x = (self.word_embeddings(input_ids) + self.position_embeddings(pos)[None]
+             + self.token_type_embeddings(token_type_ids))
         return self.LayerNorm(x)  # (B, T, H)
 
     def tags(self, tag_ids, tag_boxes):
@@ -193,6 +194,10 @@ class VisualHead(nn.Module):
 # the model
 
 
+INPUTS = ("input_ids", "attention_mask", "token_type_ids", "tag_ids", "tag_boxes", "tag_mask", "feats", "boxes",
+          "region_mask")  # forward's arguments
+
+
 class VisualBERT(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -214,6 +219,11 @@ class VisualBERT(nn.Module):
         if isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+
+    @staticmethod
+    def from_bert(path, **overrides):
+        """A model whose BERT part is the Hugging Face BERT checkpoint at `path` (config_from_hf, load_bert)."""
+        return load_bert(VisualBERT(config_from_hf(path, **overrides)), path)
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
@@ -243,6 +253,10 @@ class VisualBERT(nn.Module):
             x = layer(x, key_mask)
         return x, spans
 
+    def encode(self, batch):
+        """forward on the inputs a batch of data.py holds (it holds labels too)."""
+        return self(**{k: batch[k] for k in INPUTS if k in batch})
+
     def pool(self, h):
         """BERT's pooled output: dense + tanh over the first text token ([CLS])."""
         return torch.tanh(self.pooler(h[:, 0]))
@@ -271,12 +285,7 @@ class VisualBERT(nn.Module):
         """Each objective as (sum over the batch, count to divide by). Kept apart so that a
         distributed run can divide by the count over the global batch (pretrain.py)."""
         has_text, has_image, has_tags = "input_ids" in batch, "feats" in batch, "tag_ids" in batch
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
-        if has_tags:
-            inputs.update(tag_ids=batch["tag_ids"], tag_boxes=batch["tag_boxes"], tag_mask=batch["tag_mask"])
-        if has_image:
-            inputs.update(feats=batch["feats"], boxes=batch["boxes"], region_mask=batch["region_mask"])
-        h, spans = self(**inputs)
+        h, spans = self.encode(batch)
         sums = {}
         if has_text:
             sums["mlm"] = masked_lm_sum(self.mlm, h[:, spans["text"]], batch["mlm_labels"], batch.get("mlm_at"))
@@ -339,9 +348,9 @@ def visual_sums(head, h, batch):
     """
     sel = positions(batch["region_masked"].bool() & batch["region_mask"].bool(), batch.get("region_at"))
     feat, label, attr = head(h[sel])  # (N, D), (N, C), (N, A)
-    regression = F.smooth_l1_loss(feat.float(), batch["feat_targets"][sel].float(), reduction="none", beta=1.0).mean(-1)
-    out = {"feat": regression.sum() / MASK_PROB,
-           "label": (F.cross_entropy(label.float(), batch["obj_labels"][sel], reduction="none") * batch["obj_conf"][sel]).sum() / MASK_PROB}
+    regression = F.smooth_l1_loss(feat.float(), batch["feat_targets"][sel].float(), reduction="none", beta=1.0)
+    ce = F.cross_entropy(label.float(), batch["obj_labels"][sel], reduction="none")
+    out = {"feat": regression.mean(-1).sum() / MASK_PROB, "label": (ce * batch["obj_conf"][sel]).sum() / MASK_PROB}
     if attr is not None and "attr_labels" in batch:
         ce = F.cross_entropy(attr.float(), batch["attr_labels"][sel].clamp(min=0), reduction="none")
         out["attr"] = (ce * batch["attr_conf"][sel]).sum() / MASK_PROB
@@ -429,8 +438,8 @@ def read_safetensors(path):
         if info["dtype"] not in dtypes or end > len(data):
             raise ValueError(f"{path}: tensor {name} is unreadable (dtype {info['dtype']}, bytes {start}-{end} of "
                              f"{len(data)})")
-        t = torch.frombuffer(bytearray(data[start:end]), dtype=dtypes[info["dtype"]]) if end > start else torch.empty(0,
-                                                                                                                      dtype=dtypes[info["dtype"]])
+        dtype = dtypes[info["dtype"]]
+        t = torch.frombuffer(bytearray(data[start:end]), dtype=dtype) if end > start else torch.empty(0, dtype=dtype)
         tensors[name] = t.reshape(info["shape"])
     return tensors
 
@@ -487,11 +496,3 @@ def load_bert(model, path):
             ours[k].copy_(v)
     return model
 
-
-def from_bert(path, **overrides):
-    """VisualBERT.from_bert(path): a model whose BERT part is the checkpoint at `path`."""
-    model = VisualBERT(config_from_hf(path, **overrides))
-    return load_bert(model, path)
-
-
-VisualBERT.from_bert = staticmethod(from_bert)

@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import toy
-from model import PRESETS, Config, VisualBERT, config_from_hf, load_bert, peak_flops, train_flops
+from model import PRESETS, Config, VisualBERT, peak_flops, train_flops
 
 # -----------------------------------------------------------------------------
 # settings: every flag, in one place; `python pretrain.py -h` is the manual
@@ -69,7 +69,8 @@ group.add_argument("--init-from", metavar="PATH",
 group.add_argument("--max-steps", type=int, default=1200)
 group.add_argument("--batch-size", type=int, default=64, help="the global batch: with N processes each takes 1/N of it")
 group.add_argument("--grad-accum", type=int, default=1, metavar="N",
-                   help="each process takes its share of the batch in N micro-batches, adding up their gradients (less memory)")
+                   help="each process takes its share of the batch in N micro-batches, adding up their gradients "
+                        "(less memory)")
 group.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (paper, BERT-base: 6e-5)")
 group.add_argument("--warmup", type=float, default=0.02, help="share of steps for linear warm-up (authors: 2%%)")
 group.add_argument("--weight-decay", type=float, default=0.01)
@@ -94,8 +95,8 @@ group.add_argument("--eval-every", type=int, default=0,
                         "how far the objectives have converged")
 # every flag that names a path, and what it must be (data.check_path)
 PATH_FLAGS = {"images": "folder", "captions": "file", "text": "file", "pairs": "file", "heldout_images": "folder",
-              "heldout_captions": "file", "heldout_text": "file", "heldout_pairs": "file", "init_from": "checkpoint", "out": "out",
-              "cache_dir": "out", "toy_root": "out"}
+              "heldout_captions": "file", "heldout_text": "file", "heldout_pairs": "file", "init_from": "checkpoint",
+              "out": "out", "cache_dir": "out", "toy_root": "out"}
 
 
 # -----------------------------------------------------------------------------
@@ -105,22 +106,18 @@ PATH_FLAGS = {"images": "folder", "captions": "file", "text": "file", "pairs": "
 def build_corpora(args, vocab, images):
     """The pre-training data sets of the chosen variant (docs/METHOD.md §3)."""
     tags = not args.no_tags
-    tok = lambda files, kind: [data.TokenCorpus(f, vocab, kind, args.cache_dir) for f in files or []]
     corpora = [data.Corpus(f"text:{os.path.basename(c.path)}", "text", vocab, c, nsp=args.nsp, rate=args.text_rate)
-               for c in tok(args.text, "docs")]
+               for c in tokenised(args, vocab, args.text, "docs")]
     if args.unaligned:
         corpora += [data.Corpus("images", "image", vocab, sorted(images.where), images, tags)]
         if not args.no_captions:
-            corpora += [data.Corpus(f"captions:{os.path.basename(c.path)}", "caption", vocab, c) for c in tok(args.captions, "lines")]
+            corpora += [data.Corpus(f"captions:{os.path.basename(c.path)}", "caption", vocab, c)
+                        for c in tokenised(args, vocab, args.captions, "lines")]
     if args.aligned or args.hybrid:
         paired = set()
-        for c in tok(args.pairs, "pairs"):
-            missing = [i for i in c.image_ids if i not in images]
-            if missing:
-                raise SystemExit(f"{c.path}: {len(missing)} pairs name images that no feature store in --images holds, "
-                                 f"e.g. {missing[:3]}")
-            corpora.append(data.Corpus(f"pairs:{os.path.basename(c.path)}", "pair", vocab, (c, c.image_ids),
-                                       images, tags))
+        for c in tokenised(args, vocab, args.pairs, "pairs"):
+            name = f"pairs:{os.path.basename(c.path)}"
+            corpora.append(pairs_corpus(name, c, vocab, images, tags, "no feature store in --images holds"))
             paired.update(c.image_ids)
         if args.hybrid:  # the extra images: every stored image that is in no pair
             alone = sorted(i for i in images.where if i not in paired)
@@ -132,35 +129,43 @@ def build_corpora(args, vocab, images):
     return corpora
 
 
-def skipped_report(corpora):
-    """Lines on the bad records each text corpus left out (tokenised text keeps the list)."""
+def tokenised(args, vocab, files, kind):
+    """A TokenCorpus of each file (built once, cached under --cache-dir)."""
+    return [data.TokenCorpus(f, vocab, kind, args.cache_dir) for f in files or []]
+
+
+def pairs_corpus(name, c, vocab, images, tags, held_in):
+    """The aligned pairs of TokenCorpus `c`, each image of which must be in `images` (`held_in` says where)."""
+    missing = [i for i in c.image_ids if i not in images]
+    if missing:
+        raise SystemExit(f"{c.path}: {len(missing)} pairs name images that {held_in}, e.g. {missing[:3]}")
+    return data.Corpus(name, "pair", vocab, (c, c.image_ids), images, tags)
+
+
+def warn_skipped(corpora):
+    """A warning on the bad records each text corpus left out (tokenised text keeps the list)."""
     texts = [c.items[0] if c.kind == "pair" else c.items for c in corpora if c.kind != "image"]
-    return [r for r in (t.report() for t in texts) if r]
+    for line in filter(None, (t.report() for t in texts)):
+        say("warning: " + line)
 
 
 def heldout_batches(args, vocab, class_names, n):
     """Fixed masked batches of the held-out sets, the same before and after training."""
-    sets = [(f"text:{f}", data.Corpus("text", "text", vocab, data.TokenCorpus(f, vocab, "docs", args.cache_dir)))
-            for f in args.heldout_text or []]
+    tags = not args.no_tags
+    sets = [(f"text:{c.path}", data.Corpus("text", "text", vocab, c))
+            for c in tokenised(args, vocab, args.heldout_text, "docs")]
     if not args.text_only:
-        sets += [(f"captions:{f}",
-                  data.Corpus("captions", "caption", vocab, data.TokenCorpus(f, vocab, "lines", args.cache_dir)))
-                 for f in args.heldout_captions or []]
+        sets += [(f"captions:{c.path}", data.Corpus("captions", "caption", vocab, c))
+                 for c in tokenised(args, vocab, args.heldout_captions, "lines")]
         if args.heldout_images:
             images = data.Images(args.heldout_images)
             if images.class_names != class_names:
                 raise SystemExit("--heldout-images: other detector classes than the training images")
-            sets.append(("images",
-                         data.Corpus("images", "image", vocab, sorted(images.where), images, tags=not args.no_tags)))
+            sets.append(("images", data.Corpus("images", "image", vocab, sorted(images.where), images, tags)))
             if args.aligned or args.hybrid:  # the match objective on pairs never trained on
-                for f in args.heldout_pairs or []:
-                    c = data.TokenCorpus(f, vocab, "pairs", args.cache_dir)
-                    missing = [i for i in c.image_ids if i not in images]
-                    if missing:
-                        raise SystemExit(f"{f}: {len(missing)} pairs name images that --heldout-images does not hold, "
-                                         f"e.g. {missing[:3]}")
-                    sets.append((f"pairs:{f}", data.Corpus("pairs", "pair", vocab, (c, c.image_ids), images,
-                                                           tags=not args.no_tags)))
+                for c in tokenised(args, vocab, args.heldout_pairs, "pairs"):
+                    sets.append((f"pairs:{c.path}",
+                                 pairs_corpus("pairs", c, vocab, images, tags, "--heldout-images does not hold")))
     out = {}
     for name, c in sets:
         out[name] = [c.batch(np.arange(i, min(i + 64, len(c))), data.RowRandom(1234, i, range(min(64, len(c) - i))))
@@ -180,9 +185,7 @@ def evaluate(model, sets, device, ctx):
             with ctx:
                 _, terms = model.pretrain_losses(b)
                 if "match_labels" in b:
-                    inputs = {k: b[k] for k in ("input_ids", "attention_mask", "token_type_ids", "tag_ids", "tag_boxes",
-                                                "tag_mask", "feats", "boxes", "region_mask") if k in b}
-                    right = model.nsp(model.pool(model(**inputs)[0])).argmax(-1) == b["match_labels"]
+                    right = model.nsp(model.pool(model.encode(b)[0])).argmax(-1) == b["match_labels"]
                     terms["match_acc"] = right.float().mean()
             for k, val in terms.items():
                 sums[k] = sums.get(k, 0.0) + val.item()
@@ -271,6 +274,8 @@ def make_model(args, images, vocab_file, src=None, ckpt=None, check=None):
                   num_attrs=len(images.attr_names or [])) if images is not None else {}
     drop = {} if args.dropout is None else {"dropout": args.dropout}
     src = src or args.init_from
+    if not src and vocab_file is None:  # pretrain.py and finetune.py alike stop here, before any model is built
+        raise SystemExit("real data needs a vocabulary: give --init-from (a BERT directory or a checkpoint)")
 
     def same_sizes(cfg, ckpt):  # pre-training trains every visual head on
         for k, val in visual.items():
@@ -279,22 +284,19 @@ def make_model(args, images, vocab_file, src=None, ckpt=None, check=None):
 
     if src and os.path.isdir(src):
         try:
-            cfg = config_from_hf(src, **visual, **drop)
-            return load_bert(VisualBERT(cfg), src), data.Vocab.from_file(os.path.join(src, "vocab.txt"))
+            return VisualBERT.from_bert(src, **visual, **drop), data.Vocab.from_file(os.path.join(src, "vocab.txt"))
         except ValueError as e:
             raise SystemExit(str(e)) from None
     if src:
         ckpt = load_checkpoint(src) if ckpt is None else ckpt
         if not isinstance(ckpt, dict) or not {"model", "config", "vocab"} <= set(ckpt):
-            raise SystemExit(f"{src}: not a checkpoint of pretrain.py or finetune.py (no model, config and vocab inside); "
-                             f"--init-from takes one of those or a Hugging Face BERT directory")
+            raise SystemExit(f"{src}: not a checkpoint of pretrain.py or finetune.py (no model, config and vocab "
+                             f"inside); --init-from takes one of those or a Hugging Face BERT directory")
         cfg = Config(**{**ckpt["config"], **drop})
         (check or same_sizes)(cfg, ckpt)
         model = VisualBERT(cfg)
         load_weights(model, ckpt["model"], src)
         return model, data.Vocab(ckpt["vocab"], source=src)
-    if vocab_file is None:
-        raise SystemExit("real data needs a vocabulary: give --init-from (a BERT directory or one of our checkpoints)")
     vocab = data.Vocab.from_file(vocab_file)
     return VisualBERT(Config(**{**PRESETS[args.model], "vocab_size": len(vocab), **visual, **drop})), vocab
 
@@ -487,7 +489,8 @@ def read_terms(pending, scaler, ckpt_path):
 def status(r, max_steps, dt, steps, samples, tokens, mfu):
     """A logging step's line: record r's losses, then the speed over the `steps` steps of `dt` seconds
     since the last line, of all processes together."""
-    terms = " ".join(f"{k} {value:.3f}" for k, value in r.items() if k not in ("step", "loss", "lr", "modality", "grad_norm"))
+    shown = ("step", "loss", "lr", "modality", "grad_norm")  # in the line's own fields
+    terms = " ".join(f"{k} {value:.3f}" for k, value in r.items() if k not in shown)
     return (f"step {r['step']}/{max_steps} | {r['modality']:<20} | loss {r['loss']:.3f} ({terms}) | lr {r['lr']:.2e} | "
             f"norm {r['grad_norm']:.2f} | {dt / steps * 1000:.0f} ms/step | {samples / dt:.0f} samples/s | "
             f"{tokens / dt:.0f} tokens/s | MFU {mfu} | ETA {dt / steps * (max_steps - r['step']) / 60:.1f} min")
@@ -544,15 +547,10 @@ def train(args, model, run, dataset, optimizer, scaler, lr_at, step, device, dty
     return step
 
 
-def real_data(args):
-    """Whether any data flag is given (else the toy world is used)."""
-    return bool(args.images or args.captions or args.text or args.pairs)
-
-
 def use_toy_world(args, world):
     """With no data flags, the toy world's files (made on first use); returns its vocabulary file
     (None with real data)."""
-    if real_data(args):
+    if args.images or args.captions or args.text or args.pairs:
         return None
     root = toy_world(args.toy_root, world)
     args.text = [os.path.join(root, "pretrain", "text.txt")]
@@ -566,15 +564,66 @@ def use_toy_world(args, world):
     return os.path.join(root, "vocab.txt")
 
 
-def main(argv=None):
+def parse_args(argv):
+    """The settings, checked before any work."""
     args = parser.parse_args(argv)
     if sum([args.unaligned, args.aligned, args.hybrid, args.text_only]) != 1:
         parser.error("choose exactly one of --unaligned, --aligned, --hybrid, --text-only")
     if args.no_captions and not args.unaligned:
         parser.error("--no-captions goes with --unaligned (the U_NC row)")
     data.check_paths(args, PATH_FLAGS)
-    if real_data(args) and not (args.init_from or args.resume):  # before any model is built: its size comes from the vocabulary
-        raise SystemExit("real data needs a vocabulary: give --init-from (a BERT directory or a checkpoint)")
+    return args
+
+
+def open_images(paths):
+    """The image stores of --images (None without): with --text-only they size the visual modules."""
+    try:
+        return data.Images(paths) if paths else None
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(str(e)) from None
+
+
+def load_corpora(args, vocab, images, class_names, rank, world):
+    """The training corpora, and on rank 0 the held-out batches."""
+    try:
+        corpora = build_corpora(args, vocab, images)
+        heldout = heldout_batches(args, vocab, class_names, args.eval_batches) if rank == 0 else {}
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(str(e)) from None
+    for c in corpora:  # a data set smaller than a batch makes batches of its size, which still split
+        if len(c) < world * args.grad_accum:
+            raise SystemExit(f"{c.name}: {len(c)} items, fewer than the {world} process(es) x --grad-accum "
+                             f"{args.grad_accum} micro-batches of a step")
+    return corpora, heldout
+
+
+def describe(args, model, device, world, dtype, why, corpora, dataset):
+    """The start-up lines: model, device and dtype, data, steps."""
+    say(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.cfg.layers} layers, hidden {model.cfg.hidden}")
+    say(f"device: {device} x {world} process(es), dtype: {dtype} ({why}), compile: {args.compile}")
+    for c in corpora:
+        say(f"data: {c.name} ({c.kind}), {len(c)} items")
+    micro = f" in {args.grad_accum} micro-batches of {args.batch_size // (world * args.grad_accum)} per process"
+    say(f"{dataset.steps_per_epoch} steps per epoch, {args.max_steps} steps, global batch {args.batch_size}"
+        + (micro if args.grad_accum > 1 else ""))
+    warn_skipped(corpora)
+
+
+def write_eval(args, before, after, step, curve):
+    """The held-out losses before -> after, said and written to OUT/eval.json with the curve."""
+    if before:
+        say("held-out loss   before  ->  after")
+        for k in after:
+            say(f"  {k:<8} {before.get(k, float('nan')):9.3f} -> {after[k]:7.3f}")
+    else:
+        say("held-out after: " + ", ".join(f"{k} {value:.3f}" for k, value in after.items()))
+    curve.append({"step": step, **after})
+    with open(os.path.join(args.out, "eval.json"), "w") as f:
+        json.dump({"before": before, "after": after, "step": step, "curve": curve}, f, indent=1)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     device, rank, world = setup_device(args)
     check_batch(args.batch_size, world, args.grad_accum)
     torch.manual_seed(args.seed)
@@ -585,69 +634,41 @@ def main(argv=None):
     torch.backends.cudnn.allow_tf32 = True
 
     vocab_file = use_toy_world(args, world)  # the toy world unless real data is given
-    try:
-        images = data.Images(args.images) if args.images else None  # with --text-only, it sizes the visual modules
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(str(e)) from None
+    images = open_images(args.images)
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     resume = load_checkpoint(ckpt_path) if args.resume else None
     if resume is not None:
         args.init_from = ckpt_path
-    model, vocab = make_model(args, images, vocab_file, ckpt=resume)
+    model, vocab = make_model(args, images, vocab_file, ckpt=resume)  # real data without a vocabulary stops here
     model.to(device)
     class_names = images.class_names if images is not None else None
-    try:
-        corpora = build_corpora(args, vocab, images)
-        heldout = heldout_batches(args, vocab, class_names, args.eval_batches) if rank == 0 else {}
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(str(e)) from None
-    for c in corpora:  # a data set smaller than a batch makes batches of its size, which still split
-        if len(c) < world * args.grad_accum:
-            raise SystemExit(f"{c.name}: {len(c)} items, fewer than the {world} process(es) x --grad-accum "
-                             f"{args.grad_accum} micro-batches of a step")
+    corpora, heldout = load_corpora(args, vocab, images, class_names, rank, world)
     dataset = data.PretrainData(corpora, args.batch_size, args.seed, rank, world)
     os.makedirs(args.out, exist_ok=True)  # only now: a bad input leaves no output folder behind
 
     optimizer, lr_at, scaler = make_optimizer(model.parameters(), args, args.max_steps, device, dtype)
     step = 0
+    log_file = os.path.join(args.out, "log.jsonl")
     if resume is not None:
         step = restore(resume, optimizer, scaler)
         if rank == 0:
-            trim_log(os.path.join(args.out, "log.jsonl"), step)
+            trim_log(log_file, step)
         say(f"resuming from {ckpt_path} at step {step}")
     run = wrap(Objectives(model), device, world, args.compile)
     write_args(args, world)
-    say(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.cfg.layers} layers, hidden {model.cfg.hidden}")
-    say(f"device: {device} x {world} process(es), dtype: {dtype} ({why}), compile: {args.compile}")
-    for c in corpora:
-        say(f"data: {c.name} ({c.kind}), {len(c)} items")
-    micro = f" in {args.grad_accum} micro-batches of {args.batch_size // (world * args.grad_accum)} per process"
-    say(f"{dataset.steps_per_epoch} steps per epoch, {args.max_steps} steps, global batch {args.batch_size}"
-        + (micro if args.grad_accum > 1 else ""))
-    for line in skipped_report(corpora):
-        say("warning: " + line)
+    describe(args, model, device, world, dtype, why, corpora, dataset)
 
     before = evaluate(model, heldout, device, ctx) if heldout and step == 0 else None
     if before:
         say("held-out before: " + ", ".join(f"{k} {value:.3f}" for k, value in before.items()))
     save = lambda s: save_checkpoint(ckpt_path, model, optimizer, scaler, s, args, vocab, class_names)  # noqa: E731
-    log_file = os.path.join(args.out, "log.jsonl")
     curve = [r for r in read_log(log_file) if r.get("phase") == "eval"] if rank == 0 and step else []
     step = train(args, model, run, dataset, optimizer, scaler, lr_at, step, device, dtype, ctx, world, save, heldout,
                  curve)
     after = evaluate(model, heldout, device, ctx) if heldout else None
     if after:
-        if before:
-            say("held-out loss   before  ->  after")
-            for k in after:
-                say(f"  {k:<8} {before.get(k, float('nan')):9.3f} -> {after[k]:7.3f}")
-        else:
-            say("held-out after: " + ", ".join(f"{k} {value:.3f}" for k, value in after.items()))
-        curve.append({"step": step, **after})
-        with open(os.path.join(args.out, "eval.json"), "w") as f:
-            json.dump({"before": before, "after": after, "step": step, "curve": curve}, f, indent=1)
-    for line in skipped_report(corpora):  # said again at the end, where it is seen
-        say("warning: " + line)
+        write_eval(args, before, after, step, curve)
+    warn_skipped(corpora)  # said again at the end, where it is seen
     say(f"checkpoint: {ckpt_path}")
     leave(world)
     return after

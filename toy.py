@@ -54,6 +54,18 @@ def plural(c):
     return PLURAL.get(c, c + "s")
 
 
+def things(scene):
+    """The scene's objects, without the background regions (road, sky, ...)."""
+    return [o for o in scene["objects"] if not o.get("background")]
+
+
+def write_lines(path, lines):
+    """A text file of `lines`, written to a temporary name and renamed: never half written."""
+    with open(path + ".tmp", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(path + ".tmp", path)
+
+
 class ToyWorld:
     """Draws scenes and what a detector and people would say about them. Deterministic from seed."""
 
@@ -114,11 +126,10 @@ class ToyWorld:
     # -- language about scenes ------------------------------------------------
 
     def caption(self, scene):
-        r = self.rng
-        things = [o for o in scene["objects"] if not o.get("background")]
-        a, b = (things[i] for i in r.choice(len(things), 2, replace=False))
+        r, objects = self.rng, things(scene)
+        a, b = (objects[i] for i in r.choice(len(objects), 2, replace=False))
         # the classes in scene order: a set's order changes with PYTHONHASHSEED, and so did the captions
-        counts = {c: sum(o["class"] == c for o in things) for c in dict.fromkeys(o["class"] for o in things)}
+        counts = {c: sum(o["class"] == c for o in objects) for c in dict.fromkeys(o["class"] for o in objects)}
         many = [c for c, n in counts.items() if n > 1]
         form = r.integers(5)
         if form == 0:
@@ -147,25 +158,25 @@ class ToyWorld:
 
 GENERAL_TEXT = {
     "vehicle": ["the {x} stopped at the traffic light .", "he bought a new {x} last year .",
-                "she drove the {x} to work .",
-                "the {x} was parked outside the station .", "a {x} needs fuel to run .", "they washed the {x} in the driveway ."],
+                "she drove the {x} to work .", "the {x} was parked outside the station .",
+                "a {x} needs fuel to run .", "they washed the {x} in the driveway ."],
     "animal": ["the {x} was hungry and wanted food .", "a {x} is an animal that lives on a farm .",
-               "the vet looked at the sick {x} .",
-               "the {x} slept in the sun all day .", "children like to feed the {x} .", "the {x} ran across the field ."],
+               "the vet looked at the sick {x} .", "the {x} slept in the sun all day .",
+               "children like to feed the {x} .", "the {x} ran across the field ."],
     "kitchenware": ["she washed the {x} after dinner .", "put the {x} back in the cupboard .",
-                    "the {x} fell and made a loud noise .",
-                    "he set the {x} on the kitchen counter .", "a clean {x} was next to the sink ."],
+                    "the {x} fell and made a loud noise .", "he set the {x} on the kitchen counter .",
+                    "a clean {x} was next to the sink ."],
     "food": ["the {x} tasted sweet and fresh .", "he ate a {x} for lunch .", "she bought a {x} at the market .",
              "the {x} was still warm from the oven .", "kids love to eat {xs} ."],
     "furniture": ["they moved the {x} into the new house .", "the old {x} is made of wood .",
-                  "she sat down near the {x} .",
-                  "the {x} was too heavy to carry .", "we painted the {x} last summer ."],
+                  "she sat down near the {x} .", "the {x} was too heavy to carry .",
+                  "we painted the {x} last summer ."],
     "person": ["the {x} walked to work in the morning .", "a {x} said hello to the neighbours .",
                "the {x} laughed at the joke .", "the {x} was reading a book .", "a young {x} waved from the window ."],
     "any": ["the {x} was {color} and {size} .", "a {size} {x} is not like a {y} .",
-            "the {x} and the {y} were both {color} .",
-            "there was a {color} {x} in the picture .", "how many {xs} did you see ?", "what color is your {x} ?",
-            "is there a {x} in the house ?", "what is next to the {y} ?", "we saw two {xs} and three {ys} ."],
+            "the {x} and the {y} were both {color} .", "there was a {color} {x} in the picture .",
+            "how many {xs} did you see ?", "what color is your {x} ?", "is there a {x} in the house ?",
+            "what is next to the {y} ?", "we saw two {xs} and three {ys} ."],
 }
 
 
@@ -207,10 +218,6 @@ def make_toy_world(root=TOY_DIR, seed=0, scale=1.0, log=print):
                   d["attributes"], d["attr_scores"])
         w.close()
 
-    def write_lines(path, lines):
-        with open(path, "w") as f:
-            f.write("\n".join(lines) + "\n")
-
     def text(n_docs):
         return [line for _ in range(n_docs) for line in world.document() + [""]]
 
@@ -218,25 +225,29 @@ def make_toy_world(root=TOY_DIR, seed=0, scale=1.0, log=print):
     images = [(f"pt{i:06d}", world.scene()) for i in range(n(6000))]
     store("pretrain", images)
     store("extra", [(f"ex{i:06d}", world.scene()) for i in range(n(3000))])
-    write_lines(os.path.join(root, "pretrain", "captions.txt"), [world.caption(world.scene()) for _ in range(n(6000))])
+    write_lines(os.path.join(root, "pretrain", "captions.txt"),
+                [world.caption(world.scene()) for _ in range(n(6000))])
     write_lines(os.path.join(root, "pretrain", "pairs.jsonl"),
                 [json.dumps({"image_id": i, "caption": world.caption(s)}) for i, s in images])
     write_lines(os.path.join(root, "pretrain", "text.txt"), text(n(3000)))
     store("heldout", [(f"ho{i:06d}", world.scene()) for i in range(n(300))])
-    write_lines(os.path.join(root, "heldout", "captions.txt"), [world.caption(world.scene()) for _ in range(n(300))])
+    write_lines(os.path.join(root, "heldout", "captions.txt"),
+                [world.caption(world.scene()) for _ in range(n(300))])
     write_lines(os.path.join(root, "heldout", "text.txt"), text(n(150)))
 
-    make_toy_tasks(world, root, n, store, scenes)
+    make_toy_tasks(world, root, n, store)
 
     # the vocabulary: WordPiece trained on all the toy world's words, as BERT's covers all of English
     from tokenizers import BertWordPieceTokenizer
     tok = BertWordPieceTokenizer(lowercase=True)
     words = [" ".join(CLASSES + COLORS + SIZES + NUMBERS + list(SCENES) + [plural(c) for c in CLASSES])]
-    words += [q["question"] for q in read_json(os.path.join(root, "tasks", "vqa",
-                                                            "v2_OpenEnded_mscoco_train2014_questions.json"))["questions"]]
-    text = [line for f in ("text.txt", "captions.txt") for line in open(os.path.join(root, "pretrain", f)).read().splitlines()]
-    tok.train_from_iterator(words + text,
-                            vocab_size=500, min_frequency=2, show_progress=False, special_tokens=list(Vocab.RESERVED))
+    questions = os.path.join(root, "tasks", "vqa", "v2_OpenEnded_mscoco_train2014_questions.json")
+    words += [q["question"] for q in read_json(questions)["questions"]]
+    for f in ("text.txt", "captions.txt"):
+        with open(os.path.join(root, "pretrain", f)) as lines:
+            words += lines.read().splitlines()
+    tok.train_from_iterator(words, vocab_size=500, min_frequency=2, show_progress=False,
+                            special_tokens=list(Vocab.RESERVED))
     write_lines(os.path.join(root, "vocab.txt"), [t for t, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])])
     write_json(os.path.join(root, "scenes.json"), scenes)
     make_later_corpora(root, seed)
@@ -248,8 +259,7 @@ def make_toy_world(root=TOY_DIR, seed=0, scale=1.0, log=print):
 # The U_SBU row of the paper pre-trains on Conceptual Captions images with SBU captions: captions
 # that users wrote for other photos (Flickr), in other words. Its miniature: captions in a second
 # style (plain sentences, words of the general text) of scenes drawn with other scene-type
-# proportions (more outdoor photos), never of the pre-training images. The proportions and the
-# templates were set once, before any result with them; nothing else in the world depends on them.
+# proportions (more outdoor photos), never of the pre-training images.
 SBU_KINDS = {"street": 0.35, "farm": 0.35, "living room": 0.15, "kitchen": 0.05, "dining room": 0.10}
 SBU_TEMPLATES = ["we saw a {a[color]} {a[class]} and a {b[class]} .", "the {a[class]} was {a[color]} and {a[size]} .",
                  "a {a[class]} near the {b[class]} in the {kind} .",
@@ -258,8 +268,8 @@ SBU_TEMPLATES = ["we saw a {a[color]} {a[class]} and a {b[class]} .", "the {a[cl
 
 
 def sbu_caption(r, scene):
-    things = [o for o in scene["objects"] if not o.get("background")]
-    a, b = (things[i] for i in r.choice(len(things), 2, replace=False))
+    objects = things(scene)
+    a, b = (objects[i] for i in r.choice(len(objects), 2, replace=False))
     return SBU_TEMPLATES[r.integers(len(SBU_TEMPLATES))].format(a=a, b=b, kind=scene["kind"])
 
 
@@ -276,23 +286,24 @@ def make_later_corpora(root, seed=0):
     with open(os.path.join(root, "pretrain", "captions.txt")) as f:
         count = sum(1 for line in f if line.strip())
     kinds = list(SBU_KINDS)
-    lines = [sbu_caption(r, world.scene(kinds[r.choice(len(kinds), p=list(SBU_KINDS.values()))])) for _ in range(count)]
+    write_lines(sbu, [sbu_caption(r, world.scene(kinds[r.choice(len(kinds), p=list(SBU_KINDS.values()))]))
+                      for _ in range(count)])
     heldout = FeatureStore(os.path.join(root, "features", "heldout")).ids()
     scenes = read_json(os.path.join(root, "scenes.json"))
-    for path, out in ((sbu, lines),
-                      (pairs, [json.dumps({"image_id": i, "caption": world.caption(scenes[i])}) for i in heldout])):
-        with open(path + ".tmp", "w") as f:
-            f.write("\n".join(out) + "\n")
-        os.replace(path + ".tmp", path)
+    write_lines(pairs, [json.dumps({"image_id": i, "caption": world.caption(scenes[i])}) for i in heldout])
     return root
 
 
-def make_toy_tasks(world, root, n, store, scenes):
-    """The four downstream tasks on fresh scenes, each in its real dataset's file format (docs/METHOD.md §7)."""
-    r, tasks = world.rng, os.path.join(root, "tasks")
-    things = lambda s: [o for o in s["objects"] if not o.get("background")]
+def make_toy_tasks(world, root, n, store):
+    """The four downstream tasks on fresh scenes, each in its real dataset's file format (docs/METHOD.md §7);
+    n(k) scales a count, store(name, [(image_id, scene)]) writes a feature store."""
+    for make in (toy_vqa, toy_nlvr2, toy_flickr30k, toy_refcoco):
+        make(world, os.path.join(root, "tasks"), n, store)
 
-    # VQA v2: questions and annotations files, 10 answers per question, COCO-style integer image ids
+
+def toy_vqa(world, tasks, n, store):
+    """VQA v2: questions and annotations files, 10 answers per question, COCO-style integer image ids."""
+    r = world.rng
     os.makedirs(os.path.join(tasks, "vqa"), exist_ok=True)
     qid = 0
     for split, first_id, count in (("train2014", 100000, n(2000)), ("val2014", 200000, n(500))):
@@ -307,29 +318,33 @@ def make_toy_tasks(world, root, n, store, scenes):
                 annotations.append({"question_id": qid, "image_id": int(image_id), "question_type": qtype,
                                     "answer_type": atype,
                                     "multiple_choice_answer": max(dict.fromkeys(answers), key=answers.count),
-                                    "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": k + 1} for k, a in enumerate(answers)]})
+                                    "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": k + 1}
+                                                for k, a in enumerate(answers)]})
         write_json(os.path.join(tasks, "vqa", f"v2_OpenEnded_mscoco_{split}_questions.json"),
                    {"task_type": "Open-Ended", "data_type": "mscoco", "data_subtype": split, "questions": questions})
         write_json(os.path.join(tasks, "vqa", f"v2_mscoco_{split}_annotations.json"),
                    {"data_type": "mscoco", "data_subtype": split, "annotations": annotations})
 
-    # NLVR2: JSON lines; each sentence is judged against 2 image pairs, named from the identifier
+
+def toy_nlvr2(world, tasks, n, store):
+    """NLVR2: JSON lines; each sentence is judged against 2 image pairs, named from the identifier."""
     os.makedirs(os.path.join(tasks, "nlvr2"), exist_ok=True)
     for split, count in (("train", n(1500)), ("dev", n(300)), ("test1", n(300))):
         lines, items = [], []
         for k in range(count):
             sentence, make_pair = toy_nlvr2_sentence(world)
             for p in range(2):
-                label = bool(r.random() < 0.5)
+                label = bool(world.rng.random() < 0.5)
                 left, right = make_pair(label)
                 items += [(f"{split}-{k}-{p}-img0", left), (f"{split}-{k}-{p}-img1", right)]
                 lines.append(json.dumps({"identifier": f"{split}-{k}-{p}-0", "sentence": sentence,
                                          "label": str(label)}))
         store(f"nlvr2_{split}", items)
-        with open(os.path.join(tasks, "nlvr2", f"{split}.json"), "w") as f:
-            f.write("\n".join(lines) + "\n")
+        write_lines(os.path.join(tasks, "nlvr2", f"{split}.json"), lines)
 
-    # Flickr30K, Karpathy's split file: 5 captions per image
+
+def toy_flickr30k(world, tasks, n, store):
+    """Flickr30K, Karpathy's split file: 5 captions per image."""
     os.makedirs(os.path.join(tasks, "flickr30k"), exist_ok=True)
     images, items = [], []
     for split, count in (("train", n(1000)), ("val", n(100)), ("test", n(100))):
@@ -339,19 +354,24 @@ def make_toy_tasks(world, root, n, store, scenes):
             sents = [world.caption(s) for _ in range(5)]
             images.append({"filename": f"{700000 + i}.jpg", "imgid": i, "split": split,
                            "sentids": list(range(5 * i, 5 * i + 5)),
-                           "sentences": [{"raw": c, "tokens": c.replace(" .", "").split(), "imgid": i, "sentid": 5 * i + j} for j, c in enumerate(sents)]})
+                           "sentences": [{"raw": c, "tokens": c.replace(" .", "").split(), "imgid": i,
+                                          "sentid": 5 * i + j} for j, c in enumerate(sents)]})
     store("flickr30k", items)
     write_json(os.path.join(tasks, "flickr30k", "dataset_flickr30k.json"), {"dataset": "flickr30k", "images": images})
 
-    # RefCOCO+ (UNC): refs(unc).p and COCO instances.json; testA refers to people, testB to objects
+
+def toy_refcoco(world, tasks, n, store):
+    """RefCOCO+ (UNC): refs(unc).p and COCO instances.json; testA refers to people, testB to objects."""
+    r = world.rng
     os.makedirs(os.path.join(tasks, "refcoco+"), exist_ok=True)
     refs, coco_images, annotations, items = [], [], [], []
     for split, count in (("train", n(1500)), ("val", n(300)), ("testA", n(300)), ("testB", n(300))):
         made = 0
         while made < count:
-            s = toy_refcoco_scene(world, people=split == "testA" or (split in ("train", "val") and r.random() < 0.5))
+            training = split in ("train", "val")
+            s = toy_refcoco_scene(world, people=split == "testA" or (training and r.random() < 0.5))
             image_id = 300000 + len(coco_images)
-            targets = [o for o in things(s) if (GROUP_OF[o["class"]] == "person") == (split != "testB") or split in ("train", "val")]
+            targets = [o for o in things(s) if (GROUP_OF[o["class"]] == "person") == (split != "testB") or training]
             o = targets[r.integers(len(targets))]
             expression = referring_expression(o, things(s))
             if expression is None:
@@ -383,7 +403,7 @@ def make_toy_tasks(world, root, n, store, scenes):
 
 def toy_questions(r, s):
     """(question_type, answer_type, question, answer, wrong-answer options) about a scene."""
-    objs = [o for o in s["objects"] if not o.get("background")]
+    objs = things(s)
     counts = {c: sum(o["class"] == c for o in objs) for c in CLASSES}
     unique = [o for o in objs if counts[o["class"]] == 1]
     out = []
@@ -429,9 +449,11 @@ def toy_nlvr2_sentence(world):
         pair = lambda t: (scene(int(r.integers(1, 3)) if t else 0), scene(int(r.integers(0, 2))))
     elif form == 1:
         sentence = f"both images contain a {c} ."
-        pair = lambda t: (scene(1), scene(1)) if t else ((scene(1), scene(0)) if r.random() < 0.5 else (scene(0), scene(1)))
+        pair = lambda t: ((scene(1), scene(1)) if t else
+                          (scene(1), scene(0)) if r.random() < 0.5 else (scene(0), scene(1)))
     elif form == 2:
-        sentence = f"there {'is' if count == 1 else 'are'} exactly {NUMBERS[count]} {c if count == 1 else plural(c)} in the left image ."
+        sentence = (f"there {'is' if count == 1 else 'are'} exactly {NUMBERS[count]} {c if count == 1 else plural(c)} "
+                    "in the left image .")
         pair = lambda t: (scene(count if t else int(r.choice([x for x in (count - 1, count + 1) if x >= 0]))),
                           scene(int(r.integers(0, 3))))
     else:
@@ -458,7 +480,6 @@ def referring_expression(o, objects):
     return None
 
 
-
 def draw_scene(root, image_id, out_png):
     """Look at a toy scene: its objects as coloured boxes, the detector's tags and scores, and a
     caption, in a PNG."""
@@ -467,9 +488,8 @@ def draw_scene(root, image_id, out_png):
         scene = json.load(f).get(image_id)
     if scene is None:
         raise KeyError(f"{root}/scenes.json: no scene {image_id!r}")
-    name = next(n for n in os.listdir(os.path.join(root, "features")) if image_id in FeatureStore(os.path.join(root,
-                                                                                                               "features", n)))
-    det = FeatureStore(os.path.join(root, "features", name))[image_id]
+    stores = [FeatureStore(os.path.join(root, "features", n)) for n in os.listdir(os.path.join(root, "features"))]
+    det = next(s for s in stores if image_id in s)[image_id]
     W, H = scene["width"], scene["height"]
     rgb = {"red": (220, 50, 50), "blue": (60, 90, 220), "green": (60, 170, 80), "yellow": (230, 200, 40),
            "black": (30, 30, 30), "white": (245, 245, 245), "brown": (140, 90, 50), "gray": (150, 150, 150)}

@@ -49,6 +49,12 @@ def test_table_intervals_and_claims_from_results_files(tmp_path):
     verdicts = {(c["claim"], c["fraction"]): c for c in reproduce.claims(table, ["1/4", "1"])}
     assert verdicts["U beats Base", "1/4"]["verdict"] == "shown"  # +10 in every seed
     assert "9 above, 0 below" in verdicts["U beats Base", "1/4"]["figures"]
+    # the paper's figure for each claim, by hand from its Tables 1-3: U - Base over the nine columns is
+    # (1.48 + 3.34 + 2.37 + 12.51 + 9.31 + 6.56 + 1.76 + 2.05 + 2.76) / 9 = 4.68; S - U on retrieval is
+    # (5.82 + 3.39 + 2.06) / 3 = 3.76; it has no U_SBU row
+    assert verdicts["U beats Base", "1/4"]["paper"] == 4.68
+    assert verdicts["S beats U on retrieval", "1"]["paper"] == 3.76
+    assert verdicts["U_SBU (captions of another corpus) stays close to U", "1"]["paper"] is None
     assert verdicts["U comes close to S outside retrieval", "1/4"]["verdict"] == "undecided"  # seed 2 differs by 1, interval wider than 2
     assert verdicts["S beats U on retrieval", "1/4"]["verdict"] == "undecided"
     assert verdicts["tags matter more without aligned data: (U - U_NT) - (S - S_NT) > 0", "1"]["verdict"] == "shown"

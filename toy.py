@@ -15,6 +15,7 @@ no other code can tell toy from real.
 
 import json
 import os
+import shutil
 import zlib
 
 import numpy as np
@@ -22,6 +23,7 @@ import numpy as np
 from data import FeatureStore, FeatureWriter, Vocab, read_json, write_json
 
 TOY_DIR = "toy_world"
+VOCAB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy_vocab.txt")  # made by train_vocab
 GROUPS = {
     "vehicle": ["car", "truck", "bus", "bicycle", "motorcycle", "fire truck"],
     "animal": ["dog", "cat", "horse", "cow", "sheep", "bird"],
@@ -192,7 +194,7 @@ def relation(a, b):
 def make_toy_world(root=TOY_DIR, seed=0, scale=1.0, log=print):
     """Write the toy world under `root` (skipped if it is already there). `scale` shrinks it for tests.
 
-    root/vocab.txt                         WordPiece vocabulary trained on the toy text
+    root/vocab.txt                         the WordPiece vocabulary, a copy of toy_vocab.txt
     root/scenes.json                       ground truth of every scene, by image id
     root/features/{pretrain,extra,heldout,vqa,nlvr2,flickr30k,refcoco}   feature stores
     root/pretrain/captions.txt             captions of *other* scenes than the pretrain images (unaligned)
@@ -237,7 +239,20 @@ def make_toy_world(root=TOY_DIR, seed=0, scale=1.0, log=print):
 
     make_toy_tasks(world, root, n, store)
 
-    # the vocabulary: WordPiece trained on all the toy world's words, as BERT's covers all of English
+    shutil.copyfile(VOCAB, os.path.join(root, "vocab.txt"))  # the same pieces for every seed and scale
+    write_json(os.path.join(root, "scenes.json"), scenes)
+    make_later_corpora(root, seed)
+    open(os.path.join(root, "done"), "w").close()
+    log(f"toy world written to {root}/: {len(scenes)} scenes")
+    return root
+
+
+def train_vocab(root, out=VOCAB):
+    """How toy_vocab.txt was made: WordPiece trained on every word of the toy world at `root` (seed 0),
+    as BERT's covers all of English. The trainer breaks ties between equally frequent merges in an
+    order that changes from process to process (tokenizers issue 1794), so two trainings differ in a
+    few pieces, and every figure downstream with them: it ran once and its output is kept. Run it
+    again (python toy.py --train-vocab) after changing the toy world's words."""
     from tokenizers import BertWordPieceTokenizer
     tok = BertWordPieceTokenizer(lowercase=True)
     words = [" ".join(CLASSES + COLORS + SIZES + NUMBERS + list(SCENES) + [plural(c) for c in CLASSES])]
@@ -248,12 +263,10 @@ def make_toy_world(root=TOY_DIR, seed=0, scale=1.0, log=print):
             words += lines.read().splitlines()
     tok.train_from_iterator(words, vocab_size=500, min_frequency=2, show_progress=False,
                             special_tokens=list(Vocab.RESERVED))
-    write_lines(os.path.join(root, "vocab.txt"), [t for t, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])])
-    write_json(os.path.join(root, "scenes.json"), scenes)
-    make_later_corpora(root, seed)
-    open(os.path.join(root, "done"), "w").close()
-    log(f"toy world written to {root}/: {len(scenes)} scenes")
-    return root
+    pieces = [t for t, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])]
+    for path in (out, os.path.join(root, "vocab.txt")):
+        write_lines(path, pieces)
+    return out
 
 
 # The U_SBU row of the paper pre-trains on Conceptual Captions images with SBU captions: captions
@@ -514,8 +527,13 @@ if __name__ == "__main__":
     p.add_argument("--root", default=TOY_DIR, help="where the toy world lives")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--show", metavar="IMAGE_ID", help="draw this scene (e.g. pt000000) to IMAGE_ID.png")
+    p.add_argument("--train-vocab", action="store_true",
+                   help=f"train the vocabulary again on this world's words, into {os.path.basename(VOCAB)} "
+                        "(after changing them)")
     args = p.parse_args()
     make_toy_world(args.root, args.seed)
+    if args.train_vocab:
+        print("wrote", train_vocab(args.root))
     if args.show:
         print("wrote", draw_scene(args.root, args.show, f"{args.show}.png"))
 

@@ -10,6 +10,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
+import toy  # noqa: E402
 from toy import CLASSES, ToyWorld, draw_scene, make_toy_world  # noqa: E402
 from data import FeatureStore, FeatureWriter, Vocab  # noqa: E402
 
@@ -248,9 +249,7 @@ def test_nsp_layout():
 
 def test_toy_world_is_deterministic_and_complete(tmp_path):
     a, b = make_toy_world(str(tmp_path / "a"), seed=3, scale=0.01), make_toy_world(str(tmp_path / "b"), seed=3, scale=0.01)
-    # everything but vocab.txt: the `tokenizers` trainer breaks ties between equally frequent
-    # merges in hash-map order, so two trainings on the same text can differ in a few pieces
-    for rel in ["pretrain/captions.txt", "pretrain/text.txt", "tasks/nlvr2/dev.json",
+    for rel in ["vocab.txt", "pretrain/captions.txt", "pretrain/text.txt", "tasks/nlvr2/dev.json",
                 "tasks/vqa/v2_mscoco_val2014_annotations.json", "tasks/flickr30k/dataset_flickr30k.json",
                 "tasks/refcoco+/instances.json", "tasks/refcoco+/refs(unc).p"]:
         assert open(os.path.join(a, rel), "rb").read() == open(os.path.join(b, rel), "rb").read(), rel
@@ -283,9 +282,22 @@ def test_the_toy_world_is_the_same_in_every_process(tmp_path):
         script = f"import toy; toy.make_toy_world({str(tmp_path / seed)!r}, seed=3, scale=0.05)"
         subprocess.run([sys.executable, "-c", script], cwd=here, check=True, env={**os.environ, "PYTHONHASHSEED": seed},
                        stdout=subprocess.DEVNULL)
-    for rel in ["pretrain/captions.txt", "pretrain/pairs.jsonl", "heldout/pairs.jsonl", "tasks/flickr30k/dataset_flickr30k.json",
-                "tasks/vqa/v2_mscoco_train2014_annotations.json"]:
+    # vocab.txt too: trained in each process, it differed (the trainer's ties fall in hash-map order)
+    for rel in ["vocab.txt", "pretrain/captions.txt", "pretrain/pairs.jsonl", "heldout/pairs.jsonl",
+                "tasks/flickr30k/dataset_flickr30k.json", "tasks/vqa/v2_mscoco_train2014_annotations.json"]:
         assert (tmp_path / "1" / rel).read_bytes() == (tmp_path / "2" / rel).read_bytes(), rel
+
+
+def test_train_vocab_covers_the_toy_words(tmp_path):
+    """toy.py --train-vocab: WordPiece pieces of a world's words, the reserved tokens first; every class,
+    colour and size word is split into known pieces, never [UNK]."""
+    root = make_toy_world(str(tmp_path / "w"), seed=3, scale=0.02, log=lambda *a: None)
+    out = toy.train_vocab(root, str(tmp_path / "vocab.txt"))
+    vocab = Vocab.from_file(out)
+    assert open(out).read().split("\n")[:len(Vocab.RESERVED)] == list(Vocab.RESERVED)
+    assert open(os.path.join(root, "vocab.txt")).read() == open(out).read()
+    for word in CLASSES + toy.COLORS + toy.SIZES:
+        assert Vocab.RESERVED[1] not in vocab.tokenizer.encode(word, add_special_tokens=False).tokens, word
 
 
 def test_toy_detector_features_follow_classes_and_groups():

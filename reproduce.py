@@ -426,8 +426,7 @@ def image_states(model, vocab, entries, class_names, tags):
     b = data.image_inputs(entries, vocab.tag_pieces(class_names), tags != "none")
     if tags == "hidden":
         b["tag_ids"] = b["tag_ids"].masked_fill(b["tag_mask"], vocab.mask)
-    h, spans = model(**{k: b[k] for k in ("tag_ids", "tag_boxes", "tag_mask", "feats", "boxes",
-                                          "region_mask") if k in b})
+    h, spans = model.encode(b)
     out = []
     for i in range(len(entries)):
         K = int(b["region_mask"][i].sum())
@@ -584,7 +583,7 @@ def pca(x, k=2):
     return x @ v[:k].T
 
 
-def tsne(x, perplexity=20.0, steps=600, seed=0):
+def tsne(x, perplexity=20.0, steps=600):
     """t-SNE (van der Maaten and Hinton, 2008) of the rows of x (N, D) -> (N, 2): Gaussian neighbour
     probabilities at the given perplexity, Student-t ones in 2-D, KL descent with momentum and
     early exaggeration, started from the PCA map."""
@@ -601,7 +600,8 @@ def tsne(x, perplexity=20.0, steps=600, seed=0):
         lo, hi = torch.where(high, beta, lo), torch.where(high, hi, beta)
         beta = torch.where(torch.isinf(hi), beta * 2, (lo + hi) / 2)
     p = (p + p.T) / (2 * n)
-    y = pca(x) / pca(x)[:, 0].std() * 1e-2
+    y = pca(x)
+    y = y / y[:, 0].std() * 1e-2
     y.requires_grad_(True)
     opt = torch.optim.SGD([y], lr=max(n / 12 / 4, 50), momentum=0.8)
     for step in range(steps):

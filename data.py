@@ -128,7 +128,7 @@ class FeatureStore:
         return np.asarray(self._array(s, "features")[start + int(u * count)])
 
 
-def _replace(file, write, mode="wb"):
+def write_atomic(file, write, mode="wb"):
     """write(f) to a temporary file renamed to `file`: readers never see half a file. One temporary
     name per process: writers may run side by side."""
     tmp = f"{file}.{os.getpid()}.tmp"
@@ -138,7 +138,7 @@ def _replace(file, write, mode="wb"):
 
 
 def _save_npy(file, arr):
-    _replace(file, lambda f: np.save(f, arr))
+    write_atomic(file, lambda f: np.save(f, arr))
 
 
 def read_json(file):
@@ -201,7 +201,7 @@ def check_paths(args, kinds):
 
 
 def write_json(file, obj):
-    _replace(file, lambda f: f.write(json.dumps(obj)), "w")  # json.dumps runs in C, json.dump does not
+    write_atomic(file, lambda f: f.write(json.dumps(obj)), "w")  # json.dumps runs in C, json.dump does not
 
 
 class FeatureWriter:

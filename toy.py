@@ -20,7 +20,7 @@ import zlib
 
 import numpy as np
 
-from data import FeatureStore, FeatureWriter, Vocab, read_json, write_json
+from data import FeatureStore, FeatureWriter, Vocab, read_json, write_atomic, write_json
 
 TOY_DIR = "toy_world"
 VOCAB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy_vocab.txt")  # made by train_vocab
@@ -62,10 +62,8 @@ def things(scene):
 
 
 def write_lines(path, lines):
-    """A text file of `lines`, written to a temporary name and renamed: never half written."""
-    with open(path + ".tmp", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(path + ".tmp", path)
+    """A text file of `lines`, never half written (data.write_atomic)."""
+    write_atomic(path, lambda f: f.write("\n".join(lines) + "\n"), "w")
 
 
 class ToyWorld:

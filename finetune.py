@@ -1006,10 +1006,10 @@ def report(args, task, model, head, ctx, log, t_start, rank):
     if task.skipped.files:
         results["skipped"] = {file: n for file, (n, _) in task.skipped.files.items()}
     baseline = {"task": args.task, "baseline": task.baseline_name, **{s: task.baseline(s) for s in task.eval_splits}}
-    for name, obj in (("results.json", results), ("baseline.json", baseline)):
+    # results.json last and whole: reproduce.py takes it to mean the run is done
+    for name, obj in (("baseline.json", baseline), ("results.json", results)):
         if rank == 0:
-            with open(os.path.join(args.out, name), "w") as f:
-                json.dump(obj, f, indent=1)
+            data.write_atomic(os.path.join(args.out, name), lambda f: json.dump(obj, f, indent=1), "w")
     log.write(json.dumps({"phase": "eval", "results": results, "baseline": baseline}) + "\n")
     log.close()
     for line in task.warnings():

@@ -618,8 +618,9 @@ def write_eval(args, before, after, step, curve):
     else:
         say("held-out after: " + ", ".join(f"{k} {value:.3f}" for k, value in after.items()))
     curve.append({"step": step, **after})
-    with open(os.path.join(args.out, "eval.json"), "w") as f:
-        json.dump({"before": before, "after": after, "step": step, "curve": curve}, f, indent=1)
+    result = {"before": before, "after": after, "step": step, "curve": curve}
+    # whole or not at all: reproduce.py takes eval.json to mean the run is done
+    data.write_atomic(os.path.join(args.out, "eval.json"), lambda f: json.dump(result, f, indent=1), "w")
 
 
 def main(argv=None):

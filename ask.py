@@ -25,10 +25,10 @@ from PIL import Image, ImageDraw
 
 import data
 import extract_features as ef
-import finetune as ft
+import tasks
 import toy
 from model import Config, VisualBERT
-from pretrain import load_checkpoint
+from pretrain import load_checkpoint, load_weights
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("checkpoint", help="OUT/ckpt.pt of finetune.py")
@@ -64,7 +64,7 @@ def load(path):
 
 
 class Entries(dict):
-    """Image id -> its features, as data.Images hands them to finetune.py's tasks."""
+    """Image id -> its features, as data.Images hands them to the tasks (tasks.py)."""
 
     def __init__(self, class_names):
         super().__init__()
@@ -176,16 +176,16 @@ def draw(picture, entry, names, out_png, caption, shares=None, chosen=None, labe
 
 
 def build(ckpt, path, device):
-    """finetune.py's task without its data files (its head, inputs and forward passes, as its evaluation
+    """The task (tasks.py) without its data files (its head, inputs and forward passes, as its evaluation
     runs them), the model and the head -> (task, model, head)."""
     name, names = ckpt["task"], ckpt["class_names"]
-    task = ft.TASKS[name].__new__(ft.TASKS[name])
-    ft.Task.__init__(task, argparse.Namespace(**ckpt["args"]), data.Vocab(ckpt["vocab"], source=path), Entries(names))
+    task, vocab = tasks.TASKS[name].__new__(tasks.TASKS[name]), data.Vocab(ckpt["vocab"], source=path)
+    tasks.Task.__init__(task, argparse.Namespace(**ckpt["args"]), vocab, Entries(names))
     task.answers, task.tags, task.device = ckpt["answers"], ckpt["tags"], device
     model = VisualBERT(Config(**ckpt["config"]))
-    ft.load_weights(model, ckpt["model"], path)
+    load_weights(model, ckpt["model"], path)
     head = task.make_head(model)
-    ft.load_weights(head, ckpt["head"], path)
+    load_weights(head, ckpt["head"], path)
     return task, model.to(device).eval(), head.to(device).eval()
 
 
@@ -222,7 +222,7 @@ def add_images(specs, task, model, ckpt, args, device):
     return keys, pictures, scenes
 
 
-# each task's answer, as finetune.py's evaluation computes it: (x: the tokenized text) -> the result's
+# each task's answer, as its evaluation (tasks.py) computes it: (x: the tokenized text) -> the result's
 # fields, the last layer's attention and spans, the (image, row of the batch) pairs to show, the caption
 
 
@@ -264,7 +264,7 @@ def answer_nlvr2(task, model, head, keys, x, top):
 
 def answer_retrieval(task, model, head, keys, x, top):
     """The images ranked by their match score with the caption, best first; the attention shown is the best's."""
-    scores = torch.cat([task.scores(model, head, [x["ids"]] * len(c), c) for c in ft.chunks(keys, 64)])
+    scores = torch.cat([task.scores(model, head, [x["ids"]] * len(c), c) for c in tasks.chunks(keys, 64)])
     ranking = [(keys[i], scores[i].item()) for i in scores.argsort(descending=True).tolist()]
     for r, (k, v) in enumerate(ranking):
         print(f"{r + 1:>4}. {v:8.3f}  {k}")

@@ -18,6 +18,7 @@ import ask  # noqa: E402
 import data  # noqa: E402
 import extract_features as ef  # noqa: E402
 import finetune as ft  # noqa: E402
+import tasks  # noqa: E402
 from model import Config, VisualBERT  # noqa: E402
 from toy import make_toy_world  # noqa: E402
 
@@ -31,7 +32,7 @@ EVALUATED = {"vqa": "logits", "nlvr2": "logits", "retrieval": "score_matrix", "r
 def finetune_recording(mp, argv, task):
     """finetune.main(argv), and what its evaluation computed: [(task, items or split, output)] of each call
     of the task's forward method made while the model was in eval mode."""
-    cls, calls = ft.TASKS[task], []
+    cls, calls = tasks.TASKS[task], []
     real = getattr(cls, EVALUATED[task])
 
     def recorder(self, model, head, what, *rest):

@@ -15,6 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 from toy import CLASSES, COLORS, FEATURE_DIM, make_toy_world  # noqa: E402
 import finetune as ft  # noqa: E402
+import tasks  # noqa: E402
 from model import Config, VisualBERT  # noqa: E402
 
 
@@ -54,13 +55,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
     ("  two \t dogs \n", "2 dogs"),
 ])
 def test_answer_normalisation(raw, clean):
-    assert ft.normalize_answer(raw) == clean
+    assert tasks.normalize_answer(raw) == clean
 
 
 def test_contraction_table_spellings():
-    assert ft.CONTRACTIONS["yall'd've"] == ft.CONTRACTIONS["y'alld've"] == ft.CONTRACTIONS["y'all'dve"] == "y'all'd've"
-    assert ft.CONTRACTIONS["twas"] == "'twas" and ft.CONTRACTIONS["ow's'at"] == "'ow's'at"
-    assert "wed" not in ft.CONTRACTIONS  # "we'd" is not in the official table ("wed" is a word)
+    assert tasks.CONTRACTIONS["yall'd've"] == tasks.CONTRACTIONS["y'alld've"] == tasks.CONTRACTIONS["y'all'dve"] == "y'all'd've"
+    assert tasks.CONTRACTIONS["twas"] == "'twas" and tasks.CONTRACTIONS["ow's'at"] == "'ow's'at"
+    assert "wed" not in tasks.CONTRACTIONS  # "we'd" is not in the official table ("wed" is a word)
 
 
 @pytest.mark.parametrize("k, expected", [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (7, 1.0), (10, 1.0)])
@@ -69,8 +70,8 @@ def test_vqa_accuracy_by_hand(k, expected):
     # keep the matching annotator give min(1, 1/3), the other gives 0: 9/3/10 = 0.3. For k = 3:
     # 3 subsets keep 2 matches (2/3), 7 keep 3 (1): (2 + 7)/10 = 0.9. For k = 4: every subset has >= 3.
     gts = ["2"] * k + ["3"] * (10 - k)
-    assert ft.vqa_accuracy("2", gts) == pytest.approx(expected)
-    assert ft.soft_score(k) == pytest.approx(expected) == pytest.approx(min(1, 0.3 * k))
+    assert tasks.vqa_accuracy("2", gts) == pytest.approx(expected)
+    assert tasks.soft_score(k) == pytest.approx(expected) == pytest.approx(min(1, 0.3 * k))
 
 
 @pytest.mark.parametrize("pred, answers, expected", [
@@ -88,35 +89,35 @@ def test_vqa_accuracy_by_hand(k, expected):
     ("yes", ["yes."] * 10, 0.0),
 ])
 def test_vqa_accuracy_is_the_official_one(pred, answers, expected):
-    assert ft.vqa_accuracy(pred, answers) == pytest.approx(expected)
+    assert tasks.vqa_accuracy(pred, answers) == pytest.approx(expected)
 
 
 def test_soft_score_with_fewer_annotators():
-    assert ft.soft_score(2, n=3) == pytest.approx((2 * (1 / 3) + 1 * (2 / 3)) / 3)  # the same definition
-    assert ft.vqa_accuracy("a", ["a", "a", "b"]) == pytest.approx(ft.soft_score(2, n=3))
+    assert tasks.soft_score(2, n=3) == pytest.approx((2 * (1 / 3) + 1 * (2 / 3)) / 3)  # the same definition
+    assert tasks.vqa_accuracy("a", ["a", "a", "b"]) == pytest.approx(tasks.soft_score(2, n=3))
 
 
 def test_recall_at_k_by_hand():
     scores = torch.tensor([[0.9, 0.1, 0.2, 0.3],  # caption 0, image 0 first: rank 0
                            [0.5, 0.4, 0.6, 0.1],  # caption 1, image 1 behind two: rank 2
                            [0.3, 0.3, 0.3, 0.3]])  # caption 2, image 3 tied with all: ties count against it, rank 3
-    r = ft.recall_at_k(scores, torch.tensor([0, 1, 3]), ks=(1, 2, 3, 4))
+    r = tasks.recall_at_k(scores, torch.tensor([0, 1, 3]), ks=(1, 2, 3, 4))
     assert r == pytest.approx({"R@1": 1 / 3, "R@2": 1 / 3, "R@3": 2 / 3, "R@4": 1.0})
 
 
 def test_box_iou_by_hand():
-    assert ft.box_iou([0, 0, 2, 2], [1, 1, 3, 3]) == pytest.approx(1 / 7)  # overlap 1, union 4 + 4 - 1
-    assert ft.box_iou([0, 0, 4, 4], [0, 0, 2, 2]) == pytest.approx(0.25)
-    assert ft.box_iou([0, 0, 1, 1], [2, 2, 3, 3]) == 0.0
-    assert ft.box_iou([5, 5, 9, 9], [5, 5, 9, 9]) == pytest.approx(1.0)
-    many = ft.box_iou(np.array([[0, 0, 2, 2], [1, 1, 3, 3], [10, 10, 11, 11]]), np.array([1, 1, 3, 3]))
+    assert tasks.box_iou([0, 0, 2, 2], [1, 1, 3, 3]) == pytest.approx(1 / 7)  # overlap 1, union 4 + 4 - 1
+    assert tasks.box_iou([0, 0, 4, 4], [0, 0, 2, 2]) == pytest.approx(0.25)
+    assert tasks.box_iou([0, 0, 1, 1], [2, 2, 3, 3]) == 0.0
+    assert tasks.box_iou([5, 5, 9, 9], [5, 5, 9, 9]) == pytest.approx(1.0)
+    many = tasks.box_iou(np.array([[0, 0, 2, 2], [1, 1, 3, 3], [10, 10, 11, 11]]), np.array([1, 1, 3, 3]))
     assert many.shape == (3,) and many == pytest.approx([1 / 7, 1, 0])
 
 
 def test_nlvr2_consistency_by_hand():
     # sentence a: both pairs right; b: one wrong; c: its one pair right
-    assert ft.consistency(["a", "a", "b", "b", "c"], [1, 1, 1, 0, 1]) == pytest.approx(2 / 3)
-    assert ft.consistency(["a", "a"], [0, 0]) == 0.0
+    assert tasks.consistency(["a", "a", "b", "b", "c"], [1, 1, 1, 0, 1]) == pytest.approx(2 / 3)
+    assert tasks.consistency(["a", "a"], [0, 0]) == 0.0
 
 
 # -----------------------------------------------------------------------------
@@ -156,8 +157,8 @@ def test_vqa_loader(tmp_path, store):
     q, a = vqa_files(tmp_path, [{"image_id": 42, "question": "how many cats?", "question_id": 1},
                                 {"image_id": 7, "question": "how many dogs?", "question_id": 2}],
                      [annotation(1, 42, ["2"] * 10), annotation(2, 7, ["1"] * 10)])
-    skipped = ft.Skipped()
-    items = ft.load_vqa(q, a, store, skipped)
+    skipped = tasks.Skipped()
+    items = tasks.load_vqa(q, a, store, skipped)
     assert [x["image"] for x in items] == ["COCO_val2014_000000000042", "7"]  # the file stem, then the number
     assert items[0]["answers"] == ["2"] * 10 and items[0]["qtype"] == "how many" and items[0]["mc"] == "2"
     assert skipped.files == {}
@@ -167,15 +168,15 @@ def test_vqa_loader_skips_a_question_without_features(tmp_path, store):
     q, a = vqa_files(tmp_path, [{"image_id": 42, "question": "?", "question_id": 1}, {"image_id": 99, "question": "?", "question_id": 2},
                                 {"image_id": 98, "question": "?", "question_id": 3}],
                      [annotation(1, 42, ["2"] * 10), annotation(2, 99, ["1"] * 10), annotation(3, 98, ["1"] * 10)])
-    skipped = ft.Skipped()
-    assert [x["qid"] for x in ft.load_vqa(q, a, store, skipped)] == [1]  # the question with features stays
+    skipped = tasks.Skipped()
+    assert [x["qid"] for x in tasks.load_vqa(q, a, store, skipped)] == [1]  # the question with features stays
     [line] = skipped.lines()
     assert line.startswith(f"skipped 2 records of {q}: first: record 1 (question_id 2): its image has no features in {tmp_path / 'store'}")
     assert "'99', 'COCO_train2014_000000000099'" in line  # what was looked for
     # a split with no usable question left is fatal: the task files and the stores do not fit
     q, a = vqa_files(tmp_path, [{"image_id": 99, "question": "?", "question_id": 2}], [annotation(2, 99, ["1"] * 10)])
     with pytest.raises(ValueError, match=r"questions.json: no usable question; all 1 skipped, first: record 0 \(question_id 2\): its image has no"):
-        ft.load_vqa(q, a, store, ft.Skipped())
+        tasks.load_vqa(q, a, store, tasks.Skipped())
 
 
 def test_vqa_loader_rejects_missing_fields(tmp_path, store):
@@ -183,13 +184,13 @@ def test_vqa_loader_rejects_missing_fields(tmp_path, store):
     del bad["answers"]
     q, a = vqa_files(tmp_path, [{"image_id": 42, "question": "?", "question_id": 1}], [bad])
     with pytest.raises(ValueError, match=r"annotations.json: record 0 \(question_id 1\) has no field 'answers'"):
-        ft.load_vqa(q, a, store, ft.Skipped())
+        tasks.load_vqa(q, a, store, tasks.Skipped())
     q, a = vqa_files(tmp_path, [{"image_id": 99, "question_id": 1}], [annotation(1, 99, ["2"] * 10)])  # malformed beats unseen image
     with pytest.raises(ValueError, match=r"questions.json: record 0 \(question_id 1\) has no field 'question'"):
-        ft.load_vqa(q, a, store, ft.Skipped())
+        tasks.load_vqa(q, a, store, tasks.Skipped())
     q, a = vqa_files(tmp_path, [{"image_id": 42, "question": "?", "question_id": 5}], [annotation(1, 42, ["2"] * 10)])
     with pytest.raises(ValueError, match=r"questions.json: record 0 \(question_id 5\): .*annotations.json has no annotation"):
-        ft.load_vqa(q, a, store, ft.Skipped())
+        tasks.load_vqa(q, a, store, tasks.Skipped())
 
 
 def write_lines(path, records):
@@ -215,32 +216,32 @@ def vqa_folder(tmp_path):
 def test_answer_set_counted_over_the_files_named(tmp_path):
     files = vqa_folder(tmp_path)
     # multiple_choice_answer, normalised: train "yes" 2, "2" 1 ("Two"); val "2" 3 ("2", "2", "Two")
-    assert ft.read_answer_set([files["train2014"]], 2)[0] == ["yes"]
-    answers, source = ft.read_answer_set([files["train2014"], files["val2014"]], 2)
+    assert tasks.read_answer_set([files["train2014"]], 2)[0] == ["yes"]
+    answers, source = tasks.read_answer_set([files["train2014"], files["val2014"]], 2)
     assert answers == ["2", "yes"] and source.startswith("each the answer of >= 2 questions of ")
-    assert ft.read_answer_set([files["train2014"], files["val2014"]], 3)[0] == ["2"]
+    assert tasks.read_answer_set([files["train2014"], files["val2014"]], 3)[0] == ["2"]
     with pytest.raises(ValueError, match="no answer is given to 5 questions of .*: lower --min-answer-count"):
-        ft.read_answer_set([files["train2014"], files["val2014"]], 5)
+        tasks.read_answer_set([files["train2014"], files["val2014"]], 5)
     ans2label = write(tmp_path / "trainval_ans2label.json", {"no": 1, "3": 3, "yes": 0, "2": 2})
-    assert ft.read_answer_set([ans2label], 9) == (["yes", "no", "2", "3"], f"read from {ans2label}")  # in index order
+    assert tasks.read_answer_set([ans2label], 9) == (["yes", "no", "2", "3"], f"read from {ans2label}")  # in index order
     for bad in ({"yes": 0, "no": 0}, {"yes": 1}, {"yes": "0"}, {"yes": True}, {}):
         with pytest.raises(ValueError, match="nor an ans2label file"):
-            ft.read_answer_set([write(tmp_path / "bad.json", bad)], 9)
+            tasks.read_answer_set([write(tmp_path / "bad.json", bad)], 9)
 
 
 def test_answer_flag_and_training_targets_follow_the_official_evaluation(tmp_path, store):
     files = vqa_folder(tmp_path)
     vocab = data.Vocab(list(data.Vocab.RESERVED) + ["how", "many", "cat", "##s", "?", "dog"])
     ans2label = write(tmp_path / "trainval_ans2label.json", {"yes": 0, "no": 1, "2": 2, "3": 3})
-    counted = ft.VQA(ft.parser.parse_args(["--task", "vqa", "--answers", *files.values(), "--min-answer-count", "2"]), vocab, store, str(tmp_path))
+    counted = tasks.VQA(ft.parser.parse_args(["--task", "vqa", "--answers", *files.values(), "--min-answer-count", "2"]), vocab, store, str(tmp_path))
     assert counted.answers == ["2", "yes"] and counted.info[-1].startswith("2 answers (each the answer of >= 2 questions of")
-    task = ft.VQA(ft.parser.parse_args(["--task", "vqa", "--answers", ans2label]), vocab, store, str(tmp_path))
+    task = tasks.VQA(ft.parser.parse_args(["--task", "vqa", "--answers", ans2label]), vocab, store, str(tmp_path))
     assert task.answers == ["yes", "no", "2", "3"] and task.info[-1] == f"4 answers (read from {ans2label})"
     # each target is the official accuracy of that answer: question 3's "two" counts as "2" (its
     # annotators disagree), question 13's ten "Two" match no answer of the set (they agree: kept as said)
     for x in task.splits["train"] + task.splits["val"]:
         assert {a: x["target"].get(a, 0.0) for a in range(4)} == pytest.approx(
-            {a: ft.vqa_accuracy(label, x["answers"]) for a, label in enumerate(task.answers)}), x["qid"]
+            {a: tasks.vqa_accuracy(label, x["answers"]) for a, label in enumerate(task.answers)}), x["qid"]
     by_qid = {x["qid"]: x["target"] for x in task.splits["train"] + task.splits["val"]}
     assert by_qid[3] == pytest.approx({2: 1.0, 3: 1.0}) and by_qid[2] == pytest.approx({0: 1.0, 1: 0.9}) and by_qid[13] == {}
 
@@ -248,7 +249,7 @@ def test_answer_flag_and_training_targets_follow_the_official_evaluation(tmp_pat
 def test_nlvr2_loader(tmp_path, store):
     f = write_lines(tmp_path / "dev.json", [{"identifier": "dev-1-0-3", "sentence": "two cats .", "label": "True"},
                                             {"identifier": "dev-1-0-4", "sentence": "no dog .", "label": "False"}])
-    items = ft.load_nlvr2(f, store, ft.Skipped())
+    items = tasks.load_nlvr2(f, store, tasks.Skipped())
     assert items[0]["images"] == ("dev-1-0-img0", "dev-1-0-img1") and [x["label"] for x in items] == [1, 0]
     assert items[0]["sentence"] == "dev-1-3"  # the identifier without its pair index
 
@@ -261,19 +262,19 @@ def test_nlvr2_loader(tmp_path, store):
 def test_nlvr2_loader_rejects_bad_records(tmp_path, store, record, message):
     f = write_lines(tmp_path / "dev.json", [{"identifier": "dev-1-0-0", "sentence": "x", "label": "True"}, record])
     with pytest.raises(ValueError, match=message):
-        ft.load_nlvr2(f, store, ft.Skipped())
+        tasks.load_nlvr2(f, store, tasks.Skipped())
 
 
 def test_nlvr2_loader_skips_a_pair_without_features(tmp_path, store):
     f = write_lines(tmp_path / "dev.json", [{"identifier": "dev-2-0-3", "sentence": "x", "label": "True"},  # neither image is stored
                                             {"identifier": "dev-1-0-0", "sentence": "x", "label": "True"}])
-    skipped = ft.Skipped()
-    assert [x["id"] for x in ft.load_nlvr2(f, store, skipped)] == ["dev-1-0-0"]
+    skipped = tasks.Skipped()
+    assert [x["id"] for x in tasks.load_nlvr2(f, store, skipped)] == ["dev-1-0-0"]
     assert skipped.lines() == [f"skipped 1 records of {f}: first: line 1 (dev-2-0-3): its image has no features in "
                                f"{tmp_path / 'store'} (looked for 'dev-2-0-img0')"]  # one record, counted once
     f = write_lines(tmp_path / "dev.json", [{"identifier": "dev-2-0-3", "sentence": "x", "label": "True"}])
     with pytest.raises(ValueError, match=r"dev.json: no usable example; all 1 skipped, first: line 1 \(dev-2-0-3\)"):
-        ft.load_nlvr2(f, store, ft.Skipped())
+        tasks.load_nlvr2(f, store, tasks.Skipped())
 
 
 def karpathy(split="test", filename="1000092795.jpg", sentences=True):
@@ -284,16 +285,16 @@ def karpathy(split="test", filename="1000092795.jpg", sentences=True):
 
 
 def test_karpathy_loader(tmp_path, store):
-    splits = ft.load_karpathy(write(tmp_path / "dataset_flickr30k.json", karpathy()), store, ft.Skipped())
+    splits = tasks.load_karpathy(write(tmp_path / "dataset_flickr30k.json", karpathy()), store, tasks.Skipped())
     assert splits == {"test": [{"image": "1000092795", "captions": ["a cat .", "a dog"]}]}
-    splits = ft.load_karpathy(write(tmp_path / "d.json", karpathy(split="restval")), store, ft.Skipped())
+    splits = tasks.load_karpathy(write(tmp_path / "d.json", karpathy(split="restval")), store, tasks.Skipped())
     assert list(splits) == ["train"]  # restval is training data
 
 
 def test_karpathy_loader_skips_an_image_without_features(tmp_path, store):
     f = write(tmp_path / "dataset_flickr30k.json", {"images": karpathy(filename="5.jpg")["images"] + karpathy()["images"]})
-    skipped = ft.Skipped()
-    assert [im["image"] for im in ft.load_karpathy(f, store, skipped)["test"]] == ["1000092795"]
+    skipped = tasks.Skipped()
+    assert [im["image"] for im in tasks.load_karpathy(f, store, skipped)["test"]] == ["1000092795"]
     assert skipped.files == {f: [1, f"image record 0 (5.jpg): its image has no features in {tmp_path / 'store'} (looked for '5')"]}
 
 
@@ -305,7 +306,7 @@ def test_karpathy_loader_skips_an_image_without_features(tmp_path, store):
 ])
 def test_karpathy_loader_rejects_bad_records(tmp_path, store, kw, message):
     with pytest.raises(ValueError, match=message):
-        ft.load_karpathy(write(tmp_path / "dataset_flickr30k.json", karpathy(**kw)), store, ft.Skipped())
+        tasks.load_karpathy(write(tmp_path / "dataset_flickr30k.json", karpathy(**kw)), store, tasks.Skipped())
 
 
 def refcoco_files(tmp_path, *more, **changes):
@@ -320,7 +321,7 @@ def refcoco_files(tmp_path, *more, **changes):
 
 
 def test_refcoco_loader(tmp_path, store):
-    splits = ft.load_refcoco(*refcoco_files(tmp_path), store, ft.Skipped())
+    splits = tasks.load_refcoco(*refcoco_files(tmp_path), store, tasks.Skipped())
     assert [x["text"] for x in splits["val"]] == ["the cat", "left cat"]  # one example per sentence
     x = splits["val"][0]
     assert x["image"] == "COCO_val2014_000000000042" and x["gold"] == [0, 0, 50, 25] and x["size"] == (100, 50)
@@ -334,14 +335,14 @@ def test_refcoco_loader(tmp_path, store):
 ])
 def test_refcoco_loader_rejects_bad_records(tmp_path, store, changes, message):
     with pytest.raises(ValueError, match=message):
-        ft.load_refcoco(*refcoco_files(tmp_path, **changes), store, ft.Skipped())
+        tasks.load_refcoco(*refcoco_files(tmp_path, **changes), store, tasks.Skipped())
 
 
 def test_refcoco_loader_skips_a_ref_without_features(tmp_path, store):
     unseen = {"ref_id": 1, "ann_id": 5, "image_id": 43, "split": "val", "sentences": [{"sent": "a dog"}]}
     refs, instances = refcoco_files(tmp_path, unseen)
-    skipped = ft.Skipped()
-    assert [x["ref_id"] for x in ft.load_refcoco(refs, instances, store, skipped)["val"]] == [0, 0]  # ref 0's two sentences
+    skipped = tasks.Skipped()
+    assert [x["ref_id"] for x in tasks.load_refcoco(refs, instances, store, skipped)["val"]] == [0, 0]  # ref 0's two sentences
     assert skipped.files[refs][0] == 1 and skipped.files[refs][1].startswith("record 1 (ref_id 1): its image has no features")
 
 
@@ -359,7 +360,7 @@ def make_task(toy, name, *flags):
     folder, stores = ft.TOY[name]
     images = data.Images([os.path.join(toy, "features", s) for s in stores])
     model, vocab = ft.build_model(args, images, os.path.join(toy, "vocab.txt"))
-    task = ft.TASKS[name](args, vocab, images, os.path.join(toy, "tasks", folder))
+    task = tasks.TASKS[name](args, vocab, images, os.path.join(toy, "tasks", folder))
     return task, model.eval(), task.make_head(model)
 
 
@@ -408,7 +409,7 @@ def test_refcoco_boxes_compared_in_pixels(toy):
     x = task.splits["val"][0]
     e = task.images[x["image"]]
     W, H = x["size"]
-    assert x["iou"] == pytest.approx(ft.box_iou(e["boxes"] * [W, H, W, H], x["gold"]))
+    assert x["iou"] == pytest.approx(tasks.box_iou(e["boxes"] * [W, H, W, H], x["gold"]))
     assert x["iou"].max() > 0.5  # the toy detector finds the referred object
 
 
@@ -416,10 +417,10 @@ def test_vqa_answer_set_and_targets(toy):
     task, _, _ = make_task(toy, "vqa")
     x = task.train[0]
     for a, s in x["target"].items():  # each target is the official accuracy of that answer
-        assert s == pytest.approx(ft.vqa_accuracy(task.answers[a], x["answers"]))
+        assert s == pytest.approx(tasks.vqa_accuracy(task.answers[a], x["answers"]))
     args = ft.parser.parse_args(["--task", "vqa", "--min-answer-count", "100000"])
     with pytest.raises(ValueError, match="lower --min-answer-count"):
-        ft.VQA(args, task.vocab, task.images, os.path.join(toy, "tasks", "vqa"))
+        tasks.VQA(args, task.vocab, task.images, os.path.join(toy, "tasks", "vqa"))
 
 
 def run(toy, out, task, *flags):
@@ -527,7 +528,7 @@ def test_a_record_without_features_is_skipped_and_reported(toy, tmp_path, capsys
 def test_vqa_answers_outside_the_answer_set_stay_and_are_reported(toy, tmp_path, capsys):
     task, _, _ = make_task(toy, "vqa", "--min-answer-count", "10")
     annotations = data.read_json(os.path.join(toy, "tasks", "vqa", "v2_mscoco_val2014_annotations.json"))["annotations"]
-    outside = {a["question_id"] for a in annotations if not {ft.normalize_answer(x["answer"]) for x in a["answers"]} & set(task.answers)}
+    outside = {a["question_id"] for a in annotations if not {tasks.normalize_answer(x["answer"]) for x in a["answers"]} & set(task.answers)}
     val = task.splits["val"]
     assert outside and len(val) == len(annotations)  # every question stays, the official evaluation counts it...
     assert {x["qid"] for x in val if not x["target"]} == outside  # ...with an empty training target
@@ -566,12 +567,12 @@ def test_resume_and_init_from_refuse_a_checkpoint_that_does_not_fit(toy, tmp_pat
 
 def test_train_fraction_subsets_are_nested_and_fixed():
     """--train-fraction: a beginning of one fixed order, so 1/16 lies inside 1/4, whatever --seed is."""
-    sixteenth, quarter, whole = ft.train_subset(1000, 1 / 16), ft.train_subset(1000, 0.25), ft.train_subset(1000, 1.0)
+    sixteenth, quarter, whole = tasks.train_subset(1000, 1 / 16), tasks.train_subset(1000, 0.25), tasks.train_subset(1000, 1.0)
     assert (len(sixteenth), len(quarter)) == (63, 250) and whole.tolist() == list(range(1000))  # ceil(F * N), sorted
     assert set(sixteenth) < set(quarter) < set(whole)
-    np.testing.assert_array_equal(ft.train_subset(1000, 1 / 16), sixteenth)  # the same in another run
+    np.testing.assert_array_equal(tasks.train_subset(1000, 1 / 16), sixteenth)  # the same in another run
     assert sixteenth.tolist() != list(range(63))  # spread over the set, not its first items
-    assert len(ft.train_subset(3, 0.01)) == 1
+    assert len(tasks.train_subset(3, 0.01)) == 1
 
 
 @pytest.mark.parametrize("name", ["vqa", "retrieval"])

@@ -15,6 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from toy import make_toy_world  # noqa: E402
 import finetune  # noqa: E402
+import tasks  # noqa: E402
 import pretrain  # noqa: E402
 
 
@@ -131,7 +132,7 @@ def test_killed_and_resumed_finetune_logs_what_an_uninterrupted_one_does(toy, tm
 
 
 def test_finetune_non_finite_loss_stops_with_one_clear_line(toy, tmp_path, monkeypatch):
-    real = finetune.VQA.loss
+    real = tasks.VQA.loss
     calls = {"n": 0}
 
     def nan_at_step_5(self, *a):
@@ -139,7 +140,7 @@ def test_finetune_non_finite_loss_stops_with_one_clear_line(toy, tmp_path, monke
         loss = real(self, *a)
         return loss * float("nan") if calls["n"] == 5 else loss
 
-    monkeypatch.setattr(finetune.VQA, "loss", nan_at_step_5)
+    monkeypatch.setattr(tasks.VQA, "loss", nan_at_step_5)
     with pytest.raises(SystemExit, match=r"^step 5: non-finite loss nan; stopping, the last good checkpoint is .*ckpt.pt \(step 4\); try a lower --lr$"):
         finetune.main(ft_args(toy, tmp_path, "vqa", "--save-every", "2", "--log-every", "1"))
     assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["step"] == 4
@@ -150,7 +151,7 @@ def test_finetune_non_finite_loss_stops_with_one_clear_line(toy, tmp_path, monke
 
 
 def test_finetune_fp16_scaler_skips_a_non_finite_step(toy, tmp_path, monkeypatch):
-    real = finetune.VQA.loss
+    real = tasks.VQA.loss
     calls, before = {"n": 0}, {}
 
     def inf_at_step_3(self, model, head, items):
@@ -159,7 +160,7 @@ def test_finetune_fp16_scaler_skips_a_non_finite_step(toy, tmp_path, monkeypatch
         loss = real(self, model, head, items)
         return loss * float("inf") if calls["n"] == 3 else loss
 
-    monkeypatch.setattr(finetune.VQA, "loss", inf_at_step_3)
+    monkeypatch.setattr(tasks.VQA, "loss", inf_at_step_3)
     finetune.main(ft_args(toy, tmp_path, "vqa", "--dtype", "fp16", "--epochs", "0.25", "--log-every", "1"))
     assert all(torch.equal(a, b) for a, b in zip(before[3], before[4]))  # step 3 skipped
     assert not all(torch.equal(a, b) for a, b in zip(before[4], before[5]))  # step 4 not

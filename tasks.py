@@ -1,0 +1,758 @@
+"""
+The paper's four downstream tasks (docs/METHOD.md §6), for finetune.py: VQA 2.0, NLVR2, Flickr30K
+retrieval and RefCOCO+.
+
+The file reads from the top: the metrics (each against the official definition), the loaders of
+the real file formats, and the four tasks, each a small class holding its data, head, loss,
+evaluation and trivial baseline. finetune.py trains any of them with one loop.
+"""
+
+import copy
+import json
+import math
+import os
+import pickle
+import re
+from collections import Counter
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+from pretrain import Objectives, all_sum, make_optimizer, pretrain_step, say, shard, to_device, with_positions, wrap
+
+# -----------------------------------------------------------------------------
+# metrics
+
+# VQA answer normalisation, as the official evaluation (vqaEval.py of the VQA API) does it:
+# punctuation, then number words to digits, articles dropped, contractions given their apostrophes.
+PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
+NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+                "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+ARTICLES = {"a", "an", "the"}
+COMMA_IN_NUMBER = re.compile(r"(\d)(,)(\d)")
+# the official pattern is "(?!<=\d)(\.)(?!\d)": its look-behind is mistyped and never applies, so a
+# period goes unless a digit follows it ("2.5" stays, "dog." loses it)
+PERIOD = re.compile(r"\.(?!\d)")
+CONTRACTED = """ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've hasn't haven't
+he'd he'd've he's how'd how'll how's isn't it'd it'd've it'll ma'am mightn't mightn't've might've mustn't must've
+needn't not've o'clock oughtn't 'ow's'at shan't she'd've should've shouldn't shouldn't've somebody'd've somebody'll
+somebody's someone'd someone'd've someone'll someone's something'd something'd've something'll that's there'd
+there'd've there're there's they'd they'd've they'll they're they've 'twas wasn't we'd've we've weren't what'll
+what're what's what've when's where'd where's where've who'd who'd've who'll who's who've why'll why're why's won't
+would've wouldn't wouldn't've y'all y'all'll y'all'd've you'd you'd've you'll you're you've""".split()
+# the official table spells each form with any one of its apostrophes missing: "couldnt've" and
+# "couldn'tve" -> "couldn't've", "dont" -> "don't". (Its I-forms, "Im", "Ive", "Id've", have capitals
+# and never match lower-cased text, so they are left out.)
+CONTRACTIONS = {c[:i] + c[i + 1:]: c for c in CONTRACTED for i, ch in enumerate(c) if ch == "'"}
+CONTRACTIONS["somebody'd"] = "somebodyd"  # sic: the official table has this one backwards
+
+
+def process_punctuation(text):
+    """Official: a punctuation mark next to a space (or any, when the text has a comma between
+    digits, "1,000") is deleted, one between two characters becomes a space ("red-and-white")."""
+    out = text
+    delete = COMMA_IN_NUMBER.search(text) is not None
+    for mark in PUNCT:
+        out = out.replace(mark, "" if delete or mark + " " in text or " " + mark in text else " ")
+    return PERIOD.sub("", out)
+
+
+def process_digit_article(text):
+    words = [NUMBER_WORDS.get(w, w) for w in text.lower().split()]
+    return " ".join(CONTRACTIONS.get(w, w) for w in words if w not in ARTICLES)
+
+
+def clean_answer(answer):
+    """The official first step on every answer: newlines and tabs to spaces, stripped."""
+    return answer.replace("\n", " ").replace("\t", " ").strip()
+
+
+def normalize_answer(answer):
+    """An answer as compared when annotators disagree: "Two dogs!" -> "2 dogs"."""
+    return process_digit_article(process_punctuation(clean_answer(answer)))
+
+
+def as_compared(gt_answers):
+    """The annotators' answers as the official evaluation (since its 2021 fix) compares them, and what
+    it does to the prediction: both normalised when the annotators disagree, both only cleaned when all
+    agree ("two" does not match ten "2"s, nor "Yes" ten "yes")."""
+    gts = [clean_answer(a) for a in gt_answers]
+    norm = normalize_answer if len(set(gts)) > 1 else clean_answer
+    return [norm(a) for a in gts], norm
+
+
+def vqa_accuracy(pred, gt_answers):
+    """The official VQA accuracy of one predicted answer: over the 10 ways of leaving one annotator
+    out, the mean of min(1, matches among the other 9 / 3)."""
+    gts, norm = as_compared(gt_answers)
+    pred = norm(pred)
+    others_agreeing = [sum(g == pred for j, g in enumerate(gts) if j != i) for i in range(len(gts))]
+    return sum(min(1.0, k / 3) for k in others_agreeing) / len(gts)
+
+
+def soft_score(k, n=10):
+    """vqa_accuracy of an answer that k of n annotators gave; for n = 10 it is min(1, 0.3 k) (docs/METHOD.md
+    §6): 0, 0.3, 0.6, 0.9, then 1."""
+    return (k * min(1.0, (k - 1) / 3) + (n - k) * min(1.0, k / 3)) / n
+
+
+def recall_at_k(scores, gold, ks=(1, 5, 10)):
+    """Image retrieval. scores (M, N): caption m against image n; gold (M,): each caption's image.
+    R@K is the share of captions whose image is among the K best; a tie counts against it."""
+    g = scores.gather(1, gold[:, None])  # (M, 1)
+    rank = (scores >= g).sum(1) - 1  # (M,) other images scoring at least as high
+    return {f"R@{k}": (rank < k).float().mean().item() for k in ks}
+
+
+def box_iou(a, b):
+    """Intersection over union of boxes x1, y1, x2, y2 (..., 4), broadcast against each other."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    inter = (np.minimum(a[..., 2:], b[..., 2:]) - np.maximum(a[..., :2], b[..., :2])).clip(min=0).prod(-1)
+    area = lambda x: (x[..., 2:] - x[..., :2]).clip(min=0).prod(-1)
+    return inter / np.maximum(area(a) + area(b) - inter, 1e-12)
+
+
+def consistency(keys, correct):
+    """NLVR2: the share of unique sentences (the identifier without its pair index) whose every example is right."""
+    ok = {}
+    for k, c in zip(keys, correct):
+        ok[k] = ok.get(k, True) and bool(c)
+    return sum(ok.values()) / max(1, len(ok))
+
+
+# -----------------------------------------------------------------------------
+# loaders of the real file formats (docs/METHOD.md §7). Each names the file and the record on a bad input: a
+# malformed record (a missing field, an unknown split) stops the run, as the file is not what it
+# should be; a record whose image has no features is skipped and counted, unless none is left.
+
+
+def field(record, name, file, where):
+    if not isinstance(record, dict) or name not in record:
+        raise ValueError(f"{file}: {where} has no field {name!r}")
+    return record[name]
+
+
+class Skipped:
+    """Records left out because an image they name has no features: a count per file and the first
+    such record, said at the start and at the end of the run and written to results.json."""
+
+    def __init__(self):
+        self.files = {}  # file -> [count, the first record and its image]
+
+    def add(self, file, where, candidates, images):
+        first = (f"{where}: its image has no features in {', '.join(s.path for s in images.stores)} "
+                 f"(looked for {', '.join(map(repr, candidates))})")
+        self.files.setdefault(file, [0, first])[0] += 1
+
+    def lines(self):
+        return [f"skipped {n} records of {file}: first: {first}" for file, (n, first) in self.files.items()]
+
+    def none_left(self, file, what="record"):
+        """The error for a split left with nothing to use: the task files and the stores do not fit."""
+        n, first = self.files.get(file, [0, None])
+        return ValueError(f"{file}: no usable {what}" + (f"; all {n} skipped, first: {first}" if n else ""))
+
+
+def find_image(images, candidates, file, where, skipped):
+    """The first of `candidates` that the feature stores hold; None when none is (the record is
+    counted in `skipped`)."""
+    for c in candidates:
+        if c in images:
+            return c
+    skipped.add(file, where, candidates, images)
+    return None
+
+
+def coco_ids(image_id):
+    """The ids a COCO image can have in a store: its number (toy world, bottom-up TSV imports) or its
+    file stem (extract_features.py names images by file)."""
+    try:
+        n = int(image_id)
+    except (TypeError, ValueError):
+        return [str(image_id)]
+    return [str(image_id)] + [f"COCO_{s}_{n:012d}" for s in ("train2014", "val2014", "test2015")]
+
+
+def load_vqa(questions_file, annotations_file, images, skipped):
+    """VQA v2: a questions file and its annotations -> [{qid, image, text, answers, qtype, mc}]."""
+    annotations = field(data.read_json(annotations_file), "annotations", annotations_file, "the file")
+    by_qid = {}
+    for n, a in enumerate(annotations):
+        qid = field(a, "question_id", annotations_file, f"record {n}")
+        where = f"record {n} (question_id {qid})"
+        answers = [field(x, "answer", annotations_file, f"{where}, answer {k},")
+                   for k, x in enumerate(field(a, "answers", annotations_file, where))]
+        if not answers:
+            raise ValueError(f"{annotations_file}: {where} has no answers")
+        mc = a.get("multiple_choice_answer") or Counter(answers).most_common(1)[0][0]
+        by_qid[qid] = {"answers": answers, "qtype": field(a, "question_type", annotations_file, where), "mc": mc,
+                       "atype": a.get("answer_type", "all")}
+    out = []
+    for n, q in enumerate(field(data.read_json(questions_file), "questions", questions_file, "the file")):
+        qid = field(q, "question_id", questions_file, f"record {n}")
+        where = f"record {n} (question_id {qid})"
+        text, image_id = field(q, "question", questions_file, where), field(q, "image_id", questions_file, where)
+        if qid not in by_qid:
+            raise ValueError(f"{questions_file}: {where}: {annotations_file} has no annotation for this question")
+        image = find_image(images, coco_ids(image_id), questions_file, where, skipped)
+        if image is not None:
+            out.append({"qid": qid, "image": image, "text": text, **by_qid[qid]})
+    if not out:
+        raise skipped.none_left(questions_file, "question")
+    return out
+
+
+def load_nlvr2(file, images, skipped):
+    """NLVR2 JSON lines -> [{id, text, images: (img0, img1), label, sentence}]. The images are named
+    from the identifier split-set-pair-sentence: split-set-pair-img0 and -img1."""
+    try:
+        with open(file, encoding="utf-8") as f:
+            lines = f.readlines()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{file}: not found") from None
+    except (OSError, UnicodeDecodeError) as e:  # a folder, no permission, not text
+        raise ValueError(f"{file}: cannot be read as text ({getattr(e, 'strerror', None) or e})") from None
+    out = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            raise ValueError(f"{file}: line {n} is not JSON") from None
+        ident = field(rec, "identifier", file, f"line {n}")
+        where = f"line {n} ({ident})"
+        text, label = field(rec, "sentence", file, where), str(field(rec, "label", file, where))
+        if label not in ("True", "False"):
+            raise ValueError(f"{file}: {where}: label {label!r}, expected 'True' or 'False'")
+        parts = str(ident).split("-")
+        if len(parts) != 4:
+            raise ValueError(f"{file}: {where}: the identifier is not split-set-pair-sentence")
+        pair = "-".join(parts[:3])
+        img0 = find_image(images, [f"{pair}-img0"], file, where, skipped)
+        img1 = find_image(images, [f"{pair}-img1"], file, where, skipped) if img0 else None
+        if img1 is not None:
+            out.append({"id": ident, "text": text, "images": (img0, img1), "label": int(label == "True"),
+                        "sentence": "-".join(parts[:2] + parts[3:])})  # split-set-*-sentence: one per unique sentence
+    if not out:
+        raise skipped.none_left(file, "example")
+    return out
+
+
+def check_split(split, known, file, where):
+    if split not in known:
+        raise ValueError(f"{file}: {where}: unknown split {split!r}, expected one of {', '.join(known)}")
+    return split
+
+
+def none_empty(splits, named, file, what, skipped):
+    """The splits, unless a split the file names lost every record (no features for its images)."""
+    empty = sorted(named - set(splits))
+    if empty:
+        raise skipped.none_left(file, f"{what} of split {empty[0]!r}")
+    return splits
+
+
+KARPATHY_SPLITS = ("train", "restval", "val", "test")
+
+
+def load_karpathy(file, images, skipped):
+    """Karpathy's split file (Flickr30K, COCO) -> {split: [{image, captions}]}; restval joins train."""
+    splits, named = {}, set()
+    for n, im in enumerate(field(data.read_json(file), "images", file, "the file")):
+        name = field(im, "filename", file, f"image record {n}")
+        where = f"image record {n} ({name})"
+        split = check_split(field(im, "split", file, where), KARPATHY_SPLITS, file, where)
+        captions = []
+        for k, s in enumerate(field(im, "sentences", file, where)):
+            raw = isinstance(s, dict) and "raw" in s
+            captions.append(s["raw"] if raw else " ".join(field(s, "tokens", file, f"{where}, sentence {k},")))
+        split = "train" if split == "restval" else split
+        named.add(split)
+        image = find_image(images, [os.path.splitext(name)[0]], file, where, skipped)
+        if image is not None:
+            splits.setdefault(split, []).append({"image": image, "captions": captions})
+    return none_empty(splits, named, file, "image", skipped)
+
+
+REF_SPLITS = ("train", "val", "test", "testA", "testB", "testC")
+
+
+def load_refcoco(refs_file, instances_file, images, skipped):
+    """RefCOCO+ (UNC): refs(unc).p and COCO's instances.json -> {split: [{ref_id, image, text, gold,
+    size}]}, one example per sentence; gold is the referred box as x1, y1, x2, y2 in pixels."""
+    try:
+        with open(refs_file, "rb") as f:
+            refs = pickle.load(f, encoding="latin1")  # pickled by Python 2; a pickle can run code: load files you trust
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{refs_file}: not found") from None
+    except Exception as e:
+        raise ValueError(f"{refs_file}: not a readable pickle ({type(e).__name__}: {e})") from None
+    instances = data.read_json(instances_file)
+    boxes = {field(a, "id", instances_file, f"annotation {n}"): field(a, "bbox", instances_file, f"annotation {n}")
+             for n, a in enumerate(field(instances, "annotations", instances_file, "the file"))}
+    sizes = {field(im, "id", instances_file, f"image {n}"): (field(im, "width", instances_file, f"image {n}"),
+                                                             field(im, "height", instances_file, f"image {n}"))
+             for n, im in enumerate(field(instances, "images", instances_file, "the file"))}
+    splits, named = {}, set()
+    for n, ref in enumerate(refs):
+        ref_id = field(ref, "ref_id", refs_file, f"record {n}")
+        where = f"record {n} (ref_id {ref_id})"
+        split, ann_id, image_id = (field(ref, k, refs_file, where) for k in ("split", "ann_id", "image_id"))
+        check_split(split, REF_SPLITS, refs_file, where)
+        if ann_id not in boxes:
+            raise ValueError(f"{refs_file}: {where}: annotation {ann_id} is not in {instances_file}")
+        if image_id not in sizes:
+            raise ValueError(f"{refs_file}: {where}: image {image_id} is not in {instances_file}")
+        x, y, w, h = boxes[ann_id]
+        sentences = [field(s, "sent", refs_file, f"{where}, sentence {k},")
+                     for k, s in enumerate(field(ref, "sentences", refs_file, where))]
+        named.add(split)
+        image = find_image(images, coco_ids(image_id), refs_file, where, skipped)
+        if image is None:
+            continue
+        for text in sentences:
+            splits.setdefault(split, []).append({"ref_id": ref_id, "image": image, "text": text,
+                                                 "gold": [x, y, x + w, y + h], "size": sizes[image_id]})
+    return none_empty(splits, named, refs_file, "expression", skipped)
+
+
+def frequent(counts, min_count, where="training questions"):
+    """The answers counted at least `min_count` times, the most frequent first."""
+    answers = sorted((a for a, c in counts.items() if c >= min_count), key=lambda a: (-counts[a], a))
+    if not answers:
+        raise ValueError(f"no answer is given to {min_count} {where}: lower --min-answer-count")
+    return answers
+
+
+def read_answer_set(files, min_count):
+    """--answers: VQA annotation files, over which the normalised multiple_choice_answers are counted
+    (train + val at 9: the usual 3,129), or one ans2label file {"answer": index} (LXMERT's
+    trainval_ans2label.json). Returns (the answers in index order, where they come from)."""
+    objs = [data.read_json(f) for f in files]
+    if len(files) == 1 and isinstance(objs[0], dict) and "annotations" not in objs[0]:
+        table = objs[0]
+        if not table or not all(isinstance(a, str) and type(i) is int for a, i in table.items()) \
+                or sorted(table.values()) != list(range(len(table))):
+            raise ValueError(f"{files[0]}: not a VQA annotations file, nor an ans2label file "
+                             f"{{\"answer\": index}} with the indices 0 to N-1")
+        return sorted(table, key=table.get), f"read from {files[0]}"
+    counts = Counter()
+    for f, obj in zip(files, objs):
+        if not isinstance(obj, dict) or "annotations" not in obj:
+            raise ValueError(f"{f}: not a VQA annotations file (no 'annotations'); an ans2label file goes alone")
+        for n, a in enumerate(field(obj, "annotations", f, "the file")):
+            counts[normalize_answer(str(field(a, "multiple_choice_answer", f, f"record {n}")))] += 1
+    where = f"questions of {' '.join(files)}"
+    return frequent(counts, min_count, where), f"each the answer of >= {min_count} {where}"
+
+
+# -----------------------------------------------------------------------------
+# the tasks: each has .splits, .train (examples), .eval_splits, and makes a head, a loss, metrics.
+# A training step is task.draw(items, gen) on the global batch, then task.loss(model, head, items)
+# on this process's share of it (all of it with one process): the mean over those items.
+
+INPUTS = ("input_ids", "attention_mask", "token_type_ids", "tag_ids", "tag_boxes", "tag_mask", "feats", "boxes",
+          "region_mask")
+
+
+def chunks(items, size):
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def train_subset(n, fraction):
+    """--train-fraction: the first ceil(fraction * n) of range(n) in one fixed random order (not
+    --seed's), sorted; as every fraction takes a beginning of the same order, the subsets nest."""
+    return np.sort(np.random.default_rng(2021).permutation(n)[:max(1, math.ceil(fraction * n - 1e-9))])
+
+
+def steps_per_epoch(args, task):
+    return max(1, len(task.train) // args.batch_size)  # the last partial batch is dropped
+
+
+def accuracy(hits):
+    return {"accuracy": float(np.mean(hits))}
+
+
+def mlp_head(model, d_in, d_out):
+    """Linear(d_in, 2H), GELU, LayerNorm, Linear(2H, d_out): VQA's head (docs/METHOD.md §6), and NLVR2's on
+    the two pooled outputs side by side (d_in 2H, as LXMERT's)."""
+    H, eps = model.cfg.hidden, model.cfg.ln_eps
+    return nn.Sequential(nn.Linear(d_in, 2 * H), nn.GELU(), nn.LayerNorm(2 * H, eps=eps), nn.Linear(2 * H, d_out))
+
+
+class Task:
+    """What the four tasks share: the vocabulary, the images, making the model's inputs, evaluating."""
+
+    max_len = 20  # text pieces, [CLS] and [SEP] included
+    unit = "examples"  # what a split is a list of
+
+    def __init__(self, args, vocab, images):
+        self.vocab, self.images, self.tags = vocab, images, not args.no_tags
+        self.tag_pieces = vocab.tag_pieces(images.class_names)
+        self.eval_batch_size, self.device, self.info = args.eval_batch_size, torch.device("cpu"), []
+        self.skipped, self.notes = Skipped(), []  # records left out; notes for self.warnings()
+
+    def tokenize(self, items):
+        for x, ids in zip(items, self.vocab.encode_batch([x["text"] for x in items])):
+            x["ids"] = ids
+
+    def encode(self, texts, image_ids):
+        """Texts (pieces) and image ids -> the model's inputs, [text ; tags ; regions] (docs/METHOD.md §1)."""
+        b = data.text_inputs(texts, self.vocab, self.max_len)
+        b.update(data.image_inputs([self.images[i] for i in image_ids], self.tag_pieces, self.tags))
+        return {k: b[k].to(self.device, non_blocking=True) for k in INPUTS if k in b}
+
+    def pooled(self, model, texts, image_ids):
+        h, _ = model(**self.encode(texts, image_ids))
+        return model.pool(h)  # (B, H)
+
+    def predict(self, forward, model, head, split, size=None):
+        """The argmax of forward(model, head, items) for each item of the split, `size` items a pass."""
+        batches = chunks(self.splits[split], size or self.eval_batch_size)
+        return [k for items in batches for k in forward(model, head, items).argmax(1).tolist()]
+
+    def keep_train(self, fraction):
+        """Train on a fraction of the training examples (train_subset); the rest of the task stays."""
+        n = len(self.train)
+        self.train = [self.train[i] for i in train_subset(n, fraction)]
+        self.info.append(f"training on {len(self.train)} of {n} training {self.unit} (--train-fraction {fraction:g})")
+
+    def warnings(self):
+        """Said at the start and again at the end, where it is seen."""
+        return ["warning: " + line for line in self.skipped.lines()] + self.notes
+
+    def draw(self, items, gen):
+        """The step's random choices, made for the whole global batch before it is split among the
+        processes, so that every process draws the same (retrieval: the negatives). Most tasks have none."""
+        return items
+
+
+class VQA(Task):
+    """VQA 2.0 (docs/METHOD.md §6): question + tags + regions; an MLP on the pooled output scores every answer."""
+
+    def __init__(self, args, vocab, images, root):
+        super().__init__(args, vocab, images)
+        files = lambda sub: (os.path.join(root, f"v2_OpenEnded_mscoco_{sub}_questions.json"),
+                             os.path.join(root, f"v2_mscoco_{sub}_annotations.json"))
+        self.splits = {s: load_vqa(*files(sub), images, self.skipped)
+                       for s, sub in (("train", "train2014"), ("val", "val2014"))}
+        self.train, self.eval_splits = self.splits["train"], ["val"]
+        # the answer set: normalised answers that are the multiple_choice_answer of >= N training
+        # questions, or of the questions of --answers, or an ans2label file's
+        counts = Counter(normalize_answer(x["mc"]) for x in self.train)
+        if args.answers:
+            self.answers, source = read_answer_set(args.answers, args.min_answer_count)
+        else:
+            self.answers = frequent(counts, args.min_answer_count)
+            source = f"each the answer of >= {args.min_answer_count} training questions"
+        index = {a: i for i, a in enumerate(self.answers)}
+        for items in self.splits.values():
+            self.tokenize(items)
+            for x in items:
+                # BCE targets: the official accuracy each answer would get, min(1, 0.3 k) with 10 annotators,
+                # the answers normalised (or not) as the official evaluation compares them
+                ks = Counter(as_compared(x["answers"])[0])
+                x["target"] = {index[a]: soft_score(k, len(x["answers"])) for a, k in ks.items() if a in index}
+        self.info.append(f"{len(self.answers)} answers ({source})")
+        # a question none of whose answers is in the set stays: the official evaluation counts it (the
+        # model scores 0 on it), and it trains every answer's score toward 0
+        lost = ", ".join(f"{s} {sum(not x['target'] for x in xs)}/{len(xs)}" for s, xs in self.splits.items())
+        self.notes.append(f"questions whose every answer is outside the answer set (kept, with an empty training "
+                          f"target): {lost}")
+        # baseline: the most frequent answer of each question type in train (of all of train for a new type)
+        self.by_type = {}
+        for x in self.train:
+            self.by_type.setdefault(x["qtype"], Counter())[normalize_answer(x["mc"])] += 1
+        self.overall = counts
+        self.baseline_name = "most frequent answer per question type"
+
+    def make_head(self, model):
+        return mlp_head(model, model.cfg.hidden, len(self.answers))
+
+    def logits(self, model, head, items):
+        return head(self.pooled(model, [x["ids"] for x in items], [x["image"] for x in items])).float()  # (B, A)
+
+    def loss(self, model, head, items):
+        logits = self.logits(model, head, items)
+        target = torch.zeros_like(logits)  # (B, A) soft scores
+        for i, x in enumerate(items):
+            for a, s in x["target"].items():
+                target[i, a] = s
+        # docs/METHOD.md §6: binary cross-entropy against the soft scores, scaled by the number of answers
+        return F.binary_cross_entropy_with_logits(logits, target) * logits.shape[1]
+
+    def evaluate(self, model, head, split):
+        items, pred = self.splits[split], self.predict(self.logits, model, head, split)
+        acc = [vqa_accuracy(self.answers[a], x["answers"]) for a, x in zip(pred, items)]
+        by_type = {}
+        for a, x in zip(acc, items):
+            by_type.setdefault(x["atype"], []).append(a)
+        say(f"{split} accuracy by answer type: "
+            + ", ".join(f"{t} {np.mean(v):.3f}" for t, v in sorted(by_type.items())))
+        return accuracy(acc)
+
+    def baseline(self, split):
+        guess = lambda x: self.by_type.get(x["qtype"], self.overall).most_common(1)[0][0]
+        return accuracy([vqa_accuracy(guess(x), x["answers"]) for x in self.splits[split]])
+
+
+class NLVR2(Task):
+    """NLVR2 (docs/METHOD.md §6): the sentence with each of its two images, the two pooled outputs side by side,
+    an MLP -> true / false."""
+
+    max_len = 32
+
+    def __init__(self, args, vocab, images, root):
+        super().__init__(args, vocab, images)
+        files = {s: os.path.join(root, f"{s}.json") for s in ("train", "dev", "test1", "test2")}
+        self.splits = {s: load_nlvr2(f, images, self.skipped)
+                       for s, f in files.items() if s == "train" or os.path.exists(f)}
+        for items in self.splits.values():
+            self.tokenize(items)
+        self.train = self.splits["train"]
+        self.eval_splits = [s for s in ("dev", "test1", "test2") if s in self.splits]
+        self.majority = int(np.mean([x["label"] for x in self.train]) >= 0.5)
+        self.baseline_name = f"majority class ({bool(self.majority)})"
+
+    def make_head(self, model):
+        return mlp_head(model, 2 * model.cfg.hidden, 2)
+
+    def logits(self, model, head, items):
+        B = len(items)
+        texts = [x["ids"] for x in items] * 2  # each sentence with img0, then with img1: one pass of 2B
+        images = [x["images"][0] for x in items] + [x["images"][1] for x in items]
+        pooled = self.pooled(model, texts, images)  # (2B, H)
+        return head(torch.cat([pooled[:B], pooled[B:]], dim=1)).float()  # (B, 2H) -> (B, 2)
+
+    def loss(self, model, head, items):
+        labels = torch.tensor([x["label"] for x in items]).to(self.device, non_blocking=True)
+        return F.cross_entropy(self.logits(model, head, items), labels)
+
+    def metrics(self, split, pred):
+        correct = [int(guess == x["label"]) for guess, x in zip(pred, self.splits[split])]
+        return {**accuracy(correct), "consistency": consistency([x["sentence"] for x in self.splits[split]], correct)}
+
+    def evaluate(self, model, head, split):  # two sequences an example
+        return self.metrics(split, self.predict(self.logits, model, head, split, self.eval_batch_size // 2))
+
+    def baseline(self, split):
+        return self.metrics(split, [self.majority] * len(self.splits[split]))
+
+    # docs/METHOD.md §6: task-specific pre-training, mask-and-predict on NLVR2's own sentences and images. We
+    # pair each sentence with one of its two images, drawn at random (it speaks of both), and mask
+    # both as in aligned pre-training (docs/METHOD.md §2), without the match loss.
+    def pretrain_batch(self, items, rng, attrs):
+        """Rows rng.rows of the masked batch of `items` (all of the batch: a region may be replaced by
+        one of another row's image)."""
+        mine = [items[i] for i in rng.rows]
+        pick = (rng.uniform(1)[:, 0] < 0.5).long().tolist()
+        b = data.text_inputs([x["ids"] for x in mine], self.vocab, self.max_len)
+        b["input_ids"], b["mlm_labels"] = data.mask_text(b["input_ids"], self.vocab, rng)
+        b.update(data.image_inputs([self.images[x["images"][k]] for x, k in zip(mine, pick)], self.tag_pieces,
+                                   self.tags))
+        if not attrs:  # the model has no attribute head of this size
+            b.pop("attr_labels", None), b.pop("attr_conf", None)
+        return data.mask_image(b, self.vocab, rng, data.donor(self.images, [x["images"][0] for x in items]))
+
+    def task_pretrain(self, model, args, ctx, rank=0, world=1):
+        dev = self.splits.get("dev") or self.splits["train"][: len(self.splits["train"]) // 10]
+        attrs = model.cfg.num_attrs == len(self.images.attr_names or [])
+        dev_batches = [self.pretrain_batch(items, data.RowRandom(1234, i, range(len(items))), attrs)  # fixed masks
+                       for i, items in enumerate(chunks(dev, args.batch_size))]
+
+        @torch.no_grad()
+        def dev_mlm():
+            model.eval()
+            with ctx:
+                losses = [model.pretrain_losses({k: v.to(self.device) for k, v in b.items()})[1]["mlm"].item()
+                          for b in dev_batches]
+            model.train()
+            return float(np.mean(losses))
+
+        steps = args.task_pretrain_epochs * steps_per_epoch(args, self)
+        optimizer, lr_at, scaler = make_optimizer(model.parameters(), args, steps, self.device, args.dtype)
+        run = wrap(Objectives(model), self.device, world)
+        best, step = (float("inf"), None, 0), 0
+        say(f"task-specific pre-training: {args.task_pretrain_epochs} epochs; dev MLM loss before {dev_mlm():.3f}")
+        model.train()
+        for epoch in range(args.task_pretrain_epochs):
+            order = np.random.default_rng([args.seed, 99, epoch]).permutation(len(self.train))
+            for idx in chunks(order, args.batch_size)[: steps // args.task_pretrain_epochs]:
+                n = len(idx)  # this process builds its rows of the global batch alone
+                rng = data.RowRandom(args.seed, step, range(n * rank // world, n * (rank + 1) // world), n)
+                b = self.pretrain_batch([self.train[i] for i in idx], rng, attrs)
+                micro = [to_device(with_positions(shard(b, j, args.grad_accum)), self.device)
+                         for j in range(args.grad_accum)]
+                _, sums, counts, _ = pretrain_step(model, run, micro, world, optimizer, scaler, lr_at(step),
+                                                   args.clip, ctx)
+                step += 1
+            loss, mlm = (all_sum(sums) / counts).sum().item(), dev_mlm()
+            say(f"task-specific pre-training epoch {epoch + 1}: train loss {loss:.3f}, dev MLM loss {mlm:.3f}")
+            if mlm < best[0]:
+                best = (mlm, copy.deepcopy(model.state_dict()), epoch + 1)
+        model.load_state_dict(best[1])
+        say(f"kept epoch {best[2]} (dev MLM loss {best[0]:.3f})")
+        return {"task_pretrain_epoch": best[2], "dev_mlm": best[0]}
+
+
+class Retrieval(Task):
+    """Flickr30K image retrieval (docs/METHOD.md §6): a score for a caption and an image from the pooled output;
+    each positive with two negatives, cross-entropy over the three."""
+
+    max_len = 30  # as captions in pre-training
+    unit = "images"
+
+    def __init__(self, args, vocab, images, root):
+        super().__init__(args, vocab, images)
+        self.splits = load_karpathy(os.path.join(root, "dataset_flickr30k.json"), images, self.skipped)
+        missing = [s for s in ("train", "test") if s not in self.splits]
+        if missing:
+            raise ValueError(f"{root}/dataset_flickr30k.json: no {' or '.join(missing)} images")
+        if args.test_images:  # every caption of the first N test images, ranked among those N
+            self.splits["test"] = self.splits["test"][: args.test_images]
+        for ims in self.splits.values():
+            ids = vocab.encode_batch([c for im in ims for c in im["captions"]])
+            for im in ims:
+                im["ids"], ids = ids[: len(im["captions"])], ids[len(im["captions"]):]
+        self.eval_splits = ["test"]
+        self.info.append("captions (images): " + ", ".join(f"{s} {sum(len(im['ids']) for im in ims)} ({len(ims)})"
+                                                           for s, ims in self.splits.items()))
+        self.hard = args.hard_negatives
+        self.index_train()
+        self.baseline_name = "chance, K / number of images"
+
+    def index_train(self):
+        """The training captions, each with its image's index k in splits["train"], and which
+        detector classes each training image has: how alike two images look, for hard negatives."""
+        self.train = [{"ids": c, "image": im["image"], "k": k}
+                      for k, im in enumerate(self.splits["train"]) for c in im["ids"]]
+        self.tag_sets = np.zeros((len(self.splits["train"]), len(self.images.class_names)), dtype=bool)  # (N, C)
+        for k, im in enumerate(self.splits["train"]):
+            self.tag_sets[k, self.images[im["image"]]["labels"]] = True
+
+    def keep_train(self, fraction):
+        """A fraction of the training images, with all their captions; negatives come from them alone."""
+        self.train = self.splits["train"]  # the images, for Task.keep_train
+        super().keep_train(fraction)
+        self.splits["train"] = self.train
+        self.index_train()
+
+    def make_head(self, model):
+        # a linear score on the pooled output, started from the pre-trained match head's "matched
+        # minus not matched" (model.nsp, class 0 = matched): the S model's matching carries over
+        head = nn.Linear(model.cfg.hidden, 1)
+        with torch.no_grad():
+            head.weight.copy_(model.nsp.weight[0:1] - model.nsp.weight[1:2])
+            head.bias.copy_(model.nsp.bias[0:1] - model.nsp.bias[1:2])
+        return head
+
+    def scores(self, model, head, texts, image_ids):
+        return head(self.pooled(model, texts, image_ids)).squeeze(-1).float()  # (B,)
+
+    def negative(self, k, gen, hard):
+        """Another training image than k: of `hard` random candidates, the one whose detector tags
+        overlap image k's most (Jaccard); with 1 candidate, a random image."""
+        n = len(self.splits["train"])
+        cand = (k + torch.randint(1, n, (hard,), generator=gen).numpy()) % n  # (C,) never k itself
+        t = self.tag_sets
+        overlap = (t[cand] & t[k]).sum(1) / np.maximum((t[cand] | t[k]).sum(1), 1)  # (C,)
+        return int(cand[overlap.argmax()])
+
+    def draw(self, items, gen):
+        train = self.splits["train"]
+        # docs/METHOD.md §6: each positive with two negatives, its caption with a wrong image (a tag-alike one,
+        # --hard-negatives, as the metric ranks images) and a wrong caption (of a random other image) with its image
+        wrong_img = [train[self.negative(x["k"], gen, self.hard)]["image"] for x in items]
+        wrong_cap = []
+        for x in items:
+            other = train[self.negative(x["k"], gen, hard=1)]["ids"]
+            wrong_cap.append(other[int(torch.randint(len(other), (1,), generator=gen))])
+        return [{**x, "wrong_img": i, "wrong_cap": c} for x, i, c in zip(items, wrong_img, wrong_cap)]
+
+    def loss(self, model, head, items):
+        B = len(items)
+        caps, imgs = [x["ids"] for x in items], [x["image"] for x in items]
+        wrong_cap, wrong_img = [x["wrong_cap"] for x in items], [x["wrong_img"] for x in items]
+        s = self.scores(model, head, caps + caps + wrong_cap, imgs + wrong_img + imgs)  # (3B,)
+        s = s.view(3, B).T  # (B, 3): the positive, its caption with a wrong image, a wrong caption with its image
+        return F.cross_entropy(s, torch.zeros(B, dtype=torch.long, device=self.device))
+
+    def score_matrix(self, model, head, split):
+        """Every caption of the split against every image: (M captions, N images), and each caption's image."""
+        ims = self.splits[split]
+        caps = [(c, k) for k, im in enumerate(ims) for c in im["ids"]]
+        M, N = len(caps), len(ims)
+        txt = data.text_inputs([c for c, _ in caps], self.vocab, self.max_len)  # every caption once (M, T)
+        # every image once (N, K, ...)
+        img = data.image_inputs([self.images[im["image"]] for im in ims], self.tag_pieces, self.tags)
+        scores = torch.empty(M * N)
+        for start in range(0, M * N, self.eval_batch_size):
+            pair = torch.arange(start, min(start + self.eval_batch_size, M * N))
+            m, n = pair // N, pair % N  # caption, image of each pair
+            inputs = {k: (txt[k][m] if k in txt else img[k][n]).to(self.device)
+                      for k in INPUTS if k in txt or k in img}
+            h, _ = model(**inputs)
+            scores[pair] = head(model.pool(h)).squeeze(-1).float().cpu()
+        return scores.view(M, N), torch.tensor([k for _, k in caps])
+
+    def evaluate(self, model, head, split):
+        return recall_at_k(*self.score_matrix(model, head, split))
+
+    def baseline(self, split):
+        N = len(self.splits[split])
+        return {f"R@{k}": min(1.0, k / N) for k in (1, 5, 10)}
+
+
+class RefCOCO(Task):
+    """RefCOCO+ (docs/METHOD.md §6): a linear score on each region's output; right when the top region's box has
+    IoU >= 0.5 with the gold box. Trained with cross-entropy over the regions toward the region
+    whose box best overlaps the gold box."""
+
+    def __init__(self, args, vocab, images, root):
+        super().__init__(args, vocab, images)
+        self.splits = load_refcoco(os.path.join(root, "refs(unc).p"), os.path.join(root, "instances.json"), images,
+                                   self.skipped)
+        if "train" not in self.splits:
+            raise ValueError(f"{root}/refs(unc).p: no train split")
+        cache = {}
+        for items in self.splits.values():
+            self.tokenize(items)
+            for x in items:
+                key = (x["image"], tuple(x["gold"]))
+                if key not in cache:  # store boxes are x1/W, y1/H, x2/W, y2/H; COCO's are pixels
+                    e = self.images[x["image"]]
+                    W, H = x["size"]
+                    cache[key] = (box_iou(e["boxes"] * np.array([W, H, W, H]), np.array(x["gold"])), e["scores"])
+                x["iou"], x["conf"] = cache[key]  # (K,) each region's IoU with the gold box, the detector's confidence
+        self.train = self.splits["train"]
+        self.eval_splits = [s for s in ("val", "testA", "testB", "test", "testC") if s in self.splits]
+        self.info.append("upper bound (some region has IoU >= 0.5): " + ", ".join(
+            f"{s} {np.mean([x['iou'].max() >= 0.5 for x in self.splits[s]]):.3f}" for s in self.eval_splits))
+        self.baseline_name = "the detector's most confident box"
+
+    def make_head(self, model):
+        return nn.Linear(model.cfg.hidden, 1)
+
+    def region_logits(self, model, head, items):
+        inputs = self.encode([x["ids"] for x in items], [x["image"] for x in items])
+        h, spans = model(**inputs)
+        logits = head(h[:, spans["regions"]]).squeeze(-1).float()  # (B, K)
+        return logits.masked_fill(~inputs["region_mask"], float("-inf"))
+
+    def loss(self, model, head, items):
+        target = torch.tensor([int(x["iou"].argmax()) for x in items]).to(self.device, non_blocking=True)
+        return F.cross_entropy(self.region_logits(model, head, items), target)
+
+    def evaluate(self, model, head, split):
+        top = self.predict(self.region_logits, model, head, split)
+        return accuracy([x["iou"][k] >= 0.5 for k, x in zip(top, self.splits[split])])
+
+    def baseline(self, split):
+        return accuracy([x["iou"][x["conf"].argmax()] >= 0.5 for x in self.splits[split]])
+
+
+TASKS = {"vqa": VQA, "nlvr2": NLVR2, "retrieval": Retrieval, "refcoco": RefCOCO}

@@ -38,7 +38,7 @@ import torch
 
 import data
 import toy
-from model import Config, VisualBERT
+from model import PRESETS, Config, VisualBERT
 from pretrain import load_checkpoint
 
 # -----------------------------------------------------------------------------
@@ -109,6 +109,8 @@ parser.add_argument("--budget", nargs="+", default=[], metavar="KEY=N",
                     help="change a budget: " + ", ".join(f"{k}={v}" for k, v in BUDGET.items())
                     + " (steps; fine-tuning epochs)")
 parser.add_argument("--device", default="cpu", help="where every run trains (cpu, cuda)")
+parser.add_argument("--model", default="tiny", choices=sorted(PRESETS),
+                    help="size preset of the toy BERT, and so of every variant (small: for a GPU)")
 
 # -----------------------------------------------------------------------------
 # the runs: a list of command lines with their dependencies, run side by side
@@ -142,7 +144,7 @@ def plan(args, budget, seeds):
                 "--device", args.device]
         return Run(name, argv, f"{O}/pretrain/{v}", "eval.json", after)
 
-    pre = {"Base": pretraining("Base (the toy BERT)", "Base", ["--text-only"], budget["bert"])}
+    pre = {"Base": pretraining("Base (the toy BERT)", "Base", ["--text-only", "--model", args.model], budget["bert"])}
     for v in args.variants:
         if v != "Base":
             flags = [*variant_flags(v, root), "--init-from", f"{O}/pretrain/Base/ckpt.pt"]

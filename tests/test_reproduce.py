@@ -135,6 +135,12 @@ def test_plan_pretrains_each_variant_once_from_one_bert_and_finetunes_every_frac
         task, f = r.argv[r.argv.index("--task") + 1], float(r.argv[r.argv.index("--train-fraction") + 1])
         assert f in (1 / 16, 1.0) and float(r.argv[r.argv.index("--epochs") + 1]) == pytest.approx(budget[task] / f)
         assert len({x.out for x in ft}) == len(ft)  # one folder each
+    bert = runs[0].argv  # the preset is the toy BERT's; every variant inherits it through --init-from
+    assert "--text-only" in bert and bert[bert.index("--model") + 1] == "tiny"
+    args = reproduce.parser.parse_args(["--out", str(tmp_path), "--model", "small"])
+    args.variants = reproduce.chosen(args)
+    bert = reproduce.plan(args, budget, [0])[0].argv
+    assert bert[bert.index("--model") + 1] == "small"
 
 
 # -----------------------------------------------------------------------------

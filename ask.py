@@ -179,7 +179,8 @@ def build(ckpt, path, device):
     """The task (tasks.py) without its data files (its head, inputs and forward passes, as its evaluation
     runs them), the model and the head -> (task, model, head)."""
     name, names = ckpt["task"], ckpt["class_names"]
-    task, vocab = tasks.TASKS[name].__new__(tasks.TASKS[name]), data.Vocab(ckpt["vocab"], source=path)
+    task = tasks.TASKS[name].__new__(tasks.TASKS[name])
+    vocab = data.Vocab(ckpt["vocab"], source=path)
     tasks.Task.__init__(task, argparse.Namespace(**ckpt["args"]), vocab, Entries(names))
     task.answers, task.tags, task.device = ckpt["answers"], ckpt["tags"], device
     model = VisualBERT(Config(**ckpt["config"]))

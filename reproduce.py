@@ -39,7 +39,7 @@ import torch
 import data
 import toy
 from model import PRESETS, Config, VisualBERT
-from pretrain import load_checkpoint
+from pretrain import load_checkpoint, load_weights
 
 # -----------------------------------------------------------------------------
 # settings
@@ -387,7 +387,7 @@ def compute_report(out, variants, fractions, seeds):
 def load_model(ckpt_path):
     ckpt = load_checkpoint(ckpt_path)
     model = VisualBERT(Config(**ckpt["config"]))
-    model.load_state_dict(ckpt["model"])
+    load_weights(model, ckpt["model"], ckpt_path)
     return model.eval(), data.Vocab(ckpt["vocab"], source=ckpt_path)
 
 

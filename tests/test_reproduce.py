@@ -269,3 +269,13 @@ def test_a_whole_reproduction_on_a_tiny_world(tmp_path):
     before = (tmp_path / "out" / "table.md").read_text()
     reproduce.main(argv)
     assert (tmp_path / "out" / "table.md").read_text() == before
+
+
+def test_a_checkpoint_whose_weights_do_not_fit_is_one_line_naming_it(tmp_path):
+    cfg = Config(vocab_size=40, hidden=16, layers=1, heads=2, ffn=32, max_positions=16, feat_dim=8, num_labels=3)
+    state = VisualBERT(cfg).state_dict()
+    state.pop(next(iter(state)))
+    path = tmp_path / "ckpt.pt"
+    torch.save({"config": vars(cfg), "model": state, "vocab": ["[PAD]", "[UNK]"]}, path)
+    with pytest.raises(SystemExit, match=f"{path}: its weights do not fit the model"):
+        reproduce.load_model(str(path))

@@ -28,7 +28,7 @@ import extract_features as ef
 import tasks
 import toy
 from model import Config, VisualBERT
-from pretrain import load_checkpoint, load_weights
+from common import load_checkpoint, load_weights
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("checkpoint", help="OUT/ckpt.pt of finetune.py")

@@ -19,9 +19,9 @@ import time
 import numpy as np
 import torch
 
+import common
 import data
-import pretrain
-from model import PEAK_FLOPS, PRESETS, Config, VisualBERT, peak_flops, train_flops
+from model import PEAK_FLOPS, PRESETS, Config, PretrainLoss, VisualBERT, peak_flops, train_flops
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -76,14 +76,22 @@ def time_steps(step, n_warmup, n_steps, device):
 
 
 def bench_ours(args, device, batch, cfg):
-    """pretrain.py's training step: its optimiser, autocast, loss scaling (fp16), clip and compile."""
+    """pretrain.py's training step (one process, one micro-batch): its optimiser, autocast, loss
+    scaling (fp16), clip and compile."""
     model = VisualBERT(cfg).to(device)
     settings = argparse.Namespace(lr=1e-4, warmup=0.0, weight_decay=0.01)
-    optimizer, _, scaler = pretrain.make_optimizer(model.parameters(), settings, 1, device, args.dtype)
-    run = pretrain.wrap(pretrain.Objectives(model), device, 1, args.compile)
-    ctx = pretrain.autocast(device, args.dtype)
-    b = pretrain.to_device(pretrain.with_positions(batch), device)
-    step = lambda: pretrain.pretrain_step(model, run, [b], 1, optimizer, scaler, 1e-4, 1.0, ctx)  # noqa: E731
+    optimizer, _, scaler = common.make_optimizer(model.parameters(), settings, 1, device, args.dtype)
+    run = common.wrap(PretrainLoss(model), device, 1, args.compile)
+    ctx = common.autocast(device, args.dtype)
+    b = common.micro_batches(batch, 1, device)[0]
+    counts = torch.stack(list(model.count_targets(b).values())).clamp(min=1)
+
+    def step():
+        with ctx:
+            loss = (run(b) / counts).sum()
+        scaler.scale(loss).backward()
+        common.clip_and_step(optimizer, scaler, 1.0)
+
     return time_steps(step, args.warmup, args.steps, device)
 
 

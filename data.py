@@ -19,6 +19,7 @@ import shutil
 import numpy as np
 import torch
 
+from common import read_json, write_atomic, write_json
 from model import MASK_PROB
 
 # -----------------------------------------------------------------------------
@@ -128,80 +129,8 @@ class FeatureStore:
         return np.asarray(self._array(s, "features")[start + int(u * count)])
 
 
-def write_atomic(file, write, mode="wb"):
-    """write(f) to a temporary file renamed to `file`: readers never see half a file. One temporary
-    name per process: writers may run side by side."""
-    tmp = f"{file}.{os.getpid()}.tmp"
-    with open(tmp, mode) as f:
-        write(f)
-    os.replace(tmp, file)
-
-
 def _save_npy(file, arr):
     write_atomic(file, lambda f: np.save(f, arr))
-
-
-def read_json(file):
-    """A JSON file, with a clear error naming the file when it is missing, unreadable or malformed."""
-    try:
-        with open(file) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{file}: not found") from None
-    except OSError as e:  # a folder, no permission
-        raise ValueError(f"{file}: cannot be read ({e.strerror or e})") from None
-    except ValueError as e:  # bad JSON, bad UTF-8, an empty file
-        raise ValueError(f"{file}: not valid JSON ({e})") from None
-
-
-def check_path(path, kind, flag):
-    """A path a command-line flag names, checked before any work so that a bad one costs one clear
-    line naming it (SystemExit) and writes nothing. kind: "file" (readable, not empty), "folder", "file or
-    folder", "checkpoint" (a file, or a Hugging Face BERT folder), "out" (a folder to write: absent or a folder)."""
-    where = f"{flag} {path}"
-    if kind == "out":
-        up = os.path.abspath(path)
-        while not os.path.exists(up):
-            up = os.path.dirname(up)
-        if not os.path.isdir(up):
-            raise SystemExit(f"{where}: {up} is a file, where a folder is wanted")
-        if not os.access(up, os.W_OK):
-            raise SystemExit(f"{where}: {up} is not writable")
-        return
-    if not os.path.exists(path):
-        raise SystemExit(f"{where}: not found")
-    if kind == "checkpoint" and os.path.isdir(path):  # a BERT folder: its config, vocabulary and weights
-        weights = [f for f in ("model.safetensors", "pytorch_model.bin") if os.path.exists(os.path.join(path, f))]
-        for f in ("config.json", "vocab.txt", *(weights[:1] or ["model.safetensors"])):
-            check_path(os.path.join(path, f), "file", f"{flag} (a Hugging Face BERT folder)")
-        return
-    if os.path.isdir(path):
-        if kind in ("file", "checkpoint"):
-            raise SystemExit(f"{where}: a folder, where a file is wanted")
-        if not os.access(path, os.R_OK | os.X_OK):
-            raise SystemExit(f"{where}: cannot be read (permission denied)")
-        return
-    if kind == "folder":
-        raise SystemExit(f"{where}: a file, where a folder is wanted")
-    try:
-        with open(path, "rb") as f:
-            empty = not f.read(1)
-    except OSError as e:
-        raise SystemExit(f"{where}: cannot be read ({e.strerror or e})") from None
-    if empty:
-        raise SystemExit(f"{where}: the file is empty")
-
-
-def check_paths(args, kinds):
-    """check_path on every path of the flags in `kinds` ({dest: kind}) that were given."""
-    for dest, kind in kinds.items():
-        value = getattr(args, dest, None)
-        for path in [value] if isinstance(value, str) else value or []:
-            check_path(path, kind, "--" + dest.replace("_", "-"))
-
-
-def write_json(file, obj):
-    write_atomic(file, lambda f: f.write(json.dumps(obj)), "w")  # json.dumps runs in C, json.dump does not
 
 
 class FeatureWriter:

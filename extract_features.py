@@ -56,6 +56,7 @@ import torchvision
 from PIL import Image, ImageOps
 from torchvision.ops import boxes as box_ops, roi_align
 
+import common
 import data
 
 Image.MAX_IMAGE_PIXELS = None  # very large scans and panoramas are legitimate images here, not bombs
@@ -111,7 +112,7 @@ parser.add_argument("--bench-images", type=int, default=16,
 parser.add_argument("--bench-proposals", type=int, nargs="+", metavar="N",
                     help="--bench: at each of these proposal counts, and how many of the boxes kept with the first "
                          "are kept with each other")
-# every flag that names a path, and what it must be (data.check_path); --weights is checked where it is read
+# every flag that names a path, and what it must be (common.check_path); --weights is checked where it is read
 PATH_FLAGS = {"images": "file or folder", "out": "out", "given_boxes": "file", "from_tsv": "file", "vocab": "file",
               "attr_vocab": "file"}
 
@@ -141,7 +142,7 @@ def find_images(spec):
 def read_given_boxes(file):
     """--given-boxes: {image id or file name: [[x1, y1, x2, y2], ...]} in pixels, checked before any work."""
     try:
-        given = data.read_json(file)
+        given = common.read_json(file)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(str(e))
     if not isinstance(given, dict):
@@ -221,7 +222,7 @@ def build_model(args):
         model = torchvision.models.get_model(args.model, weights=None, weights_backbone=None, **kw)
         name = f"none (random, seed {args.seed})"
     elif weights_file:
-        data.check_path(args.weights, "file", "--weights")
+        common.check_path(args.weights, "file", "--weights")
         try:
             state = torch.load(args.weights, map_location="cpu", weights_only=True)
             state = state.get("model", state)  # torchvision's reference scripts save {"model": ...}
@@ -424,7 +425,7 @@ def parse_args(argv):
     world = args.num_shards if args.num_shards is not None else int(os.environ.get("WORLD_SIZE", 1))
     if not 0 <= rank < world:
         parser.error(f"--shard {rank} is not in [0, --num-shards {world})")
-    data.check_paths(args, PATH_FLAGS)
+    common.check_paths(args, PATH_FLAGS)
     if args.from_tsv:
         if not args.out:
             parser.error("--out is required")

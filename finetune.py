@@ -19,6 +19,7 @@ evaluations and baselines) are in tasks.py.
 """
 
 import argparse
+import copy
 import json
 import os
 import time
@@ -27,13 +28,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+import common
 import data
 import toy
-from model import PRESETS
-from pretrain import (all_sum, autocast, check_batch, leave, load_checkpoint, load_weights, make_model, make_optimizer,
-                      optimizer_step, pick_dtype, restore, save_checkpoint, say, setup_device, shard, toy_world,
-                      trim_log, wrap, write_args)
-from tasks import TASKS, steps_per_epoch
+from common import all_sum, print0, shard
+from model import PRESETS, PretrainLoss
+from tasks import TASKS, chunks, steps_per_epoch
 
 # -----------------------------------------------------------------------------
 # settings: every flag, in one place; `python finetune.py -h` is the manual
@@ -145,18 +145,31 @@ group.add_argument("--resume", action="store_true",
                    help="continue from OUT/ckpt.pt; the rest of the command must be the same")
 group.add_argument("--eval-batch-size", type=int, default=256, metavar="N",
                    help="sequences per forward pass when evaluating")
-# every flag that names a path, and what it must be (data.check_path)
+# every flag that names a path, and what it must be (common.check_path)
 PATH_FLAGS = {"data": "folder", "features": "folder", "answers": "file", "init_from": "checkpoint", "out": "out",
               "toy_root": "out"}
 
+
 # -----------------------------------------------------------------------------
-# model, optimiser, the shared loop
+# the task, the model and its head
 
 
-def build_model(args, images, toy_vocab, resume=None):
-    """The model of --init-from (see -h; random weights of --model with the toy vocabulary when none), or with
-    --resume of the run's own checkpoint (pretrain.make_model). The attribute head may differ: it is not used."""
-    def check(cfg, ckpt):
+def load_task(args, world):
+    """The task (the toy world's unless --data/--features are given), the model of --init-from (see -h;
+    random weights of --model with the toy vocabulary when none; with --resume, the run's own
+    checkpoint) and the task's head, and with --resume that checkpoint; a bad input is one line naming it."""
+    toy_vocab = None
+    if args.data is None:
+        common.rank0_first(lambda: toy.make_toy_world(args.toy_root), world)
+        folder, stores = TOY[args.task]
+        args.data = os.path.join(args.toy_root, "tasks", folder)
+        args.features = [os.path.join(args.toy_root, "features", s) for s in stores]
+        toy_vocab = os.path.join(args.toy_root, "vocab.txt")
+    ckpt_path = os.path.join(args.out, "ckpt.pt")
+    resume = load_resume(ckpt_path, args) if args.resume else None
+    src = ckpt_path if resume is not None else args.init_from
+
+    def fits_features(cfg, ckpt):  # the attribute head may differ: fine-tuning does not use it
         sizes = (("feat_dim", "feature size", images.feature_dim),
                  ("num_labels", "detector classes", len(images.class_names)))
         for k, what, have in sizes:
@@ -165,10 +178,20 @@ def build_model(args, images, toy_vocab, resume=None):
                                  f"stores {' '.join(s.path for s in images.stores)} have {have}: use features from "
                                  f"the same extractor")
         if ckpt.get("class_names") and list(ckpt["class_names"]) != list(images.class_names):
-            say(f"warning: {src} was pre-trained with other detector class names than the feature stores have")
+            print0(f"warning: {src} was pre-trained with other detector class names than the feature stores have")
 
-    src = os.path.join(args.out, "ckpt.pt") if resume is not None else args.init_from
-    return make_model(args, images, toy_vocab, src, resume, check)
+    try:
+        images = data.Images(args.features)
+        model, vocab = common.make_model(args, images, toy_vocab, src, resume, fits_features)
+        task = TASKS[args.task](args, vocab, images, args.data)
+        if args.train_fraction != 1:
+            task.keep_train(args.train_fraction)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        raise SystemExit(str(e).strip('"')) from None
+    head = task.make_head(model)
+    if resume is not None:
+        common.load_weights(head, resume["head"], ckpt_path)
+    return task, model, head, resume
 
 
 # what a resumed run may change; any other setting makes it another run, which --resume refuses
@@ -178,7 +201,7 @@ RESUME_MAY_CHANGE = ("out", "resume", "save_every", "log_every", "eval_batch_siz
 
 def load_resume(path, args):
     """OUT/ckpt.pt of an earlier run of this same command, or one clear line naming the file."""
-    ckpt = load_checkpoint(path)
+    ckpt = common.load_checkpoint(path)
     if not isinstance(ckpt, dict) or "head" not in ckpt:
         raise SystemExit(f"{path}: not a checkpoint of finetune.py (no head inside); --resume goes on from a run of "
                          f"this command in --out")
@@ -202,6 +225,26 @@ class TaskLoss(nn.Module):
         return self.task.loss(self.model, self.head, items)
 
 
+# -----------------------------------------------------------------------------
+# the training step, and NLVR2's task-specific pre-training
+
+
+def take_step(loss_module, micro, loss_of, optimizer, scaler, lr, clip, ctx, world):
+    """One optimiser step on this process's micro-batches: their gradients add up (under DDP they are
+    averaged over the processes at the last backward alone), then clip and step. loss_of(micro-batch)
+    is its share of the global batch's loss (the shares of all micro-batches of all processes sum to
+    it). Returns the gradient norm, a device tensor: nothing here makes the host wait for the device."""
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    for j, mb in enumerate(micro):
+        if world > 1:  # DDP averages the processes' gradients at the last micro-batch's backward alone
+            loss_module.require_backward_grad_sync = j == len(micro) - 1
+        with ctx:
+            loss = loss_of(mb) * world  # x world: DDP averages the processes' gradients; the loss is their sum
+        scaler.scale(loss).backward()
+    return common.clip_and_step(optimizer, scaler, clip)
+
+
 def read_losses(pending, step, scaler, saved, out):
     """The global batches' mean losses of the steps up to `step` since the host last looked (logging
     and saving steps), one read of the device; a non-finite one stops the run (under fp16 the scaler
@@ -215,47 +258,57 @@ def read_losses(pending, step, scaler, saved, out):
     return losses
 
 
-def train(args, task, run, opt, start, steps, losses, gen, world, rank, ctx, log, save):
-    """Steps start + 1 to `steps` (opt: the optimiser, the learning rate of a step, the scaler); rank 0
-    logs and saves (save(step, losses)). The host reads the device on logging and saving steps alone:
-    the check for a non-finite loss waits for them."""
-    optimizer, lr_at, scaler = opt
-    per_epoch = steps_per_epoch(args, task)
-    t0, seen, saved, pending = time.time(), 0, start, []
-    for step in range(start, steps):
-        epoch, i = divmod(step, per_epoch)
-        if i == 0 or step == start:  # a new shuffle each epoch
-            order = np.random.default_rng([args.seed, epoch]).permutation(len(task.train))
-        items = [task.train[j] for j in order[i * args.batch_size:(i + 1) * args.batch_size]]  # the global batch
-        items = task.draw(items, gen)  # its random choices, the same on every process
-        mine, parts = shard(items, rank, world), []  # this process's share
+def task_pretrain(args, task, model, ctx, rank, world):
+    """NLVR2's task-specific pre-training (docs/METHOD.md §6): --task-pretrain-epochs epochs of
+    mask-and-predict on its own sentences and images (task.pretrain_batch), keeping the epoch with the
+    best dev MLM loss. Each objective's sum is divided by its count over the global batch, as in pretrain.py."""
+    dev = task.splits.get("dev") or task.splits["train"][: len(task.splits["train"]) // 10]
+    attrs = model.cfg.num_attrs == len(task.images.attr_names or [])
+    dev_batches = [task.pretrain_batch(items, data.RowRandom(1234, i, range(len(items))), attrs)  # fixed masks
+                   for i, items in enumerate(chunks(dev, args.batch_size))]
 
-        def loss_of(mb):  # the task's mean over mb as mb's share of the global batch's mean
-            parts.append(run(mb) * (len(mb) / len(items)))
-            return parts[-1] * world  # DDP averages the processes' gradients; the loss is their sum
+    @torch.no_grad()
+    def dev_mlm():
+        model.eval()
+        with ctx:
+            losses = [model.pretrain_losses(common.to_device(b, task.device))[1]["mlm"].item() for b in dev_batches]
+        model.train()
+        return float(np.mean(losses))
 
-        micro = [shard(mine, j, args.grad_accum) for j in range(args.grad_accum)]
-        norm = optimizer_step(run, micro, loss_of, optimizer, scaler, lr_at(step), args.clip, ctx)
-        pending.append(sum(parts).detach())
-        seen += len(items)
-        log_now = (step + 1) % args.log_every == 0 or step + 1 == steps
-        save_now = (step + 1) % args.save_every == 0 or step + 1 == steps
-        if not (log_now or save_now):
-            continue
-        losses, pending = losses + read_losses(pending, step + 1, scaler, saved, args.out), []
-        if log_now:
-            dt = (time.time() - t0) / len(losses)
-            record = {"step": step + 1, "epoch": epoch + (i + 1) / per_epoch, "loss": float(np.mean(losses)),
-                      "lr": lr_at(step), "grad_norm": norm.item()}
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            say(f"step {step + 1}/{steps} | epoch {record['epoch']:.2f} | loss {record['loss']:.4f} | "
-                f"lr {record['lr']:.2e} | norm {record['grad_norm']:.2f} | {dt * 1000:.0f} ms/step | "
-                f"{seen / (time.time() - t0):.0f} samples/s | ETA {dt * (steps - step - 1) / 60:.1f} min", flush=True)
-            t0, seen, losses = time.time(), 0, []
-        if save_now:
-            save(step + 1, losses)
-            saved = step + 1
+    steps = args.task_pretrain_epochs * steps_per_epoch(args, task)
+    optimizer, lr_at, scaler = common.make_optimizer(model.parameters(), args, steps, task.device, args.dtype)
+    pretrain_loss = common.wrap(PretrainLoss(model), task.device, world)
+    best, step = (float("inf"), None, 0), 0
+    print0(f"task-specific pre-training: {args.task_pretrain_epochs} epochs; dev MLM loss before {dev_mlm():.3f}")
+    model.train()
+    for epoch in range(args.task_pretrain_epochs):
+        order = np.random.default_rng([args.seed, 99, epoch]).permutation(len(task.train))
+        for idx in chunks(order, args.batch_size)[: steps // args.task_pretrain_epochs]:
+            n = len(idx)  # this process builds its rows of the global batch alone
+            rng = data.RowRandom(args.seed, step, range(n * rank // world, n * (rank + 1) // world), n)
+            b = task.pretrain_batch([task.train[i] for i in idx], rng, attrs)
+            micro = common.micro_batches(b, args.grad_accum, task.device)
+            counts = all_sum(sum(torch.stack(list(model.count_targets(mb).values())) for mb in micro)).clamp(min=1)
+            sums = []
+
+            def loss_of(mb):  # mb's share of the global batch's loss
+                sums.append(pretrain_loss(mb))
+                return (sums[-1] / counts).sum()
+
+            take_step(pretrain_loss, micro, loss_of, optimizer, scaler, lr_at(step), args.clip, ctx, world)
+            sums = sum(s.detach() for s in sums)
+            step += 1
+        loss, mlm = (all_sum(sums) / counts).sum().item(), dev_mlm()
+        print0(f"task-specific pre-training epoch {epoch + 1}: train loss {loss:.3f}, dev MLM loss {mlm:.3f}")
+        if mlm < best[0]:
+            best = (mlm, copy.deepcopy(model.state_dict()), epoch + 1)
+    model.load_state_dict(best[1])
+    print0(f"kept epoch {best[2]} (dev MLM loss {best[0]:.3f})")
+    return {"task_pretrain_epoch": best[2], "dev_mlm": best[0]}
+
+
+# -----------------------------------------------------------------------------
+# the evaluation and the run
 
 
 def report(args, task, model, head, ctx, log, t_start, rank):
@@ -270,17 +323,17 @@ def report(args, task, model, head, ctx, log, t_start, rank):
     # results.json last and whole: reproduce.py takes it to mean the run is done
     for name, obj in (("baseline.json", baseline), ("results.json", results)):
         if rank == 0:
-            data.write_atomic(os.path.join(args.out, name), lambda f: json.dump(obj, f, indent=1), "w")
+            common.write_json(os.path.join(args.out, name), obj, indent=1)
     log.write(json.dumps({"phase": "eval", "results": results, "baseline": baseline}) + "\n")
     log.close()
     for line in task.warnings():
-        say(line)
-    say(f"\n{args.task}: result vs baseline ({task.baseline_name}), {(time.time() - t_start) / 60:.1f} min in all")
-    say(f"{'split':<8} {'metric':<12} {'result':>8} {'baseline':>9}")
+        print0(line)
+    print0(f"\n{args.task}: result vs baseline ({task.baseline_name}), {(time.time() - t_start) / 60:.1f} min in all")
+    print0(f"{'split':<8} {'metric':<12} {'result':>8} {'baseline':>9}")
     for s in task.eval_splits:
         for k, value in results[s].items():
-            say(f"{s:<8} {k:<12} {value:8.3f} {baseline[s][k]:9.3f}")
-    say(f"results: {os.path.join(args.out, 'results.json')}, fine-tuned model: {os.path.join(args.out, 'ckpt.pt')}")
+            print0(f"{s:<8} {k:<12} {value:8.3f} {baseline[s][k]:9.3f}")
+    print0(f"results: {os.path.join(args.out, 'results.json')}, fine-tuned model: {os.path.join(args.out, 'ckpt.pt')}")
     return results
 
 
@@ -298,108 +351,116 @@ def parse_args(argv=None):
         parser.error("--data and --features go together: the task's files and the stores of their images")
     if args.answers and args.task != "vqa":
         parser.error("--answers is VQA's answer set")
-    data.check_paths(args, PATH_FLAGS)
+    common.check_paths(args, PATH_FLAGS)
     args.out = args.out or os.path.join("out", "finetune", args.task)
     return args
 
 
-def load_task(args, world):
-    """The task (the toy world's unless --data/--features are given), the model and its head, and with
-    --resume the checkpoint they were loaded from; a bad input is one line naming it."""
-    toy_vocab = None
-    if args.data is None:
-        root = toy_world(args.toy_root, world)
-        folder, stores = TOY[args.task]
-        args.data = os.path.join(root, "tasks", folder)
-        args.features = [os.path.join(root, "features", s) for s in stores]
-        toy_vocab = os.path.join(root, "vocab.txt")
-    ckpt_path = os.path.join(args.out, "ckpt.pt")
-    resume = load_resume(ckpt_path, args) if args.resume else None
-    try:
-        images = data.Images(args.features)
-        model, vocab = build_model(args, images, toy_vocab, resume)
-        task = TASKS[args.task](args, vocab, images, args.data)
-        if args.train_fraction != 1:
-            task.keep_train(args.train_fraction)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        raise SystemExit(str(e).strip('"')) from None
-    head = task.make_head(model)
-    if resume is not None:
-        load_weights(head, resume["head"], ckpt_path)
-    return task, model, head, resume
-
-
-def say_start(args, task, model, head, device, world, why, steps):
-    """What was decided at start-up: the model, the device and dtype, the data, the steps."""
-    say(f"task: {args.task}, from {args.init_from or f'random weights ({args.model})'}, "
-        f"{'no tags' if args.no_tags else 'with tags'}")
-    say(f"model: {model.num_params() / 1e6:.2f}M parameters + head "
-        f"{sum(t.numel() for t in head.parameters()) / 1e6:.2f}M, "
-        f"{model.cfg.layers} layers, hidden {model.cfg.hidden}")
-    say(f"device: {device} x {world} process(es), dtype: {args.dtype} ({why}), compile: {args.compile}")
-    say("data: " + ", ".join(f"{s} {len(x)}" for s, x in task.splits.items())
-        + f" {task.unit}; {len(task.images.where)} images in {len(task.images.stores)} stores")
-    for line in task.info + task.warnings():
-        say(line)
-    say(f"{steps_per_epoch(args, task)} steps per epoch, {steps} steps, global batch {args.batch_size}, "
-        f"lr {args.lr:g}" + (f", {args.grad_accum} micro-batches per process" if args.grad_accum > 1 else ""))
-
-
-def open_log(args, rank, resume, start):
-    """OUT/log.jsonl, which rank 0 alone writes: a new one, or a resumed run's cut back to step `start`."""
-    log_file = os.path.join(args.out, "log.jsonl")
-    if resume is not None:
-        if rank == 0:
-            # the evaluation's line goes; task pre-training's stays
-            trim_log(log_file, start, keep_phases=("task_pretrain",))
-        say(f"resuming from {os.path.join(args.out, 'ckpt.pt')} at step {start}")
-    return open(log_file, "a" if resume is not None else "w") if rank == 0 else open(os.devnull, "w")
-
-
 def main(argv=None):
+    # settings
     args = parse_args(argv)
-    device, rank, world = setup_device(args)  # under torchrun: this process's rank of `world`
-    check_batch(args.batch_size, world, args.grad_accum)
+    device, rank, world = common.init_device(args.device)  # under torchrun: this process's rank of `world`
+    common.check_batch(args.batch_size, world, args.grad_accum)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
-    args.dtype, why = pick_dtype(args, device)
-    ctx = autocast(device, args.dtype)
+    args.dtype, why = common.pick_dtype(args.dtype, device)
+    ctx = common.autocast(device, args.dtype)
     t_start = time.time()
+
+    # data, model and head
     task, model, head, resume = load_task(args, world)
     task.device = device
     model.to(device), head.to(device)
+
+    # optimiser
     steps = max(1, round(args.epochs * steps_per_epoch(args, task)))
-    optimizer, lr_at, scaler = make_optimizer([*model.parameters(), *head.parameters()], args, steps, device,
-                                              args.dtype)
+    optimizer, lr_at, scaler = common.make_optimizer([*model.parameters(), *head.parameters()], args, steps, device,
+                                                     args.dtype)
     gen = torch.Generator().manual_seed(args.seed)  # the task's own draws (retrieval's negatives)
     start, losses = 0, []
     if resume is not None:  # the state after step `start`: weights, optimiser, random states, the log's open window
-        start, losses = restore(resume, optimizer, scaler), resume["losses"]
+        start, losses = common.restore(resume, optimizer, scaler), resume["losses"]
         gen.set_state(resume["gen"])
-
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)  # only now: a bad input leaves no output folder behind
-    write_args(args, world)
-    say_start(args, task, model, head, device, world, why, steps)
-    log = open_log(args, rank, resume, start)
+    common.write_args(args, world)
+    print0(f"task: {args.task}, from {args.init_from or f'random weights ({args.model})'}, "
+           f"{'no tags' if args.no_tags else 'with tags'}")
+    print0(f"model: {model.num_params() / 1e6:.2f}M parameters + head "
+           f"{sum(t.numel() for t in head.parameters()) / 1e6:.2f}M, "
+           f"{model.cfg.layers} layers, hidden {model.cfg.hidden}")
+    print0(f"device: {device} x {world} process(es), dtype: {args.dtype} ({why}), compile: {args.compile}")
+    print0("data: " + ", ".join(f"{s} {len(x)}" for s, x in task.splits.items())
+           + f" {task.unit}; {len(task.images.where)} images in {len(task.images.stores)} stores")
+    for line in task.info + task.warnings():
+        print0(line)
+    print0(f"{steps_per_epoch(args, task)} steps per epoch, {steps} steps, global batch {args.batch_size}, "
+           f"lr {args.lr:g}" + (f", {args.grad_accum} micro-batches per process" if args.grad_accum > 1 else ""))
+
+    # OUT/log.jsonl, which rank 0 alone writes: a new one, or a resumed run's cut back to step `start`
+    log_file = os.path.join(args.out, "log.jsonl")
+    if resume is not None:
+        if rank == 0:
+            common.trim_log(log_file, start, keep_phases=("task_pretrain",))  # the evaluation's line goes
+        print0(f"resuming from {os.path.join(args.out, 'ckpt.pt')} at step {start}")
+    log = open(log_file, "a" if resume is not None else "w") if rank == 0 else open(os.devnull, "w")
     # NLVR2's task-specific pre-training runs before the first checkpoint, which holds its result: a
     # resumed run skips it; a run killed during it has no checkpoint of its own and starts over
     if args.task_pretrain_epochs and resume is None:
-        log.write(json.dumps({"phase": "task_pretrain", **task.task_pretrain(model, args, ctx, rank, world)}) + "\n")
+        log.write(json.dumps({"phase": "task_pretrain", **task_pretrain(args, task, model, ctx, rank, world)}) + "\n")
 
     def save(step, losses):  # the plain model, never the compiled one
         if rank == 0:
             images = task.images
-            save_checkpoint(os.path.join(args.out, "ckpt.pt"), model, optimizer, scaler, step, args, task.vocab,
-                            images.class_names, head=head.state_dict(), gen=gen.get_state(), losses=losses,
-                            task=args.task, answers=getattr(task, "answers", None), tags=task.tags,  # for ask.py
-                            extractor=images.stores[0].meta.get("extractor", {}))
+            common.save_checkpoint(os.path.join(args.out, "ckpt.pt"), model, optimizer, scaler, step, args,
+                                   task.vocab, images.class_names, head=head.state_dict(), gen=gen.get_state(),
+                                   losses=losses, task=args.task, answers=getattr(task, "answers", None),
+                                   tags=task.tags, extractor=images.stores[0].meta.get("extractor", {}))  # for ask.py
 
+    # the loop: steps start + 1 to `steps`; rank 0 logs and saves. The host reads the device on logging
+    # and saving steps alone: the check for a non-finite loss waits for them.
     model.train(), head.train()
-    run = wrap(TaskLoss(task, model, head, args.compile), device, world)
-    train(args, task, run, (optimizer, lr_at, scaler), start, steps, losses, gen, world, rank, ctx, log, save)
+    task_loss = common.wrap(TaskLoss(task, model, head, args.compile), device, world)
+    per_epoch = steps_per_epoch(args, task)
+    t0, seen, saved, pending = time.time(), 0, start, []  # pending: the steps' losses the host has not read yet
+    for step in range(start, steps):
+        epoch, i = divmod(step, per_epoch)
+        if i == 0 or step == start:  # a new shuffle each epoch
+            order = np.random.default_rng([args.seed, epoch]).permutation(len(task.train))
+        items = [task.train[j] for j in order[i * args.batch_size:(i + 1) * args.batch_size]]  # the global batch
+        items = task.draw(items, gen)  # its random choices, the same on every process
+        mine, parts = shard(items, rank, world), []  # this process's share
+
+        def loss_of(mb):  # the task's mean over mb as mb's share of the global batch's mean
+            parts.append(task_loss(mb) * (len(mb) / len(items)))
+            return parts[-1]
+
+        micro = [shard(mine, j, args.grad_accum) for j in range(args.grad_accum)]
+        norm = take_step(task_loss, micro, loss_of, optimizer, scaler, lr_at(step), args.clip, ctx, world)
+        pending.append(sum(parts).detach())
+        seen += len(items)
+        log_now = (step + 1) % args.log_every == 0 or step + 1 == steps
+        save_now = (step + 1) % args.save_every == 0 or step + 1 == steps
+        if not (log_now or save_now):
+            continue
+        losses, pending = losses + read_losses(pending, step + 1, scaler, saved, args.out), []
+        if log_now:
+            dt = (time.time() - t0) / len(losses)
+            record = {"step": step + 1, "epoch": epoch + (i + 1) / per_epoch, "loss": float(np.mean(losses)),
+                      "lr": lr_at(step), "grad_norm": norm.item()}
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            print0(f"step {step + 1}/{steps} | epoch {record['epoch']:.2f} | loss {record['loss']:.4f} | "
+                   f"lr {record['lr']:.2e} | norm {record['grad_norm']:.2f} | {dt * 1000:.0f} ms/step | "
+                   f"{seen / (time.time() - t0):.0f} samples/s | ETA {dt * (steps - step - 1) / 60:.1f} min",
+                   flush=True)
+            t0, seen, losses = time.time(), 0, []
+        if save_now:
+            save(step + 1, losses)
+            saved = step + 1
+
     results = report(args, task, model, head, ctx, log, t_start, rank)
-    leave(world)
+    common.end_processes(world)
     return results
 
 

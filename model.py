@@ -270,7 +270,8 @@ class VisualBERT(nn.Module):
     # pre-training losses (docs/METHOD.md §2)
 
     def pretrain_losses(self, batch):
-        """The sum of the objectives present in `batch` (a dict built by data.py), and each term.
+        """The mean of each objective present in `batch` (a dict built by data.py) over this batch, and
+        their sum: pretrain_sums divided by count_targets.
 
         Text keys: input_ids, attention_mask, token_type_ids, mlm_labels, [nsp_labels].
         Image keys: [tag_ids, tag_boxes, tag_mask, tag_labels], feats, boxes, region_mask,
@@ -278,12 +279,14 @@ class VisualBERT(nn.Module):
         Aligned batches have both, plus match_labels. Labels are -100 where nothing is predicted.
         Without tag keys (the _NT variants) no tag enters the sequence.
         """
-        terms = {k: s / c.clamp(min=1) for k, (s, c) in self.pretrain_terms(batch).items()}
+        sums, counts = self.pretrain_sums(batch), self.count_targets(batch)
+        terms = {k: sums[k] / counts[k].clamp(min=1) for k in counts}
         return sum(terms.values()), terms
 
-    def pretrain_terms(self, batch):
-        """Each objective as (sum over the batch, count to divide by). Kept apart so that a
-        distributed run can divide by the count over the global batch (pretrain.py)."""
+    def pretrain_sums(self, batch):
+        """Each objective summed over the batch. A training step divides the sums by count_targets of
+        the whole global batch, which holds before any forward: then micro-batches and processes take
+        the step one process takes on the whole batch (pretrain.py)."""
         has_text, has_image, has_tags = "input_ids" in batch, "feats" in batch, "tag_ids" in batch
         h, spans = self.encode(batch)
         sums = {}
@@ -296,12 +299,11 @@ class VisualBERT(nn.Module):
             sums["tag"] = masked_lm_sum(self.mlm, h[:, spans["tags"]], batch["tag_labels"], batch.get("tag_at"))
         if has_image:
             sums.update(visual_sums(self.visual, h[:, spans["regions"]], batch))
-        counts = self.term_counts(batch)
-        return {k: (sums[k], counts[k]) for k in counts}
+        return sums  # in count_targets' order
 
-    def term_counts(self, batch):
-        """What pretrain_terms divides each objective's sum by, from the batch alone (no forward):
-        a run totals them over its micro-batches and processes before the first backward."""
+    def count_targets(self, batch):
+        """What each objective's sum is divided by, from the batch's labels alone (no forward): masked
+        text pieces and tags, sentences, and every valid region for the visual terms."""
         counts = {}
         if "input_ids" in batch:
             counts["mlm"] = (batch["mlm_labels"] != -100).sum()
@@ -317,8 +319,33 @@ class VisualBERT(nn.Module):
         return {k: c.float() for k, c in counts.items()}
 
 
+class PretrainLoss(nn.Module):
+    """What a pre-training step calls (DDP and torch.compile wrap it): forward(batch) -> the objectives'
+    sums over the batch, stacked in count_targets' order, in fp32."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch):
+        return torch.stack([s.float() for s in self.model.pretrain_sums(batch).values()])
+
+
+def with_positions(batch):
+    """The batch and the (row, column) positions of what the model predicts (mlm_at, tag_at, region_at),
+    found here on the host: found on a GPU they would make the host wait for it (positions)."""
+    out = dict(batch)
+    if "mlm_labels" in batch:
+        out["mlm_at"] = (batch["mlm_labels"] != -100).nonzero()
+    if "tag_labels" in batch:
+        out["tag_at"] = (batch["tag_labels"] != -100).nonzero()
+    if "region_masked" in batch:
+        out["region_at"] = (batch["region_masked"] & batch["region_mask"]).nonzero()
+    return out
+
+
 def positions(mask, given=None):
-    """(rows, columns) where `mask` holds; `given`: the same found earlier on the host (pretrain.py),
+    """(rows, columns) where `mask` holds; `given`: the same found earlier on the host (with_positions),
     as finding them on a GPU would make the host wait for it."""
     at = mask.nonzero() if given is None else given  # (N, 2)
     return at[:, 0], at[:, 1]
@@ -344,7 +371,7 @@ def visual_sums(head, h, batch):
     scale by 1/0.15 (authors' code), so a term is about the mean over masked regions. Regression
     is smooth-L1 (beta 1), averaged over the feature dimension, as in the authors' code.
     h (B, K, H) the regions' hidden states; head(x) -> (features, label logits, attribute logits).
-    Returns the sums; term_counts gives what they are divided by, the batch's valid regions.
+    Returns the sums; count_targets gives what they are divided by, the batch's valid regions.
     """
     sel = positions(batch["region_masked"].bool() & batch["region_mask"].bool(), batch.get("region_at"))
     feat, label, attr = head(h[sel])  # (N, D), (N, C), (N, A)

@@ -12,22 +12,19 @@ of the global batch (--batch-size); --grad-accum N takes each process's rows in 
 """
 
 import argparse
-import contextlib
 import json
 import math
 import os
-import platform
-import sys
 import time
 
 import numpy as np
 import torch
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
+import common
 import data
 import toy
-from model import PRESETS, Config, VisualBERT, peak_flops, train_flops
+from common import all_sum, print0
+from model import PRESETS, PretrainLoss, peak_flops, train_flops
 
 # -----------------------------------------------------------------------------
 # settings: every flag, in one place; `python pretrain.py -h` is the manual
@@ -93,7 +90,7 @@ group.add_argument("--eval-batches", type=int, default=4, help="batches per held
 group.add_argument("--eval-every", type=int, default=0,
                    help="also evaluate the held-out sets every this many steps (log.jsonl lines with phase \"eval\"): "
                         "how far the objectives have converged")
-# every flag that names a path, and what it must be (data.check_path)
+# every flag that names a path, and what it must be (common.check_path)
 PATH_FLAGS = {"images": "folder", "captions": "file", "text": "file", "pairs": "file", "heldout_images": "folder",
               "heldout_captions": "file", "heldout_text": "file", "heldout_pairs": "file", "init_from": "checkpoint",
               "out": "out", "cache_dir": "out", "toy_root": "out"}
@@ -146,7 +143,7 @@ def warn_skipped(corpora):
     """A warning on the bad records each text corpus left out (tokenised text keeps the list)."""
     texts = [c.items[0] if c.kind == "pair" else c.items for c in corpora if c.kind != "image"]
     for line in filter(None, (t.report() for t in texts)):
-        say("warning: " + line)
+        print0("warning: " + line)
 
 
 def heldout_batches(args, vocab, class_names, n):
@@ -173,386 +170,13 @@ def heldout_batches(args, vocab, class_names, n):
     return out
 
 
-@torch.no_grad()
-def evaluate(model, sets, device, ctx):
-    """Mean held-out loss of each objective over all held-out batches, and on pairs the share of
-    them whose match or mismatch the model gets right (match_acc; chance 0.5)."""
-    model.eval()
-    sums, counts = {}, {}
-    for batches in sets.values():
-        for b in batches:
-            b = to_device(b, device)
-            with ctx:
-                _, terms = model.pretrain_losses(b)
-                if "match_labels" in b:
-                    right = model.nsp(model.pool(model.encode(b)[0])).argmax(-1) == b["match_labels"]
-                    terms["match_acc"] = right.float().mean()
-            for k, val in terms.items():
-                sums[k] = sums.get(k, 0.0) + val.item()
-                counts[k] = counts.get(k, 0) + 1
-    model.train()
-    return {k: sums[k] / counts[k] for k in sums}
-
-
-def to_device(batch, device):
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def with_positions(batch):
-    """The batch and the (row, column) positions of what the model predicts, found here on the host:
-    found on a GPU they would make the host wait for it (model.positions)."""
-    out = dict(batch)
-    if "mlm_labels" in batch:
-        out["mlm_at"] = (batch["mlm_labels"] != -100).nonzero()
-    if "tag_labels" in batch:
-        out["tag_at"] = (batch["tag_labels"] != -100).nonzero()
-    if "region_masked" in batch:
-        out["region_at"] = (batch["region_masked"] & batch["region_mask"]).nonzero()
-    return out
-
-
-# -----------------------------------------------------------------------------
-# checkpoints
-
-
-def save_checkpoint(path, model, optimizer, scaler, step, args, vocab, class_names, **extra):
-    """Everything to resume, written atomically; `extra` adds entries (finetune.py: its head, its generator)."""
-    ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-            "step": step, "config": model.cfg.to_dict(), "vocab": vocab.tokens, "class_names": class_names,
-            "args": vars(args), "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()}, **extra}
-    tmp = path + ".tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)  # atomic: a kill mid-save leaves the previous checkpoint whole
-
-
-def restore(ckpt, optimizer, scaler):
-    """--resume: the optimiser, the scaler and the global random states as the checkpoint left them;
-    returns its step."""
-    optimizer.load_state_dict(ckpt["optimizer"])
-    if ckpt["scaler"]:  # saved by an fp16 run (a disabled scaler saves nothing)
-        scaler.load_state_dict(ckpt["scaler"])
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    np.random.set_state(ckpt["rng"]["numpy"])
-    return ckpt["step"]
-
-
-def trim_log(file, step, keep_phases=()):
-    """--resume: the steps logged after the checkpoint's are done again; drop their lines (and any
-    line without a step, such as an evaluation's, unless its phase is in `keep_phases`)."""
-    if not os.path.exists(file):
-        return
-    with open(file) as f:
-        records = [(line, json.loads(line)) for line in f if line.strip()]
-    with open(file, "w") as f:
-        f.writelines(line for line, r in records if r.get("step", step + 1) <= step or r.get("phase") in keep_phases)
-
-
-def read_log(file):
-    """log.jsonl's records ([] when there is none yet)."""
-    if not os.path.exists(file):
-        return []
-    with open(file) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def load_checkpoint(path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except FileNotFoundError:
-        raise SystemExit(f"{path}: checkpoint not found") from None
-    except Exception as e:
-        raise SystemExit(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
-
-
-def make_model(args, images, vocab_file, src=None, ckpt=None, check=None):
-    """A model and its vocabulary, from `src` (default: --init-from): a Hugging Face BERT directory
-    (its weights and vocabulary, new visual modules sized from `images`) or a checkpoint of
-    pretrain.py or finetune.py (its config, weights and vocabulary; `ckpt` if loaded already), which
-    check(cfg, ckpt) stops when it does not fit the data (default: every visual size must match);
-    without either, random weights of --model and the vocabulary in `vocab_file` (the toy world's)."""
-    visual = dict(feat_dim=images.feature_dim, num_labels=len(images.class_names),
-                  num_attrs=len(images.attr_names or [])) if images is not None else {}
-    drop = {} if args.dropout is None else {"dropout": args.dropout}
-    src = src or args.init_from
-    if not src and vocab_file is None:  # pretrain.py and finetune.py alike stop here, before any model is built
-        raise SystemExit("real data needs a vocabulary: give --init-from (a BERT directory or a checkpoint)")
-
-    def same_sizes(cfg, ckpt):  # pre-training trains every visual head on
-        for k, val in visual.items():
-            if getattr(cfg, k) != val:
-                raise SystemExit(f"{src}: the checkpoint has {k}={getattr(cfg, k)}, the images have {val}")
-
-    if src and os.path.isdir(src):
-        try:
-            return VisualBERT.from_bert(src, **visual, **drop), data.Vocab.from_file(os.path.join(src, "vocab.txt"))
-        except ValueError as e:
-            raise SystemExit(str(e)) from None
-    if src:
-        ckpt = load_checkpoint(src) if ckpt is None else ckpt
-        if not isinstance(ckpt, dict) or not {"model", "config", "vocab"} <= set(ckpt):
-            raise SystemExit(f"{src}: not a checkpoint of pretrain.py or finetune.py (no model, config and vocab "
-                             f"inside); --init-from takes one of those or a Hugging Face BERT directory")
-        cfg = Config(**{**ckpt["config"], **drop})
-        (check or same_sizes)(cfg, ckpt)
-        model = VisualBERT(cfg)
-        load_weights(model, ckpt["model"], src)
-        return model, data.Vocab(ckpt["vocab"], source=src)
-    vocab = data.Vocab.from_file(vocab_file)
-    return VisualBERT(Config(**{**PRESETS[args.model], "vocab_size": len(vocab), **visual, **drop})), vocab
-
-
-def load_weights(module, state, src):
-    try:
-        module.load_state_dict(state)
-    except RuntimeError as e:  # the first line names the mismatch; the rest lists every tensor
-        raise SystemExit(f"{src}: its weights do not fit the model ({str(e).splitlines()[0].strip()} ...)") from None
-
-
-def autocast(device, dtype):
-    """The autocast context for "fp32" (none), "bf16" or "fp16"."""
-    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
-    return torch.autocast(device.type, dtype=half) if half else torch.autocast(device.type, enabled=False)
-
-
-def pick_dtype(args, device):
-    if args.dtype != "auto":
-        return args.dtype, "as asked"
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return "bf16", "the GPU supports bf16"
-    return "fp32", "no GPU with bf16 here"
-
-
-# -----------------------------------------------------------------------------
-# what pretrain.py and finetune.py share: processes, the optimiser, the step
-
-RANK = int(os.environ.get("RANK", 0))  # torchrun starts every process with its rank; rank 0 alone speaks and writes
-
-
-def say(*a, **k):
-    """print, on rank 0 alone."""
-    if RANK == 0:
-        print(*a, **k)
-
-
-def setup_device(args):
-    """(device, rank, world size). Under torchrun each process takes one GPU (or CPU with gloo)."""
-    if "RANK" in os.environ:
-        rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-        cuda = torch.cuda.is_available() and args.device in ("auto", "cuda")
-        dist.init_process_group("nccl" if cuda else "gloo")
-        device = torch.device(f"cuda:{local}" if cuda else "cpu")
-        if cuda:
-            torch.cuda.set_device(device)
-        return device, rank, world
-    auto = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(auto if args.device == "auto" else args.device), 0, 1
-
-
-def check_batch(batch_size, world, grad_accum):
-    """--batch-size is the global batch: each of the `world` processes takes an equal share of it,
-    in --grad-accum equal micro-batches."""
-    if grad_accum < 1 or batch_size % (world * grad_accum):
-        raise SystemExit(f"--batch-size {batch_size} is the global batch: it must split into {world} process(es) "
-                         f"x --grad-accum {grad_accum} equal micro-batches")
-
-
-def leave(world):
-    """The end of a run under torchrun: rank 0 evaluates and writes alone at the end, so the others wait
-    for it before the process group goes (one that left early aborted the other's gloo threads)."""
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-def toy_world(root, world):
-    """The toy world under `root`: rank 0 makes it on first use, the other processes wait for it."""
-    root = toy.make_toy_world(root) if RANK == 0 else root
-    if world > 1:
-        dist.barrier()
-    return root
-
-
-def write_args(args, world):
-    """OUT/args.json: the command, every setting, the versions."""
-    if RANK == 0:
-        with open(os.path.join(args.out, "args.json"), "w") as f:
-            json.dump({"argv": sys.argv, "args": vars(args), "world_size": world, "torch": torch.__version__,
-                       "python": platform.python_version()}, f, indent=1)
-
-
-def make_optimizer(params, args, steps, device, dtype):
-    """AdamW without decay on biases and LayerNorms (BERT); the learning rate of each step, a linear
-    warm-up over --warmup of the steps, then linear decay to zero; the loss scaler, which fp16 alone
-    needs (disabled, it passes everything through)."""
-    params = list(params)
-    groups = [{"params": [q for q in params if q.dim() >= 2], "weight_decay": args.weight_decay},
-              {"params": [q for q in params if q.dim() < 2], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-6, fused=True)  # fused: no host reads
-    warmup = max(1, int(args.warmup * steps))
-    lr_at = lambda s: args.lr * min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup)))  # noqa: E731
-    return optimizer, lr_at, torch.amp.GradScaler(device.type, enabled=dtype == "fp16")
-
-
-def wrap(module, device, world, compile=False):
-    """What the training steps call: `module` compiled and/or wrapped in DDP (checkpoints keep the plain model)."""
-    run = torch.compile(module) if compile else module
-    if world > 1:  # a batch may leave modules unused (text: the visual ones), so DDP must look for them
-        run = DDP(run, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
-    return run
-
-
-def shard(rows, i, n):
-    """Part i of n of `rows`, consecutive rows: a list, or a batch (every tensor's first axis is the rows)."""
-    if isinstance(rows, dict):
-        B = next(iter(rows.values())).shape[0]
-        return {k: v[B * i // n:B * (i + 1) // n] for k, v in rows.items()}
-    return rows[len(rows) * i // n:len(rows) * (i + 1) // n]
-
-
-def all_sum(t):
-    """`t` summed over the processes, in place (itself with one process)."""
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t
-
-
-def optimizer_step(run, micro, loss_of, optimizer, scaler, lr, clip, ctx):
-    """One optimiser step on this process's micro-batches: their gradients add up (under DDP they are
-    averaged over the processes at the last backward alone), then clip and step. loss_of(micro-batch)
-    is its share of the global batch's loss (the shares of all micro-batches of all processes sum to
-    it). Returns the gradient norm, a device tensor: nothing here makes the host wait for the device."""
-    for g in optimizer.param_groups:
-        g["lr"] = lr
-    for j, mb in enumerate(micro):
-        last = j == len(micro) - 1
-        with contextlib.nullcontext() if last or not isinstance(run, DDP) else run.no_sync():
-            with ctx:
-                loss = loss_of(mb)
-            scaler.scale(loss).backward()
-    scaler.unscale_(optimizer)  # fp16: the true gradients, for the clip
-    norm = torch.nn.utils.clip_grad_norm_([q for g in optimizer.param_groups for q in g["params"]], clip)
-    scaler.step(optimizer)  # fp16: a step whose gradients are not finite is skipped, and the scale lowered
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    return norm
-
-
-# -----------------------------------------------------------------------------
-# the run
-
-
-class Objectives(torch.nn.Module):
-    """What DDP and torch.compile wrap: forward(batch) -> the pre-training terms (sum, count)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, batch):
-        return self.model.pretrain_terms(batch)
-
-
-def pretrain_step(model, run, micro, world, optimizer, scaler, lr, clip, ctx):
-    """One step of mask-and-predict on this process's micro-batches (on the device). Each objective's
-    sum is divided by its count over the global batch, which the batch alone gives before any forward:
-    N micro-batches on P processes take the step one process takes on the whole batch. Returns the
-    objectives' names, this process's sums, the global counts and the gradient norm, device tensors."""
-    names = list(model.term_counts(micro[0]))
-    counts = all_sum(sum(torch.stack(list(model.term_counts(mb).values())) for mb in micro)).clamp(min=1)
-    sums = []
-
-    def loss_of(mb):
-        s = torch.stack([s_.float() for s_, _ in run(mb).values()])
-        sums.append(s.detach())
-        return (s / counts).sum() * world  # DDP averages the processes' gradients; the loss is their sum
-
-    norm = optimizer_step(run, micro, loss_of, optimizer, scaler, lr, clip, ctx)
-    return names, sum(sums), counts, norm
-
-
-def read_terms(pending, scaler, ckpt_path):
-    """The objectives' global values at the last of the steps since the host last looked (logging and
-    saving steps), after checking each of those steps' loss: one read of the device for all of them.
-    A non-finite loss stops the run (under fp16 the scaler skipped that step instead)."""
-    totals = torch.stack([(s / c).sum() for _, _, s, c in pending])  # this process's share of each step's loss
-    step, names, sums, counts = pending[-1]
-    both = all_sum(torch.cat([totals, sums]))
-    both = torch.cat([both[:len(pending)], both[len(pending):] / counts]).tolist()
-    bad = [entry for entry, t in zip(pending, both) if not math.isfinite(t)]
-    if bad and not scaler.is_enabled():
-        step, names, sums, counts = bad[0]
-        terms = ", ".join(f"{k} {value:.4g}" for k, value in zip(names, (all_sum(sums.clone()) / counts).tolist()))
-        raise SystemExit(f"step {step}: non-finite loss ({terms}); stopping, the last good checkpoint is {ckpt_path}")
-    return dict(zip(names, both[len(pending):]))
-
-
-def status(r, max_steps, dt, steps, samples, tokens, mfu):
-    """A logging step's line: record r's losses, then the speed over the `steps` steps of `dt` seconds
-    since the last line, of all processes together."""
-    shown = ("step", "loss", "lr", "modality", "grad_norm")  # in the line's own fields
-    terms = " ".join(f"{k} {value:.3f}" for k, value in r.items() if k not in shown)
-    return (f"step {r['step']}/{max_steps} | {r['modality']:<20} | loss {r['loss']:.3f} ({terms}) | lr {r['lr']:.2e} | "
-            f"norm {r['grad_norm']:.2f} | {dt / steps * 1000:.0f} ms/step | {samples / dt:.0f} samples/s | "
-            f"{tokens / dt:.0f} tokens/s | MFU {mfu} | ETA {dt / steps * (max_steps - r['step']) / 60:.1f} min")
-
-
-def train(args, model, run, dataset, optimizer, scaler, lr_at, step, device, dtype, ctx, world, save, heldout, curve):
-    """Steps `step` + 1 to --max-steps; rank 0 logs, prints and saves (save(step)), and every --eval-every
-    steps appends the held-out losses to `curve`. The host reads the device on logging and saving steps
-    alone: the check for a non-finite loss waits for them."""
-    master = RANK == 0
-    cores = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # the processes of a machine share it
-    workers = args.workers if args.workers is not None else (max(1, min(8, cores - 1)) if device.type == "cuda" else 0)
-    loader = data.batches(dataset, range(step, args.max_steps), workers, pin_memory=device.type == "cuda")
-    say(f"batches built by {workers} worker process(es)" if workers else "batches built in this process (--workers 0)")
-    log = open(os.path.join(args.out, "log.jsonl"), "a") if master else None
-    model.train()
-    t0, window, pending = time.time(), [0, 0, 0, 0.0], []  # steps, samples, tokens, FLOPs of this process since a line
-    for name, batch in loader:
-        lr = lr_at(step)
-        micro = [to_device(with_positions(shard(batch, j, args.grad_accum)), device) for j in range(args.grad_accum)]
-        names, sums, counts, norm = pretrain_step(model, run, micro, world, optimizer, scaler, lr, args.clip, ctx)
-        step += 1
-        B = next(iter(batch.values())).shape[0]  # this process's rows; the batch is on the host
-        T = sum(batch[k].shape[1] for k in ("input_ids", "tag_ids", "feats") if k in batch)
-        predicted = sum(int((batch[k] != -100).sum()) for k in ("mlm_labels", "tag_labels") if k in batch)
-        window = [window[0] + 1, window[1] + B, window[2] + B * T, window[3] + train_flops(model.cfg, B, T, predicted)]
-        pending.append((step, names, sums, counts))
-        log_now = step % args.log_every == 0 or step == args.max_steps
-        save_now = step % args.save_every == 0 or step == args.max_steps
-        if not (log_now or save_now):
-            continue
-        terms, pending = read_terms(pending, scaler, os.path.join(args.out, "ckpt.pt")), []
-        if log_now:
-            dt = time.time() - t0
-            samples, tokens, flops = all_sum(torch.tensor(window[1:], dtype=torch.float64, device=device)).tolist()
-            peak = peak_flops(device, dtype)
-            mfu = f"{flops / dt / (peak * world):.1%}" if peak else "n/a"
-            record = {"step": step, "loss": sum(terms.values()), "lr": lr, "modality": name, "grad_norm": norm.item(),
-                      **terms}
-            say(status(record, args.max_steps, dt, window[0], samples, tokens, mfu), flush=True)
-            if master:
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-            t0, window = time.time(), [0, 0, 0, 0.0]
-        if save_now and master:
-            save(step)
-        if master and heldout and args.eval_every and step % args.eval_every == 0 and step < args.max_steps:
-            curve.append({"step": step, **evaluate(model, heldout, device, ctx)})
-            log.write(json.dumps({"phase": "eval", **curve[-1]}) + "\n")
-            log.flush()
-            say(f"held-out at step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in curve[-1].items() if k != "step"))
-    if log:
-        log.close()
-    return step
-
-
 def use_toy_world(args, world):
     """With no data flags, the toy world's files (made on first use); returns its vocabulary file
     (None with real data)."""
     if args.images or args.captions or args.text or args.pairs:
         return None
-    root = toy_world(args.toy_root, world)
+    root = args.toy_root
+    common.rank0_first(lambda: toy.make_toy_world(root), world)
     args.text = [os.path.join(root, "pretrain", "text.txt")]
     args.captions = [os.path.join(root, "pretrain", "captions.txt")]
     args.pairs = [os.path.join(root, "pretrain", "pairs.jsonl")]
@@ -562,25 +186,6 @@ def use_toy_world(args, world):
     args.heldout_images = args.heldout_images or [os.path.join(root, "features", "heldout")]
     args.heldout_pairs = args.heldout_pairs or [os.path.join(root, "heldout", "pairs.jsonl")]
     return os.path.join(root, "vocab.txt")
-
-
-def parse_args(argv):
-    """The settings, checked before any work."""
-    args = parser.parse_args(argv)
-    if sum([args.unaligned, args.aligned, args.hybrid, args.text_only]) != 1:
-        parser.error("choose exactly one of --unaligned, --aligned, --hybrid, --text-only")
-    if args.no_captions and not args.unaligned:
-        parser.error("--no-captions goes with --unaligned (the U_NC row)")
-    data.check_paths(args, PATH_FLAGS)
-    return args
-
-
-def open_images(paths):
-    """The image stores of --images (None without): with --text-only they size the visual modules."""
-    try:
-        return data.Images(paths) if paths else None
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(str(e)) from None
 
 
 def load_corpora(args, vocab, images, class_names, rank, world):
@@ -597,81 +202,210 @@ def load_corpora(args, vocab, images, class_names, rank, world):
     return corpora, heldout
 
 
-def describe(args, model, device, world, dtype, why, corpora, dataset):
-    """The start-up lines: model, device and dtype, data, steps."""
-    say(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.cfg.layers} layers, hidden {model.cfg.hidden}")
-    say(f"device: {device} x {world} process(es), dtype: {dtype} ({why}), compile: {args.compile}")
-    for c in corpora:
-        say(f"data: {c.name} ({c.kind}), {len(c)} items")
-    micro = f" in {args.grad_accum} micro-batches of {args.batch_size // (world * args.grad_accum)} per process"
-    say(f"{dataset.steps_per_epoch} steps per epoch, {args.max_steps} steps, global batch {args.batch_size}"
-        + (micro if args.grad_accum > 1 else ""))
-    warn_skipped(corpora)
+# -----------------------------------------------------------------------------
+# evaluation and logging
+
+
+@torch.no_grad()
+def evaluate(model, sets, device, ctx):
+    """Mean held-out loss of each objective over all held-out batches, and on pairs the share of
+    them whose match or mismatch the model gets right (match_acc; chance 0.5)."""
+    model.eval()
+    sums, counts = {}, {}
+    for batches in sets.values():
+        for b in batches:
+            b = common.to_device(b, device)
+            with ctx:
+                _, terms = model.pretrain_losses(b)
+                if "match_labels" in b:
+                    right = model.nsp(model.pool(model.encode(b)[0])).argmax(-1) == b["match_labels"]
+                    terms["match_acc"] = right.float().mean()
+            for k, val in terms.items():
+                sums[k] = sums.get(k, 0.0) + val.item()
+                counts[k] = counts.get(k, 0) + 1
+    model.train()
+    return {k: sums[k] / counts[k] for k in sums}
+
+
+def read_losses(pending, scaler, ckpt_path):
+    """The objectives' global values at the last of the steps since the host last looked (logging and
+    saving steps), after checking each of those steps' loss: one read of the device for all of them.
+    pending: (step, names, this process's sums, global counts) of each step. A non-finite loss stops
+    the run (under fp16 the scaler skipped that step instead)."""
+    totals = torch.stack([(s / c).sum() for _, _, s, c in pending])  # this process's share of each step's loss
+    step, names, sums, counts = pending[-1]
+    both = all_sum(torch.cat([totals, sums]))
+    both = torch.cat([both[:len(pending)], both[len(pending):] / counts]).tolist()
+    bad = [entry for entry, t in zip(pending, both) if not math.isfinite(t)]
+    if bad and not scaler.is_enabled():
+        step, names, sums, counts = bad[0]
+        terms = ", ".join(f"{k} {value:.4g}" for k, value in zip(names, (all_sum(sums.clone()) / counts).tolist()))
+        raise SystemExit(f"step {step}: non-finite loss ({terms}); stopping, the last good checkpoint is {ckpt_path}")
+    return dict(zip(names, both[len(pending):]))
+
+
+def status_line(r, max_steps, dt, steps, samples, tokens, mfu):
+    """A logging step's line: record r's losses, then the speed over the `steps` steps of `dt` seconds
+    since the last line, of all processes together."""
+    shown = ("step", "loss", "lr", "modality", "grad_norm")  # in the line's own fields
+    terms = " ".join(f"{k} {value:.3f}" for k, value in r.items() if k not in shown)
+    return (f"step {r['step']}/{max_steps} | {r['modality']:<20} | loss {r['loss']:.3f} ({terms}) | lr {r['lr']:.2e} | "
+            f"norm {r['grad_norm']:.2f} | {dt / steps * 1000:.0f} ms/step | {samples / dt:.0f} samples/s | "
+            f"{tokens / dt:.0f} tokens/s | MFU {mfu} | ETA {dt / steps * (max_steps - r['step']) / 60:.1f} min")
 
 
 def write_eval(args, before, after, step, curve):
     """The held-out losses before -> after, said and written to OUT/eval.json with the curve."""
     if before:
-        say("held-out loss   before  ->  after")
+        print0("held-out loss   before  ->  after")
         for k in after:
-            say(f"  {k:<8} {before.get(k, float('nan')):9.3f} -> {after[k]:7.3f}")
+            print0(f"  {k:<8} {before.get(k, float('nan')):9.3f} -> {after[k]:7.3f}")
     else:
-        say("held-out after: " + ", ".join(f"{k} {value:.3f}" for k, value in after.items()))
+        print0("held-out after: " + ", ".join(f"{k} {value:.3f}" for k, value in after.items()))
     curve.append({"step": step, **after})
     result = {"before": before, "after": after, "step": step, "curve": curve}
     # whole or not at all: reproduce.py takes eval.json to mean the run is done
-    data.write_atomic(os.path.join(args.out, "eval.json"), lambda f: json.dump(result, f, indent=1), "w")
+    common.write_json(os.path.join(args.out, "eval.json"), result, indent=1)
+
+
+# -----------------------------------------------------------------------------
+# the run: settings, data, model, optimiser, then the loop
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    device, rank, world = setup_device(args)
-    check_batch(args.batch_size, world, args.grad_accum)
+    args = parser.parse_args(argv)
+    if sum([args.unaligned, args.aligned, args.hybrid, args.text_only]) != 1:
+        parser.error("choose exactly one of --unaligned, --aligned, --hybrid, --text-only")
+    if args.no_captions and not args.unaligned:
+        parser.error("--no-captions goes with --unaligned (the U_NC row)")
+    common.check_paths(args, PATH_FLAGS)
+    device, rank, world = common.init_device(args.device)
+    common.check_batch(args.batch_size, world, args.grad_accum)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
-    dtype, why = pick_dtype(args, device)
-    ctx = autocast(device, dtype)
+    dtype, why = common.pick_dtype(args.dtype, device)
+    ctx = common.autocast(device, dtype)
     torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for the fp32 matmuls that remain
     torch.backends.cudnn.allow_tf32 = True
 
+    # data
     vocab_file = use_toy_world(args, world)  # the toy world unless real data is given
-    images = open_images(args.images)
-    ckpt_path = os.path.join(args.out, "ckpt.pt")
-    resume = load_checkpoint(ckpt_path) if args.resume else None
+    try:  # the image stores of --images; with --text-only they size the visual modules
+        images = data.Images(args.images) if args.images else None
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(str(e)) from None
+    class_names = images.class_names if images is not None else None
+
+    # model: new, from --init-from, or with --resume from OUT/ckpt.pt
+    ckpt_path, log_file = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "log.jsonl")
+    resume = common.load_checkpoint(ckpt_path) if args.resume else None
     if resume is not None:
         args.init_from = ckpt_path
-    model, vocab = make_model(args, images, vocab_file, ckpt=resume)  # real data without a vocabulary stops here
+    model, vocab = common.make_model(args, images, vocab_file, ckpt=resume)  # real data without a vocabulary stops
     model.to(device)
-    class_names = images.class_names if images is not None else None
     corpora, heldout = load_corpora(args, vocab, images, class_names, rank, world)
     dataset = data.PretrainData(corpora, args.batch_size, args.seed, rank, world)
     os.makedirs(args.out, exist_ok=True)  # only now: a bad input leaves no output folder behind
 
-    optimizer, lr_at, scaler = make_optimizer(model.parameters(), args, args.max_steps, device, dtype)
+    # optimiser
+    optimizer, lr_at, scaler = common.make_optimizer(model.parameters(), args, args.max_steps, device, dtype)
     step = 0
-    log_file = os.path.join(args.out, "log.jsonl")
     if resume is not None:
-        step = restore(resume, optimizer, scaler)
+        step = common.restore(resume, optimizer, scaler)
         if rank == 0:
-            trim_log(log_file, step)
-        say(f"resuming from {ckpt_path} at step {step}")
-    run = wrap(Objectives(model), device, world, args.compile)
-    write_args(args, world)
-    describe(args, model, device, world, dtype, why, corpora, dataset)
-
+            common.trim_log(log_file, step)
+        print0(f"resuming from {ckpt_path} at step {step}")
+    pretrain_loss = common.wrap(PretrainLoss(model), device, world, args.compile)
+    common.write_args(args, world)
+    print0(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.cfg.layers} layers, hidden {model.cfg.hidden}")
+    print0(f"device: {device} x {world} process(es), dtype: {dtype} ({why}), compile: {args.compile}")
+    for c in corpora:
+        print0(f"data: {c.name} ({c.kind}), {len(c)} items")
+    micro_rows = f" in {args.grad_accum} micro-batches of {args.batch_size // (world * args.grad_accum)} per process"
+    print0(f"{dataset.steps_per_epoch} steps per epoch, {args.max_steps} steps, global batch {args.batch_size}"
+           + (micro_rows if args.grad_accum > 1 else ""))
+    warn_skipped(corpora)
     before = evaluate(model, heldout, device, ctx) if heldout and step == 0 else None
     if before:
-        say("held-out before: " + ", ".join(f"{k} {value:.3f}" for k, value in before.items()))
-    save = lambda s: save_checkpoint(ckpt_path, model, optimizer, scaler, s, args, vocab, class_names)  # noqa: E731
-    curve = [r for r in read_log(log_file) if r.get("phase") == "eval"] if rank == 0 and step else []
-    step = train(args, model, run, dataset, optimizer, scaler, lr_at, step, device, dtype, ctx, world, save, heldout,
-                 curve)
+        print0("held-out before: " + ", ".join(f"{k} {value:.3f}" for k, value in before.items()))
+    curve = [r for r in common.read_log(log_file) if r.get("phase") == "eval"] if rank == 0 and step else []
+
+    # the loop: steps step + 1 to --max-steps; rank 0 logs, prints and saves. The host reads the device
+    # on logging and saving steps alone: the check for a non-finite loss waits for them.
+    cores = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # a machine's processes share it
+    workers = args.workers if args.workers is not None else (max(1, min(8, cores - 1)) if device.type == "cuda" else 0)
+    loader = data.batches(dataset, range(step, args.max_steps), workers, pin_memory=device.type == "cuda")
+    print0(f"batches built by {workers} worker process(es)" if workers
+           else "batches built in this process (--workers 0)")
+    log = open(log_file, "a") if rank == 0 else None
+    model.train()
+    t0, pending = time.time(), []  # pending: the steps whose losses the host has not read yet
+    window = dict(steps=0, samples=0, tokens=0, flops=0.0)  # this process's, since the last status line
+    for name, batch in loader:  # this process's rows of the global batch, on the host
+        lr = lr_at(step)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        micro = common.micro_batches(batch, args.grad_accum, device)
+        # each objective's sum is divided by its count over the global batch, which the batch alone gives
+        # before any forward: N micro-batches on P processes take the step one process takes on the whole batch
+        targets = [model.count_targets(mb) for mb in micro]
+        names = list(targets[0])
+        counts = all_sum(sum(torch.stack(list(t.values())) for t in targets)).clamp(min=1)
+        sums = 0
+        for j, mb in enumerate(micro):
+            if world > 1:  # DDP averages the processes' gradients at the last micro-batch's backward alone
+                pretrain_loss.require_backward_grad_sync = j == len(micro) - 1
+            with ctx:
+                mb_sums = pretrain_loss(mb)  # (objectives,) this micro-batch's sums
+                loss = (mb_sums / counts).sum() * world  # its share of the global loss; x world: DDP averages
+            scaler.scale(loss).backward()
+            sums = sums + mb_sums.detach()
+        norm = common.clip_and_step(optimizer, scaler, args.clip)
+        step += 1
+
+        B = next(iter(batch.values())).shape[0]
+        T = sum(batch[k].shape[1] for k in ("input_ids", "tag_ids", "feats") if k in batch)
+        predicted = sum(int((batch[k] != -100).sum()) for k in ("mlm_labels", "tag_labels") if k in batch)
+        window["steps"] += 1
+        window["samples"] += B
+        window["tokens"] += B * T
+        window["flops"] += train_flops(model.cfg, B, T, predicted)
+        pending.append((step, names, sums, counts))
+        log_now = step % args.log_every == 0 or step == args.max_steps
+        save_now = step % args.save_every == 0 or step == args.max_steps
+        if not (log_now or save_now):
+            continue
+        terms, pending = read_losses(pending, scaler, ckpt_path), []
+        if log_now:
+            dt = time.time() - t0
+            speed = [window["samples"], window["tokens"], window["flops"]]
+            samples, tokens, flops = all_sum(torch.tensor(speed, dtype=torch.float64, device=device)).tolist()
+            peak = peak_flops(device, dtype)
+            mfu = f"{flops / dt / (peak * world):.1%}" if peak else "n/a"
+            record = {"step": step, "loss": sum(terms.values()), "lr": lr, "modality": name, "grad_norm": norm.item(),
+                      **terms}
+            print0(status_line(record, args.max_steps, dt, window["steps"], samples, tokens, mfu), flush=True)
+            if rank == 0:
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+            t0, window = time.time(), dict(steps=0, samples=0, tokens=0, flops=0.0)
+        if save_now and rank == 0:
+            common.save_checkpoint(ckpt_path, model, optimizer, scaler, step, args, vocab, class_names)
+        if rank == 0 and heldout and args.eval_every and step % args.eval_every == 0 and step < args.max_steps:
+            curve.append({"step": step, **evaluate(model, heldout, device, ctx)})
+            log.write(json.dumps({"phase": "eval", **curve[-1]}) + "\n")
+            log.flush()
+            print0(f"held-out at step {step}: "
+                   + ", ".join(f"{k} {v:.3f}" for k, v in curve[-1].items() if k != "step"))
+    if log:
+        log.close()
+
     after = evaluate(model, heldout, device, ctx) if heldout else None
     if after:
         write_eval(args, before, after, step, curve)
     warn_skipped(corpora)  # said again at the end, where it is seen
-    say(f"checkpoint: {ckpt_path}")
-    leave(world)
+    print0(f"checkpoint: {ckpt_path}")
+    common.end_processes(world)
     return after
 
 

@@ -36,10 +36,11 @@ from fractions import Fraction
 import numpy as np
 import torch
 
+import common
 import data
 import toy
 from model import PRESETS, Config, VisualBERT
-from pretrain import load_checkpoint, load_weights
+from common import load_checkpoint, load_weights
 
 # -----------------------------------------------------------------------------
 # settings
@@ -216,7 +217,7 @@ def execute(runs, jobs, threads=1):
                         tail = "".join(f.readlines()[-5:])
                     raise SystemExit(f"{run.name} failed (exit {rc}): python {' '.join(run.argv)}\n{tail}")
                 times = {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1)}
-                data.write_json(os.path.join(run.out, "time.json"), times)
+                common.write_json(os.path.join(run.out, "time.json"), times)
                 finished += 1
                 print(f"[{finished}/{finished + len(todo) + len(running)}] {run.name} done, "
                       f"{(time.time() - t0) / 60:.1f} min", flush=True)
@@ -248,7 +249,7 @@ def collect(out, variants, fractions, seeds):
     """{variant: {fraction: (seeds, columns) array of percentages}} from every run's results.json."""
 
     def seed_row(v, fraction, seed):
-        res = {task: data.read_json(f"{finetuned(out, v, task, fraction, seed)}/results.json") for task in TASKS}
+        res = {task: common.read_json(f"{finetuned(out, v, task, fraction, seed)}/results.json") for task in TASKS}
         return [100 * res[task][split][metric] for _, task, split, metric in COLUMNS]
 
     return {v: {f: np.array([seed_row(v, f, seed) for seed in seeds]) for f in fractions} for v in variants}
@@ -343,7 +344,7 @@ def pretraining_report(out, variants):
     """Each variant's held-out losses along its pre-training and whether they converged (CONVERGED)."""
     report = {}
     for v in variants:
-        ev = data.read_json(os.path.join(out, "pretrain", v, "eval.json"))
+        ev = common.read_json(os.path.join(out, "pretrain", v, "eval.json"))
         curve, before = ev["curve"], ev["before"] or {}
         end = curve[-1]
         quarter = min(curve, key=lambda r: abs(r["step"] - 0.75 * end["step"]))  # the evaluation nearest 3/4
@@ -367,14 +368,14 @@ def compute_report(out, variants, fractions, seeds):
     per = {"vqa": 1, "nlvr2": 2, "retrieval": 3, "refcoco": 1}
     report = {}
     for v in variants:
-        args = data.read_json(os.path.join(out, "pretrain", v, "args.json"))["args"]
+        args = common.read_json(os.path.join(out, "pretrain", v, "args.json"))["args"]
         pre = args["max_steps"] * args["batch_size"]
         fine = 0
         for task, f, seed in itertools.product(TASKS, fractions, seeds):
             run = finetuned(out, v, task, f, seed)
             with open(f"{run}/log.jsonl") as log:
                 steps = max(json.loads(line).get("step", 0) for line in log)
-            batch = data.read_json(f"{run}/args.json")["args"]["batch_size"]
+            batch = common.read_json(f"{run}/args.json")["args"]["batch_size"]
             fine = max(fine, steps * batch * per[task])
         report[v] = {"pretraining_sequences": pre, "largest_finetuning_sequences": fine,
                      "pretraining_at_least": pre >= fine}
@@ -447,7 +448,7 @@ def heldout(root):
     images = data.Images([os.path.join(root, "features", "heldout")])
     with open(os.path.join(root, "heldout", "captions.txt")) as f:
         captions = [line.strip() for line in f if line.strip()]
-    return images, data.read_json(os.path.join(root, "scenes.json")), captions
+    return images, common.read_json(os.path.join(root, "scenes.json")), captions
 
 
 MIN_WORDS = 3  # a class takes part in the nearest-word probe when the held-out captions have its word this often
@@ -717,7 +718,7 @@ def curve_points(table, task, fractions):
 def baselines(out, variant, fraction):
     """Each task's trivial baseline (finetune.py's baseline.json: the commonest answer per question type,
     the majority class, chance, the most confident box), averaged over its table columns, in %."""
-    runs = {t: data.read_json(f"{finetuned(out, variant, t, fraction, 0)}/baseline.json") for t in TASKS}
+    runs = {t: common.read_json(f"{finetuned(out, variant, t, fraction, 0)}/baseline.json") for t in TASKS}
     return {t: float(np.mean([100 * runs[t][split][m] for _, task, split, m in COLUMNS if task == t]))
             for t in TASKS}
 
@@ -781,7 +782,7 @@ def time_report(runs, jobs):
     """Wall and CPU time of every run (time.json), and the wall time they would take on an idle CPU:
     the toy BERT's CPU time over the cores it had alone, the rest's over `jobs` side by side."""
     files = [os.path.join(r.out, "time.json") for r in runs]
-    t = [data.read_json(f) if os.path.exists(f) else {} for f in files]
+    t = [common.read_json(f) if os.path.exists(f) else {} for f in files]
     cpu = [x.get("cpu_s", float("nan")) for x in t]
     idle = cpu[0] / (os.cpu_count() or 1) + sum(cpu[1:]) / jobs
 
@@ -878,7 +879,7 @@ def main(argv=None):
     args.variants = chosen(args)
     seeds = list(range(args.seeds or (1 if args.quick else 3)))
     t0 = time.time()
-    data.check_paths(args, {"out": "out", "toy_root": "out"})
+    common.check_paths(args, {"out": "out", "toy_root": "out"})
     toy.make_toy_world(args.toy_root)
     os.makedirs(args.out, exist_ok=True)
     print(f"variants {', '.join(args.variants)}; fractions {', '.join(args.fractions)}; seeds {seeds}; budget "
@@ -898,7 +899,7 @@ def main(argv=None):
           + claims_markdown(reports["claims"]))
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(md)
-    data.write_json(os.path.join(args.out, "table.json"), table_json(table, args.fractions, seeds, budget, reports))
+    common.write_json(os.path.join(args.out, "table.json"), table_json(table, args.fractions, seeds, budget, reports))
     print("\n" + md)
     size = draw_curves(table, args.fractions, os.path.join(args.out, "curves.png"),
                        baselines(args.out, "Base", args.fractions[-1]))

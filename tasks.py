@@ -7,7 +7,6 @@ the real file formats, and the four tasks, each a small class holding its data, 
 evaluation and trivial baseline. finetune.py trains any of them with one loop.
 """
 
-import copy
 import json
 import math
 import os
@@ -20,8 +19,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import common
 import data
-from pretrain import Objectives, all_sum, make_optimizer, pretrain_step, say, shard, to_device, with_positions, wrap
+from common import print0
+from model import INPUTS
 
 # -----------------------------------------------------------------------------
 # metrics
@@ -178,7 +179,7 @@ def coco_ids(image_id):
 
 def load_vqa(questions_file, annotations_file, images, skipped):
     """VQA v2: a questions file and its annotations -> [{qid, image, text, answers, qtype, mc}]."""
-    annotations = field(data.read_json(annotations_file), "annotations", annotations_file, "the file")
+    annotations = field(common.read_json(annotations_file), "annotations", annotations_file, "the file")
     by_qid = {}
     for n, a in enumerate(annotations):
         qid = field(a, "question_id", annotations_file, f"record {n}")
@@ -191,7 +192,7 @@ def load_vqa(questions_file, annotations_file, images, skipped):
         by_qid[qid] = {"answers": answers, "qtype": field(a, "question_type", annotations_file, where), "mc": mc,
                        "atype": a.get("answer_type", "all")}
     out = []
-    for n, q in enumerate(field(data.read_json(questions_file), "questions", questions_file, "the file")):
+    for n, q in enumerate(field(common.read_json(questions_file), "questions", questions_file, "the file")):
         qid = field(q, "question_id", questions_file, f"record {n}")
         where = f"record {n} (question_id {qid})"
         text, image_id = field(q, "question", questions_file, where), field(q, "image_id", questions_file, where)
@@ -262,7 +263,7 @@ KARPATHY_SPLITS = ("train", "restval", "val", "test")
 def load_karpathy(file, images, skipped):
     """Karpathy's split file (Flickr30K, COCO) -> {split: [{image, captions}]}; restval joins train."""
     splits, named = {}, set()
-    for n, im in enumerate(field(data.read_json(file), "images", file, "the file")):
+    for n, im in enumerate(field(common.read_json(file), "images", file, "the file")):
         name = field(im, "filename", file, f"image record {n}")
         where = f"image record {n} ({name})"
         split = check_split(field(im, "split", file, where), KARPATHY_SPLITS, file, where)
@@ -291,7 +292,7 @@ def load_refcoco(refs_file, instances_file, images, skipped):
         raise FileNotFoundError(f"{refs_file}: not found") from None
     except Exception as e:
         raise ValueError(f"{refs_file}: not a readable pickle ({type(e).__name__}: {e})") from None
-    instances = data.read_json(instances_file)
+    instances = common.read_json(instances_file)
     boxes = {field(a, "id", instances_file, f"annotation {n}"): field(a, "bbox", instances_file, f"annotation {n}")
              for n, a in enumerate(field(instances, "annotations", instances_file, "the file"))}
     sizes = {field(im, "id", instances_file, f"image {n}"): (field(im, "width", instances_file, f"image {n}"),
@@ -332,7 +333,7 @@ def read_answer_set(files, min_count):
     """--answers: VQA annotation files, over which the normalised multiple_choice_answers are counted
     (train + val at 9: the usual 3,129), or one ans2label file {"answer": index} (LXMERT's
     trainval_ans2label.json). Returns (the answers in index order, where they come from)."""
-    objs = [data.read_json(f) for f in files]
+    objs = [common.read_json(f) for f in files]
     if len(files) == 1 and isinstance(objs[0], dict) and "annotations" not in objs[0]:
         table = objs[0]
         if not table or not all(isinstance(a, str) and type(i) is int for a, i in table.items()) \
@@ -354,10 +355,6 @@ def read_answer_set(files, min_count):
 # the tasks: each has .splits, .train (examples), .eval_splits, and makes a head, a loss, metrics.
 # A training step is task.draw(items, gen) on the global batch, then task.loss(model, head, items)
 # on this process's share of it (all of it with one process): the mean over those items.
-
-INPUTS = ("input_ids", "attention_mask", "token_type_ids", "tag_ids", "tag_boxes", "tag_mask", "feats", "boxes",
-          "region_mask")
-
 
 def chunks(items, size):
     return [items[i:i + size] for i in range(0, len(items), size)]
@@ -491,7 +488,7 @@ class VQA(Task):
         by_type = {}
         for a, x in zip(acc, items):
             by_type.setdefault(x["atype"], []).append(a)
-        say(f"{split} accuracy by answer type: "
+        print0(f"{split} accuracy by answer type: "
             + ", ".join(f"{t} {np.mean(v):.3f}" for t, v in sorted(by_type.items())))
         return accuracy(acc)
 
@@ -557,46 +554,6 @@ class NLVR2(Task):
         if not attrs:  # the model has no attribute head of this size
             b.pop("attr_labels", None), b.pop("attr_conf", None)
         return data.mask_image(b, self.vocab, rng, data.donor(self.images, [x["images"][0] for x in items]))
-
-    def task_pretrain(self, model, args, ctx, rank=0, world=1):
-        dev = self.splits.get("dev") or self.splits["train"][: len(self.splits["train"]) // 10]
-        attrs = model.cfg.num_attrs == len(self.images.attr_names or [])
-        dev_batches = [self.pretrain_batch(items, data.RowRandom(1234, i, range(len(items))), attrs)  # fixed masks
-                       for i, items in enumerate(chunks(dev, args.batch_size))]
-
-        @torch.no_grad()
-        def dev_mlm():
-            model.eval()
-            with ctx:
-                losses = [model.pretrain_losses({k: v.to(self.device) for k, v in b.items()})[1]["mlm"].item()
-                          for b in dev_batches]
-            model.train()
-            return float(np.mean(losses))
-
-        steps = args.task_pretrain_epochs * steps_per_epoch(args, self)
-        optimizer, lr_at, scaler = make_optimizer(model.parameters(), args, steps, self.device, args.dtype)
-        run = wrap(Objectives(model), self.device, world)
-        best, step = (float("inf"), None, 0), 0
-        say(f"task-specific pre-training: {args.task_pretrain_epochs} epochs; dev MLM loss before {dev_mlm():.3f}")
-        model.train()
-        for epoch in range(args.task_pretrain_epochs):
-            order = np.random.default_rng([args.seed, 99, epoch]).permutation(len(self.train))
-            for idx in chunks(order, args.batch_size)[: steps // args.task_pretrain_epochs]:
-                n = len(idx)  # this process builds its rows of the global batch alone
-                rng = data.RowRandom(args.seed, step, range(n * rank // world, n * (rank + 1) // world), n)
-                b = self.pretrain_batch([self.train[i] for i in idx], rng, attrs)
-                micro = [to_device(with_positions(shard(b, j, args.grad_accum)), self.device)
-                         for j in range(args.grad_accum)]
-                _, sums, counts, _ = pretrain_step(model, run, micro, world, optimizer, scaler, lr_at(step),
-                                                   args.clip, ctx)
-                step += 1
-            loss, mlm = (all_sum(sums) / counts).sum().item(), dev_mlm()
-            say(f"task-specific pre-training epoch {epoch + 1}: train loss {loss:.3f}, dev MLM loss {mlm:.3f}")
-            if mlm < best[0]:
-                best = (mlm, copy.deepcopy(model.state_dict()), epoch + 1)
-        model.load_state_dict(best[1])
-        say(f"kept epoch {best[2]} (dev MLM loss {best[0]:.3f})")
-        return {"task_pretrain_epoch": best[2], "dev_mlm": best[0]}
 
 
 class Retrieval(Task):

@@ -20,7 +20,8 @@ import zlib
 
 import numpy as np
 
-from data import FeatureStore, FeatureWriter, Vocab, read_json, write_atomic, write_json
+from common import read_json, write_atomic, write_json
+from data import FeatureStore, FeatureWriter, Vocab
 
 TOY_DIR = "toy_world"
 VOCAB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy_vocab.txt")  # made by train_vocab
@@ -62,7 +63,7 @@ def things(scene):
 
 
 def write_lines(path, lines):
-    """A text file of `lines`, never half written (data.write_atomic)."""
+    """A text file of `lines`, never half written (common.write_atomic)."""
     write_atomic(path, lambda f: f.write("\n".join(lines) + "\n"), "w")
 
 

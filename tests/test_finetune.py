@@ -14,6 +14,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 from toy import CLASSES, COLORS, FEATURE_DIM, make_toy_world  # noqa: E402
+import common  # noqa: E402
 import finetune as ft  # noqa: E402
 import tasks  # noqa: E402
 from model import Config, VisualBERT  # noqa: E402
@@ -359,7 +360,7 @@ def make_task(toy, name, *flags):
     args = ft.parser.parse_args(["--task", name, "--min-answer-count", "1", *flags])
     folder, stores = ft.TOY[name]
     images = data.Images([os.path.join(toy, "features", s) for s in stores])
-    model, vocab = ft.build_model(args, images, os.path.join(toy, "vocab.txt"))
+    model, vocab = common.make_model(args, images, os.path.join(toy, "vocab.txt"))
     task = tasks.TASKS[name](args, vocab, images, os.path.join(toy, "tasks", folder))
     return task, model.eval(), task.make_head(model)
 
@@ -527,7 +528,7 @@ def test_a_record_without_features_is_skipped_and_reported(toy, tmp_path, capsys
 
 def test_vqa_answers_outside_the_answer_set_stay_and_are_reported(toy, tmp_path, capsys):
     task, _, _ = make_task(toy, "vqa", "--min-answer-count", "10")
-    annotations = data.read_json(os.path.join(toy, "tasks", "vqa", "v2_mscoco_val2014_annotations.json"))["annotations"]
+    annotations = common.read_json(os.path.join(toy, "tasks", "vqa", "v2_mscoco_val2014_annotations.json"))["annotations"]
     outside = {a["question_id"] for a in annotations if not {tasks.normalize_answer(x["answer"]) for x in a["answers"]} & set(task.answers)}
     val = task.splits["val"]
     assert outside and len(val) == len(annotations)  # every question stays, the official evaluation counts it...

@@ -12,6 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 from toy import CLASSES, COLORS, make_toy_world  # noqa: E402
 import pretrain  # noqa: E402
+from model import VisualBERT  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -84,14 +85,14 @@ def test_worker_processes_change_nothing_even_across_a_resume(toy, tmp_path, kil
 
 def test_no_tags_puts_no_tag_tokens_in_the_sequence(toy, tmp_path, monkeypatch):
     lengths = []
-    real = pretrain.VisualBERT.forward
+    real = VisualBERT.forward
 
     def spy(self, input_ids=None, attention_mask=None, token_type_ids=None, tag_ids=None, tag_boxes=None, tag_mask=None,
             feats=None, boxes=None, region_mask=None):
         lengths.append((tag_ids is not None, feats is not None))
         return real(self, input_ids, attention_mask, token_type_ids, tag_ids, tag_boxes, tag_mask, feats, boxes, region_mask)
 
-    monkeypatch.setattr(pretrain.VisualBERT, "forward", spy)
+    monkeypatch.setattr(VisualBERT, "forward", spy)
     run(toy, tmp_path / "nt", "--unaligned", "--no-tags", "--max-steps", "30")
     assert any(has_feats for _, has_feats in lengths) and not any(has_tags for has_tags, _ in lengths)
     lengths.clear()

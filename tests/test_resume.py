@@ -15,6 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from toy import make_toy_world  # noqa: E402
 import finetune  # noqa: E402
+from model import Config, VisualBERT  # noqa: E402
 import tasks  # noqa: E402
 import pretrain  # noqa: E402
 
@@ -60,11 +61,11 @@ def test_checkpoint_survives_kill_during_save(toy, tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         ckpt = torch.load(out / "ckpt.pt", weights_only=False)  # the previous checkpoint, whole
-        assert ckpt["step"] >= 1 and set(ckpt["model"]) == set(pretrain.VisualBERT(pretrain.Config(**ckpt["config"])).state_dict())
+        assert ckpt["step"] >= 1 and set(ckpt["model"]) == set(VisualBERT(Config(**ckpt["config"])).state_dict())
 
 
 def test_non_finite_loss_stops_with_one_clear_line(toy, tmp_path, monkeypatch):
-    real = pretrain.VisualBERT.pretrain_terms
+    real = VisualBERT.pretrain_sums
     calls = {"n": 0}
 
     def nan_at_step_5(self, batch):
@@ -72,10 +73,10 @@ def test_non_finite_loss_stops_with_one_clear_line(toy, tmp_path, monkeypatch):
         terms = real(self, batch)
         if calls["n"] == 5 and self.training:
             name = next(iter(terms))
-            terms[name] = (terms[name][0] * float("nan"), terms[name][1])
+            terms[name] = terms[name] * float("nan")
         return terms
 
-    monkeypatch.setattr(pretrain.VisualBERT, "pretrain_terms", nan_at_step_5)
+    monkeypatch.setattr(VisualBERT, "pretrain_sums", nan_at_step_5)
     with pytest.raises(SystemExit, match=r"step 5: non-finite loss \(.*nan.*\); stopping, the last good checkpoint is .*ckpt.pt"):
         pretrain.main(args(toy, tmp_path, "--save-every", "2"))
     assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["step"] == 4
@@ -83,7 +84,7 @@ def test_non_finite_loss_stops_with_one_clear_line(toy, tmp_path, monkeypatch):
 
 
 def test_fp16_scaler_skips_a_non_finite_step(toy, tmp_path, monkeypatch):
-    real = pretrain.VisualBERT.pretrain_terms
+    real = VisualBERT.pretrain_sums
     calls = {"n": 0}
     seen = {}
 
@@ -96,10 +97,10 @@ def test_fp16_scaler_skips_a_non_finite_step(toy, tmp_path, monkeypatch):
         terms = real(self, batch)
         if calls["n"] == 3 and self.training:
             name = next(iter(terms))
-            terms[name] = (terms[name][0] * float("inf"), terms[name][1])
+            terms[name] = terms[name] * float("inf")
         return terms
 
-    monkeypatch.setattr(pretrain.VisualBERT, "pretrain_terms", nan_at_step_3)
+    monkeypatch.setattr(VisualBERT, "pretrain_sums", nan_at_step_3)
     pretrain.main(args(toy, tmp_path, "--dtype", "fp16", "--max-steps", "6"))
     assert all(torch.equal(seen["before"][k], seen["after"][k]) for k in seen["before"])  # step 3 skipped
     assert [r["step"] for r in log(tmp_path)] == list(range(1, 7))  # and the run went on
@@ -118,7 +119,7 @@ def ft_args(toy, out, task, *extra):
 @pytest.mark.parametrize("task", ["vqa", "retrieval"])  # retrieval draws its negatives from the task's generator
 def test_killed_and_resumed_finetune_logs_what_an_uninterrupted_one_does(toy, tmp_path, kill_at, task):
     finetune.main(ft_args(toy, tmp_path / "whole", task))
-    kill_at(finetune, "optimizer_step", 11)  # called once per step
+    kill_at(finetune, "take_step", 11)  # called once per step
     with pytest.raises(KeyboardInterrupt):
         finetune.main(ft_args(toy, tmp_path / "split", task))
     assert [r["step"] for r in log(tmp_path / "split")] == [3, 6, 9]  # step 9 was logged after the checkpoint at step 8

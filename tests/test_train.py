@@ -12,11 +12,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
 import data  # noqa: E402
 from toy import make_toy_world  # noqa: E402
 import finetune  # noqa: E402
 import pretrain  # noqa: E402
-from model import PRESETS, Config, VisualBERT  # noqa: E402
+from model import PRESETS, Config, PretrainLoss, VisualBERT, with_positions  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -39,16 +40,19 @@ def pair_batch(toy, rows=16):
 
 def gradient(start, micro, loss_of=None):
     """The gradient of one step from the model `start`, read off a step of SGD at lr 1 without clip:
-    through pretrain_step, or through optimizer_step with loss_of(model, micro-batch)."""
+    each objective's sum over its count in all the micro-batches (what pretrain.py's loop divides by),
+    or loss_of(model, micro-batch)."""
     model = VisualBERT(start.cfg)
     model.load_state_dict(start.state_dict())
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    micro = [pretrain.with_positions(mb) for mb in micro]
+    micro = [with_positions(mb) for mb in micro]
     if loss_of is None:
-        pretrain.pretrain_step(model, pretrain.Objectives(model), micro, 1, opt, scaler, 1.0, 1e9, contextlib.nullcontext())
-    else:
-        pretrain.optimizer_step(model, micro, lambda mb: loss_of(model, mb), opt, scaler, 1.0, 1e9, contextlib.nullcontext())
+        counts = sum(torch.stack(list(model.count_targets(mb).values())) for mb in micro).clamp(min=1)
+        loss_of = lambda m, mb: (PretrainLoss(m)(mb) / counts).sum()  # noqa: E731
+    for mb in micro:
+        scaler.scale(loss_of(model, mb)).backward()
+    common.clip_and_step(opt, scaler, 1e9)
     return {k: start.state_dict()[k] - v for k, v in model.state_dict().items()}
 
 
@@ -61,13 +65,13 @@ def assert_same(a, b, rel):
 def test_micro_batches_take_the_step_of_the_whole_batch(toy):
     batch, model = pair_batch(toy)
     whole = gradient(model, [batch])
-    counts = [int((pretrain.shard(batch, j, 4)["mlm_labels"] != -100).sum()) for j in range(4)]
+    counts = [int((common.shard(batch, j, 4)["mlm_labels"] != -100).sum()) for j in range(4)]
     assert len(set(counts)) > 1, counts  # the micro-batches hold different numbers of masked tokens
     for n in (2, 4):
-        assert_same(gradient(model, [pretrain.shard(batch, j, n) for j in range(n)]), whole, 1e-5)
+        assert_same(gradient(model, [common.shard(batch, j, n) for j in range(n)]), whole, 1e-5)
     # the mean of each micro-batch's own means is another gradient: the test above would see it
-    naive = gradient(model, [pretrain.shard(batch, j, 4) for j in range(4)],
-                     lambda m, mb: sum(s / c.clamp(min=1) for s, c in m.pretrain_terms(mb).values()) / 4)
+    naive = gradient(model, [common.shard(batch, j, 4) for j in range(4)],
+                     lambda m, mb: m.pretrain_losses(mb)[0] / 4)
     with pytest.raises(AssertionError):
         assert_same(naive, whole, 1e-3)
 
@@ -173,6 +177,32 @@ def count_syncs(monkeypatch):
         monkeypatch.setattr(module, name, counted)
         return per_call
 
+    def arm_steps():
+        """pretrain.py's loop writes its step out: count from its micro-batches' arrival on the device
+        (common.micro_batches) to the end of its optimiser step (common.clip_and_step)."""
+        real_micro, real_step, per_step, open_step = common.micro_batches, common.clip_and_step, [], []
+
+        def micro_batches(*a, **k):
+            out = real_micro(*a, **k)
+            open_step.append(Syncs().__enter__())
+            active.append(open_step[-1])
+            return out
+
+        def clip_and_step(*a, **k):
+            try:
+                return real_step(*a, **k)
+            finally:
+                if open_step:  # a step of pretrain.py's loop (finetune.py's are counted by arm)
+                    s = open_step.pop()
+                    active.remove(s)
+                    s.__exit__(None, None, None)
+                    per_step.append(s.calls)
+
+        monkeypatch.setattr(common, "micro_batches", micro_batches)
+        monkeypatch.setattr(common, "clip_and_step", clip_and_step)
+        return per_step
+
+    arm.steps = arm_steps
     return arm
 
 
@@ -181,26 +211,26 @@ def test_the_counter_sees_what_synchronises(toy, count_syncs):
     with Syncs() as s:
         x = torch.arange(6.0)
         x[x > 2], float(x.sum()), x.nonzero()
-        model.pretrain_terms(batch)  # the positions of the masked tokens and regions found from boolean masks
+        model.pretrain_sums(batch)  # the positions of the masked tokens and regions found from boolean masks
     assert "aten.index.Tensor" in s.calls and "aten._local_scalar_dense.default" in s.calls and s.calls.count("aten.nonzero.default") >= 4
-    batch = pretrain.with_positions(batch)  # found by the host
+    batch = with_positions(batch)  # found by the host
     with Syncs() as s:
-        model.pretrain_terms(batch)
+        model.pretrain_sums(batch)
     assert s.calls == []
 
 
 def test_no_host_sync_on_a_step_that_does_not_log_or_save(toy, tmp_path, count_syncs, monkeypatch):
-    per_step = count_syncs(pretrain, "pretrain_step")
+    per_step = count_syncs.steps()
     reads = []
-    real_read = pretrain.read_terms
-    monkeypatch.setattr(pretrain, "read_terms", lambda pending, *a: reads.append(pending[-1][0]) or real_read(pending, *a))
+    real_read = pretrain.read_losses
+    monkeypatch.setattr(pretrain, "read_losses", lambda pending, *a: reads.append(pending[-1][0]) or real_read(pending, *a))
     pretrain.main(["--hybrid", "--toy-root", toy, "--out", str(tmp_path / "pre"), "--cache-dir", os.path.join(toy, "cache"),
                    "--max-steps", "8", "--batch-size", "8", "--log-every", "4", "--save-every", "100", "--eval-batches", "1",
                    "--grad-accum", "2"])
     assert len(per_step) == 8 and per_step == [[]] * 8  # forward, backward, counts, clip and AdamW: never a read
     assert reads == [4, 8]  # the host reads the losses (and checks them) on the logging steps alone
 
-    per_step, reads = count_syncs(finetune, "optimizer_step"), []
+    per_step, reads = count_syncs(finetune, "take_step"), []
     real_losses = finetune.read_losses
     monkeypatch.setattr(finetune, "read_losses", lambda pending, step, *a: reads.append(step) or real_losses(pending, step, *a))
     finetune.main(["--task", "retrieval", "--toy-root", toy, "--out", str(tmp_path / "ft"), "--batch-size", "8", "--epochs", "0.5",

@@ -1,0 +1,336 @@
+"""
+What every script shares, in one place: processes and devices, dtype, the optimiser and its step,
+checkpoints, the output folder and its files, and the checks on paths and settings.
+
+pretrain.py and finetune.py keep their own loops and import this; so do extract_features.py, ask.py,
+reproduce.py and bench.py. Importing it defines things and does nothing else.
+"""
+
+import argparse
+import json
+import os
+import platform
+import sys
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from model import PRESETS, Config, VisualBERT, with_positions
+
+# -----------------------------------------------------------------------------
+# processes and devices: one process, or one per GPU (or CPU, with gloo) under torchrun
+
+
+def rank():
+    """This process's rank under torchrun (0 alone: the one that prints and writes)."""
+    return int(os.environ.get("RANK", 0))
+
+
+def print0(*a, **k):
+    """print, on rank 0 alone."""
+    if rank() == 0:
+        print(*a, **k)
+
+
+def init_device(flag):
+    """(device, rank, world size) for --device `flag`: under torchrun each process takes one GPU, or
+    the CPU with gloo."""
+    if "RANK" in os.environ:
+        world, local = int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+        cuda = torch.cuda.is_available() and flag in ("auto", "cuda")
+        dist.init_process_group("nccl" if cuda else "gloo")
+        device = torch.device(f"cuda:{local}" if cuda else "cpu")
+        if cuda:
+            torch.cuda.set_device(device)
+        return device, rank(), world
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(auto if flag == "auto" else flag), 0, 1
+
+
+def end_processes(world):
+    """The end of a run under torchrun: rank 0 evaluates and writes alone at the end, so the others wait
+    for it before the process group goes (one that left early aborted the other's gloo threads)."""
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def rank0_first(make, world):
+    """make() on rank 0 while the other processes wait (the toy world, made on first use)."""
+    out = make() if rank() == 0 else None
+    if world > 1:
+        dist.barrier()
+    return out
+
+
+def all_sum(t):
+    """`t` summed over the processes, in place (itself with one process)."""
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def shard(rows, i, n):
+    """Part i of n of `rows`, consecutive rows: a list, or a batch (every tensor's first axis is the rows)."""
+    if isinstance(rows, dict):
+        B = next(iter(rows.values())).shape[0]
+        return {k: v[B * i // n:B * (i + 1) // n] for k, v in rows.items()}
+    return rows[len(rows) * i // n:len(rows) * (i + 1) // n]
+
+
+def to_device(batch, device):
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def micro_batches(batch, n, device):
+    """A pre-training batch on the host -> its n micro-batches on the device, each with the positions
+    of what the model predicts found on the host (model.with_positions)."""
+    return [to_device(with_positions(shard(batch, j, n)), device) for j in range(n)]
+
+
+def check_batch(batch_size, world, grad_accum):
+    """--batch-size is the global batch: each of the `world` processes takes an equal share of it,
+    in --grad-accum equal micro-batches."""
+    if grad_accum < 1 or batch_size % (world * grad_accum):
+        raise SystemExit(f"--batch-size {batch_size} is the global batch: it must split into {world} process(es) "
+                         f"x --grad-accum {grad_accum} equal micro-batches")
+
+
+def wrap(module, device, world, compile=False):
+    """What the training steps call: `module` compiled and/or wrapped in DDP (checkpoints keep the plain model)."""
+    run = torch.compile(module) if compile else module
+    if world > 1:  # a batch may leave modules unused (text: the visual ones), so DDP must look for them
+        run = DDP(run, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+    return run
+
+
+def pick_dtype(flag, device):
+    """The autocast dtype of --dtype `flag`, and why."""
+    if flag != "auto":
+        return flag, "as asked"
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16", "the GPU supports bf16"
+    return "fp32", "no GPU with bf16 here"
+
+
+def autocast(device, dtype):
+    """The autocast context for "fp32" (none), "bf16" or "fp16"."""
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
+    return torch.autocast(device.type, dtype=half) if half else torch.autocast(device.type, enabled=False)
+
+
+# -----------------------------------------------------------------------------
+# the optimiser and its step
+
+
+def make_optimizer(params, args, steps, device, dtype):
+    """AdamW without decay on biases and LayerNorms (BERT); the learning rate of each step, a linear
+    warm-up over --warmup of the steps, then linear decay to zero; the loss scaler, which fp16 alone
+    needs (disabled, it passes everything through)."""
+    params = list(params)
+    groups = [{"params": [q for q in params if q.dim() >= 2], "weight_decay": args.weight_decay},
+              {"params": [q for q in params if q.dim() < 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-6, fused=True)  # fused: no host reads
+    warmup = max(1, int(args.warmup * steps))
+    lr_at = lambda s: args.lr * min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup)))  # noqa: E731
+    return optimizer, lr_at, torch.amp.GradScaler(device.type, enabled=dtype == "fp16")
+
+
+def clip_and_step(optimizer, scaler, clip):
+    """After the micro-batches' backward passes: clip the gradient norm, step, clear the gradients.
+    Returns the norm, a device tensor: nothing here makes the host wait for the device."""
+    scaler.unscale_(optimizer)  # fp16: the true gradients, for the clip
+    norm = torch.nn.utils.clip_grad_norm_([q for g in optimizer.param_groups for q in g["params"]], clip)
+    scaler.step(optimizer)  # fp16: a step whose gradients are not finite is skipped, and the scale lowered
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+
+def save_checkpoint(path, model, optimizer, scaler, step, args, vocab, class_names, **extra):
+    """Everything to resume, written atomically; `extra` adds entries (finetune.py: its head, its generator)."""
+    ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            "step": step, "config": model.cfg.to_dict(), "vocab": vocab.tokens, "class_names": class_names,
+            "args": vars(args), "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()}, **extra}
+    write_atomic(path, lambda f: torch.save(ckpt, f))  # a kill mid-save leaves the previous checkpoint whole
+
+
+def load_checkpoint(path):
+    """A checkpoint, or one line naming the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise SystemExit(f"{path}: checkpoint not found") from None
+    except Exception as e:
+        raise SystemExit(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+
+
+def load_weights(module, state, src):
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:  # the first line names the mismatch; the rest lists every tensor
+        raise SystemExit(f"{src}: its weights do not fit the model ({str(e).splitlines()[0].strip()} ...)") from None
+
+
+def restore(ckpt, optimizer, scaler):
+    """--resume: the optimiser, the scaler and the global random states as the checkpoint left them;
+    returns its step."""
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt["scaler"]:  # saved by an fp16 run (a disabled scaler saves nothing)
+        scaler.load_state_dict(ckpt["scaler"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    np.random.set_state(ckpt["rng"]["numpy"])
+    return ckpt["step"]
+
+
+def make_model(args, images, vocab_file, src=None, ckpt=None, check=None):
+    """A model and its vocabulary, from `src` (default: --init-from): a Hugging Face BERT directory
+    (its weights and vocabulary, new visual modules sized from `images`) or a checkpoint of
+    pretrain.py or finetune.py (its config, weights and vocabulary; `ckpt` if loaded already), which
+    check(cfg, ckpt) stops when it does not fit the data (default: every visual size must match);
+    without either, random weights of --model and the vocabulary in `vocab_file` (the toy world's)."""
+    from data import Vocab  # data imports this module
+
+    visual = dict(feat_dim=images.feature_dim, num_labels=len(images.class_names),
+                  num_attrs=len(images.attr_names or [])) if images is not None else {}
+    drop = {} if args.dropout is None else {"dropout": args.dropout}
+    src = src or args.init_from
+    if not src and vocab_file is None:  # pretrain.py and finetune.py alike stop here, before any model is built
+        raise SystemExit("real data needs a vocabulary: give --init-from (a BERT directory or a checkpoint)")
+
+    def same_sizes(cfg, ckpt):  # pre-training trains every visual head on
+        for k, val in visual.items():
+            if getattr(cfg, k) != val:
+                raise SystemExit(f"{src}: the checkpoint has {k}={getattr(cfg, k)}, the images have {val}")
+
+    if src and os.path.isdir(src):
+        try:
+            return VisualBERT.from_bert(src, **visual, **drop), Vocab.from_file(os.path.join(src, "vocab.txt"))
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+    if src:
+        ckpt = load_checkpoint(src) if ckpt is None else ckpt
+        if not isinstance(ckpt, dict) or not {"model", "config", "vocab"} <= set(ckpt):
+            raise SystemExit(f"{src}: not a checkpoint of pretrain.py or finetune.py (no model, config and vocab "
+                             f"inside); --init-from takes one of those or a Hugging Face BERT directory")
+        cfg = Config(**{**ckpt["config"], **drop})
+        (check or same_sizes)(cfg, ckpt)
+        model = VisualBERT(cfg)
+        load_weights(model, ckpt["model"], src)
+        return model, Vocab(ckpt["vocab"], source=src)
+    vocab = Vocab.from_file(vocab_file)
+    return VisualBERT(Config(**{**PRESETS[args.model], "vocab_size": len(vocab), **visual, **drop})), vocab
+
+
+# -----------------------------------------------------------------------------
+# the output folder and its files
+
+
+def write_atomic(file, write, mode="wb"):
+    """write(f) to a temporary file renamed to `file`: readers never see half a file. One temporary
+    name per process: writers may run side by side."""
+    tmp = f"{file}.{os.getpid()}.tmp"
+    with open(tmp, mode) as f:
+        write(f)
+    os.replace(tmp, file)
+
+
+def write_json(file, obj, indent=None):
+    """`obj` as JSON, written atomically (json.dumps runs in C, json.dump does not)."""
+    write_atomic(file, lambda f: f.write(json.dumps(obj, indent=indent)), "w")
+
+
+def read_json(file):
+    """A JSON file, with a clear error naming the file when it is missing, unreadable or malformed."""
+    try:
+        with open(file) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{file}: not found") from None
+    except OSError as e:  # a folder, no permission
+        raise ValueError(f"{file}: cannot be read ({e.strerror or e})") from None
+    except ValueError as e:  # bad JSON, bad UTF-8, an empty file
+        raise ValueError(f"{file}: not valid JSON ({e})") from None
+
+
+def write_args(args, world):
+    """OUT/args.json: the command, every setting, the versions."""
+    if rank() == 0:
+        with open(os.path.join(args.out, "args.json"), "w") as f:
+            json.dump({"argv": sys.argv, "args": vars(args), "world_size": world, "torch": torch.__version__,
+                       "python": platform.python_version()}, f, indent=1)
+
+
+def read_log(file):
+    """log.jsonl's records ([] when there is none yet)."""
+    if not os.path.exists(file):
+        return []
+    with open(file) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def trim_log(file, step, keep_phases=()):
+    """--resume: the steps logged after the checkpoint's are done again; drop their lines (and any
+    line without a step, such as an evaluation's, unless its phase is in `keep_phases`)."""
+    if not os.path.exists(file):
+        return
+    with open(file) as f:
+        records = [(line, json.loads(line)) for line in f if line.strip()]
+    with open(file, "w") as f:
+        f.writelines(line for line, r in records if r.get("step", step + 1) <= step or r.get("phase") in keep_phases)
+
+
+# -----------------------------------------------------------------------------
+# checks on the command line, before any work
+
+
+def check_path(path, kind, flag):
+    """A path a command-line flag names, checked before any work so that a bad one costs one clear
+    line naming it (SystemExit) and writes nothing. kind: "file" (readable, not empty), "folder", "file or
+    folder", "checkpoint" (a file, or a Hugging Face BERT folder), "out" (a folder to write: absent or a folder)."""
+    where = f"{flag} {path}"
+    if kind == "out":
+        up = os.path.abspath(path)
+        while not os.path.exists(up):
+            up = os.path.dirname(up)
+        if not os.path.isdir(up):
+            raise SystemExit(f"{where}: {up} is a file, where a folder is wanted")
+        if not os.access(up, os.W_OK):
+            raise SystemExit(f"{where}: {up} is not writable")
+        return
+    if not os.path.exists(path):
+        raise SystemExit(f"{where}: not found")
+    if kind == "checkpoint" and os.path.isdir(path):  # a BERT folder: its config, vocabulary and weights
+        weights = [f for f in ("model.safetensors", "pytorch_model.bin") if os.path.exists(os.path.join(path, f))]
+        for f in ("config.json", "vocab.txt", *(weights[:1] or ["model.safetensors"])):
+            check_path(os.path.join(path, f), "file", f"{flag} (a Hugging Face BERT folder)")
+        return
+    if os.path.isdir(path):
+        if kind in ("file", "checkpoint"):
+            raise SystemExit(f"{where}: a folder, where a file is wanted")
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise SystemExit(f"{where}: cannot be read (permission denied)")
+        return
+    if kind == "folder":
+        raise SystemExit(f"{where}: a file, where a folder is wanted")
+    try:
+        with open(path, "rb") as f:
+            empty = not f.read(1)
+    except OSError as e:
+        raise SystemExit(f"{where}: cannot be read ({e.strerror or e})") from None
+    if empty:
+        raise SystemExit(f"{where}: the file is empty")
+
+
+def check_paths(args, kinds):
+    """check_path on every path of the flags in `kinds` ({dest: kind}) that were given."""
+    for dest, kind in kinds.items():
+        value = getattr(args, dest, None)
+        for path in [value] if isinstance(value, str) else value or []:
+            check_path(path, kind, "--" + dest.replace("_", "-"))

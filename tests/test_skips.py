@@ -66,6 +66,52 @@ def test_the_threshold_is_one_rule():
 
 
 # -----------------------------------------------------------------------------
+# bottom-up-attention TSV rows
+
+
+def tsv_rows(n, rng):
+    b64 = lambda a: base64.b64encode(a.tobytes()).decode()  # noqa: E731
+    rows = []
+    for i in range(n):
+        K, w, h = 3, 100, 80
+        boxes = np.array([[0, 0, 50, 40], [10, 10, 90, 70], [5, 5, 20, 20]], np.float32)
+        r = dict(img_id=f"im{i}", img_h=h, img_w=w, objects_id=rng.integers(0, 1600, K), objects_conf=rng.random(K, np.float32),
+                 attrs_id=rng.integers(0, 400, K), attrs_conf=rng.random(K, np.float32), num_boxes=K, boxes=boxes,
+                 features=rng.standard_normal((K, 8)).astype(np.float32))
+        rows.append("\t".join(b64(v) if isinstance(v, np.ndarray) else str(v) for v in (r[k] for k in ef.TSV_FIELDS)))
+    return rows
+
+
+def test_one_bad_tsv_row_is_skipped_and_listed(tmp_path, capsys):
+    rows = tsv_rows(12, np.random.default_rng(0))
+    rows[4] = rows[4].replace("\t3\t", "\tthree\t", 1)  # num_boxes not a number
+    (tmp_path / "f.tsv").write_text("\n".join(rows) + "\n")
+    out = str(tmp_path / "store")
+    ef.main(["--from-tsv", str(tmp_path / "f.tsv"), "--out", out, "--shard-size", "5"])
+    assert sorted(data.FeatureStore(out).ids()) == sorted(f"im{i}" for i in range(12) if i != 4)  # the good rows kept
+    [line] = lines_of(os.path.join(out, "skipped.txt"))
+    assert line.startswith(f"{tmp_path / 'f.tsv'} row 5\tnot a bottom-up-attention TSV row")
+    assert capsys.readouterr().out.splitlines()[-1].endswith(f"skipped 1 bad rows, listed in {out}/skipped.txt")
+    ef.main(["--from-tsv", str(tmp_path / "f.tsv"), "--out", out])  # a rerun lists it once
+    assert lines_of(os.path.join(out, "skipped.txt")) == [line]
+
+
+def test_many_bad_tsv_rows_stop_the_import_with_one_line(tmp_path):
+    rows = tsv_rows(10, np.random.default_rng(0))
+    for i in (2, 5):
+        rows[i] = "\t".join(rows[i].split("\t")[:5])  # cut short
+    (tmp_path / "f.tsv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "store"
+    r = subprocess.run([sys.executable, "extract_features.py", "--from-tsv", str(tmp_path / "f.tsv"), "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 1 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith(f"{tmp_path / 'f.tsv'}: row 3 is not a bottom-up-attention TSV row")
+    assert "; 2 of 10 rows bad (20%), more than the 10% a run skips" in r.stderr
+    # the 8 good rows are whole shards of the store, the bad ones listed: a rerun on a fixed file goes on from them
+    assert len(data.FeatureStore(str(out))) == 8 and len(lines_of(out / "skipped.txt")) == 2
+
+
+# -----------------------------------------------------------------------------
 # aligned pairs and caption lines (pretrain.py)
 
 
@@ -238,3 +284,16 @@ def test_a_store_of_other_settings_names_the_setting_and_both_values(tmp_path):
     with pytest.raises(ValueError) as e:
         data.FeatureWriter(str(tmp_path), 8, ["car"], extractor={"box_policy": "fixed 10", "nms": 0.3})
     assert "other settings (extractor.box_policy 'fixed 36' (now 'fixed 10')); write to a new folder" in str(e.value)
+
+
+def test_extraction_workers_default_to_what_the_machine_has():
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert ef.parser.get_default("workers") == min(4, cores - 1)
+
+
+@pytest.mark.parametrize("flag", ["--boxes", "--min-boxes", "--max-boxes"])
+def test_zero_boxes_is_an_error_not_the_default(tmp_path, flag):
+    with pytest.raises(SystemExit) as e:
+        ef.main(["--weights", "none", "--images", str(tmp_path), "--out", str(tmp_path / "out"), flag, "0"])
+    assert one_line(e) == f"{flag} 0: an image keeps at least 1 box"
+    assert not os.path.exists(tmp_path / "out")

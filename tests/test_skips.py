@@ -297,3 +297,37 @@ def test_zero_boxes_is_an_error_not_the_default(tmp_path, flag):
         ef.main(["--weights", "none", "--images", str(tmp_path), "--out", str(tmp_path / "out"), flag, "0"])
     assert one_line(e) == f"{flag} 0: an image keeps at least 1 box"
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_zero_seeds_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(reproduce.toy, "make_toy_world", lambda *a: pytest.fail("it ran"))
+    with pytest.raises(SystemExit) as e:
+        reproduce.main(["--seeds", "0", "--out", str(tmp_path / "out")])
+    assert one_line(e) == "--seeds 0: at least 1 fine-tuning seed"
+    assert os.listdir(tmp_path) == []
+
+
+def test_every_bench_flag_has_help_and_its_default():
+    import bench
+    for action in bench.parser._actions:
+        assert action.help, action.dest
+        if action.default not in (None, False) and action.dest != "help":
+            assert "%(default)s" in action.help, action.dest
+    assert "tokens/s: N" in bench.parser.format_help()  # the whole docstring, not its first line
+
+
+@pytest.fixture(scope="module")
+def vqa_ckpt(toy, tmp_path_factory):
+    out = tmp_path_factory.mktemp("vqa")
+    ft.main(["--task", "vqa", "--toy-root", toy, "--epochs", "0.01", "--min-answer-count", "1", "--out", str(out)])
+    return str(out / "ckpt.pt")
+
+
+@pytest.mark.parametrize("text, says", [
+    ("  ", r"the text \(the last argument\) is empty: give the question or sentence to ask about"),
+    ("what color is the chef? " * 209, r"the text is \d+ word pieces long \(5016 characters\); a vqa model takes at most 18"),
+], ids=["empty", "5,016 characters"])
+def test_ask_refuses_an_empty_or_too_long_question(vqa_ckpt, text, says):
+    r = subprocess.run([sys.executable, "ask.py", vqa_ckpt, "200000", text], cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 1 and re.fullmatch(says + "\n", r.stderr) and r.stdout == "", r.stderr

@@ -280,6 +280,8 @@ ANSWERS = {"vqa": answer_vqa, "refcoco": answer_refcoco, "nlvr2": answer_nlvr2, 
 
 def main(argv=None):
     args = parser.parse_args(argv)
+    if not args.inputs[-1].strip():
+        raise SystemExit("the text (the last argument) is empty: give the question or sentence to ask about")
     ckpt = load(args.checkpoint)
     name, (*specs, text) = ckpt["task"], args.inputs
     need = {"vqa": 1, "refcoco": 1, "nlvr2": 2}.get(name)
@@ -288,9 +290,12 @@ def main(argv=None):
                          f"got {len(specs)} image(s): {specs}")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     task, model, head = build(ckpt, args.checkpoint, device)
-    keys, pictures, scenes = add_images(specs, task, model, ckpt, args, device)
     x = {"text": text}
     task.tokenize([x])
+    if len(x["ids"]) > task.max_len - 2:  # [CLS] and [SEP] take two; the rest would be cut off unsaid
+        raise SystemExit(f"the text is {len(x['ids'])} word pieces long ({len(text)} characters); a {name} model "
+                         f"takes at most {task.max_len - 2}")
+    keys, pictures, scenes = add_images(specs, task, model, ckpt, args, device)
     with torch.no_grad():
         fields, probs, spans, shown, caption = ANSWERS[name](task, model, head, keys, x, args.top)
     result = {"task": name, **fields, "attention": {}}

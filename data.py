@@ -152,9 +152,9 @@ class FeatureWriter:
             old = read_json(meta_file)
             meta = json.loads(json.dumps(meta))  # as it would read back (tuples become lists)
             if old != meta:
-                diff = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
-                raise ValueError(f"{meta_file}: this store was made with other settings ({', '.join(diff)} differ); "
-                                 "write to a new folder instead of mixing features from two extractors")
+                raise ValueError(f"{meta_file}: this store was made with other settings "
+                                 f"({'; '.join(differences(old, meta))}); write to a new folder instead of mixing "
+                                 "features from two extractors")
         else:
             write_json(meta_file, meta)
         done = sorted(glob.glob(os.path.join(path, f"{prefix}-*.index.json")))
@@ -196,6 +196,24 @@ class FeatureWriter:
         self._buffer = []
 
     close = flush
+
+
+def differences(old, new, prefix=""):
+    """Each setting of two meta.json dicts that differs, with both values: "extractor.nms 0.3 (now 0.5)"."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k} {short(a)} (now {short(b)})")
+    return out
+
+
+def short(value, width=60):
+    """repr(value), cut to `width` characters (a list of 1,600 class names)."""
+    text = repr(value)
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 # -----------------------------------------------------------------------------
@@ -248,6 +266,23 @@ class Vocab:
     def tag_pieces(self, class_names):
         """The word pieces of each detector class's name (its first synonym: "man,men" -> "man")."""
         return [self.encode(name.split(",")[0].strip()) or [self.unk] for name in class_names]
+
+
+# Bad records. A record that cannot be used (a line not UTF-8, a malformed TSV row or task record, a pair
+# whose image is in no store) is skipped, named and counted, and the run goes on; but when more than
+# MAX_BAD_SHARE of a file's records are bad, the file is not what the flag says (another format, another
+# split's annotations, the features of other images) and the run stops. A tenth: far above what a real
+# data set loses to a broken download or a hand edit (a few records in thousands), far below the whole
+# file that a wrong file loses.
+MAX_BAD_SHARE = 0.1
+
+
+def check_bad_share(bad, total, first, unit="records"):
+    """ValueError when `bad` of a file's `total` records are more than MAX_BAD_SHARE; `first` names the
+    first bad record and what is wrong with it (the message starts with it)."""
+    if bad > MAX_BAD_SHARE * total:
+        raise ValueError(f"{first}; {bad} of {total} {unit} bad ({bad / total:.0%}), more than the "
+                         f"{MAX_BAD_SHARE:.0%} a run skips")
 
 
 class TokenCorpus:
@@ -348,6 +383,12 @@ class TokenCorpus:
             first = "; ".join(f"line {n}: {why}" for n, why in self.skipped[:3])
             more = "; ..." if len(self.skipped) > 3 else ""
             return f"{self.path}: skipped {len(self.skipped)} bad line(s) ({first}{more})"
+
+    def check_bad_share(self):
+        """ValueError when too many of the file's lines were bad (check_bad_share)."""
+        if self.skipped:
+            n, why = self.skipped[0]
+            check_bad_share(len(self.skipped), len(self) + len(self.skipped), f"{self.path}: line {n}: {why}", "lines")
 
     def __len__(self):
         return len(self.offsets) - 1
@@ -584,6 +625,35 @@ class Images:
 
     def __contains__(self, image_id):
         return image_id in self.where
+
+
+class ImagePairs:
+    """The pairs of a TokenCorpus of kind "pairs" whose image `images` holds, numbered 0, 1, ... as kept.
+    A pair naming another image is skipped and counted (report), unless with the file's bad lines they
+    are too many (check_bad_share: ValueError). held_in says where the images were looked for."""
+
+    def __init__(self, pairs, images, held_in):
+        self.pairs, self.path = pairs, pairs.path
+        self.keep = [n for n, i in enumerate(pairs.image_ids) if i in images]
+        self.image_ids = [pairs.image_ids[n] for n in self.keep]
+        self.missing = [i for i in pairs.image_ids if i not in images]
+        self.named = f"naming images that {held_in}, e.g. {self.missing[:3]}"
+        if self.missing:  # the file's bad lines count too
+            check_bad_share(len(self.missing) + len(pairs.skipped), len(pairs) + len(pairs.skipped),
+                            f"{self.path}: {len(self.missing)} pairs {self.named}", "lines")
+
+    def report(self):
+        """pairs.report(), and the pairs left out for their image."""
+        lines = [self.pairs.report()] if self.pairs.skipped else []
+        if self.missing:
+            lines.append(f"{self.path}: skipped {len(self.missing)} pair(s) {self.named}")
+        return "; ".join(lines) or None
+
+    def __len__(self):
+        return len(self.keep)
+
+    def __getitem__(self, i):
+        return self.pairs[self.keep[i]]
 
 
 class Corpus:

@@ -37,6 +37,8 @@ sizes, feature, dtype): write those to a new folder. Sharding: --shard i --num-s
 RANK/WORLD_SIZE): process i takes images i, i+n, ... and writes shard{i}-*; the store reads all as one.
 Bad files (empty, truncated, not an image, unknown format) are skipped and listed once in
 OUT/skipped.txt as "path<TAB>reason"; the run goes on and reports how many. Delete a line to retry a file.
+A malformed TSV row is skipped and listed there too ("TSV row N<TAB>reason"); more than data.MAX_BAD_SHARE
+of the rows bad stops the import (the good ones stay in the store).
 """
 
 import argparse
@@ -95,7 +97,10 @@ parser.add_argument("--vocab", default=None,
                     help="TSV import: object class names, one a line (first synonym); else class_<i>")
 parser.add_argument("--attr-vocab", default=None, help="TSV import: attribute names, one a line; else attr_<i>")
 parser.add_argument("--batch-size", type=int, default=4, help="images per detector batch (%(default)s)")
-parser.add_argument("--workers", type=int, default=4, help="image-decoding processes (%(default)s)")
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+parser.add_argument("--workers", type=int, default=min(4, CORES - 1),
+                    help="image-decoding processes (default: one fewer than this machine's cores, at most 4: "
+                         "%(default)s)")
 parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
 parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                     help="autocast dtype; auto: fp16 on CUDA, fp32 on CPU")
@@ -254,11 +259,16 @@ def build_model(args):
 def box_policy(args):
     """Fixed K, or adaptive min..max: fills in args.adaptive, the box counts and args.max_k; returns the
     policy's name as the store records it (ask.py reads it back)."""
+    for flag in ("boxes", "min_boxes", "max_boxes"):  # 0 is no default: an image needs a box
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            sys.exit(f"--{flag.replace('_', '-')} {getattr(args, flag)}: an image keeps at least 1 box")
     if args.min_boxes is None and args.max_boxes is None:
-        args.adaptive, args.boxes = False, args.boxes or 36
+        args.adaptive, args.boxes = False, 36 if args.boxes is None else args.boxes
         args.max_k = args.boxes
         return f"fixed {args.boxes}"
-    args.adaptive, args.min_boxes, args.max_boxes = True, args.min_boxes or 10, args.max_boxes or 100
+    args.adaptive = True
+    args.min_boxes = 10 if args.min_boxes is None else args.min_boxes
+    args.max_boxes = 100 if args.max_boxes is None else args.max_boxes
     args.max_k = args.max_boxes
     return f"adaptive {args.min_boxes}-{args.max_boxes} at score >= {args.score_thresh}"
 
@@ -379,13 +389,14 @@ def import_tsv(args, rank, world):
                 "vocab": args.vocab and os.path.basename(args.vocab),
                 "attr_vocab": args.attr_vocab and os.path.basename(args.attr_vocab),
                 "boxes": "as in the TSV, normalised by img_w, img_h"}
-    writer, done, n, rows = None, set(), 0, 0
+    writer, done, n, rows, mine, bad = None, set(), 0, 0, 0, []
     decode = lambda s, dtype: np.frombuffer(base64.b64decode(s, validate=True), dtype=dtype)  # noqa: E731
     with open(args.from_tsv, encoding="utf-8", errors="replace") as f:
         for r, row in enumerate(csv.DictReader(f, TSV_FIELDS, delimiter="\t")):
             rows += 1
             if r % world != rank:
                 continue
+            mine += 1
             try:
                 K = int(row["num_boxes"])
                 w, h = int(float(row["img_w"])), int(float(row["img_h"]))
@@ -396,8 +407,9 @@ def import_tsv(args, rank, world):
                 if not len(labels) == len(attrs) == len(conf) == len(attr_conf) == K or feats.shape[1] == 0:
                     raise ValueError(f"{K} boxes, {len(labels)} classes, {len(conf)} scores, {len(attrs)} attributes")
             except (ValueError, TypeError) as e:  # a missing field is None: TypeError
-                sys.exit(f"{args.from_tsv}: row {r + 1} is not a bottom-up-attention TSV row "
-                         f"({', '.join(TSV_FIELDS)}): {type(e).__name__}: {str(e)[:200]}")
+                why = f"not a bottom-up-attention TSV row ({', '.join(TSV_FIELDS)}): {type(e).__name__}: {str(e)[:200]}"
+                bad.append((r + 1, why.replace("\n", " ").replace("\t", " ")))
+                continue
             if labels.size and (labels.max() >= len(names) or attrs.max() >= len(attr_names)):
                 sys.exit(f"{args.from_tsv}: image {row['img_id']} has class ids beyond the vocabulary "
                          f"({len(names)}, {len(attr_names)})")
@@ -410,9 +422,17 @@ def import_tsv(args, rank, world):
             n += 1
     if not rows:
         sys.exit(f"{args.from_tsv}: no rows")
-    if writer is not None:
+    if writer is not None:  # the good rows are kept, the bad listed, even when they are too many
         writer.close()
-    print(f"imported {n} images from {args.from_tsv} into {args.out}")
+        skipped_file = os.path.join(args.out, "skipped.txt")
+        list_bad([(f"{args.from_tsv} row {r}", why) for r, why in bad], read_skipped(skipped_file), skipped_file)
+    if bad:  # a share of this process's rows; with no good row at all, nothing was written
+        try:
+            data.check_bad_share(len(bad), mine, f"{args.from_tsv}: row {bad[0][0]} is {bad[0][1]}", "rows")
+        except ValueError as e:
+            sys.exit(str(e))
+    print(f"imported {n} images from {args.from_tsv} into {args.out}"
+          + (f"; skipped {len(bad)} bad rows, listed in {skipped_file}" if bad else ""))
 
 # -----------------------------------------------------------------------------
 # main: settings, the work list, the loop
@@ -474,9 +494,9 @@ def read_skipped(file):
     return {line.split("\t")[0] for line in text.splitlines() if "\t" in line}
 
 
-def list_bad(batch, listed, file):
-    """How many files of a decoded batch are bad; each is added to `file` once, however often the job is rerun."""
-    bad = [(path, reason) for path, _, _, _, reason in batch if reason is not None]
+def list_bad(bad, listed, file):
+    """Each (path, reason) of `bad` (files, or TSV rows) added to `file` once, however often the job is rerun;
+    returns how many are bad."""
     for path, reason in bad:
         if path not in listed:
             with open(file, "a") as f:
@@ -544,7 +564,7 @@ def main(argv=None):
     handled, written, bad, t0, last = 0, 0, 0, time.time(), 0.0
     for batch in loader:
         handled += sum(path in todo for path, *_ in batch)
-        bad += list_bad(batch, listed, skipped_file)
+        bad += list_bad([(path, reason) for path, _, _, _, reason in batch if reason is not None], listed, skipped_file)
         good = [b for b in batch if b[4] is None]
         if good:
             written += write_batch(model, good, args, device, autocast, given, writer, done)

@@ -127,16 +127,18 @@ def build_corpora(args, vocab, images):
 
 
 def tokenised(args, vocab, files, kind):
-    """A TokenCorpus of each file (built once, cached under --cache-dir)."""
-    return [data.TokenCorpus(f, vocab, kind, args.cache_dir) for f in files or []]
+    """A TokenCorpus of each file (built once, cached under --cache-dir); too many bad lines stop the run."""
+    corpora = [data.TokenCorpus(f, vocab, kind, args.cache_dir) for f in files or []]
+    for c in corpora:
+        c.check_bad_share()
+    return corpora
 
 
 def pairs_corpus(name, c, vocab, images, tags, held_in):
-    """The aligned pairs of TokenCorpus `c`, each image of which must be in `images` (`held_in` says where)."""
-    missing = [i for i in c.image_ids if i not in images]
-    if missing:
-        raise SystemExit(f"{c.path}: {len(missing)} pairs name images that {held_in}, e.g. {missing[:3]}")
-    return data.Corpus(name, "pair", vocab, (c, c.image_ids), images, tags)
+    """The aligned pairs of TokenCorpus `c` whose image is in `images` (`held_in` says where); the others
+    are skipped and counted, unless too many (data.ImagePairs)."""
+    pairs = data.ImagePairs(c, images, held_in)
+    return data.Corpus(name, "pair", vocab, (pairs, pairs.image_ids), images, tags)
 
 
 def warn_skipped(corpora):

@@ -877,7 +877,9 @@ def main(argv=None):
     budget = read_budget(args)
     check_fractions(args.fractions)
     args.variants = chosen(args)
-    seeds = list(range(args.seeds or (1 if args.quick else 3)))
+    if args.seeds is not None and args.seeds < 1:
+        raise SystemExit(f"--seeds {args.seeds}: at least 1 fine-tuning seed")
+    seeds = list(range((1 if args.quick else 3) if args.seeds is None else args.seeds))
     t0 = time.time()
     common.check_paths(args, {"out": "out", "toy_root": "out"})
     toy.make_toy_world(args.toy_root)

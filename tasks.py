@@ -126,8 +126,9 @@ def consistency(keys, correct):
 
 # -----------------------------------------------------------------------------
 # loaders of the real file formats (docs/METHOD.md §7). Each names the file and the record on a bad input: a
-# malformed record (a missing field, an unknown split) stops the run, as the file is not what it
-# should be; a record whose image has no features is skipped and counted, unless none is left.
+# malformed record (a missing field, an unknown split, a question without its annotation) is skipped and
+# counted, unless more than data.MAX_BAD_SHARE of its file is (then the file is not what it should be and
+# the run stops); a record whose image has no features is skipped and counted, unless none is left.
 
 
 def field(record, name, file, where):
@@ -137,19 +138,35 @@ def field(record, name, file, where):
 
 
 class Skipped:
-    """Records left out because an image they name has no features: a count per file and the first
-    such record, said at the start and at the end of the run and written to results.json."""
+    """Records left out, malformed or naming an image that has no features: a count per file and the
+    first such record, said at the start and at the end of the run and written to results.json."""
 
     def __init__(self):
-        self.files = {}  # file -> [count, the first record and its image]
+        self.files = {}  # file -> [count, the first record and why]
+        self.malformed = {}  # file -> [count, the first one's error]
 
     def add(self, file, where, candidates, images):
         first = (f"{where}: its image has no features in {', '.join(s.path for s in images.stores)} "
                  f"(looked for {', '.join(map(repr, candidates))})")
         self.files.setdefault(file, [0, first])[0] += 1
 
+    def bad(self, file, error):
+        """A malformed record; error: the ValueError naming the file and the record."""
+        self.files.setdefault(file, [0, str(error).removeprefix(f"{file}: ")])[0] += 1
+        self.malformed.setdefault(file, [0, str(error)])[0] += 1
+
+    def check(self, file, total):
+        """ValueError when more than data.MAX_BAD_SHARE of the file's `total` records were malformed."""
+        n, first = self.malformed.get(file, [0, None])
+        data.check_bad_share(n, total, first)
+
     def lines(self):
-        return [f"skipped {n} records of {file}: first: {first}" for file, (n, first) in self.files.items()]
+        out = []
+        for file, (n, first) in self.files.items():
+            m, bad = self.malformed.get(file, [0, None])
+            mixed = f"; {m} of them malformed, the first: {bad.removeprefix(f'{file}: ')}" if 0 < m < n else ""
+            out.append(f"skipped {n} records of {file}: first: {first}{mixed}")
+        return out
 
     def none_left(self, file, what="record"):
         """The error for a split left with nothing to use: the task files and the stores do not fit."""
@@ -182,28 +199,56 @@ def load_vqa(questions_file, annotations_file, images, skipped):
     annotations = field(common.read_json(annotations_file), "annotations", annotations_file, "the file")
     by_qid = {}
     for n, a in enumerate(annotations):
-        qid = field(a, "question_id", annotations_file, f"record {n}")
-        where = f"record {n} (question_id {qid})"
-        answers = [field(x, "answer", annotations_file, f"{where}, answer {k},")
-                   for k, x in enumerate(field(a, "answers", annotations_file, where))]
-        if not answers:
-            raise ValueError(f"{annotations_file}: {where} has no answers")
+        try:
+            qid = field(a, "question_id", annotations_file, f"record {n}")
+            where = f"record {n} (question_id {qid})"
+            answers = [field(x, "answer", annotations_file, f"{where}, answer {k},")
+                       for k, x in enumerate(field(a, "answers", annotations_file, where))]
+            if not answers:
+                raise ValueError(f"{annotations_file}: {where} has no answers")
+            qtype = field(a, "question_type", annotations_file, where)
+        except ValueError as e:
+            skipped.bad(annotations_file, e)
+            continue
         mc = a.get("multiple_choice_answer") or Counter(answers).most_common(1)[0][0]
-        by_qid[qid] = {"answers": answers, "qtype": field(a, "question_type", annotations_file, where), "mc": mc,
-                       "atype": a.get("answer_type", "all")}
+        by_qid[qid] = {"answers": answers, "qtype": qtype, "mc": mc, "atype": a.get("answer_type", "all")}
+    skipped.check(annotations_file, len(annotations))
     out = []
-    for n, q in enumerate(field(common.read_json(questions_file), "questions", questions_file, "the file")):
-        qid = field(q, "question_id", questions_file, f"record {n}")
-        where = f"record {n} (question_id {qid})"
-        text, image_id = field(q, "question", questions_file, where), field(q, "image_id", questions_file, where)
-        if qid not in by_qid:
-            raise ValueError(f"{questions_file}: {where}: {annotations_file} has no annotation for this question")
+    questions = field(common.read_json(questions_file), "questions", questions_file, "the file")
+    for n, q in enumerate(questions):
+        try:
+            qid = field(q, "question_id", questions_file, f"record {n}")
+            where = f"record {n} (question_id {qid})"
+            text, image_id = field(q, "question", questions_file, where), field(q, "image_id", questions_file, where)
+            if qid not in by_qid:
+                raise ValueError(f"{questions_file}: {where}: {annotations_file} has no annotation for this question")
+        except ValueError as e:
+            skipped.bad(questions_file, e)
+            continue
         image = find_image(images, coco_ids(image_id), questions_file, where, skipped)
         if image is not None:
             out.append({"qid": qid, "image": image, "text": text, **by_qid[qid]})
+    skipped.check(questions_file, len(questions))
     if not out:
         raise skipped.none_left(questions_file, "question")
     return out
+
+
+def nlvr2_record(line, file, n):
+    """Line n of an NLVR2 file -> its identifier, where it is, sentence, label, identifier's four parts."""
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        raise ValueError(f"{file}: line {n} is not JSON") from None
+    ident = field(rec, "identifier", file, f"line {n}")
+    where = f"line {n} ({ident})"
+    text, label = field(rec, "sentence", file, where), str(field(rec, "label", file, where))
+    if label not in ("True", "False"):
+        raise ValueError(f"{file}: {where}: label {label!r}, expected 'True' or 'False'")
+    parts = str(ident).split("-")
+    if len(parts) != 4:
+        raise ValueError(f"{file}: {where}: the identifier is not split-set-pair-sentence")
+    return ident, where, text, label, parts
 
 
 def load_nlvr2(file, images, skipped):
@@ -221,23 +266,17 @@ def load_nlvr2(file, images, skipped):
         if not line.strip():
             continue
         try:
-            rec = json.loads(line)
-        except ValueError:
-            raise ValueError(f"{file}: line {n} is not JSON") from None
-        ident = field(rec, "identifier", file, f"line {n}")
-        where = f"line {n} ({ident})"
-        text, label = field(rec, "sentence", file, where), str(field(rec, "label", file, where))
-        if label not in ("True", "False"):
-            raise ValueError(f"{file}: {where}: label {label!r}, expected 'True' or 'False'")
-        parts = str(ident).split("-")
-        if len(parts) != 4:
-            raise ValueError(f"{file}: {where}: the identifier is not split-set-pair-sentence")
+            ident, where, text, label, parts = nlvr2_record(line, file, n)
+        except ValueError as e:
+            skipped.bad(file, e)
+            continue
         pair = "-".join(parts[:3])
         img0 = find_image(images, [f"{pair}-img0"], file, where, skipped)
         img1 = find_image(images, [f"{pair}-img1"], file, where, skipped) if img0 else None
         if img1 is not None:
             out.append({"id": ident, "text": text, "images": (img0, img1), "label": int(label == "True"),
                         "sentence": "-".join(parts[:2] + parts[3:])})  # split-set-*-sentence: one per unique sentence
+    skipped.check(file, sum(1 for line in lines if line.strip()))
     if not out:
         raise skipped.none_left(file, "example")
     return out
@@ -263,19 +302,25 @@ KARPATHY_SPLITS = ("train", "restval", "val", "test")
 def load_karpathy(file, images, skipped):
     """Karpathy's split file (Flickr30K, COCO) -> {split: [{image, captions}]}; restval joins train."""
     splits, named = {}, set()
-    for n, im in enumerate(field(common.read_json(file), "images", file, "the file")):
-        name = field(im, "filename", file, f"image record {n}")
-        where = f"image record {n} ({name})"
-        split = check_split(field(im, "split", file, where), KARPATHY_SPLITS, file, where)
-        captions = []
-        for k, s in enumerate(field(im, "sentences", file, where)):
-            raw = isinstance(s, dict) and "raw" in s
-            captions.append(s["raw"] if raw else " ".join(field(s, "tokens", file, f"{where}, sentence {k},")))
+    records = field(common.read_json(file), "images", file, "the file")
+    for n, im in enumerate(records):
+        try:
+            name = field(im, "filename", file, f"image record {n}")
+            where = f"image record {n} ({name})"
+            split = check_split(field(im, "split", file, where), KARPATHY_SPLITS, file, where)
+            captions = []
+            for k, s in enumerate(field(im, "sentences", file, where)):
+                raw = isinstance(s, dict) and "raw" in s
+                captions.append(s["raw"] if raw else " ".join(field(s, "tokens", file, f"{where}, sentence {k},")))
+        except ValueError as e:
+            skipped.bad(file, e)
+            continue
         split = "train" if split == "restval" else split
         named.add(split)
         image = find_image(images, [os.path.splitext(name)[0]], file, where, skipped)
         if image is not None:
             splits.setdefault(split, []).append({"image": image, "captions": captions})
+    skipped.check(file, len(records))
     return none_empty(splits, named, file, "image", skipped)
 
 
@@ -300,17 +345,21 @@ def load_refcoco(refs_file, instances_file, images, skipped):
              for n, im in enumerate(field(instances, "images", instances_file, "the file"))}
     splits, named = {}, set()
     for n, ref in enumerate(refs):
-        ref_id = field(ref, "ref_id", refs_file, f"record {n}")
-        where = f"record {n} (ref_id {ref_id})"
-        split, ann_id, image_id = (field(ref, k, refs_file, where) for k in ("split", "ann_id", "image_id"))
-        check_split(split, REF_SPLITS, refs_file, where)
-        if ann_id not in boxes:
-            raise ValueError(f"{refs_file}: {where}: annotation {ann_id} is not in {instances_file}")
-        if image_id not in sizes:
-            raise ValueError(f"{refs_file}: {where}: image {image_id} is not in {instances_file}")
+        try:
+            ref_id = field(ref, "ref_id", refs_file, f"record {n}")
+            where = f"record {n} (ref_id {ref_id})"
+            split, ann_id, image_id = (field(ref, k, refs_file, where) for k in ("split", "ann_id", "image_id"))
+            check_split(split, REF_SPLITS, refs_file, where)
+            if ann_id not in boxes:
+                raise ValueError(f"{refs_file}: {where}: annotation {ann_id} is not in {instances_file}")
+            if image_id not in sizes:
+                raise ValueError(f"{refs_file}: {where}: image {image_id} is not in {instances_file}")
+            sentences = [field(s, "sent", refs_file, f"{where}, sentence {k},")
+                         for k, s in enumerate(field(ref, "sentences", refs_file, where))]
+        except ValueError as e:
+            skipped.bad(refs_file, e)
+            continue
         x, y, w, h = boxes[ann_id]
-        sentences = [field(s, "sent", refs_file, f"{where}, sentence {k},")
-                     for k, s in enumerate(field(ref, "sentences", refs_file, where))]
         named.add(split)
         image = find_image(images, coco_ids(image_id), refs_file, where, skipped)
         if image is None:
@@ -318,6 +367,7 @@ def load_refcoco(refs_file, instances_file, images, skipped):
         for text in sentences:
             splits.setdefault(split, []).append({"ref_id": ref_id, "image": image, "text": text,
                                                  "gold": [x, y, x + w, y + h], "size": sizes[image_id]})
+    skipped.check(refs_file, len(refs))
     return none_empty(splits, named, refs_file, "expression", skipped)
 
 

@@ -25,29 +25,31 @@ from model import PEAK_FLOPS, PRESETS, Config, PretrainLoss, VisualBERT, peak_fl
 
 # -----------------------------------------------------------------------------
 # settings: `python bench.py -h` is the manual
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = common.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                    help="where the step runs: cpu, cuda, cuda:1, ... (default: cuda if there is one, here %(default)s)")
+                    help="where the step runs: cpu, cuda, cuda:1, ... (default: cuda if there is one, here "
+                         "%(default)s)")
 parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
                     help="autocast dtype of the step, as pretrain.py's --dtype; fp16 with a GradScaler (%(default)s)")
 parser.add_argument("--compile", action="store_true", help="torch.compile the model first, as pretrain.py --compile")
 parser.add_argument("--model", default="base", choices=sorted(PRESETS),
                     help="size preset of model.py (%(default)s: BERT-base, the paper's)")
-parser.add_argument("--batch-size", type=int, default=16, help="sequences in the step (%(default)s)")
-parser.add_argument("--text-len", type=int, default=32, help="text pieces per sequence (%(default)s)")
-parser.add_argument("--regions", type=int, default=36,
+parser.add_argument("--batch-size", type=common.POSITIVE_INT, default=16, help="sequences in the step (%(default)s)")
+parser.add_argument("--text-len", type=common.POSITIVE_INT, default=32, help="text pieces per sequence (%(default)s)")
+parser.add_argument("--regions", type=common.POSITIVE_INT, default=36,
                     help="regions per image, each with one tag piece (%(default)s, the paper's fixed 36 boxes)")
-parser.add_argument("--feat-dim", type=int, default=2048,
+parser.add_argument("--feat-dim", type=common.POSITIVE_INT, default=2048,
                     help="size of a region's feature (%(default)s, bottom-up attention's)")
-parser.add_argument("--steps", type=int, default=6, help="timed steps (%(default)s; 0: time the data loader alone)")
-parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (%(default)s)")
+parser.add_argument("--steps", type=common.COUNT, default=6,
+                    help="timed steps (%(default)s; 0: time the data loader alone)")
+parser.add_argument("--warmup", type=common.COUNT, default=2, help="untimed steps first (%(default)s)")
 parser.add_argument("--compare-hf", action="store_true",
                     help="time transformers' VisualBertForPreTraining too (eager, its defaults)")
-parser.add_argument("--loader-images", type=int, default=256,
+parser.add_argument("--loader-images", type=common.POSITIVE_INT, default=256,
                     help="images in the temporary feature store for the loader benchmark (%(default)s; 0: skip it)")
-parser.add_argument("--workers", type=int, default=2,
+parser.add_argument("--workers", type=common.COUNT, default=2,
                     help="DataLoader workers for the loader benchmark (%(default)s)")
-parser.add_argument("--processes", type=int, default=1, metavar="N",
+parser.add_argument("--processes", type=common.POSITIVE_INT, default=1, metavar="N",
                     help="the loader builds 1/N of each global batch, as each of N processes under torchrun does "
                          "(%(default)s)")
 

@@ -7,10 +7,16 @@ reproduce.py and bench.py. Importing it defines things and does nothing else.
 """
 
 import argparse
+import contextlib
+import fcntl
 import json
+import math
 import os
 import platform
+import re
+import signal
 import sys
+import threading
 
 import numpy as np
 import torch
@@ -303,6 +309,13 @@ def check_path(path, kind, flag):
             raise SystemExit(f"{where}: {up} is a file, where a folder is wanted")
         if not os.access(up, os.W_OK):
             raise SystemExit(f"{where}: {up} is not writable")
+        if up != os.path.abspath(path):  # the first folder to make, made and removed now: one that cannot be is said
+            first = os.path.join(up, os.path.relpath(os.path.abspath(path), up).split(os.sep)[0])  # before any work
+            try:
+                os.mkdir(first)
+                os.rmdir(first)
+            except OSError as e:
+                raise SystemExit(f"{where}: cannot be made ({e.strerror or e})") from None
         return
     if not os.path.exists(path):
         raise SystemExit(f"{where}: not found")
@@ -334,3 +347,138 @@ def check_paths(args, kinds):
         value = getattr(args, dest, None)
         for path in [value] if isinstance(value, str) else value or []:
             check_path(path, kind, "--" + dest.replace("_", "-"))
+
+
+# -----------------------------------------------------------------------------
+# the output folder belongs to one run, and Ctrl-C stops a run at a step's end
+
+RUN_FILES = ("args.json", "log.jsonl", "ckpt.pt", "eval.json", "results.json", "baseline.json")  # what a run writes
+
+
+class OutFolder:
+    """--out, which belongs to one run. Made, before any work: a new run refuses a folder that holds a
+    run already, unless --overwrite; --resume refuses one that holds no checkpoint. make(), once the
+    inputs are read: the folder and its lock, OUT/.lock, an flock that the system lets go on any exit
+    (a kill too: no lock outlives its process), so a second process on the folder is refused; with
+    --overwrite the earlier run's files go then. Rank 0 alone holds it (the others write nothing)."""
+
+    def __init__(self, out, resume=False, overwrite=False):
+        self.out, self.resume, self.overwrite, self.lock = out, resume, overwrite, None
+        if resume and overwrite:
+            raise SystemExit("--resume and --overwrite: choose one (go on with the run in --out, or replace it)")
+        self.check()
+
+    def check(self):
+        held = [f for f in RUN_FILES if os.path.exists(os.path.join(self.out, f))]
+        if self.resume and "ckpt.pt" not in held:
+            raise SystemExit(f"{os.path.join(self.out, 'ckpt.pt')}: checkpoint not found; --resume goes on with the "
+                             f"run in --out")
+        if held and not (self.resume or self.overwrite):
+            raise SystemExit(f"--out {self.out} holds a run already ({', '.join(held)}): give --resume to go on "
+                             f"with it, another --out, or --overwrite to replace it")
+
+    def make(self):
+        if rank() != 0:
+            return
+        try:
+            os.makedirs(self.out, exist_ok=True)
+            self.lock = open(os.path.join(self.out, ".lock"), "a+")
+        except OSError as e:
+            raise SystemExit(f"--out {self.out}: cannot be made or written ({e.strerror or e})") from None
+        try:
+            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.lock.seek(0)
+            pid = self.lock.read().strip() or "?"
+            self.lock.close()
+            self.lock = None
+            raise SystemExit(f"--out {self.out} is in use by another run (process {pid}): wait for it to end, or "
+                             f"give another --out") from None
+        self.lock.seek(0), self.lock.truncate(), self.lock.write(str(os.getpid())), self.lock.flush()
+        self.check()  # again, now that no other run can write: one may have ended since the first look
+        if self.overwrite:
+            for f in RUN_FILES:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(self.out, f))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.lock is not None:
+            self.lock.close()  # lets go of the lock
+            self.lock = None
+        return False
+
+
+def check_resume(saved, args, may_change, path):
+    """--resume goes on with the same run: every setting but those in `may_change` as `saved` (the
+    checkpoint's args) has it, or one line naming each that changed."""
+    changed = [f"--{k.replace('_', '-')} {v!r} (now {getattr(args, k, None)!r})" for k, v in saved.items()
+               if k not in may_change and getattr(args, k, None) != v]
+    if changed:
+        raise SystemExit(f"{path}: saved by a run with other settings: {', '.join(changed)}; resume with the same "
+                         f"command, or give another --out")
+
+
+class Interrupt:
+    """Ctrl-C, taken at a step's end: the first sets .asked (the loop saves a checkpoint, then calls
+    stop), a second stops at once. In one process only: under torchrun the processes could see it at
+    different steps, so there torchrun's own handling stays (a run resumes from its last checkpoint)."""
+
+    def __init__(self):
+        self.asked, self.previous = False, None
+
+    def __enter__(self):
+        alone = int(os.environ.get("WORLD_SIZE", 1)) == 1
+        if alone and threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self.ask)
+        return self
+
+    def ask(self, signum=None, frame=None):
+        if self.asked:
+            raise KeyboardInterrupt
+        self.asked = True
+
+    def stop(self, line):
+        """The run's last word after Ctrl-C: one line, and exit code 130 (killed by SIGINT)."""
+        print(f"interrupted: {line}", file=sys.stderr, flush=True)
+        raise SystemExit(130)
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+        return False
+
+
+# -----------------------------------------------------------------------------
+# settings in range: argparse types, so that a bad value is one line naming the flag and the value
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's, with a bad command line said in one line (argparse prints its usage first)."""
+
+    def error(self, message):
+        message = re.sub(r"^argument (\S+): (.* is not .*)$", r"\1 \2", message)  # checked: "--lr -1 is not ..."
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} -h)\n")
+
+
+def checked(kind, test, what):
+    """An argparse type: the text as `kind` (int or float, finite), refused unless test(value)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or not test(value):
+            raise argparse.ArgumentTypeError(f"{text or repr(text)} is not {what}")
+        return value
+    return parse
+
+
+POSITIVE_INT = checked(int, lambda v: v > 0, "a whole number above 0")
+COUNT = checked(int, lambda v: v >= 0, "a whole number, 0 or more")
+POSITIVE = checked(float, lambda v: v > 0, "a number above 0")
+NON_NEGATIVE = checked(float, lambda v: v >= 0, "a number, 0 or more")
+SHARE = checked(float, lambda v: 0 <= v < 1, "a share in [0, 1)")
+FRACTION = checked(float, lambda v: 0 < v <= 1, "a fraction in (0, 1]")

@@ -66,7 +66,7 @@ EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 # -----------------------------------------------------------------------------
 # settings: `python extract_features.py -h` is the manual
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = common.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--images", help="folder of images (searched recursively) or a text file of image paths")
 parser.add_argument("--out", help="the feature store folder to write (resumed if it exists)")
 parser.add_argument("--weights", default="DEFAULT",
@@ -76,18 +76,21 @@ parser.add_argument("--model", default="fasterrcnn_resnet50_fpn_v2", help="torch
                     "(fasterrcnn_resnet50_fpn_v2, fasterrcnn_resnet50_fpn, fasterrcnn_mobilenet_v3_large_fpn)")
 parser.add_argument("--feature", default="box_head", choices=["box_head", "c5"],
                     help="1024-d box head, or the last ResNet stage averaged (2048-d)")
-parser.add_argument("--boxes", type=int, default=None, help="fixed number of boxes per image (default 36)")
-parser.add_argument("--min-boxes", type=int, default=None, help="adaptive: at least this many boxes (default 10)")
-parser.add_argument("--max-boxes", type=int, default=None, help="adaptive: at most this many boxes (default 100)")
-parser.add_argument("--score-thresh", type=float, default=0.2,
+parser.add_argument("--boxes", type=common.POSITIVE_INT, default=None,
+                    help="fixed number of boxes per image (default 36)")
+parser.add_argument("--min-boxes", type=common.POSITIVE_INT, default=None,
+                    help="adaptive: at least this many boxes (default 10)")
+parser.add_argument("--max-boxes", type=common.POSITIVE_INT, default=None,
+                    help="adaptive: at most this many boxes (default 100)")
+parser.add_argument("--score-thresh", type=common.SHARE, default=0.2,
                     help="adaptive: keep boxes scoring at least this (%(default)s)")
-parser.add_argument("--nms", type=float, default=0.3, help="IoU of the class-agnostic NMS (%(default)s)")
-parser.add_argument("--proposals", type=int, default=1000,
+parser.add_argument("--nms", type=common.POSITIVE, default=0.3, help="IoU of the class-agnostic NMS (%(default)s)")
+parser.add_argument("--proposals", type=common.POSITIVE_INT, default=1000,
                     help="RPN proposals per image (%(default)s, torchvision's; fewer are faster: see "
                          "--bench-proposals)")
-parser.add_argument("--min-size", type=int, default=800,
+parser.add_argument("--min-size", type=common.POSITIVE_INT, default=800,
                     help="resize the shorter side to this (%(default)s, torchvision's)")
-parser.add_argument("--max-size", type=int, default=1333,
+parser.add_argument("--max-size", type=common.POSITIVE_INT, default=1333,
                     help="... unless the longer side would exceed this (%(default)s)")
 parser.add_argument("--given-boxes", default=None,
                     help="JSON {image id or file name: [[x1, y1, x2, y2], ...]} pixel boxes to pool")
@@ -96,25 +99,26 @@ parser.add_argument("--from-tsv", default=None,
 parser.add_argument("--vocab", default=None,
                     help="TSV import: object class names, one a line (first synonym); else class_<i>")
 parser.add_argument("--attr-vocab", default=None, help="TSV import: attribute names, one a line; else attr_<i>")
-parser.add_argument("--batch-size", type=int, default=4, help="images per detector batch (%(default)s)")
+parser.add_argument("--batch-size", type=common.POSITIVE_INT, default=4, help="images per detector batch (%(default)s)")
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-parser.add_argument("--workers", type=int, default=min(4, CORES - 1),
+parser.add_argument("--workers", type=common.COUNT, default=min(4, CORES - 1),
                     help="image-decoding processes (default: one fewer than this machine's cores, at most 4: "
                          "%(default)s)")
 parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
 parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                     help="autocast dtype; auto: fp16 on CUDA, fp32 on CPU")
 parser.add_argument("--seed", type=int, default=0, help="seed of the random detector with --weights none (%(default)s)")
-parser.add_argument("--shard", type=int, default=None, help="this process's share (default: torchrun's RANK, else 0)")
-parser.add_argument("--num-shards", type=int, default=None,
+parser.add_argument("--shard", type=common.COUNT, default=None,
+                    help="this process's share (default: torchrun's RANK, else 0)")
+parser.add_argument("--num-shards", type=common.POSITIVE_INT, default=None,
                     help="number of processes sharing the job (default: WORLD_SIZE, else 1)")
-parser.add_argument("--shard-size", type=int, default=1000,
+parser.add_argument("--shard-size", type=common.POSITIVE_INT, default=1000,
                     help="images per written shard, the most a kill can lose (%(default)s)")
 parser.add_argument("--bench", action="store_true",
                     help="images/s of extraction vs torchvision's plain model(images), nothing written")
-parser.add_argument("--bench-images", type=int, default=16,
+parser.add_argument("--bench-images", type=common.POSITIVE_INT, default=16,
                     help="--bench: images to time, the first of --images, else random ones (%(default)s)")
-parser.add_argument("--bench-proposals", type=int, nargs="+", metavar="N",
+parser.add_argument("--bench-proposals", type=common.POSITIVE_INT, nargs="+", metavar="N",
                     help="--bench: at each of these proposal counts, and how many of the boxes kept with the first "
                          "are kept with each other")
 # every flag that names a path, and what it must be (common.check_path); --weights is checked where it is read
@@ -259,9 +263,6 @@ def build_model(args):
 def box_policy(args):
     """Fixed K, or adaptive min..max: fills in args.adaptive, the box counts and args.max_k; returns the
     policy's name as the store records it (ask.py reads it back)."""
-    for flag in ("boxes", "min_boxes", "max_boxes"):  # 0 is no default: an image needs a box
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            sys.exit(f"--{flag.replace('_', '-')} {getattr(args, flag)}: an image keeps at least 1 box")
     if args.min_boxes is None and args.max_boxes is None:
         args.adaptive, args.boxes = False, 36 if args.boxes is None else args.boxes
         args.max_k = args.boxes
@@ -443,6 +444,8 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     rank = args.shard if args.shard is not None else int(os.environ.get("RANK", 0))
     world = args.num_shards if args.num_shards is not None else int(os.environ.get("WORLD_SIZE", 1))
+    if rank >= world:
+        sys.exit(f"--shard {rank}: the shards are numbered 0 to {world - 1} (--num-shards {world})")
     if not 0 <= rank < world:
         parser.error(f"--shard {rank} is not in [0, --num-shards {world})")
     common.check_paths(args, PATH_FLAGS)

@@ -77,7 +77,7 @@ def toy_defaults(key):
     return "toy: " + ", ".join(f"{t} {v[key]:g}" for t, v in DEFAULTS.items())
 
 
-parser = argparse.ArgumentParser(description="Fine-tune U-VisualBERT on VQA, NLVR2, Flickr30K retrieval or "
+parser = common.ArgumentParser(description="Fine-tune U-VisualBERT on VQA, NLVR2, Flickr30K retrieval or "
                                              "RefCOCO+ (docs/METHOD.md §6).",
                                  epilog=REAL_DATA, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--task", required=True, choices=list(TOY), help="which downstream task")
@@ -87,11 +87,11 @@ group.add_argument("--data", metavar="DIR",
 group.add_argument("--features", nargs="+", metavar="STORE",
                    help="feature stores holding every image the task's files name")
 group.add_argument("--toy-root", default=toy.TOY_DIR, metavar="DIR", help="where the toy world is made and cached")
-group.add_argument("--train-fraction", type=float, default=1.0, metavar="F",
+group.add_argument("--train-fraction", type=common.FRACTION, default=1.0, metavar="F",
                    help="train on the first ceil(F * N) of the N training examples (retrieval: images) in one "
                         "fixed order, the same for every --seed, so a smaller fraction's examples are among a "
                         "larger one's")
-group.add_argument("--min-answer-count", type=int, default=9, metavar="N",
+group.add_argument("--min-answer-count", type=common.POSITIVE_INT, default=9, metavar="N",
                    help="vqa: the answer set is every answer that is the multiple_choice_answer of at least this "
                         "many training questions (or questions of --answers)")
 group.add_argument("--answers", nargs="+", metavar="FILE",
@@ -105,27 +105,27 @@ group.add_argument("--init-from", metavar="PATH",
                         "or nothing: random weights of --model")
 group.add_argument("--model", default="tiny", choices=sorted(PRESETS), help="size preset when there is no --init-from")
 group.add_argument("--no-tags", action="store_true", help="regions only, no detector tags (the _NT rows)")
-group.add_argument("--epochs", type=float, metavar="E",
+group.add_argument("--epochs", type=common.POSITIVE, metavar="E",
                    help=f"epochs, may be fractional ({toy_defaults('epochs')})")
-group.add_argument("--batch-size", type=int, metavar="B",
+group.add_argument("--batch-size", type=common.POSITIVE_INT, metavar="B",
                    help="examples per step, the global batch: with N processes (torchrun) each takes 1/N of it "
                         "(toy: 32)")
-group.add_argument("--grad-accum", type=int, default=1, metavar="N",
+group.add_argument("--grad-accum", type=common.POSITIVE_INT, default=1, metavar="N",
                    help="each process takes its share of the batch in N micro-batches, adding up their gradients "
                         "(less memory)")
-group.add_argument("--lr", type=float, metavar="LR", help=f"peak learning rate ({toy_defaults('lr')})")
-group.add_argument("--warmup", type=float, default=0.1, metavar="F",
+group.add_argument("--lr", type=common.NON_NEGATIVE, metavar="LR", help=f"peak learning rate ({toy_defaults('lr')})")
+group.add_argument("--warmup", type=common.SHARE, default=0.1, metavar="F",
                    help="share of steps for linear warm-up, then linear decay to zero")
-group.add_argument("--weight-decay", type=float, default=0.01, metavar="W")
-group.add_argument("--clip", type=float, default=1.0, metavar="NORM", help="gradient-norm clip")
-group.add_argument("--dropout", type=float, default=None, metavar="P", help="override the model's dropout")
-group.add_argument("--hard-negatives", type=int, default=4, metavar="N",
+group.add_argument("--weight-decay", type=common.NON_NEGATIVE, default=0.01, metavar="W")
+group.add_argument("--clip", type=common.POSITIVE, default=1.0, metavar="NORM", help="gradient-norm clip")
+group.add_argument("--dropout", type=common.SHARE, default=None, metavar="P", help="override the model's dropout")
+group.add_argument("--hard-negatives", type=common.POSITIVE_INT, default=4, metavar="N",
                    help="retrieval: the wrong image of each positive is the most tag-alike of N random other images "
                         "(1: a random one)")
-group.add_argument("--test-images", type=int, default=None, metavar="N",
+group.add_argument("--test-images", type=common.POSITIVE_INT, default=None, metavar="N",
                    help="retrieval: rank among the first N test images only (a quicker check; the paper ranks all "
                         "1,000)")
-group.add_argument("--task-pretrain-epochs", type=int, default=0, metavar="N",
+group.add_argument("--task-pretrain-epochs", type=common.COUNT, default=0, metavar="N",
                    help="nlvr2: first this many epochs of mask-and-predict on NLVR2's own data, keeping the epoch "
                         "with the best dev MLM loss (paper: at most 5)")
 group = parser.add_argument_group("run")
@@ -138,12 +138,13 @@ group.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "
                    help="autocast dtype (auto: bf16 on a GPU that has it, else fp32)")
 group.add_argument("--compile", action="store_true",
                    help="torch.compile the model for the training steps (worth it on a GPU)")
-group.add_argument("--log-every", type=int, default=50, metavar="STEPS")
-group.add_argument("--save-every", type=int, default=500, metavar="STEPS",
+group.add_argument("--log-every", type=common.POSITIVE_INT, default=50, metavar="STEPS")
+group.add_argument("--save-every", type=common.POSITIVE_INT, default=500, metavar="STEPS",
                    help="write OUT/ckpt.pt every this many steps, and at the end")
 group.add_argument("--resume", action="store_true",
                    help="continue from OUT/ckpt.pt; the rest of the command must be the same")
-group.add_argument("--eval-batch-size", type=int, default=256, metavar="N",
+group.add_argument("--overwrite", action="store_true", help="replace the run that --out holds (a new run refuses it)")
+group.add_argument("--eval-batch-size", type=common.POSITIVE_INT, default=256, metavar="N",
                    help="sequences per forward pass when evaluating")
 # every flag that names a path, and what it must be (common.check_path)
 PATH_FLAGS = {"data": "folder", "features": "folder", "answers": "file", "init_from": "checkpoint", "out": "out",
@@ -195,8 +196,8 @@ def load_task(args, world):
 
 
 # what a resumed run may change; any other setting makes it another run, which --resume refuses
-RESUME_MAY_CHANGE = ("out", "resume", "save_every", "log_every", "eval_batch_size", "device", "dtype", "compile",
-                     "toy_root", "grad_accum")
+RESUME_MAY_CHANGE = ("out", "resume", "overwrite", "save_every", "log_every", "eval_batch_size", "device", "dtype",
+                     "compile", "toy_root", "grad_accum")
 
 
 def load_resume(path, args):
@@ -205,11 +206,7 @@ def load_resume(path, args):
     if not isinstance(ckpt, dict) or "head" not in ckpt:
         raise SystemExit(f"{path}: not a checkpoint of finetune.py (no head inside); --resume goes on from a run of "
                          f"this command in --out")
-    changed = [f"--{k.replace('_', '-')} {v!r} (now {getattr(args, k, None)!r})" for k, v in ckpt["args"].items()
-               if k not in RESUME_MAY_CHANGE and getattr(args, k, None) != v]
-    if changed:
-        raise SystemExit(f"{path}: saved by a run with other settings: {', '.join(changed)}; resume with the same "
-                         f"command, or give another --out")
+    common.check_resume(ckpt["args"], args, RESUME_MAY_CHANGE, path)
     return ckpt
 
 
@@ -357,8 +354,15 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    # settings
-    args = parse_args(argv)
+    args = parse_args(argv)  # every setting checked before any work
+    with common.OutFolder(args.out, args.resume, args.overwrite) as out, common.Interrupt() as ctrl_c:
+        return train(args, out, ctrl_c)
+
+
+def train(args, out, ctrl_c):
+    """The run: the task, the model, the optimiser, the loop, the evaluation. out: --out, made
+    (out.make()) once the inputs are read; ctrl_c.asked: Ctrl-C was pressed (the loop saves and stops
+    at the end of the step)."""
     device, rank, world = common.init_device(args.device)  # under torchrun: this process's rank of `world`
     common.check_batch(args.batch_size, world, args.grad_accum)
     torch.manual_seed(args.seed)
@@ -381,8 +385,7 @@ def main(argv=None):
     if resume is not None:  # the state after step `start`: weights, optimiser, random states, the log's open window
         start, losses = common.restore(resume, optimizer, scaler), resume["losses"]
         gen.set_state(resume["gen"])
-    if rank == 0:
-        os.makedirs(args.out, exist_ok=True)  # only now: a bad input leaves no output folder behind
+    out.make()  # only now: a bad input leaves no output folder behind
     common.write_args(args, world)
     print0(f"task: {args.task}, from {args.init_from or f'random weights ({args.model})'}, "
            f"{'no tags' if args.no_tags else 'with tags'}")
@@ -440,7 +443,8 @@ def main(argv=None):
         pending.append(sum(parts).detach())
         seen += len(items)
         log_now = (step + 1) % args.log_every == 0 or step + 1 == steps
-        save_now = (step + 1) % args.save_every == 0 or step + 1 == steps
+        stop = ctrl_c.asked  # read once: a Ctrl-C from here on stops the next step
+        save_now = (step + 1) % args.save_every == 0 or step + 1 == steps or stop
         if not (log_now or save_now):
             continue
         losses, pending = losses + read_losses(pending, step + 1, scaler, saved, args.out), []
@@ -458,6 +462,9 @@ def main(argv=None):
         if save_now:
             save(step + 1, losses)
             saved = step + 1
+        if stop:
+            ctrl_c.stop(f"stopped at step {step + 1}: {os.path.join(args.out, 'ckpt.pt')} saved; the same command "
+                        f"with --resume goes on")
 
     results = report(args, task, model, head, ctx, log, t_start, rank)
     common.end_processes(world)

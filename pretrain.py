@@ -29,7 +29,7 @@ from model import PRESETS, PretrainLoss, peak_flops, train_flops
 # -----------------------------------------------------------------------------
 # settings: every flag, in one place; `python pretrain.py -h` is the manual
 
-parser = argparse.ArgumentParser(description="Pre-train U-VisualBERT and its variants (docs/METHOD.md §3).")
+parser = common.ArgumentParser(description="Pre-train U-VisualBERT and its variants (docs/METHOD.md §3).")
 group = parser.add_argument_group("variant (docs/METHOD.md §3); exactly one of the first four")
 group.add_argument("--unaligned", action="store_true",
                    help="U: images alone + captions alone (unaligned) + general text")
@@ -49,7 +49,7 @@ group.add_argument("--text", nargs="+", metavar="FILE",
                    help="general text: a sentence per line, blank line between documents")
 group.add_argument("--pairs", nargs="+", metavar="FILE",
                    help="aligned pairs, JSON lines {image_id, caption}, images in --images")
-group.add_argument("--text-rate", type=float, default=1.0,
+group.add_argument("--text-rate", type=common.FRACTION, default=1.0,
                    help="share of the general text used per epoch (authors: 0.5 for BookCorpus)")
 group.add_argument("--heldout-images", nargs="+", metavar="STORE", help="held-out images for the before/after losses")
 group.add_argument("--heldout-captions", nargs="+", metavar="FILE", help="held-out captions")
@@ -60,34 +60,42 @@ group.add_argument("--heldout-pairs", nargs="+", metavar="FILE",
 group.add_argument("--toy-root", default=toy.TOY_DIR, help="where the toy world is made and cached")
 group.add_argument("--cache-dir", default="cache", help="where tokenised corpora are cached")
 group = parser.add_argument_group("model and optimisation (docs/METHOD.md §5)")
-group.add_argument("--model", default="tiny", choices=sorted(PRESETS), help="size preset, unless --init-from sets it")
+group.add_argument("--model", default="tiny", choices=sorted(PRESETS),
+                   help="size preset, unless --init-from sets it (default: %(default)s)")
 group.add_argument("--init-from", metavar="PATH",
                    help="a Hugging Face BERT directory or one of our checkpoints (ckpt.pt)")
-group.add_argument("--max-steps", type=int, default=1200)
-group.add_argument("--batch-size", type=int, default=64, help="the global batch: with N processes each takes 1/N of it")
-group.add_argument("--grad-accum", type=int, default=1, metavar="N",
+group.add_argument("--max-steps", type=common.POSITIVE_INT, default=1200, help="optimiser steps (default: %(default)s)")
+group.add_argument("--batch-size", type=common.POSITIVE_INT, default=64,
+                   help="the global batch: with N processes each takes 1/N of it (default: %(default)s)")
+group.add_argument("--grad-accum", type=common.POSITIVE_INT, default=1, metavar="N",
                    help="each process takes its share of the batch in N micro-batches, adding up their gradients "
                         "(less memory)")
-group.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (paper, BERT-base: 6e-5)")
-group.add_argument("--warmup", type=float, default=0.02, help="share of steps for linear warm-up (authors: 2%%)")
-group.add_argument("--weight-decay", type=float, default=0.01)
-group.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
-group.add_argument("--dropout", type=float, default=None, help="override the model's dropout")
+group.add_argument("--lr", type=common.NON_NEGATIVE, default=1e-3,
+                   help="peak learning rate (default: %(default)s; paper, BERT-base: 6e-5)")
+group.add_argument("--warmup", type=common.SHARE, default=0.02, help="share of steps for linear warm-up (authors: 2%%)")
+group.add_argument("--weight-decay", type=common.NON_NEGATIVE, default=0.01, help="AdamW's (default: %(default)s)")
+group.add_argument("--clip", type=common.POSITIVE, default=1.0, help="gradient-norm clip (default: %(default)s)")
+group.add_argument("--dropout", type=common.SHARE, default=None, help="override the model's dropout")
 group = parser.add_argument_group("run")
-group.add_argument("--out", default="out/pretrain", help="output folder: log.jsonl, ckpt.pt, args.json, eval.json")
-group.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+group.add_argument("--out", default="out/pretrain",
+                   help="output folder: log.jsonl, ckpt.pt, args.json, eval.json (default: %(default)s)")
+group.add_argument("--resume", action="store_true",
+                   help="continue from OUT/ckpt.pt; the rest of the command must be the same")
+group.add_argument("--overwrite", action="store_true", help="replace the run that --out holds (a new run refuses it)")
 group.add_argument("--seed", type=int, default=0)
 group.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if there is one)")
 group.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="autocast dtype (auto: bf16 on a GPU that has it, else fp32)")
 group.add_argument("--compile", action="store_true", help="torch.compile the model (worth it on a GPU)")
-group.add_argument("--workers", type=int, default=None,
+group.add_argument("--workers", type=common.COUNT, default=None,
                    help="processes building batches (default: on a GPU, this process's share of the cores less one, at "
                         "most 8; 0 on a CPU)")
-group.add_argument("--log-every", type=int, default=50)
-group.add_argument("--save-every", type=int, default=1000)
-group.add_argument("--eval-batches", type=int, default=4, help="batches per held-out set")
-group.add_argument("--eval-every", type=int, default=0,
+group.add_argument("--log-every", type=common.POSITIVE_INT, default=50, help="steps (default: %(default)s)")
+group.add_argument("--save-every", type=common.POSITIVE_INT, default=1000,
+                   help="write OUT/ckpt.pt every this many steps, and at the end (default: %(default)s)")
+group.add_argument("--eval-batches", type=common.POSITIVE_INT, default=4,
+                   help="batches per held-out set (default: %(default)s)")
+group.add_argument("--eval-every", type=common.COUNT, default=0,
                    help="also evaluate the held-out sets every this many steps (log.jsonl lines with phase \"eval\"): "
                         "how far the objectives have converged")
 # every flag that names a path, and what it must be (common.check_path)
@@ -275,12 +283,24 @@ def write_eval(args, before, after, step, curve):
 
 
 def main(argv=None):
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # every setting checked before any work
     if sum([args.unaligned, args.aligned, args.hybrid, args.text_only]) != 1:
         parser.error("choose exactly one of --unaligned, --aligned, --hybrid, --text-only")
     if args.no_captions and not args.unaligned:
         parser.error("--no-captions goes with --unaligned (the U_NC row)")
     common.check_paths(args, PATH_FLAGS)
+    with common.OutFolder(args.out, args.resume, args.overwrite) as out, common.Interrupt() as ctrl_c:
+        return train(args, out, ctrl_c)
+
+
+# what a resumed run may change; any other setting makes it another run, which --resume refuses
+RESUME_MAY_CHANGE = ("out", "resume", "overwrite", "save_every", "log_every", "device", "dtype", "compile", "workers",
+                     "toy_root", "cache_dir", "grad_accum")
+
+
+def train(args, out, ctrl_c):
+    """The run: data, model, optimiser, then the loop. out: --out, made (out.make()) once the inputs
+    are read; ctrl_c.asked: Ctrl-C was pressed (the loop saves and stops at the end of the step)."""
     device, rank, world = common.init_device(args.device)
     common.check_batch(args.batch_size, world, args.grad_accum)
     torch.manual_seed(args.seed)
@@ -302,12 +322,13 @@ def main(argv=None):
     ckpt_path, log_file = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "log.jsonl")
     resume = common.load_checkpoint(ckpt_path) if args.resume else None
     if resume is not None:
-        args.init_from = ckpt_path
-    model, vocab = common.make_model(args, images, vocab_file, ckpt=resume)  # real data without a vocabulary stops
+        common.check_resume(resume.get("args", {}), args, RESUME_MAY_CHANGE, ckpt_path)
+    src = ckpt_path if resume is not None else args.init_from
+    model, vocab = common.make_model(args, images, vocab_file, src, resume)  # real data without a vocabulary stops
     model.to(device)
     corpora, heldout = load_corpora(args, vocab, images, class_names, rank, world)
     dataset = data.PretrainData(corpora, args.batch_size, args.seed, rank, world)
-    os.makedirs(args.out, exist_ok=True)  # only now: a bad input leaves no output folder behind
+    out.make()  # only now: a bad input leaves no output folder behind
 
     # optimiser
     optimizer, lr_at, scaler = common.make_optimizer(model.parameters(), args, args.max_steps, device, dtype)
@@ -327,7 +348,8 @@ def main(argv=None):
     print0(f"{dataset.steps_per_epoch} steps per epoch, {args.max_steps} steps, global batch {args.batch_size}"
            + (micro_rows if args.grad_accum > 1 else ""))
     warn_skipped(corpora)
-    before = evaluate(model, heldout, device, ctx) if heldout and step == 0 else None
+    before = resume.get("heldout_before") if resume is not None else None  # the held-out losses at step 0
+    before = evaluate(model, heldout, device, ctx) if heldout and step == 0 else before
     if before:
         print0("held-out before: " + ", ".join(f"{k} {value:.3f}" for k, value in before.items()))
     curve = [r for r in common.read_log(log_file) if r.get("phase") == "eval"] if rank == 0 and step else []
@@ -374,10 +396,11 @@ def main(argv=None):
         window["flops"] += train_flops(model.cfg, B, T, predicted)
         pending.append((step, names, sums, counts))
         log_now = step % args.log_every == 0 or step == args.max_steps
-        save_now = step % args.save_every == 0 or step == args.max_steps
-        if not (log_now or save_now):
-            continue
-        terms, pending = read_losses(pending, scaler, ckpt_path), []
+        stop = ctrl_c.asked  # read once: a Ctrl-C from here on stops the next step
+        save_now = step % args.save_every == 0 or step == args.max_steps or stop
+        eval_now = rank == 0 and heldout and args.eval_every and step % args.eval_every == 0 and step < args.max_steps
+        if log_now or save_now:
+            terms, pending = read_losses(pending, scaler, ckpt_path), []
         if log_now:
             dt = time.time() - t0
             speed = [window["samples"], window["tokens"], window["flops"]]
@@ -392,13 +415,16 @@ def main(argv=None):
                 log.flush()
             t0, window = time.time(), dict(steps=0, samples=0, tokens=0, flops=0.0)
         if save_now and rank == 0:
-            common.save_checkpoint(ckpt_path, model, optimizer, scaler, step, args, vocab, class_names)
-        if rank == 0 and heldout and args.eval_every and step % args.eval_every == 0 and step < args.max_steps:
+            common.save_checkpoint(ckpt_path, model, optimizer, scaler, step, args, vocab, class_names,
+                                   heldout_before=before)
+        if eval_now:
             curve.append({"step": step, **evaluate(model, heldout, device, ctx)})
             log.write(json.dumps({"phase": "eval", **curve[-1]}) + "\n")
             log.flush()
             print0(f"held-out at step {step}: "
                    + ", ".join(f"{k} {v:.3f}" for k, v in curve[-1].items() if k != "step"))
+        if stop:
+            ctrl_c.stop(f"stopped at step {step}: {ckpt_path} saved; the same command with --resume goes on")
     if log:
         log.close()
 

@@ -91,11 +91,11 @@ TEST_IMAGES = 50  # retrieval ranks each caption among the first 50 toy test ima
 # (docs/LOG.md, section 8)
 CONVERGED = {"last_quarter": 0.05, "noise": 0.01, "match_acc": 0.70}
 
-parser = argparse.ArgumentParser(
+parser = common.ArgumentParser(
     description="The paper's Tables 1-3 and Figure 2 in miniature, on the toy world.")
 parser.add_argument("--quick", action="store_true",
                     help="one seed and the variants " + ", ".join(QUICK) + ", for a first look")
-parser.add_argument("--seeds", type=int, default=None,
+parser.add_argument("--seeds", type=common.POSITIVE_INT, default=None,
                     help="how many fine-tuning seeds (default 3, or 1 with --quick)")
 parser.add_argument("--variants", nargs="+", choices=VARIANTS,
                     help="which rows (default: all, or those of --quick; Base always)")
@@ -103,7 +103,7 @@ parser.add_argument("--fractions", nargs="+", default=FRACTIONS,
                     help="fractions of each task's training set, e.g. 1/16 1/4 1")
 parser.add_argument("--out", default="out/reproduce",
                     help="output folder: one folder per run, table.md, table.json, curves.png, figure2.png")
-parser.add_argument("--jobs", type=int, default=max(1, min(2, os.cpu_count() or 1)),
+parser.add_argument("--jobs", type=common.POSITIVE_INT, default=max(1, min(2, os.cpu_count() or 1)),
                     help="runs side by side, one thread each (the toy BERT runs first, alone, on every core)")
 parser.add_argument("--toy-root", default=toy.TOY_DIR, help="where the toy world is made and cached")
 parser.add_argument("--budget", nargs="+", default=[], metavar="KEY=N",
@@ -188,6 +188,14 @@ def work(argv, out, threads):
     return rc, time.time() - t, time.process_time() - cpu
 
 
+def again(out):
+    """How a run that is not done goes on in its folder: from its checkpoint (--resume), or replacing
+    what a run killed before its first checkpoint left (--overwrite); nothing for a new folder."""
+    if os.path.exists(os.path.join(out, "ckpt.pt")):
+        return ["--resume"]
+    return ["--overwrite"] if any(os.path.exists(os.path.join(out, f)) for f in common.RUN_FILES) else []
+
+
 def execute(runs, jobs, threads=1):
     """Run every run not done yet in `jobs` worker processes of `threads` threads each, each run
     after the runs it needs. A run's output goes to OUT/.../stdout.txt, its times to time.json; a
@@ -205,7 +213,7 @@ def execute(runs, jobs, threads=1):
             for run in [r for r in todo if all(d.done() for d in r.after)][: jobs - len(running)]:
                 todo.remove(run)
                 os.makedirs(run.out, exist_ok=True)
-                running[pool.submit(work, run.argv, run.out, threads)] = run
+                running[pool.submit(work, run.argv + again(run.out), run.out, threads)] = run
             if not running:
                 raise SystemExit(f"{todo[0].name}: a run it needs is not done")
             done, _ = wait(running, return_when=FIRST_COMPLETED)
@@ -821,6 +829,8 @@ def read_budget(args):
             budget[k] = float(v) if k in TASKS else int(v)  # fine-tuning epochs; the rest are steps
         except ValueError:
             parser.error(f"--budget {kv}: {v!r} is not a {'number' if k in TASKS else 'whole number'}")
+        if not (math.isfinite(budget[k]) and budget[k] > 0):
+            parser.error(f"--budget {kv}: a budget is above 0")
     return budget
 
 
@@ -877,13 +887,17 @@ def main(argv=None):
     budget = read_budget(args)
     check_fractions(args.fractions)
     args.variants = chosen(args)
-    if args.seeds is not None and args.seeds < 1:
-        raise SystemExit(f"--seeds {args.seeds}: at least 1 fine-tuning seed")
     seeds = list(range((1 if args.quick else 3) if args.seeds is None else args.seeds))
-    t0 = time.time()
     common.check_paths(args, {"out": "out", "toy_root": "out"})
+    with common.OutFolder(args.out) as out:
+        out.make()  # one reproduction at a time in --out: a second one is refused
+        return reproduce(args, budget, seeds)
+
+
+def reproduce(args, budget, seeds):
+    """Every run not done yet, then the table, the probe, the claims and the figures."""
+    t0 = time.time()
     toy.make_toy_world(args.toy_root)
-    os.makedirs(args.out, exist_ok=True)
     print(f"variants {', '.join(args.variants)}; fractions {', '.join(args.fractions)}; seeds {seeds}; budget "
           + ", ".join(f"{k} {v}" for k, v in budget.items()))
     runs = plan(args, budget, seeds)

@@ -471,12 +471,12 @@ def save_ckpt(path, toy, **changes):
 
 
 def test_init_from_checkpoint_and_its_checks(toy, tmp_path):
-    results = run(toy, tmp_path, "refcoco", "--init-from", save_ckpt(tmp_path / "ckpt.pt", toy))
+    results = run(toy, tmp_path / "out", "refcoco", "--init-from", save_ckpt(tmp_path / "ckpt.pt", toy))
     assert set(results) == {"task", "val", "testA", "testB"}
     with pytest.raises(SystemExit, match=r"pre-trained with feature size 12, the feature stores .* have 64"):
-        run(toy, tmp_path, "refcoco", "--init-from", save_ckpt(tmp_path / "bad.pt", toy, feat_dim=12))
+        run(toy, tmp_path / "out2", "refcoco", "--init-from", save_ckpt(tmp_path / "bad.pt", toy, feat_dim=12))
     with pytest.raises(SystemExit, match=r"pre-trained with detector classes 5, .* have 42"):
-        run(toy, tmp_path, "refcoco", "--init-from", save_ckpt(tmp_path / "bad.pt", toy, num_labels=5))
+        run(toy, tmp_path / "out3", "refcoco", "--init-from", save_ckpt(tmp_path / "bad.pt", toy, num_labels=5))
 
 
 def test_init_from_huggingface_bert(toy, tmp_path):
@@ -493,15 +493,15 @@ def test_init_from_huggingface_bert(toy, tmp_path):
 
 def test_real_data_flags(toy, tmp_path):
     # --data and --features are the toy world's files read as real ones; one without the other is an error
-    results = run(toy, tmp_path, "retrieval", "--data", os.path.join(toy, "tasks", "flickr30k"),
+    results = run(toy, tmp_path / "out", "retrieval", "--data", os.path.join(toy, "tasks", "flickr30k"),
                   "--features", os.path.join(toy, "features", "flickr30k"), "--init-from", save_ckpt(tmp_path / "ckpt.pt", toy))
     assert set(results) == {"task", "test"}
     with pytest.raises(SystemExit):
-        run(toy, tmp_path, "retrieval", "--data", os.path.join(toy, "tasks", "flickr30k"))
+        run(toy, tmp_path / "out2", "retrieval", "--data", os.path.join(toy, "tasks", "flickr30k"))
     with pytest.raises(SystemExit, match="needs a vocabulary"):  # real data and random weights: no vocabulary to use
-        run(toy, tmp_path, "retrieval", "--data", os.path.join(toy, "tasks", "flickr30k"), "--features", os.path.join(toy, "features", "flickr30k"))
+        run(toy, tmp_path / "out2", "retrieval", "--data", os.path.join(toy, "tasks", "flickr30k"), "--features", os.path.join(toy, "features", "flickr30k"))
     with pytest.raises(SystemExit, match="no features"):  # a store without the task's images
-        run(toy, tmp_path, "retrieval", "--data", os.path.join(toy, "tasks", "flickr30k"),
+        run(toy, tmp_path / "out2", "retrieval", "--data", os.path.join(toy, "tasks", "flickr30k"),
             "--features", os.path.join(toy, "features", "refcoco"), "--init-from", save_ckpt(tmp_path / "ckpt.pt", toy))
 
 
@@ -555,15 +555,15 @@ def test_resume_and_init_from_refuse_a_checkpoint_that_does_not_fit(toy, tmp_pat
         run(toy, tmp_path / "empty", "vqa", "--resume")
     torch.save({"state_dict": {}}, tmp_path / "other.pt")
     with pytest.raises(SystemExit, match=r"other.pt: not a checkpoint of pretrain.py or finetune.py"):
-        run(toy, tmp_path, "vqa", "--init-from", str(tmp_path / "other.pt"))
+        run(toy, tmp_path / "o2", "vqa", "--init-from", str(tmp_path / "other.pt"))
     (tmp_path / "notes.txt").write_text("not a checkpoint\n")
     with pytest.raises(SystemExit, match=r"notes.txt: not a readable checkpoint"):
-        run(toy, tmp_path, "vqa", "--init-from", str(tmp_path / "notes.txt"))
+        run(toy, tmp_path / "o2", "vqa", "--init-from", str(tmp_path / "notes.txt"))
     wrong = torch.load(save_ckpt(tmp_path / "wrong.pt", toy), weights_only=False)
     wrong["config"]["hidden"] = 64  # weights of a hidden size of 32 under a config of 64
     torch.save(wrong, tmp_path / "wrong.pt")
     with pytest.raises(SystemExit, match=r"wrong.pt: its weights do not fit the model \(Error\(s\) in loading state_dict"):
-        run(toy, tmp_path, "vqa", "--init-from", str(tmp_path / "wrong.pt"))
+        run(toy, tmp_path / "o2", "vqa", "--init-from", str(tmp_path / "wrong.pt"))
 
 
 def test_train_fraction_subsets_are_nested_and_fixed():
@@ -599,5 +599,5 @@ def test_train_fraction_end_to_end_and_bad_value(toy, tmp_path, capsys):
     run(toy, tmp_path, "refcoco", "--train-fraction", "0.25")
     assert "training on" in capsys.readouterr().out
     with pytest.raises(SystemExit):
-        run(toy, tmp_path, "refcoco", "--train-fraction", "1.5")
+        run(toy, tmp_path / "o2", "refcoco", "--train-fraction", "1.5")
     assert "--train-fraction 1.5" in capsys.readouterr().err

@@ -1,16 +1,18 @@
 """
 The toy world: a miniature of the paper's setting, made from a seed in seconds, so that everything runs
-with no download.
+with no download. Version 2 (docs/METHOD.md section 12, every parameter with its source).
 
-Scenes of objects with classes in semantic groups, colours, sizes and positions; a simulated detector
-that sees each object as a noisy box, a feature vector (class + group + colour + size + noise, so related
-classes have related features), a top-1 tag that is sometimes wrong (confused within the group) and a
-confidence; captions; general text that uses the same words outside captions; and the four downstream
-tasks in the real datasets' file formats. Everything is written in the formats real data comes in, so
-no other code can tell toy from real.
+Scenes of objects of 330 classes in 22 semantic groups (55 near-duplicate pairs), drawn by one long-tailed
+frequency, with colours, sizes and positions; a simulated detector that sees each object as a noisy box
+and a feature vector (group + class + colour + size + noise, so related classes have related features),
+whose tag, colour and confidences are its own linear read-out of that very feature, as a real detector's
+classifier reads the region feature it exports; captions; general text that uses the same words outside
+captions; and the four downstream tasks in the real datasets' file formats. Everything is written in the
+formats real data comes in, so no other code can tell toy from real.
 
     python toy.py                   # make the toy world under toy_world/ (pretrain.py does it on first use)
     python toy.py --show pt000003   # draw one scene: pt000003.png with boxes, tags and scores, a caption
+    python toy.py --report          # the detector's accuracy, a linear probe's K-shot curve, class counts
 """
 
 import json
@@ -366,7 +368,7 @@ def make_toy_world(root=TOY_DIR, seed=0, scale=1.0, log=print):
 
     def store(name, items):  # items: (image_id, scene); writes a feature store of their detections
         w = FeatureWriter(os.path.join(root, "features", name), FEATURE_DIM, CLASSES, attr_names=COLORS,
-                          extractor={"detector": "toy world v2 simulated detector (linear read-out)", "seed": seed},
+                          extractor={"detector": "toy world simulated detector", "version": 2, "seed": seed},
                           shard_size=4000)
         for image_id, s in items:
             scenes[image_id] = s
@@ -699,7 +701,8 @@ def probe_curve(x, y, x_test, y_test, shots=(1, 5, 10, 30)):
 
 
 def task_train_images(root):
-    """Each task's training examples in file order, as tasks.py loads them, each as its image ids."""
+    """Each task's training examples in file order, as tasks.py loads them (RefCOCO+: one per sentence, and
+    a toy ref has one), each as its image ids."""
     t = os.path.join(root, "tasks")
     vqa = read_json(os.path.join(t, "vqa", "v2_OpenEnded_mscoco_train2014_questions.json"))["questions"]
     with open(os.path.join(t, "nlvr2", "train.json")) as f:

@@ -98,3 +98,23 @@ def test_show_with_a_bad_id_or_root_is_one_line(world, tmp_path, case):
     p = subprocess.run([sys.executable, os.path.join(HERE, "toy.py"), *args], cwd=tmp_path, capture_output=True, text=True)
     assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr
     assert len(p.stderr.strip().splitlines()) == 1 and named in p.stderr
+
+
+def test_task_train_images_are_the_training_examples_tasks_py_loads(world):
+    """detector_report counts the classes of the 1/16 training sets that finetune.py keeps: the same
+    examples, in the same order, as the loaders of tasks.py."""
+    import data
+    import tasks
+    t, f = os.path.join(world, "tasks"), lambda *p: os.path.join(world, "features", *p)
+    images = lambda *names: data.Images([f(n) for n in names])
+    ours = toy.task_train_images(world)
+    vqa = tasks.load_vqa(os.path.join(t, "vqa", "v2_OpenEnded_mscoco_train2014_questions.json"),
+                         os.path.join(t, "vqa", "v2_mscoco_train2014_annotations.json"), images("vqa_train"), tasks.Skipped())
+    nlvr2 = tasks.load_nlvr2(os.path.join(t, "nlvr2", "train.json"), images("nlvr2_train"), tasks.Skipped())
+    flickr = tasks.load_karpathy(os.path.join(t, "flickr30k", "dataset_flickr30k.json"), images("flickr30k"), tasks.Skipped())
+    ref = tasks.load_refcoco(os.path.join(t, "refcoco+", "refs(unc).p"), os.path.join(t, "refcoco+", "instances.json"),
+                             images("refcoco"), tasks.Skipped())
+    assert ours["vqa"] == [[x["image"]] for x in vqa]
+    assert ours["nlvr2"] == [list(x["images"]) for x in nlvr2]
+    assert ours["flickr30k"] == [[x["image"]] for x in flickr["train"]]
+    assert ours["refcoco"] == [[x["image"]] for x in ref["train"]]

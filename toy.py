@@ -1,16 +1,18 @@
 """
 The toy world: a miniature of the paper's setting, made from a seed in seconds, so that everything runs
-with no download.
+with no download. Version 2 (docs/METHOD.md section 12, every parameter with its source).
 
-Scenes of objects with classes in semantic groups, colours, sizes and positions; a simulated detector
-that sees each object as a noisy box, a feature vector (class + group + colour + size + noise, so related
-classes have related features), a top-1 tag that is sometimes wrong (confused within the group) and a
-confidence; captions; general text that uses the same words outside captions; and the four downstream
-tasks in the real datasets' file formats. Everything is written in the formats real data comes in, so
-no other code can tell toy from real.
+Scenes of objects of 330 classes in 22 semantic groups (55 near-duplicate pairs), drawn by one long-tailed
+frequency, with colours, sizes and positions; a simulated detector that sees each object as a noisy box
+and a feature vector (group + class + colour + size + noise, so related classes have related features),
+whose tag, colour and confidences are its own linear read-out of that very feature, as a real detector's
+classifier reads the region feature it exports; captions; general text that uses the same words outside
+captions; and the four downstream tasks in the real datasets' file formats. Everything is written in the
+formats real data comes in, so no other code can tell toy from real.
 
     python toy.py                   # make the toy world under toy_world/ (pretrain.py does it on first use)
     python toy.py --show pt000003   # draw one scene: pt000003.png with boxes, tags and scores, a caption
+    python toy.py --report          # the detector's accuracy, a linear probe's K-shot curve, class counts
 """
 
 import json
@@ -25,36 +27,106 @@ from data import FeatureStore, FeatureWriter, Vocab
 
 TOY_DIR = "toy_world"
 VOCAB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy_vocab.txt")  # made by train_vocab
+# Toy world v2 (docs/METHOD.md section 12): 330 classes in 22 groups of 15. PAIRS are the near-duplicates
+# (synonyms, as a third of Visual Genome's 1,600 classes are): the detector's features barely tell them apart.
 GROUPS = {
-    "vehicle": ["car", "truck", "bus", "bicycle", "motorcycle", "fire truck"],
-    "animal": ["dog", "cat", "horse", "cow", "sheep", "bird"],
-    "kitchenware": ["cup", "bowl", "plate", "knife", "fork", "spoon"],
-    "food": ["apple", "banana", "pizza", "sandwich", "cake", "hot dog"],
-    "furniture": ["chair", "table", "bed", "sofa", "bench", "lamp"],
-    "person": ["man", "woman", "boy", "girl", "baby", "chef"],
-    "background": ["road", "sky", "wall", "floor", "grass", "window"],
+    "vehicle": ["car", "truck", "bus", "bicycle", "bike", "motorcycle", "motorbike", "fire truck", "van", "taxi",
+                "cab", "train", "tractor", "airplane", "plane"],
+    "street": ["traffic light", "stop sign", "street sign", "sign", "pole", "lamp post", "street light",
+               "fire hydrant", "parking meter", "cone", "fence", "mailbox", "flag", "banner", "billboard"],
+    "animal": ["dog", "puppy", "cat", "kitten", "horse", "pony", "cow", "sheep", "lamb", "bird", "pig", "goat",
+               "chicken", "duck", "rabbit"],
+    "wild animal": ["elephant", "giraffe", "zebra", "bear", "lion", "tiger", "monkey", "deer", "fox", "wolf",
+                    "squirrel", "mouse", "rat", "pigeon", "dove"],
+    "kitchenware": ["cup", "mug", "bowl", "plate", "dish", "knife", "fork", "spoon", "glass", "bottle", "jar",
+                    "pot", "pan", "kettle", "tray"],
+    "food": ["apple", "banana", "pizza", "sandwich", "cake", "hot dog", "orange", "bread", "donut", "doughnut",
+             "carrot", "broccoli", "cookie", "biscuit", "egg"],
+    "produce": ["tomato", "potato", "onion", "lettuce", "pepper", "lemon", "lime", "grape", "strawberry", "cherry",
+                "pear", "peach", "melon", "watermelon", "corn"],
+    "furniture": ["chair", "stool", "table", "desk", "bed", "sofa", "couch", "bench", "lamp", "shelf", "cabinet",
+                  "drawer", "dresser", "armchair", "ottoman"],
+    "person": ["man", "guy", "woman", "lady", "boy", "kid", "girl", "child", "baby", "chef", "player", "skier",
+               "surfer", "police officer", "soldier"],
+    "clothing": ["shirt", "blouse", "jacket", "coat", "dress", "gown", "skirt", "hat", "cap", "shoe", "boot",
+                 "sweater", "scarf", "glove", "tie"],
+    "accessory": ["bag", "backpack", "purse", "handbag", "umbrella", "parasol", "watch", "bracelet", "necklace",
+                  "ring", "wallet", "suitcase", "briefcase", "helmet", "badge"],
+    "body part": ["head", "face", "hair", "eye", "nose", "mouth", "ear", "hand", "arm", "leg", "foot", "finger",
+                  "neck", "shoulder", "knee"],
+    "electronics": ["tv", "television", "laptop", "computer", "monitor", "screen", "keyboard", "phone", "cellphone",
+                    "remote", "camera", "speaker", "printer", "tablet", "cable"],
+    "appliance": ["refrigerator", "fridge", "oven", "stove", "microwave", "toaster", "sink", "faucet", "dishwasher",
+                  "blender", "counter", "cupboard", "napkin", "towel", "cutting board"],
+    "home": ["toilet", "bathtub", "tub", "shower", "mirror", "curtain", "drape", "rug", "carpet", "pillow", "cushion",
+             "blanket", "vase", "candle", "book"],
+    "sports": ["ball", "soccer ball", "football", "frisbee", "kite", "skateboard", "surfboard", "snowboard", "ski",
+               "racket", "racquet", "bat", "net", "goal", "paddle"],
+    "plant": ["tree", "bush", "shrub", "flower", "rose", "plant", "leaf", "branch", "palm tree", "pine tree", "vine",
+              "stump", "log", "weed", "hedge"],
+    "building": ["building", "house", "tower", "church", "roof", "door", "doorway", "balcony", "chimney", "staircase",
+                 "stairway", "column", "pillar", "arch", "bridge"],
+    "landscape": ["mountain", "hill", "rock", "stone", "cloud", "river", "lake", "ocean", "sea", "wave", "beach",
+                  "shore", "sun", "moon", "shadow"],
+    "office": ["paper", "pen", "pencil", "notebook", "box", "container", "basket", "bucket", "can", "clock",
+               "picture", "photo", "painting", "poster", "letter"],
+    "boat": ["boat", "ship", "sailboat", "yacht", "canoe", "kayak", "ferry", "raft", "dock", "pier", "anchor",
+             "sail", "mast", "buoy", "harbor"],
+    "background": ["road", "street", "sky", "wall", "floor", "grass", "window", "ceiling", "water", "sand", "snow",
+                   "field", "ground", "pavement", "sidewalk"],
 }
+PAIRS = [("bicycle", "bike"), ("motorcycle", "motorbike"), ("taxi", "cab"), ("airplane", "plane"),
+         ("lamp post", "street light"), ("sign", "street sign"), ("flag", "banner"),
+         ("dog", "puppy"), ("cat", "kitten"), ("horse", "pony"), ("sheep", "lamb"),
+         ("mouse", "rat"), ("pigeon", "dove"), ("cup", "mug"), ("plate", "dish"), ("pot", "pan"),
+         ("donut", "doughnut"), ("cookie", "biscuit"), ("lemon", "lime"), ("melon", "watermelon"),
+         ("sofa", "couch"), ("table", "desk"), ("cabinet", "dresser"), ("chair", "armchair"),
+         ("man", "guy"), ("woman", "lady"), ("boy", "kid"), ("girl", "child"),
+         ("shirt", "blouse"), ("jacket", "coat"), ("dress", "gown"), ("hat", "cap"), ("shoe", "boot"),
+         ("purse", "handbag"), ("umbrella", "parasol"), ("suitcase", "briefcase"), ("face", "head"),
+         ("tv", "television"), ("monitor", "screen"), ("phone", "cellphone"), ("refrigerator", "fridge"),
+         ("oven", "stove"), ("bathtub", "tub"), ("curtain", "drape"), ("rug", "carpet"), ("pillow", "cushion"),
+         ("racket", "racquet"), ("bush", "shrub"), ("staircase", "stairway"), ("column", "pillar"),
+         ("mountain", "hill"), ("rock", "stone"), ("ocean", "sea"), ("boat", "ship"), ("road", "street")]
 CLASSES = [c for g in GROUPS.values() for c in g]
 GROUP_OF = {c: g for g, cs in GROUPS.items() for c in cs}
 COLORS = ["red", "blue", "green", "yellow", "black", "white", "brown", "gray"]
 SIZES = ["small", "large"]
-PLURAL = {"bus": "buses", "sheep": "sheep", "knife": "knives", "bench": "benches", "man": "men", "woman": "women",
-          "baby": "babies", "sandwich": "sandwiches", "fire truck": "fire trucks", "hot dog": "hot dogs",
-          "glass": "glasses"}
-NUMBERS = ["zero", "one", "two", "three", "four", "five"]
-SCENES = {  # scene type: (groups its objects come from, background classes)
-    "street": (["vehicle", "vehicle", "person", "animal"], ["road", "sky"]),
-    "kitchen": (["kitchenware", "food", "person"], ["wall", "floor"]),
-    "farm": (["animal", "animal", "person", "vehicle"], ["grass", "sky"]),
-    "living room": (["furniture", "person", "animal"], ["wall", "window"]),
-    "dining room": (["food", "kitchenware", "furniture"], ["floor", "window"]),
+PLURAL = {"sheep": "sheep", "deer": "deer", "knife": "knives", "man": "men", "woman": "women", "child": "children",
+          "mouse": "mice", "foot": "feet", "leaf": "leaves", "shelf": "shelves", "wolf": "wolves", "scarf": "scarves",
+          "tomato": "tomatoes", "potato": "potatoes", "police officer": "police officers", "fire truck": "fire trucks",
+          "hot dog": "hot dogs"}
+NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
+           "thirteen", "fourteen"]
+SCENES = {  # scene type: (groups its objects come from, its background classes)
+    "street": (["vehicle", "street", "person", "clothing", "animal", "building"], ["road", "sky", "sidewalk"]),
+    "city": (["building", "vehicle", "street", "person", "accessory"], ["street", "sky", "pavement"]),
+    "kitchen": (["kitchenware", "food", "produce", "appliance", "person"], ["wall", "floor", "window"]),
+    "farm": (["animal", "person", "vehicle", "plant", "produce"], ["grass", "sky", "field"]),
+    "living room": (["furniture", "home", "electronics", "person", "animal"], ["wall", "floor", "window"]),
+    "dining room": (["food", "kitchenware", "furniture", "produce"], ["floor", "window", "ceiling"]),
+    "bathroom": (["home", "appliance", "body part", "clothing"], ["wall", "floor", "ceiling"]),
+    "office": (["office", "electronics", "furniture", "person", "clothing"], ["wall", "floor", "window"]),
+    "beach": (["landscape", "boat", "person", "sports", "body part"], ["sand", "water", "sky"]),
+    "park": (["plant", "sports", "person", "animal", "accessory"], ["grass", "sky", "ground"]),
+    "zoo": (["wild animal", "plant", "person", "landscape"], ["ground", "grass", "sky"]),
+    "ski slope": (["landscape", "sports", "plant", "person", "clothing"], ["snow", "sky", "ground"]),
 }
-FEATURE_DIM = 64
-TAG_ACCURACY = 0.8  # how often the simulated detector's top-1 class is right
+OBJECTS = (6, 14)  # objects in a scene, uniform; with 2 or 3 background regions, 8 to 17 regions (real: 36)
+FEATURE_DIM = 128
+NOISE = 4.5  # the feature noise sigma, calibrated on TFA's K-shot curve (docs/METHOD.md section 12)
+ZIPF_S, ZIPF_Q = 4.9, 561.0  # class frequency (docs/METHOD.md section 12): weight (1600 rank / 330 + q)^-s
+DETECTOR_REGIONS = 100_000  # the regions the simulated detector is fitted on, once per world
 
 
 def plural(c):
-    return PLURAL.get(c, c + "s")
+    if c in PLURAL:
+        return PLURAL[c]
+    if c.endswith(("s", "x", "ch", "sh")):
+        return c + "es"
+    if c.endswith("y") and c[-2] not in "aeiou":
+        return c[:-1] + "ies"
+    return c + "s"
 
 
 def things(scene):
@@ -67,62 +139,132 @@ def write_lines(path, lines):
     write_atomic(path, lambda f: f.write("\n".join(lines) + "\n"), "w")
 
 
+def lda(x, y, n_classes, prior=None, shrink=0.01):
+    """A linear discriminant, closed form: class means and one pooled covariance, shrunk towards its mean
+    variance by `shrink` -> (W, b), the logits x @ W.T + b. prior: class probabilities (None: equal).
+    The simulated detector (fitted once per world) and the probes of detector_report are this."""
+    x = np.asarray(x, np.float64)
+    n = np.bincount(y, minlength=n_classes)
+    order = np.argsort(y, kind="stable")
+    means = np.zeros((n_classes, x.shape[1]))
+    starts = np.concatenate([[0], np.cumsum(n)[:-1]])
+    means[n > 0] = np.add.reduceat(x[order], starts[n > 0]) / n[n > 0, None]
+    r = x - means[y]
+    cov = (1 - shrink) * (r.T @ r) / len(x) + shrink * x.var(0).mean() * np.eye(x.shape[1])
+    W = np.linalg.solve(cov, means.T).T  # (C, D)
+    b = -0.5 * (W * means).sum(1) + (np.log(np.maximum(prior, 1e-12)) if prior is not None else 0.0)
+    b[n == 0] = -1e9  # a class never seen is never the answer
+    return W.astype(np.float32), b.astype(np.float32)
+
+
+def read_out(features, W, b):
+    """The detector's read-out of stored features: the top class and its softmax probability."""
+    logits = np.asarray(features, np.float32) @ W.T + b  # (K, C)
+    top = logits.argmax(1)
+    p = np.exp(logits - logits[np.arange(len(top)), top][:, None])
+    return top, (1 / p.sum(1)).astype(np.float32)
+
+
 class ToyWorld:
     """Draws scenes and what a detector and people would say about them. Deterministic from seed."""
 
     def __init__(self, seed=0):
-        self.rng = np.random.default_rng(seed)
-        g = np.random.default_rng(seed + 1)  # the detector's feature space, fixed per world
-        unit = lambda n, scale: scale * g.standard_normal((n, FEATURE_DIM)) / np.sqrt(FEATURE_DIM)
-        self.group_vec = dict(zip(GROUPS, unit(len(GROUPS), 2.0)))
-        self.class_vec = unit(len(CLASSES), 1.5)
-        self.color_vec = unit(len(COLORS), 1.0)
-        self.size_vec = unit(len(SIZES), 0.5)
+        self.seed, self.rng = seed, np.random.default_rng(seed)
+        g = np.random.default_rng(seed + 1)  # the detector's feature space and the class frequencies, per world
+        unit = lambda n: g.standard_normal((n, FEATURE_DIM)) / np.sqrt(FEATURE_DIM)
+        self.group_vec = dict(zip(GROUPS, unit(len(GROUPS))))
+        self.class_vec = unit(len(CLASSES)) * np.exp(g.uniform(np.log(0.5), np.log(2), len(CLASSES)))[:, None]
+        for a, b in PAIRS:  # near-duplicates: the second is the first turned a little (cosine 0.99)
+            i, j = CLASSES.index(a), CLASSES.index(b)
+            self.class_vec[j] = 0.99 * self.class_vec[i] + 0.14 * np.linalg.norm(self.class_vec[i]) * unit(1)[0]
+        self.color_vec, self.size_vec = 0.7 * unit(len(COLORS)), 0.4 * unit(len(SIZES))
+        self.mean = (np.stack([self.group_vec[GROUP_OF[c]] for c in CLASSES]) + self.class_vec).astype(np.float32)  # (C, D)
+        self.color_vec, self.size_vec = self.color_vec.astype(np.float32), self.size_vec.astype(np.float32)
+        rank = g.permutation(len(CLASSES)) + 1  # rank 1 is the commonest class
+        weight = (1600 * rank / len(CLASSES) + ZIPF_Q) ** -ZIPF_S
+        self.freq = weight / weight.sum()  # (C,): one frequency for images, captions, text and tasks
+        self.index = {c: i for i, c in enumerate(CLASSES)}
+        self._detector, self._p = None, {}
+
+    def pick(self, classes, size=None, r=None):
+        """Classes drawn from `classes` by the world's frequency."""
+        key = tuple(classes)
+        if key not in self._p:
+            p = self.freq[[self.index[c] for c in classes]]
+            self._p[key] = np.cumsum(p / p.sum())
+        cdf = self._p[key]  # inverse-CDF sampling: Generator.choice with p rebuilds it at every call
+        picked = np.minimum(np.searchsorted(cdf, (r or self.rng).random(size), side="right"), len(cdf) - 1)
+        return classes[int(picked)] if size is None else [classes[i] for i in picked]
 
     def scene(self, kind=None, classes=None):
-        """Ground truth: a scene type and 3-6 objects with class, colour, size and a pixel box."""
+        """Ground truth: a scene type, its objects (class, colour, size, pixel box) and background regions."""
         r = self.rng
-        kind = kind or r.choice(list(SCENES))
+        kind = str(kind or r.choice(list(SCENES)))
         groups, background = SCENES[kind]
         W, H = 640, 480
         if classes is None:
-            classes = [r.choice(GROUPS[r.choice(groups)]) for _ in range(r.integers(3, 7))]
-        objects = []
-        for c in classes:
-            size = r.choice(SIZES)
-            w, h = (r.uniform(0.1, 0.25, 2) if size == "small" else r.uniform(0.3, 0.5, 2)) * (W, H)
-            x, y = r.uniform(0, W - w), r.uniform(0, H - h)
-            objects.append({"class": str(c), "color": str(r.choice(COLORS)), "size": str(size),
-                            "box": [round(float(v), 1) for v in (x, y, x + w, y + h)]})
-        for c in background:  # stuff regions: detected and tagged, seldom talked about
-            objects.append({"class": c, "color": str(r.choice(COLORS)), "size": "large", "background": True,
-                            "box": [0.0, 0.0 if c in ("sky", "wall", "window") else H / 2, float(W),
-                                    H / 2 if c in ("sky", "wall", "window") else float(H)]})
-        return {"kind": str(kind), "width": W, "height": H, "objects": objects}
+            classes = self.pick([c for g in groups for c in GROUPS[g]], int(r.integers(OBJECTS[0], OBJECTS[1] + 1)))
+        n = len(classes)
+        u = r.random((n + 4, 6))  # one draw per scene: colour, size, box; the last 4 rows for the background
+        colors, small = (u[:, 0] * len(COLORS)).astype(int), u[:n, 1] < 0.5
+        wh = np.where(small[:, None], 0.1 + 0.15 * u[:n, 2:4], 0.3 + 0.2 * u[:n, 2:4]) * (W, H)
+        xy = u[:n, 4:6] * ((W, H) - wh)
+        boxes = np.round(np.concatenate([xy, xy + wh], 1), 1).tolist()
+        objects = [{"class": str(c), "color": COLORS[k], "size": "small" if s else "large", "box": box}
+                   for c, k, s, box in zip(classes, colors, small, boxes)]
+        top = lambda c: c in ("sky", "wall", "window", "ceiling")
+        for c, k in zip(background[:2 + (u[n, 1] < 0.5)], colors[n:]):  # stuff regions: tagged, seldom talked about
+            objects.append({"class": c, "color": COLORS[k], "size": "large", "background": True,
+                            "box": [0.0, 0.0 if top(c) else H / 2, float(W), H / 2 if top(c) else float(H)]})
+        return {"kind": kind, "width": W, "height": H, "objects": objects}
+
+    def features(self, scene, r):
+        """The region features of a scene's objects, as stored (fp16): ReLU(group + class + colour + size
+        + noise), ReLU'd like a real box head's output (docs/METHOD.md section 12)."""
+        o = scene["objects"]
+        return self.region_features([self.index[x["class"]] for x in o], [COLORS.index(x["color"]) for x in o],
+                                    [SIZES.index(x["size"]) for x in o], r)
+
+    def region_features(self, classes, colors, sizes, r):
+        f = self.mean[classes] + self.color_vec[colors] + self.size_vec[sizes] \
+            + r.standard_normal((len(classes), FEATURE_DIM), dtype=np.float32) * np.float32(NOISE / np.sqrt(FEATURE_DIM))
+        return np.maximum(f, 0).astype(np.float16)
+
+    @property
+    def detector(self):
+        """The simulated detector: linear read-outs of the class and of the colour from the feature,
+        fitted once on DETECTOR_REGIONS regions of this world's scenes (its own random stream, so that
+        the world's scenes do not move), as BUTD's classifier is trained once on Visual Genome."""
+        if self._detector is None:
+            world = ToyWorld.__new__(ToyWorld)
+            world.__dict__.update(self.__dict__, rng=np.random.default_rng([self.seed, 23]))
+            classes, colors, sizes = [], [], []
+            while len(classes) < DETECTOR_REGIONS:
+                o = world.scene()["objects"]
+                classes += [self.index[x["class"]] for x in o]
+                colors += [COLORS.index(x["color"]) for x in o]
+                sizes += [SIZES.index(x["size"]) for x in o]
+            x = self.region_features(classes, colors, sizes, world.rng).astype(np.float32)
+            y = np.array(classes)
+            prior = np.bincount(y, minlength=len(CLASSES)) / len(y)
+            W, b = lda(x, y, len(CLASSES), prior)
+            Wa, ba = lda(x, np.array(colors), len(COLORS), np.full(len(COLORS), 1 / len(COLORS)))
+            self._detector = {"class_W": W, "class_b": b, "attr_W": Wa, "attr_b": ba}
+        return self._detector
 
     def detect(self, scene):
-        """What a detector gives for a scene: per region a box, a feature, a top-1 tag, a confidence
-        and an attribute (the colour). Boxes jitter; tags are wrong 1 time in 5, within the group."""
+        """What the detector gives for a scene: per region a box (jittered), the stored feature, the top-1
+        tag and its confidence, and the colour and its confidence, both read out of that very feature."""
         r, W, H = self.rng, scene["width"], scene["height"]
-        feats, boxes, labels, scores, attrs, attr_scores = [], [], [], [], [], []
-        for o in scene["objects"]:
-            c, col = CLASSES.index(o["class"]), COLORS.index(o["color"])
-            x1, y1, x2, y2 = o["box"]
-            j = r.normal(0, 0.05, 4) * (x2 - x1, y2 - y1, x2 - x1, y2 - y1)
-            box = np.clip(np.array([x1, y1, x2, y2]) + j, 0, [W, H, W, H]) / [W, H, W, H]
-            f = self.group_vec[GROUP_OF[o["class"]]] + self.class_vec[c] + self.color_vec[col] \
-                + self.size_vec[SIZES.index(o["size"])] + r.normal(0, 0.4, FEATURE_DIM) / np.sqrt(FEATURE_DIM) * 4
-            right = r.random() < TAG_ACCURACY
-            tag = c if right else CLASSES.index(r.choice([x for x in GROUPS[GROUP_OF[o["class"]]] if x != o["class"]]))
-            attr_right = r.random() < 0.8
-            feats.append(np.maximum(f, 0))  # ReLU'd like a real box head's output
-            boxes.append(box)
-            labels.append(tag)
-            scores.append(r.uniform(0.5, 1.0) if right else r.uniform(0.2, 0.7))
-            attrs.append(col if attr_right else r.integers(len(COLORS)))
-            attr_scores.append(r.uniform(0.5, 1.0) if attr_right else r.uniform(0.2, 0.6))
-        return dict(features=np.array(feats), boxes=np.array(boxes), labels=np.array(labels), scores=np.array(scores),
-                    attributes=np.array(attrs), attr_scores=np.array(attr_scores), width=W, height=H)
+        box = np.array([o["box"] for o in scene["objects"]])  # (K, 4) pixels
+        wh = np.tile(box[:, 2:] - box[:, :2], 2)
+        box = np.clip(box + r.normal(0, 0.05, box.shape) * wh, 0, [W, H, W, H]) / [W, H, W, H]
+        f = self.features(scene, r)
+        d = self.detector
+        labels, scores = read_out(f, d["class_W"], d["class_b"])
+        attrs, attr_scores = read_out(f, d["attr_W"], d["attr_b"])
+        return dict(features=f, boxes=box, labels=labels, scores=scores, attributes=attrs, attr_scores=attr_scores,
+                    width=W, height=H)
 
     # -- language about scenes ------------------------------------------------
 
@@ -148,12 +290,12 @@ class ToyWorld:
         """General text: the object words used outside captions, in contexts shared by a group,
         so that text alone can learn that a truck is like a car."""
         r = self.rng
-        x, y = r.choice(GROUPS[group]), r.choice(GROUPS[r.choice(list(GROUPS))])
-        t = r.choice(GENERAL_TEXT[group] + GENERAL_TEXT["any"])
+        x, y = self.pick(GROUPS[group]), self.pick(CLASSES)
+        t = r.choice(GENERAL_TEXT.get(group, []) + GENERAL_TEXT["any"])
         return t.format(x=x, xs=plural(x), y=y, ys=plural(y), color=r.choice(COLORS), size=r.choice(SIZES))
 
     def document(self):
-        group = self.rng.choice([g for g in GROUPS if g != "background"])
+        group = GROUP_OF[self.pick(CLASSES[:-len(GROUPS["background"])])]  # by the world's class frequency
         return [self.sentence(group) for _ in range(self.rng.integers(3, 8))]
 
 
@@ -174,6 +316,21 @@ GENERAL_TEXT = {
                   "we painted the {x} last summer ."],
     "person": ["the {x} walked to work in the morning .", "a {x} said hello to the neighbours .",
                "the {x} laughed at the joke .", "the {x} was reading a book .", "a young {x} waved from the window ."],
+    "street": ["the {x} was at the corner of the road .", "they put a new {x} near the crossing ."],
+    "wild animal": ["the {x} lives in the wild .", "we watched a {x} at the zoo .", "a {x} hid behind the trees ."],
+    "produce": ["she chopped the {x} for the salad .", "a fresh {x} from the garden .", "he grew {xs} last summer ."],
+    "clothing": ["she wore a {x} to the party .", "he folded the {x} and put it away .", "the {x} was too small ."],
+    "accessory": ["she lost her {x} on the train .", "he carried a {x} to work .", "the {x} was a gift ."],
+    "body part": ["he hurt his {x} playing football .", "the doctor looked at her {x} ."],
+    "electronics": ["he plugged in the {x} .", "the {x} stopped working yesterday .", "she bought a new {x} online ."],
+    "appliance": ["the {x} in the kitchen is broken .", "he cleaned the {x} after cooking ."],
+    "home": ["she put the {x} in the bathroom .", "the {x} was old but clean .", "we need a new {x} at home ."],
+    "sports": ["the team needed a {x} for the game .", "she played with the {x} in the park ."],
+    "plant": ["the {x} grew tall in the garden .", "he cut the {x} in the spring .", "a {x} stood by the path ."],
+    "building": ["the {x} was built long ago .", "they painted the {x} last year .", "we walked past the {x} ."],
+    "landscape": ["the {x} looked beautiful at sunset .", "they walked toward the {x} .", "a {x} far away ."],
+    "office": ["she left the {x} on her desk .", "he wrote on the {x} .", "put the {x} in the drawer ."],
+    "boat": ["the {x} sailed across the bay .", "they tied the {x} to the dock .", "a {x} in the harbor ."],
     "any": ["the {x} was {color} and {size} .", "a {size} {x} is not like a {y} .",
             "the {x} and the {y} were both {color} .", "there was a {color} {x} in the picture .",
             "how many {xs} did you see ?", "what color is your {x} ?", "is there a {x} in the house ?",
@@ -194,6 +351,7 @@ def make_toy_world(root=TOY_DIR, seed=0, scale=1.0, log=print):
     """Write the toy world under `root` (skipped if it is already there). `scale` shrinks it for tests.
 
     root/vocab.txt                         the WordPiece vocabulary, a copy of toy_vocab.txt
+    root/detector.npz                      the simulated detector: class_W, class_b, attr_W, attr_b (read_out)
     root/scenes.json                       ground truth of every scene, by image id
     root/features/{pretrain,extra,heldout,vqa,nlvr2,flickr30k,refcoco}   feature stores
     root/pretrain/captions.txt             captions of *other* scenes than the pretrain images (unaligned)
@@ -211,7 +369,8 @@ def make_toy_world(root=TOY_DIR, seed=0, scale=1.0, log=print):
 
     def store(name, items):  # items: (image_id, scene); writes a feature store of their detections
         w = FeatureWriter(os.path.join(root, "features", name), FEATURE_DIM, CLASSES, attr_names=COLORS,
-                          extractor={"detector": "toy world simulated detector", "seed": seed}, shard_size=2000)
+                          extractor={"detector": "toy world simulated detector", "version": 2, "seed": seed},
+                          shard_size=4000)
         for image_id, s in items:
             scenes[image_id] = s
             d = world.detect(s)
@@ -223,14 +382,14 @@ def make_toy_world(root=TOY_DIR, seed=0, scale=1.0, log=print):
         return [line for _ in range(n_docs) for line in world.document() + [""]]
 
     # pre-training corpora: images, captions of other scenes, aligned pairs, general text
-    images = [(f"pt{i:06d}", world.scene()) for i in range(n(6000))]
+    images = [(f"pt{i:06d}", world.scene()) for i in range(n(12000))]
     store("pretrain", images)
-    store("extra", [(f"ex{i:06d}", world.scene()) for i in range(n(3000))])
+    store("extra", [(f"ex{i:06d}", world.scene()) for i in range(n(6000))])
     write_lines(os.path.join(root, "pretrain", "captions.txt"),
-                [world.caption(world.scene()) for _ in range(n(6000))])
+                [world.caption(world.scene()) for _ in range(n(12000))])
     write_lines(os.path.join(root, "pretrain", "pairs.jsonl"),
                 [json.dumps({"image_id": i, "caption": world.caption(s)}) for i, s in images])
-    write_lines(os.path.join(root, "pretrain", "text.txt"), text(n(3000)))
+    write_lines(os.path.join(root, "pretrain", "text.txt"), text(n(6000)))
     store("heldout", [(f"ho{i:06d}", world.scene()) for i in range(n(300))])
     write_lines(os.path.join(root, "heldout", "captions.txt"),
                 [world.caption(world.scene()) for _ in range(n(300))])
@@ -239,6 +398,7 @@ def make_toy_world(root=TOY_DIR, seed=0, scale=1.0, log=print):
     make_toy_tasks(world, root, n, store)
 
     shutil.copyfile(VOCAB, os.path.join(root, "vocab.txt"))  # the same pieces for every seed and scale
+    np.savez(os.path.join(root, "detector.npz"), **world.detector)
     write_json(os.path.join(root, "scenes.json"), scenes)
     make_later_corpora(root, seed)
     open(os.path.join(root, "done"), "w").close()
@@ -260,7 +420,7 @@ def train_vocab(root, out=VOCAB):
     for f in ("text.txt", "captions.txt"):
         with open(os.path.join(root, "pretrain", f)) as lines:
             words += lines.read().splitlines()
-    tok.train_from_iterator(words, vocab_size=500, min_frequency=2, show_progress=False,
+    tok.train_from_iterator(words, vocab_size=1500, min_frequency=2, show_progress=False,
                             special_tokens=list(Vocab.RESERVED))
     pieces = [t for t, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])]
     for path in (out, os.path.join(root, "vocab.txt")):
@@ -272,7 +432,8 @@ def train_vocab(root, out=VOCAB):
 # that users wrote for other photos (Flickr), in other words. Its miniature: captions in a second
 # style (plain sentences, words of the general text) of scenes drawn with other scene-type
 # proportions (more outdoor photos), never of the pre-training images.
-SBU_KINDS = {"street": 0.35, "farm": 0.35, "living room": 0.15, "kitchen": 0.05, "dining room": 0.10}
+SBU_KINDS = {"street": 0.15, "city": 0.10, "farm": 0.15, "beach": 0.15, "park": 0.15, "zoo": 0.05, "ski slope": 0.10,
+             "living room": 0.05, "kitchen": 0.03, "dining room": 0.03, "bathroom": 0.02, "office": 0.02}
 SBU_TEMPLATES = ["we saw a {a[color]} {a[class]} and a {b[class]} .", "the {a[class]} was {a[color]} and {a[size]} .",
                  "a {a[class]} near the {b[class]} in the {kind} .",
                  "there was a {a[size]} {a[class]} next to the {b[class]} .",
@@ -442,11 +603,12 @@ def toy_nlvr2_sentence(world):
     which the statement is true or false, as asked."""
     r = world.rng
     kind = r.choice(list(SCENES))
-    c = r.choice(GROUPS[r.choice(SCENES[kind][0])])
+    pool = [x for g in SCENES[kind][0] for x in GROUPS[g]]
+    c = world.pick(pool)
     color, count = r.choice(COLORS), int(r.integers(1, 4))
 
     def scene(copies, col=None):  # a scene of this kind with `copies` objects of class c
-        others = [x for x in (r.choice(GROUPS[r.choice(SCENES[kind][0])]) for _ in range(r.integers(2, 4))) if x != c]
+        others = [x for x in world.pick(pool, int(r.integers(4, 11))) if x != c]
         s = world.scene(kind, classes=others + [c] * copies)
         for o in s["objects"]:
             if o["class"] == c and col is not None:
@@ -475,13 +637,16 @@ def toy_nlvr2_sentence(world):
 
 
 def toy_refcoco_scene(world, people):
-    """A scene with look-alike distractors: two classes, two or three objects of each."""
+    """A scene with look-alike distractors: two or three objects of one class, one or two of another, and a
+    few others."""
     r = world.rng
     kind = r.choice(["street", "farm", "living room"] if people else ["kitchen", "dining room", "street", "farm"])
     groups = [g for g in SCENES[kind][0] if (g == "person") == people] or SCENES[kind][0]
-    a = r.choice(GROUPS["person"] if people else GROUPS[r.choice(groups)])
-    b = r.choice(GROUPS[r.choice(SCENES[kind][0])])
-    return world.scene(kind, classes=[a] * int(r.integers(2, 4)) + [b] * int(r.integers(1, 3)))
+    a = world.pick(GROUPS["person"] if people else [x for g in groups for x in GROUPS[g]])
+    b = world.pick([x for g in SCENES[kind][0] for x in GROUPS[g]])
+    others = [x for x in world.pick([x for g in SCENES[kind][0] for x in GROUPS[g]], int(r.integers(2, 9)))
+              if x not in (a, b)]
+    return world.scene(kind, classes=[a] * int(r.integers(2, 4)) + [b] * int(r.integers(1, 3)) + others)
 
 
 def referring_expression(o, objects):
@@ -520,19 +685,122 @@ def draw_scene(root, image_id, out_png):
     return out_png
 
 
+# -- the detector's statistics (issue 23's bars; docs/METHOD.md section 12) -------
+
+
+def probe_curve(x, y, x_test, y_test, shots=(1, 5, 10, 30)):
+    """Accuracy on (x_test, y_test) of a linear probe (lda) fitted on all of (x, y), with the classes'
+    frequencies as priors, and on the first K regions of each class (equal priors; shrinkage the best of
+    0.3, 0.6, 1.0 on the test regions, which favours the few-shot probe)."""
+    C = len(CLASSES)
+    right = lambda W, b: float(np.mean(read_out(x_test, W, b)[0] == y_test))
+    out = {"all": right(*lda(x, y, C, np.bincount(y, minlength=C) / len(y)))}
+    for k in shots:
+        first = np.concatenate([np.flatnonzero(y == c)[:k] for c in range(C)])
+        out[str(k)] = max(right(*lda(x[first], y[first], C, shrink=s)) for s in (0.3, 0.6, 1.0))
+    return out
+
+
+def task_train_images(root):
+    """Each task's training examples in file order, as tasks.py loads them (RefCOCO+: one per sentence, and
+    a toy ref has one), each as its image ids."""
+    t = os.path.join(root, "tasks")
+    vqa = read_json(os.path.join(t, "vqa", "v2_OpenEnded_mscoco_train2014_questions.json"))["questions"]
+    with open(os.path.join(t, "nlvr2", "train.json")) as f:
+        nlvr2 = [json.loads(line)["identifier"].rsplit("-", 1)[0] for line in f if line.strip()]
+    flickr = read_json(os.path.join(t, "flickr30k", "dataset_flickr30k.json"))["images"]
+    import pickle
+    with open(os.path.join(t, "refcoco+", "refs(unc).p"), "rb") as f:
+        refs = pickle.load(f)
+    return {"vqa": [[str(q["image_id"])] for q in vqa],
+            "nlvr2": [[f"{i}-img0", f"{i}-img1"] for i in nlvr2],
+            "flickr30k": [[os.path.splitext(im["filename"])[0]] for im in flickr if im["split"] == "train"],
+            "refcoco": [[str(r["image_id"])] for r in refs if r["split"] == "train"]}
+
+
+def class_words(lines):
+    """(class-word tokens, all tokens) of whitespace-split lines; a two-word name counts as two."""
+    names = set(CLASSES) | {plural(c) for c in CLASSES}
+    hits = total = 0
+    for line in lines:
+        t = line.split()
+        total += len(t)
+        i = 0
+        while i < len(t):
+            n = 2 if " ".join(t[i:i + 2]) in names and i + 1 < len(t) else 1 if t[i] in names else 0
+            hits, i = hits + n, i + max(n, 1)
+    return hits, total
+
+
+def detector_report(root, fraction=1 / 16):
+    """The made world's detector and class statistics: the tags' and attributes' accuracy, that each
+    stored tag is the detector's read-out of its stored feature, a linear probe's accuracy at 1, 5, 10 and
+    30 regions per class and on all pre-training regions (held-out regions), the class frequencies of the
+    pre-training images and of each task's training set and its `fraction` (tasks.train_subset)."""
+    from tasks import train_subset
+    scenes, det = read_json(os.path.join(root, "scenes.json")), np.load(os.path.join(root, "detector.npz"))
+    index = {c: i for i, c in enumerate(CLASSES)}
+
+    def regions(name):
+        store = FeatureStore(os.path.join(root, "features", name))
+        e = [store[i] for i in store.ids()]
+        y = np.array([index[o["class"]] for i in store.ids() for o in scenes[i]["objects"]])
+        col = np.array([COLORS.index(o["color"]) for i in store.ids() for o in scenes[i]["objects"]])
+        cat = lambda k: np.concatenate([x[k] for x in e])
+        return cat("features").astype(np.float32), y, cat("labels"), cat("attributes"), col
+
+    x, y, tags, _, _ = regions("pretrain")
+    xh, yh, tags_h, attrs_h, col_h = regions("heldout")
+    counts = lambda ids: np.bincount([index[o["class"]] for i in ids for o in scenes[i]["objects"]],
+                                     minlength=len(CLASSES))
+    pretrain = np.bincount(y, minlength=len(CLASSES))
+    probe = probe_curve(x, y, xh, yh)
+    with open(os.path.join(root, "pretrain", "captions.txt")) as f:
+        hits, total = class_words(f)
+    report = {
+        "classes": len(CLASSES), "groups": len(GROUPS), "pairs": len(PAIRS),
+        "regions_per_image": float(len(y) / len(set(FeatureStore(os.path.join(root, "features", "pretrain")).ids()))),
+        "tag_accuracy": float(np.mean(tags_h == yh)), "tag_accuracy_pretrain": float(np.mean(tags == y)),
+        "attribute_accuracy": float(np.mean(attrs_h == col_h)),
+        "tags_are_read_out": float(np.mean(read_out(xh, det["class_W"], det["class_b"])[0] == tags_h)),
+        "probe": probe, "probe_ratio": {k: v / probe["all"] for k, v in probe.items() if k != "all"},
+        "caption_class_word_share": hits / total,
+        "pretrain_images": {"min_count": int(pretrain.min()), "median_count": float(np.median(pretrain))},
+        "tasks": {}}
+    for task, examples in task_train_images(root).items():
+        part = [examples[i] for i in train_subset(len(examples), fraction)]
+        full, sub = counts({i for e in examples for i in e}), counts({i for e in part for i in e})
+        report["tasks"][task] = {
+            "train_examples": len(examples), "subset_examples": len(part),
+            "subset_classes_under_5": float(np.mean(sub < 5)), "subset_classes_absent": float(np.mean(sub == 0)),
+            "train_classes_under_5": float(np.mean(full < 5)),
+            "pretrain_count_of_subset_rare_classes_median": float(np.median(pretrain[sub < 5])) if (sub < 5).any()
+            else None}
+    return report
+
+
 if __name__ == "__main__":
-    import argparse
-    p = argparse.ArgumentParser(description="Make the toy world, or draw one of its scenes.")
-    p.add_argument("--root", default=TOY_DIR, help="where the toy world lives")
-    p.add_argument("--seed", type=int, default=0)
+    import common
+    p = common.ArgumentParser(description="Make the toy world, or draw one of its scenes.")
+    p.add_argument("--root", default=TOY_DIR, help="where the toy world lives (default: %(default)s)")
+    p.add_argument("--seed", type=common.COUNT, default=0, help="the world's seed (default: %(default)s)")
     p.add_argument("--show", metavar="IMAGE_ID", help="draw this scene (e.g. pt000000) to IMAGE_ID.png")
+    p.add_argument("--report", action="store_true", help="print the detector's and the classes' statistics "
+                   "(detector_report) as JSON")
     p.add_argument("--train-vocab", action="store_true",
                    help=f"train the vocabulary again on this world's words, into {os.path.basename(VOCAB)} "
                         "(after changing them)")
     args = p.parse_args()
+    if os.path.exists(args.root) and not os.path.isdir(args.root):
+        raise SystemExit(f"--root {args.root}: is a file, not a folder for the toy world")
     make_toy_world(args.root, args.seed)
     if args.train_vocab:
         print("wrote", train_vocab(args.root))
+    if args.report:
+        print(json.dumps(detector_report(args.root), indent=1))
     if args.show:
-        print("wrote", draw_scene(args.root, args.show, f"{args.show}.png"))
+        try:
+            print("wrote", draw_scene(args.root, args.show, f"{args.show}.png"))
+        except KeyError as e:
+            raise SystemExit(f"--show: {e.args[0]} (ids look like pt000003, ho000012, 100004)")
 

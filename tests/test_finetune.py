@@ -473,9 +473,9 @@ def save_ckpt(path, toy, **changes):
 def test_init_from_checkpoint_and_its_checks(toy, tmp_path):
     results = run(toy, tmp_path / "out", "refcoco", "--init-from", save_ckpt(tmp_path / "ckpt.pt", toy))
     assert set(results) == {"task", "val", "testA", "testB"}
-    with pytest.raises(SystemExit, match=r"pre-trained with feature size 12, the feature stores .* have 64"):
+    with pytest.raises(SystemExit, match=rf"pre-trained with feature size 12, the feature stores .* have {FEATURE_DIM}"):
         run(toy, tmp_path / "out2", "refcoco", "--init-from", save_ckpt(tmp_path / "bad.pt", toy, feat_dim=12))
-    with pytest.raises(SystemExit, match=r"pre-trained with detector classes 5, .* have 42"):
+    with pytest.raises(SystemExit, match=rf"pre-trained with detector classes 5, .* have {len(CLASSES)}"):
         run(toy, tmp_path / "out3", "refcoco", "--init-from", save_ckpt(tmp_path / "bad.pt", toy, num_labels=5))
 
 

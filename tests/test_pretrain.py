@@ -10,7 +10,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
-from toy import CLASSES, COLORS, make_toy_world  # noqa: E402
+from toy import CLASSES, COLORS, FEATURE_DIM, make_toy_world  # noqa: E402
 import pretrain  # noqa: E402
 from model import VisualBERT  # noqa: E402
 
@@ -137,7 +137,7 @@ def test_bad_input_gets_one_clear_line(toy, tmp_path):
     w = data.FeatureWriter(str(other), 32, CLASSES, attr_names=COLORS, extractor={"other": True})
     w.add("x", np.zeros((2, 32)), np.zeros((2, 4)), [0, 1], [0.5, 0.5], 10, 10, [0, 0], [0.5, 0.5])
     w.close()
-    with pytest.raises(SystemExit, match=r"ckpt.pt: the checkpoint has feat_dim=64, the images have 32"):
+    with pytest.raises(SystemExit, match=rf"ckpt.pt: the checkpoint has feat_dim={FEATURE_DIM}, the images have 32"):
         pretrain.main(base + ["--images", str(other), "--text", os.path.join(toy, "pretrain", "text.txt"), "--cache-dir", str(tmp_path / "cache")])
 
 

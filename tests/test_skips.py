@@ -142,13 +142,15 @@ def test_a_pair_naming_an_image_in_no_store_is_skipped_and_counted(toy, ckpt, tm
 
 
 def test_many_pairs_naming_no_stored_image_stop_the_run(toy, ckpt, tmp_path):
-    pairs, n = with_lines(os.path.join(toy, "pretrain", "pairs.jsonl"), tmp_path / "pairs.jsonl",
-                          [f'{{"image_id": "nowhere{i}", "caption": "a car ."}}\n'.encode() for i in range(30)])
+    src = os.path.join(toy, "pretrain", "pairs.jsonl")
+    k = len(lines_of(src)) // 4  # a fifth of the pairs bad: over the tenth a run skips
+    pairs, n = with_lines(src, tmp_path / "pairs.jsonl",
+                          [f'{{"image_id": "nowhere{i}", "caption": "a car ."}}\n'.encode() for i in range(k)])
     with pytest.raises(SystemExit) as e:
         pretrain.main(pretrain_argv(toy, ckpt, tmp_path / "out", "--aligned", "--pairs", pairs))
     message = one_line(e)
-    assert message.startswith(f"{pairs}: 30 pairs naming images that no feature store in --images holds, e.g. ")
-    assert message.endswith(f"; 30 of {n + 30} lines bad ({30 / (n + 30):.0%}), more than the 10% a run skips")
+    assert message.startswith(f"{pairs}: {k} pairs naming images that no feature store in --images holds, e.g. ")
+    assert message.endswith(f"; {k} of {n + k} lines bad ({k / (n + k):.0%}), more than the 10% a run skips")
     assert not os.path.exists(tmp_path / "out")  # nothing written
 
 
@@ -159,11 +161,12 @@ def test_many_bad_caption_lines_stop_the_run_a_few_are_skipped(toy, ckpt, tmp_pa
     out = capsys.readouterr().out
     assert f"data: captions:few.txt (caption), {n} items" in out
     assert f"warning: {few}: skipped 1 bad line(s) (line {n + 1}: not valid UTF-8" in out
-    many, n = with_lines(src, tmp_path / "many.txt", [b"not \xff UTF-8\n"] * 40)
+    k = len(lines_of(src)) // 4  # a fifth of the lines bad: over the tenth a run skips
+    many, n = with_lines(src, tmp_path / "many.txt", [b"not \xff UTF-8\n"] * k)
     with pytest.raises(SystemExit) as e:
         pretrain.main(pretrain_argv(toy, ckpt, tmp_path / "out2", "--unaligned", "--captions", many))
-    assert one_line(e) == (f"{many}: line {n + 1}: not valid UTF-8 (byte 0xff at column 5); 40 of {n + 40} lines bad "
-                           f"({40 / (n + 40):.0%}), more than the 10% a run skips")
+    assert one_line(e) == (f"{many}: line {n + 1}: not valid UTF-8 (byte 0xff at column 5); {k} of {n + k} lines bad "
+                           f"({k / (n + k):.0%}), more than the 10% a run skips")
     assert not os.path.exists(tmp_path / "out2")
 
 

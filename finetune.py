@@ -38,7 +38,7 @@ from tasks import TASKS, chunks, steps_per_epoch
 # -----------------------------------------------------------------------------
 # settings: every flag, in one place; `python finetune.py -h` is the manual
 
-# Defaults sized for the toy world (each task in <= 3 min on a 2-core CPU, the tiny model). For the
+# Defaults sized for the toy world (each task in 1 to 11 min on a 2-core CPU, the tiny model). For the
 # real benchmarks with BERT-base use the paper's settings (docs/METHOD.md §6), listed in PAPER and in --help.
 # VQA and retrieval learn at 3e-4, not 1e-3, at which the word-to-tag match they need is not found.
 DEFAULTS = {  # task: epochs, batch size, peak learning rate

@@ -178,7 +178,8 @@ class ToyWorld:
             i, j = CLASSES.index(a), CLASSES.index(b)
             self.class_vec[j] = 0.99 * self.class_vec[i] + 0.14 * np.linalg.norm(self.class_vec[i]) * unit(1)[0]
         self.color_vec, self.size_vec = 0.7 * unit(len(COLORS)), 0.4 * unit(len(SIZES))
-        self.mean = (np.stack([self.group_vec[GROUP_OF[c]] for c in CLASSES]) + self.class_vec).astype(np.float32)  # (C, D)
+        groups = np.stack([self.group_vec[GROUP_OF[c]] for c in CLASSES])  # (C, D)
+        self.mean = (groups + self.class_vec).astype(np.float32)  # (C, D)
         self.color_vec, self.size_vec = self.color_vec.astype(np.float32), self.size_vec.astype(np.float32)
         rank = g.permutation(len(CLASSES)) + 1  # rank 1 is the commonest class
         weight = (1600 * rank / len(CLASSES) + ZIPF_Q) ** -ZIPF_S
@@ -226,8 +227,9 @@ class ToyWorld:
                                     [SIZES.index(x["size"]) for x in o], r)
 
     def region_features(self, classes, colors, sizes, r):
-        f = self.mean[classes] + self.color_vec[colors] + self.size_vec[sizes] \
-            + r.standard_normal((len(classes), FEATURE_DIM), dtype=np.float32) * np.float32(NOISE / np.sqrt(FEATURE_DIM))
+        scale = np.float32(NOISE / np.sqrt(FEATURE_DIM))  # each noise entry N(0, sigma^2 / d)
+        noise = r.standard_normal((len(classes), FEATURE_DIM), dtype=np.float32) * scale
+        f = self.mean[classes] + self.color_vec[colors] + self.size_vec[sizes] + noise
         return np.maximum(f, 0).astype(np.float16)
 
     @property

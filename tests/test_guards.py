@@ -180,7 +180,7 @@ def test_an_out_that_cannot_be_made_is_one_line_before_any_work(toy, tmp_path, o
 @pytest.mark.parametrize("script, argv", [("pretrain.py", pre), ("finetune.py", ft)])
 def test_ctrl_c_saves_and_the_resume_is_exact(toy, tmp_path, script, argv):
     main = pretrain.main if script == "pretrain.py" else finetune.main
-    many = ["--max-steps", "200"] if script == "pretrain.py" else ["--epochs", "20"]
+    many = ["--max-steps", "120"] if script == "pretrain.py" else ["--epochs", "4"]  # a Ctrl-C at step 3 comes in time
     main(argv(toy, tmp_path / "whole", *many))
     cmd = [sys.executable, script, *argv(toy, tmp_path / "split", *many)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -195,7 +195,7 @@ def test_ctrl_c_saves_and_the_resume_is_exact(toy, tmp_path, script, argv):
     step = int(err.split("stopped at step ")[1].split(":")[0])
     assert err.startswith(f"interrupted: stopped at step {step}: ") and "--resume goes on" in err
     assert torch.load(tmp_path / "split" / "ckpt.pt", weights_only=False)["step"] == step
-    assert 3 <= step < 100 and not os.path.exists(tmp_path / "split" / "results.json")
+    assert 3 <= step < 60 and not os.path.exists(tmp_path / "split" / "results.json")
     assert not os.path.exists(tmp_path / "split" / "eval.json")
     main(argv(toy, tmp_path / "split", *many, "--resume"))
     assert log(tmp_path / "split") == log(tmp_path / "whole")  # the same losses, the same results

@@ -301,6 +301,8 @@ def check_path(path, kind, flag):
     line naming it (SystemExit) and writes nothing. kind: "file" (readable, not empty), "folder", "file or
     folder", "checkpoint" (a file, or a Hugging Face BERT folder), "out" (a folder to write: absent or a folder)."""
     where = f"{flag} {path}"
+    if not path:
+        raise SystemExit(f"{flag} '': an empty path")
     if kind == "out":
         up = os.path.abspath(path)
         while not os.path.exists(up):

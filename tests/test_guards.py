@@ -164,12 +164,12 @@ def test_a_setting_out_of_range_is_one_line(toy, tmp_path, capsys, script, flags
     assert not os.path.exists(tmp_path / "out")
 
 
-@pytest.mark.parametrize("out", ["/proc/uvisualbert/out", "{file}/out"])
+@pytest.mark.parametrize("out", ["/proc/uvisualbert/out", "{file}/out", ""])
 def test_an_out_that_cannot_be_made_is_one_line_before_any_work(toy, tmp_path, out):
     (tmp_path / "file").write_text("a file\n")
     out = out.format(file=tmp_path / "file")
     for main, argv in ((pretrain.main, pre), (finetune.main, ft)):
-        with pytest.raises(SystemExit, match=r"^--out .*(cannot be made|is a file, where a folder is wanted)"):
+        with pytest.raises(SystemExit, match=r"^--out .*(cannot be made|is a file, where a folder is wanted|an empty path)"):
             main(argv(toy, out))
 
 

@@ -870,6 +870,14 @@ def claims_markdown(verdicts):
            f"(close: the interval within +-{CLOSE:g} points):\n\n" + "\n".join(map(line, verdicts)) + "\n"
 
 
+def detector_markdown(d):
+    """The made world's simulated detector (toy.detector_report), in two lines."""
+    probe = " / ".join(f"{100 * d['probe'][k]:.1f}" for k in ("1", "5", "10", "30"))
+    return (f"\nThe toy world's detector (held-out regions): tags right {100 * d['tag_accuracy']:.1f}%, colours "
+            f"{100 * d['attribute_accuracy']:.1f}%; a linear probe of the features {probe}% at 1 / 5 / 10 / 30 "
+            f"examples per class, {100 * d['probe']['all']:.1f}% on all pre-training regions.\n")
+
+
 def table_json(table, fractions, seeds, budget, reports):
     """OUT/table.json: the settings, every run's numbers, their means and intervals, the reports."""
     stats = {v: {f: interval(t[f]) for f in fractions} for v, t in table.items()}
@@ -909,10 +917,11 @@ def reproduce(args, budget, seeds):
     reports = {"pretraining": pretraining_report(args.out, args.variants),
                "compute": compute_report(args.out, args.variants, args.fractions, seeds),
                "probe": probe_report(args.out, args.toy_root, args.variants),
-               "time": time_report(runs, args.jobs), "claims": claims(table, args.fractions)}
+               "time": time_report(runs, args.jobs), "claims": claims(table, args.fractions),
+               "detector": toy.detector_report(args.toy_root)}
     md = (markdown(table, args.fractions) + pretraining_markdown(reports["pretraining"], reports["compute"])
           + "\nThe grounding probe (held-out regions, no fine-tuning):\n\n" + probe_markdown(reports["probe"])
-          + claims_markdown(reports["claims"]))
+          + detector_markdown(reports["detector"]) + claims_markdown(reports["claims"]))
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(md)
     common.write_json(os.path.join(args.out, "table.json"), table_json(table, args.fractions, seeds, budget, reports))

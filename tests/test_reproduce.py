@@ -265,6 +265,9 @@ def test_a_whole_reproduction_on_a_tiny_world(tmp_path):
     assert {"tag_first", "nearest_word", "cos_gap"} <= set(t["probe"]["U"]) and set(t["pretraining"]) == {"Base", "U"}
     assert {c["fraction"] for c in t["claims"]} == {"1/2", "1"} and t["time"]["cpu_min"] > 0
     assert t["compute"]["U"]["pretraining_sequences"] == 4 * 64
+    assert set(t["detector"]["probe"]) == {"1", "5", "10", "30", "all"} and 0 < t["detector"]["tag_accuracy"] < 1
+    assert set(t["detector"]["tasks"]) == {"vqa", "nlvr2", "flickr30k", "refcoco"}  # the class frequencies
+    assert "The toy world's detector (held-out regions): tags right" in (tmp_path / "out" / "table.md").read_text()
     assert (tmp_path / "out" / "curves.png").exists() and (tmp_path / "out" / "table.md").exists()
     before = (tmp_path / "out" / "table.md").read_text()
     reproduce.main(argv)

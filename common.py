@@ -90,6 +90,14 @@ def to_device(batch, device):
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def global_counts(model, micro):
+    """What each objective's sum is divided by: its count over the global batch, this process's
+    micro-batches added up, then the processes'. The labels alone give it, before any forward
+    (model.count_targets). Returns the objectives' names and their counts (a device tensor)."""
+    targets = [model.count_targets(mb) for mb in micro]
+    return list(targets[0]), all_sum(sum(torch.stack(list(t.values())) for t in targets)).clamp(min=1)
+
+
 def micro_batches(batch, n, device):
     """A pre-training batch on the host -> its n micro-batches on the device, each with the positions
     of what the model predicts found on the host (model.with_positions)."""
@@ -99,7 +107,7 @@ def micro_batches(batch, n, device):
 def check_batch(batch_size, world, grad_accum):
     """--batch-size is the global batch: each of the `world` processes takes an equal share of it,
     in --grad-accum equal micro-batches."""
-    if grad_accum < 1 or batch_size % (world * grad_accum):
+    if batch_size % (world * grad_accum):
         raise SystemExit(f"--batch-size {batch_size} is the global batch: it must split into {world} process(es) "
                          f"x --grad-accum {grad_accum} equal micro-batches")
 

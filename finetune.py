@@ -285,7 +285,7 @@ def task_pretrain(args, task, model, ctx, rank, world):
             rng = data.RowRandom(args.seed, step, range(n * rank // world, n * (rank + 1) // world), n)
             b = task.pretrain_batch([task.train[i] for i in idx], rng, attrs)
             micro = common.micro_batches(b, args.grad_accum, task.device)
-            counts = all_sum(sum(torch.stack(list(model.count_targets(mb).values())) for mb in micro)).clamp(min=1)
+            _, counts = common.global_counts(model, micro)
             sums = []
 
             def loss_of(mb):  # mb's share of the global batch's loss

@@ -372,9 +372,7 @@ def train(args, out, ctrl_c):
         micro = common.micro_batches(batch, args.grad_accum, device)
         # each objective's sum is divided by its count over the global batch, which the batch alone gives
         # before any forward: N micro-batches on P processes take the step one process takes on the whole batch
-        targets = [model.count_targets(mb) for mb in micro]
-        names = list(targets[0])
-        counts = all_sum(sum(torch.stack(list(t.values())) for t in targets)).clamp(min=1)
+        names, counts = common.global_counts(model, micro)
         sums = 0
         for j, mb in enumerate(micro):
             if world > 1:  # DDP averages the processes' gradients at the last micro-batch's backward alone

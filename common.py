@@ -9,6 +9,7 @@ reproduce.py and bench.py. Importing it defines things and does nothing else.
 import argparse
 import contextlib
 import fcntl
+import glob
 import json
 import math
 import os
@@ -406,8 +407,8 @@ class OutFolder:
                              f"give another --out") from None
         self.lock.seek(0), self.lock.truncate(), self.lock.write(str(os.getpid())), self.lock.flush()
         self.check()  # again, now that no other run can write: one may have ended since the first look
-        if self.overwrite:
-            for f in RUN_FILES:
+        if self.overwrite:  # its files, and the checkpoints it kept along the way (pretrain.py --keep-checkpoints)
+            for f in [*RUN_FILES, *glob.glob("ckpt-*.pt", root_dir=self.out)]:
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(os.path.join(self.out, f))
 

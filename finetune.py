@@ -30,6 +30,7 @@ import torch.nn as nn
 
 import common
 import data
+import tasks
 import toy
 from common import all_sum, print0, shard
 from model import PRESETS, PretrainLoss
@@ -312,11 +313,16 @@ def report(args, task, model, head, ctx, log, t_start, rank):
     """Every split the data has, each beside the baseline: OUT/results.json, OUT/baseline.json, a table.
     Every process evaluates all of it (the same weights, the same numbers); rank 0 alone writes."""
     model.eval(), head.eval()
+    results = {"task": args.task}
+    baseline = {"task": args.task, "baseline": task.baseline_name}
+    for obj in (results, baseline):  # docs/METHOD.md section 13: an item is rare when the rarest class its
+        obj["by_class"] = {"rare_below": tasks.RARE}  # text names is named by fewer training examples than this
     with ctx, torch.no_grad():
-        results = {"task": args.task, **{s: task.evaluate(model, head, s) for s in task.eval_splits}}
+        for s in task.eval_splits:
+            results[s], results["by_class"][s] = task.evaluate(model, head, s)
+            baseline[s], baseline["by_class"][s] = task.baseline(s)
     if task.skipped.files:
         results["skipped"] = {file: n for file, (n, _) in task.skipped.files.items()}
-    baseline = {"task": args.task, "baseline": task.baseline_name, **{s: task.baseline(s) for s in task.eval_splits}}
     # results.json last and whole: reproduce.py takes it to mean the run is done
     for name, obj in (("baseline.json", baseline), ("results.json", results)):
         if rank == 0:
@@ -330,6 +336,11 @@ def report(args, task, model, head, ctx, log, t_start, rank):
     for s in task.eval_splits:
         for k, value in results[s].items():
             print0(f"{s:<8} {k:<12} {value:8.3f} {baseline[s][k]:9.3f}")
+    for s in task.eval_splits:  # the first metric on the rare and the common items
+        for g, r in results["by_class"][s].items():
+            k = next(iter(results[s]))
+            if r["items"]:
+                print0(f"{s:<8} {k + ' ' + g:<12} {r[k]:8.3f} {baseline['by_class'][s][g][k]:9.3f}  ({r['items']} items)")
     print0(f"results: {os.path.join(args.out, 'results.json')}, fine-tuned model: {os.path.join(args.out, 'ckpt.pt')}")
     return results
 

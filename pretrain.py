@@ -98,6 +98,9 @@ group.add_argument("--eval-batches", type=common.POSITIVE_INT, default=4,
 group.add_argument("--eval-every", type=common.COUNT, default=0,
                    help="also evaluate the held-out sets every this many steps (log.jsonl lines with phase \"eval\"): "
                         "how far the objectives have converged")
+group.add_argument("--keep-checkpoints", action="store_true",
+                   help="at each --eval-every evaluation also keep the checkpoint as OUT/ckpt-STEP.pt: the grounding "
+                        "probe along the run (reproduce.py)")
 # every flag that names a path, and what it must be (common.check_path)
 PATH_FLAGS = {"images": "folder", "captions": "file", "text": "file", "pairs": "file", "heldout_images": "folder",
               "heldout_captions": "file", "heldout_text": "file", "heldout_pairs": "file", "init_from": "checkpoint",
@@ -416,6 +419,9 @@ def train(args, out, ctrl_c):
             common.save_checkpoint(ckpt_path, model, optimizer, scaler, step, args, vocab, class_names,
                                    heldout_before=before)
         if eval_now:
+            if args.keep_checkpoints:
+                common.save_checkpoint(os.path.join(args.out, f"ckpt-{step}.pt"), model, optimizer, scaler, step, args,
+                                       vocab, class_names, heldout_before=before)
             curve.append({"step": step, **evaluate(model, heldout, device, ctx)})
             log.write(json.dumps({"phase": "eval", **curve[-1]}) + "\n")
             log.flush()

@@ -2,11 +2,15 @@
 Reproduce the paper's comparisons in miniature (Tables 1-3 and Figure 2 of U-VisualBERT) on the toy
 world, with a protocol that can show what pre-training buys if it buys anything:
 
-- the toy BERT (text only), then every variant of docs/METHOD.md §3 from it, each pre-trained once
-  (BUDGET); the report says whether its held-out objectives converged (CONVERGED) and whether it saw
-  at least as many sequences as the largest fine-tuning run from it;
+- the toy BERT (text only), then every variant of docs/METHOD.md §3 from it, each pre-trained once for
+  the same steps (BUDGET); the report gives its held-out losses and the grounding probe at each quarter
+  of its steps, whether the losses still fell (CONVERGED, not a gate) and whether it saw at least as
+  many sequences as the largest fine-tuning run from it;
 - every task fine-tuned from every variant on nested fractions of its training set (by default 1/16
-  and all: finetune.py --train-fraction), each fraction for the same number of steps, with several seeds;
+  and all: finetune.py --train-fraction), each fraction for the same number of steps, with several
+  seeds, at budgets chosen on Base alone so that every task it can learn has left its trivial baseline
+  (docs/METHOD.md section 13); each metric also over the items whose classes are rare in the training
+  set and over the common ones;
 - a 95% confidence interval over the fine-tuning seeds on every number, and the paper's claims
   checked with the intervals;
 - a grounding probe, with no fine-tuning: does the model name a region's class from the region
@@ -38,6 +42,7 @@ import torch
 
 import common
 import data
+import tasks
 import toy
 from model import PRESETS, Config, VisualBERT
 from common import load_checkpoint, load_weights
@@ -80,9 +85,10 @@ PAPER = {  # BERT-base at Conceptual Captions scale, same columns; the project h
     "H": [71.05, 73.80, 74.82, 60.28, 86.30, 92.06, 74.01, 80.18, 64.89],
 }
 # the budgets: the toy BERT's steps, every variant's pre-training steps, and each task's fine-tuning
-# epochs on its whole training set, a tenth of finetune.py's defaults; a fraction F of the set gets
-# epochs / F, the same number of steps. Why these, and what they are short of: docs/LOG.md, section 8
-BUDGET = {"bert": 2400, "pretrain": 4000, "vqa": 1.6, "nlvr2": 0.5, "retrieval": 1.0, "refcoco": 2.0}
+# epochs on its whole training set, each the smallest of a grid at which Base is 5 points above the task's
+# trivial baseline (NLVR2: none is, so the grid's largest), chosen on Base alone before any variant was
+# fine-tuned (docs/METHOD.md section 13); a fraction F of the set gets epochs / F, the same number of steps
+BUDGET = {"bert": 2400, "pretrain": 4000, "vqa": 1.6, "nlvr2": 5.0, "retrieval": 1.0, "refcoco": 20.0}
 FRACTIONS = ["1/16", "1"]
 TEST_IMAGES = 50  # retrieval ranks each caption among the first 50 toy test images (of 100), for time
 # a pre-training run has converged when every held-out loss fell over the last quarter of the steps by
@@ -148,7 +154,7 @@ def plan(args, budget, seeds):
     pre = {"Base": pretraining("Base (the toy BERT)", "Base", ["--text-only", "--model", args.model], budget["bert"])}
     for v in args.variants:
         if v != "Base":
-            flags = [*variant_flags(v, root), "--init-from", f"{O}/pretrain/Base/ckpt.pt"]
+            flags = [*variant_flags(v, root), "--init-from", f"{O}/pretrain/Base/ckpt.pt", "--keep-checkpoints"]
             pre[v] = pretraining(f"{v} pre-training", v, flags, budget["pretrain"], [pre["Base"]])
     runs = list(pre.values())
     for seed, fraction, v, task in itertools.product(seeds, args.fractions, args.variants, TASKS):
@@ -263,6 +269,47 @@ def collect(out, variants, fractions, seeds):
     return {v: {f: np.array([seed_row(v, f, seed) for seed in seeds]) for f in fractions} for v in variants}
 
 
+# rare and common items (docs/METHOD.md section 13): one column per task, its first table column
+RARE_COLUMNS = [c for k, c in enumerate(COLUMNS) if k == 0 or c[1] != COLUMNS[k - 1][1]]
+
+
+def collect_by_class(out, variants, fractions, seeds):
+    """{variant: {fraction: {"rare" | "common": (seeds, RARE_COLUMNS) array of percentages}}} from every
+    run's results.json, with "items": the number of rare and common items of each column (seed 0)."""
+
+    def by_class(v, fraction, seed):
+        res = {task: common.read_json(f"{finetuned(out, v, task, fraction, seed)}/results.json")["by_class"]
+               for task in TASKS}
+        return {g: [100 * (res[t][split][g][m] if res[t][split][g]["items"] else np.nan) for _, t, split, m in
+                    RARE_COLUMNS] for g in ("rare", "common")}, \
+            {g: [res[t][split][g]["items"] for _, t, split, _ in RARE_COLUMNS] for g in ("rare", "common")}
+
+    table = {}
+    for v, f in itertools.product(variants, fractions):
+        rows = [by_class(v, f, seed) for seed in seeds]
+        table.setdefault(v, {})[f] = {**{g: np.array([r[0][g] for r in rows]) for g in ("rare", "common")},
+                                      "items": rows[0][1]}
+    return table
+
+
+def baseline_row(out, fraction, split_by=None):
+    """The trivial baselines (finetune.py's baseline.json of Base's seed-0 runs; they depend on the
+    fraction trained on, not on the model) as a (1, columns) array of percentages; split_by "rare" or
+    "common": over those items, in RARE_COLUMNS."""
+    res = {t: common.read_json(f"{finetuned(out, 'Base', t, fraction, 0)}/baseline.json") for t in TASKS}
+    if split_by is None:
+        return np.array([[100 * res[t][split][m] for _, t, split, m in COLUMNS]])
+    return np.array([[100 * (res[t]["by_class"][split][split_by][m] if res[t]["by_class"][split][split_by]["items"]
+                             else np.nan) for _, t, split, m in RARE_COLUMNS]])
+
+
+def base_learns(table, out, fraction):
+    """Base against each task's trivial baseline at `fraction` (docs/METHOD.md section 13): the mean of
+    the task's columns minus the baseline's, per seed -> {task: (mean, low, high)}."""
+    gap = table["Base"][fraction] - baseline_row(out, fraction)  # (seeds, columns)
+    return {t: seed_interval(gap[:, [k for k, c in enumerate(COLUMNS) if c[1] == t]].mean(1)) for t in TASKS}
+
+
 def cells(x):
     """Each column of x (seeds, columns) as "mean [low, high]", or the mean alone with one seed."""
     m, lo, hi = interval(x)
@@ -275,16 +322,28 @@ def table_lines(header, rows):
             *(f"| {name} | " + " | ".join(row) + " |" for name, row in rows)]
 
 
-def markdown(table, fractions):
-    """One table per fraction as the paper lays it out: mean [95% interval] over seeds, then the
-    paper's numbers (at its full data)."""
+def markdown(table, fractions, out=None, rare=None):
+    """One table per fraction as the paper lays it out: mean [95% interval] over seeds, and the trivial
+    baselines; then each task's first column over its rare and common items; then the paper's numbers
+    (at its full data)."""
     n = len(next(iter(table.values()))[fractions[0]])
     header = [c[0] for c in COLUMNS]
     lines = [f"Toy world, mean [95% t-interval] over {n} fine-tuning seed{'s' * (n > 1)}, in %.", ""]
     for fraction in fractions:
         which = "the whole" if Fraction(fraction) == 1 else fraction + " of each"
         lines += [f"Fine-tuned on {which} training set:", "",
-                  *table_lines(header, [(v, cells(runs[fraction])) for v, runs in table.items()]), ""]
+                  *table_lines(header, [(v, cells(runs[fraction])) for v, runs in table.items()]
+                               + ([("trivial baseline", cells(baseline_row(out, fraction)))] if out else [])), ""]
+    for fraction in fractions if rare else []:
+        items = next(iter(rare.values()))[fraction]["items"]
+        head = [f"{c[0]} {g} ({items[g][k]})" for k, c in enumerate(RARE_COLUMNS) for g in ("rare", "common")]
+        pair = lambda r: [x for k in range(len(RARE_COLUMNS)) for x in (cells(r["rare"])[k], cells(r["common"])[k])]
+        base = {g: baseline_row(out, fraction, g) for g in ("rare", "common")}
+        lines += [f"Rare and common items, fine-tuned on {'the whole' if Fraction(fraction) == 1 else fraction} "
+                  f"training set (an item is rare when the rarest class its text names is named by fewer than "
+                  f"{tasks.RARE} training examples; items in brackets):", "",
+                  *table_lines(head, [(v, pair(r[fraction])) for v, r in rare.items()] + [("trivial baseline", pair(base))]),
+                  ""]
     lines += ["The paper (BERT-base, Conceptual Captions scale, full training sets):", "",
               *table_lines(header, [(v, [f"{x:.1f}" for x in PAPER[v]]) for v in table if PAPER[v]])]
     return "\n".join(lines) + "\n"
@@ -365,7 +424,7 @@ def pretraining_report(out, variants):
                 why.append(f"{k} fell {fall / end[k]:.0%} in the last quarter")
         if "match_acc" in end and end["match_acc"] < CONVERGED["match_acc"]:
             why.append(f"match accuracy {end['match_acc']:.2f}")
-        report[v] = {"steps": end["step"], "before": before, "three_quarters": quarter, "after": end,
+        report[v] = {"steps": end["step"], "before": before, "three_quarters": quarter, "after": end, "curve": curve,
                      "converged": not why, "not_converged_because": why}
     return report
 
@@ -540,6 +599,29 @@ def bootstrap(rows, column, n=1000, seed=0):
     return float(x[valid].mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
+def valid_mean(x):
+    """The mean of a probe column over the regions it has a value for (NaN: none)."""
+    return float(x[~np.isnan(x)].mean()) if (~np.isnan(x)).any() else float("nan")
+
+
+def probe_along(out, root, variant, columns=("tag_first", "nearest_word")):
+    """The probe at each checkpoint the variant's pre-training kept (pretrain.py --keep-checkpoints: at a
+    quarter, half and three quarters of its steps) and at its end, cached in OUT/pretrain/V/probe-STEP.npz
+    -> [{"step", column: mean over the held-out regions}]."""
+    folder = os.path.join(out, "pretrain", variant)
+    kept = sorted(int(f[5:-3]) for f in os.listdir(folder) if f.startswith("ckpt-") and f.endswith(".pt"))
+    along = []
+    for step in kept:
+        cache = os.path.join(folder, f"probe-{step}.npz")
+        if not os.path.exists(cache):
+            model, vocab = load_model(os.path.join(folder, f"ckpt-{step}.pt"))
+            r, classes = probe(model, vocab, *heldout(root), tags=not variant.endswith("_NT"))
+            np.savez(cache, classes=classes, **r)
+        z = np.load(cache)
+        along.append({"step": step, **{k: valid_mean(z[k]) for k in columns}})
+    return along
+
+
 def probe_report(out, root, variants):
     """The probe of every variant's pre-trained model (cached in OUT/pretrain/V/probe.npz), with its
     intervals, and U - U_NT with its interval."""
@@ -558,6 +640,10 @@ def probe_report(out, root, variants):
         z = np.load(cache)
         rows[v] = {k: z[k] for k in z.files}
         report[v] = {k: estimate(rows[v], k) for k in PROBE}
+        if v != "Base":
+            end = common.read_json(os.path.join(out, "pretrain", v, "eval.json"))["step"]
+            report[v]["along"] = probe_along(out, root, v) + [
+                {"step": end, **{k: valid_mean(rows[v][k]) for k in ("tag_first", "nearest_word")}}]
         report[v]["chance"] = {"tag_first": 1 / len(images.class_names),
                                "nearest_word": 1 / max(1, int(z["classes"]))}
     if {"U", "U_NT"} <= set(rows):
@@ -844,18 +930,33 @@ def check_fractions(fractions):
             parser.error(f"--fractions {f}: a fraction in (0, 1], such as 1/16")
 
 
-def pretraining_markdown(pre, compute):
-    """A line per variant: its held-out losses along pre-training, its compute, whether it converged."""
-    md = "\nPre-training (held-out losses: before, at 3/4 of the steps, after; converged: each fell by under " \
+def pretraining_markdown(pre, compute, probe):
+    """A line per variant: its held-out losses and the probe at each evaluated step, its compute, and
+    whether its losses still fell in the last quarter (CONVERGED; reported, not a gate)."""
+    md = "\nPre-training, the same steps for every variant: held-out losses before and at each evaluation, the " \
+         "probe's (a) and (b) (%) at the same steps; converged: each loss fell by under " \
          f"{CONVERGED['last_quarter']:.0%} of its value (or {CONVERGED['noise']}) in the last quarter, " \
-         f"and match accuracy >= {CONVERGED['match_acc']:.2f} where there is one):\n\n"
+         f"and match accuracy >= {CONVERGED['match_acc']:.2f} where there is one:\n\n"
     for v, r in pre.items():
-        losses = ", ".join(f"{k} {r['before'].get(k, float('nan')):.3f} / {r['three_quarters'][k]:.3f} / "
-                           f"{r['after'][k]:.3f}" for k in r["after"] if k != "step")
+        steps = " / ".join(str(c["step"]) for c in r["curve"])
+        losses = "; ".join(f"{k} {r['before'].get(k, float('nan')):.3f} -> "
+                           + " / ".join(f"{c[k]:.3f}" for c in r["curve"]) for k in r["after"] if k != "step")
+        along = probe.get(v, {}).get("along", [])
+        grounding = ("; probe (a) " + " / ".join(f"{100 * p['tag_first']:.1f}" for p in along)
+                     + ", (b) " + " / ".join(f"{100 * p['nearest_word']:.1f}" for p in along)) if along else ""
         converged = "yes" if r["converged"] else "no, " + "; ".join(r["not_converged_because"])
-        md += f"- {v}, {r['steps']} steps, {compute[v]['pretraining_sequences']} sequences (largest fine-tuning " \
-              f"run {compute[v]['largest_finetuning_sequences']}): {losses}; converged: {converged}\n"
+        md += f"- {v}, steps {steps}, {compute[v]['pretraining_sequences']} sequences (largest fine-tuning run " \
+              f"{compute[v]['largest_finetuning_sequences']}): {losses}{grounding}; converged: {converged}\n"
     return md
+
+
+def learns_markdown(learns, fraction):
+    """docs/METHOD.md section 13's check: does Base leave each task's trivial baseline at the largest fraction."""
+    def one(t, m, lo, hi):
+        return f"{t} {m:+.1f}" + ("" if np.isnan(lo) else f" [{lo:.1f}, {hi:.1f}]")
+    return (f"\nBase minus the trivial baseline on {'the whole' if Fraction(fraction) == 1 else fraction} training "
+            f"set, the mean of each task's columns, in points: " + ", ".join(one(t, *x) for t, x in learns.items())
+            + " (the budgets were chosen so that one seed is at least 5 points up: docs/METHOD.md section 13).\n")
 
 
 def claims_markdown(verdicts):
@@ -914,12 +1015,19 @@ def reproduce(args, budget, seeds):
 
     torch.set_num_threads(1)  # the probe and the figures are small; spare threads only spin on a shared CPU
     table = collect(args.out, args.variants, args.fractions, seeds)
-    reports = {"pretraining": pretraining_report(args.out, args.variants),
+    rare = collect_by_class(args.out, args.variants, args.fractions, seeds)
+    learns = base_learns(table, args.out, args.fractions[-1])
+    reports = {"base_against_baseline": {"fraction": args.fractions[-1], **learns},
+               "by_class": {"columns": [c[0] for c in RARE_COLUMNS], "rare_below": tasks.RARE,
+                            **{v: {f: {**{g: [a.round(2).tolist() for a in interval(r[f][g])] for g in ("rare", "common")},
+                                       "items": r[f]["items"]} for f in args.fractions} for v, r in rare.items()}},
+               "pretraining": pretraining_report(args.out, args.variants),
                "compute": compute_report(args.out, args.variants, args.fractions, seeds),
                "probe": probe_report(args.out, args.toy_root, args.variants),
                "time": time_report(runs, args.jobs), "claims": claims(table, args.fractions),
                "detector": toy.detector_report(args.toy_root)}
-    md = (markdown(table, args.fractions) + pretraining_markdown(reports["pretraining"], reports["compute"])
+    md = (markdown(table, args.fractions, args.out, rare) + learns_markdown(learns, args.fractions[-1])
+          + pretraining_markdown(reports["pretraining"], reports["compute"], reports["probe"])
           + "\nThe grounding probe (held-out regions, no fine-tuning):\n\n" + probe_markdown(reports["probe"])
           + detector_markdown(reports["detector"]) + claims_markdown(reports["claims"]))
     with open(os.path.join(args.out, "table.md"), "w") as f:

@@ -100,11 +100,14 @@ def soft_score(k, n=10):
     return (k * min(1.0, (k - 1) / 3) + (n - k) * min(1.0, k / 3)) / n
 
 
-def recall_at_k(scores, gold, ks=(1, 5, 10)):
+def recall_at_k(scores, gold, ks=(1, 5, 10), per_item=False):
     """Image retrieval. scores (M, N): caption m against image n; gold (M,): each caption's image.
-    R@K is the share of captions whose image is among the K best; a tie counts against it."""
+    R@K is the share of captions whose image is among the K best; a tie counts against it. per_item:
+    each caption's hit (M,) instead of the share."""
     g = scores.gather(1, gold[:, None])  # (M, 1)
     rank = (scores >= g).sum(1) - 1  # (M,) other images scoring at least as high
+    if per_item:
+        return {f"R@{k}": (rank < k).double().numpy() for k in ks}
     return {f"R@{k}": (rank < k).float().mean().item() for k in ks}
 
 
@@ -402,6 +405,70 @@ def read_answer_set(files, min_count):
 
 
 # -----------------------------------------------------------------------------
+# rare and common items (docs/METHOD.md section 13): is a task learnt on the classes its training set
+# seldom names, as well as on those it names often?
+
+RARE = 5  # an item is rare when its rarest named class is named by fewer training examples than this
+
+
+def words(text):
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def plurals(name):
+    """A class name's plural forms by English's rules: "bus" -> "buses", "knife" -> "knives", "man" -> "men"."""
+    forms = {name + "s", name + "es"}
+    if name.endswith("y"):
+        forms.add(name[:-1] + "ies")
+    if name.endswith(("f", "fe")):
+        forms.add(name[: -1 if name.endswith("f") else -2] + "ves")
+    if name.endswith("man"):
+        forms.add(name[:-3] + "men")
+    if name.endswith("child"):
+        forms.add(name + "ren")
+    return forms
+
+
+class ClassNamer:
+    """Which detector classes a text names: a class name or a plural of it as whole words, the longest
+    name first ("fire truck" is no "truck"); a name itself wins over another class's plural."""
+
+    def __init__(self, class_names):
+        self.forms = {}
+        for j, c in enumerate(class_names):
+            self.forms.setdefault(tuple(words(c)), j)
+        for j, c in enumerate(class_names):
+            for form in plurals(c.lower()):
+                self.forms.setdefault(tuple(words(form)), j)
+        self.forms.pop((), None)
+        self.longest = max(map(len, self.forms), default=1)
+
+    def __call__(self, text):
+        w, named, t = words(text), set(), 0
+        while t < len(w):
+            n = next((n for n in range(min(self.longest, len(w) - t), 0, -1) if tuple(w[t:t + n]) in self.forms), 0)
+            if n:
+                named.add(self.forms[tuple(w[t:t + n])])
+            t += max(n, 1)
+        return named
+
+
+def by_class(named_items, named_train, scores):
+    """Each metric over the rare and the common items. named_items: per item, the classes its text names;
+    named_train: the same per training example; scores: {metric: (N,) per item} ->
+    {"rare": {metric: mean, "items": n}, "common": {...}}; an item naming no class is in neither."""
+    counts = Counter(j for named in named_train for j in named)
+    group = np.array([None if not named else "rare" if min(counts[j] for j in named) < RARE else "common"
+                      for named in named_items])
+    out = {}
+    for g in ("rare", "common"):
+        keep = group == g
+        out[g] = {**{k: float(np.mean(np.asarray(v)[keep])) if keep.any() else None for k, v in scores.items()},
+                  "items": int(keep.sum())}
+    return out
+
+
+# -----------------------------------------------------------------------------
 # the tasks: each has .splits, .train (examples), .eval_splits, and makes a head, a loss, metrics.
 # A training step is task.draw(items, gen) on the global batch, then task.loss(model, head, items)
 # on this process's share of it (all of it with one process): the mean over those items.
@@ -442,6 +509,7 @@ class Task:
         self.tag_pieces = vocab.tag_pieces(images.class_names)
         self.eval_batch_size, self.device, self.info = args.eval_batch_size, torch.device("cpu"), []
         self.skipped, self.notes = Skipped(), []  # records left out; notes for self.warnings()
+        self.named_train = None  # the classes each training example names (summarise)
 
     def tokenize(self, items):
         for x, ids in zip(items, self.vocab.encode_batch([x["text"] for x in items])):
@@ -467,6 +535,32 @@ class Task:
         n = len(self.train)
         self.train = [self.train[i] for i in train_subset(n, fraction)]
         self.info.append(f"training on {len(self.train)} of {n} training {self.unit} (--train-fraction {fraction:g})")
+
+    def evaluate(self, model, head, split):
+        """The split's metrics, and the same over its rare and common items -> (metrics, by_class)."""
+        return self.summarise(split, self.item_scores(model, head, split))
+
+    def baseline(self, split):
+        """The trivial baseline's metrics on the split, as evaluate's."""
+        return self.summarise(split, self.baseline_scores(split))
+
+    def summarise(self, split, scores):
+        """{metric: (N,) per item} -> (the metrics over the split, by_class over its rare and common items)."""
+        if self.named_train is None:  # the training set is fixed once training starts
+            self.namer = ClassNamer(self.images.class_names)
+            self.named_train = [self.namer(t) for t in self.train_texts()]
+        named = [self.namer(t) for t in self.texts(self.splits[split])]
+        return self.metrics(split, scores), by_class(named, self.named_train, scores)
+
+    def metrics(self, split, scores):
+        return {k: float(np.mean(v)) for k, v in scores.items()}
+
+    def texts(self, items):
+        """The text of each item, one per evaluated item (retrieval: per caption)."""
+        return [x["text"] for x in items]
+
+    def train_texts(self):
+        return self.texts(self.train)
 
     def warnings(self):
         """Said at the start and again at the end, where it is seen."""
@@ -532,7 +626,7 @@ class VQA(Task):
         # docs/METHOD.md §6: binary cross-entropy against the soft scores, scaled by the number of answers
         return F.binary_cross_entropy_with_logits(logits, target) * logits.shape[1]
 
-    def evaluate(self, model, head, split):
+    def item_scores(self, model, head, split):
         items, pred = self.splits[split], self.predict(self.logits, model, head, split)
         acc = [vqa_accuracy(self.answers[a], x["answers"]) for a, x in zip(pred, items)]
         by_type = {}
@@ -540,11 +634,11 @@ class VQA(Task):
             by_type.setdefault(x["atype"], []).append(a)
         print0(f"{split} accuracy by answer type: "
             + ", ".join(f"{t} {np.mean(v):.3f}" for t, v in sorted(by_type.items())))
-        return accuracy(acc)
+        return {"accuracy": acc}
 
-    def baseline(self, split):
+    def baseline_scores(self, split):
         guess = lambda x: self.by_type.get(x["qtype"], self.overall).most_common(1)[0][0]
-        return accuracy([vqa_accuracy(guess(x), x["answers"]) for x in self.splits[split]])
+        return {"accuracy": [vqa_accuracy(guess(x), x["answers"]) for x in self.splits[split]]}
 
 
 class NLVR2(Task):
@@ -579,15 +673,18 @@ class NLVR2(Task):
         labels = torch.tensor([x["label"] for x in items]).to(self.device, non_blocking=True)
         return F.cross_entropy(self.logits(model, head, items), labels)
 
-    def metrics(self, split, pred):
-        correct = [int(guess == x["label"]) for guess, x in zip(pred, self.splits[split])]
-        return {**accuracy(correct), "consistency": consistency([x["sentence"] for x in self.splits[split]], correct)}
+    def correct(self, split, pred):
+        return {"accuracy": [int(guess == x["label"]) for guess, x in zip(pred, self.splits[split])]}
 
-    def evaluate(self, model, head, split):  # two sequences an example
-        return self.metrics(split, self.predict(self.logits, model, head, split, self.eval_batch_size // 2))
+    def metrics(self, split, scores):
+        keys = [x["sentence"] for x in self.splits[split]]
+        return {**accuracy(scores["accuracy"]), "consistency": consistency(keys, scores["accuracy"])}
 
-    def baseline(self, split):
-        return self.metrics(split, [self.majority] * len(self.splits[split]))
+    def item_scores(self, model, head, split):  # two sequences an example
+        return self.correct(split, self.predict(self.logits, model, head, split, self.eval_batch_size // 2))
+
+    def baseline_scores(self, split):
+        return self.correct(split, [self.majority] * len(self.splits[split]))
 
     # docs/METHOD.md §6: task-specific pre-training, mask-and-predict on NLVR2's own sentences and images. We
     # pair each sentence with one of its two images, drawn at random (it speaks of both), and mask
@@ -706,12 +803,18 @@ class Retrieval(Task):
             scores[pair] = head(model.pool(h)).squeeze(-1).float().cpu()
         return scores.view(M, N), torch.tensor([k for _, k in caps])
 
-    def evaluate(self, model, head, split):
-        return recall_at_k(*self.score_matrix(model, head, split))
+    def item_scores(self, model, head, split):
+        return recall_at_k(*self.score_matrix(model, head, split), per_item=True)
 
-    def baseline(self, split):
-        N = len(self.splits[split])
-        return {f"R@{k}": min(1.0, k / N) for k in (1, 5, 10)}
+    def baseline_scores(self, split):
+        N, M = len(self.splits[split]), len(self.texts(self.splits[split]))
+        return {f"R@{k}": [min(1.0, k / N)] * M for k in (1, 5, 10)}
+
+    def texts(self, images):
+        return [c for im in images for c in im["captions"]]  # one per caption, as score_matrix ranks them
+
+    def train_texts(self):
+        return self.texts(self.splits["train"])  # the training images' captions
 
 
 class RefCOCO(Task):
@@ -754,12 +857,12 @@ class RefCOCO(Task):
         target = torch.tensor([int(x["iou"].argmax()) for x in items]).to(self.device, non_blocking=True)
         return F.cross_entropy(self.region_logits(model, head, items), target)
 
-    def evaluate(self, model, head, split):
+    def item_scores(self, model, head, split):
         top = self.predict(self.region_logits, model, head, split)
-        return accuracy([x["iou"][k] >= 0.5 for k, x in zip(top, self.splits[split])])
+        return {"accuracy": [x["iou"][k] >= 0.5 for k, x in zip(top, self.splits[split])]}
 
-    def baseline(self, split):
-        return accuracy([x["iou"][x["conf"].argmax()] >= 0.5 for x in self.splits[split]])
+    def baseline_scores(self, split):
+        return {"accuracy": [x["iou"][x["conf"].argmax()] >= 0.5 for x in self.splits[split]]}
 
 
 TASKS = {"vqa": VQA, "nlvr2": NLVR2, "retrieval": Retrieval, "refcoco": RefCOCO}

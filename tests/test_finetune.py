@@ -424,6 +424,26 @@ def test_vqa_answer_set_and_targets(toy):
         tasks.VQA(args, task.vocab, task.images, os.path.join(toy, "tasks", "vqa"))
 
 
+def test_class_names_in_text():
+    """A name or its plural as whole words, the longest name first, a name before another class's plural."""
+    namer = tasks.ClassNamer(["dog", "hot dog", "knife", "bus", "glass", "glasses", "man", "cherry", "t-shirt"])
+    assert namer("Two hot dogs, three knives; BUSES.") == {1, 2, 3}
+    assert namer("the glasses and a glass") == {5, 4}  # "glasses" is its own class, not glass's plural
+    assert namer("men in t-shirts eat cherries") == {6, 8, 7}
+    assert namer("a dogma of buss") == {3}  # whole words only: "dogma" is no dog; "buss" is bus + s
+    assert namer("nothing here") == set()
+
+
+def test_rare_and_common_items_by_hand():
+    """docs/METHOD.md section 13: an item is rare when its rarest named class is named by fewer than
+    tasks.RARE training examples. dog is named by 5 training examples (common), hot dog by 1 (rare)."""
+    train = [{0}] * 5 + [{1}]
+    items = [{0}, {1}, {0, 1}, set()]  # common, rare, rare (its rarest class), neither
+    got = tasks.by_class(items, train, {"accuracy": [1.0, 0.0, 1.0, 1.0]})
+    assert got == {"rare": {"accuracy": 0.5, "items": 2}, "common": {"accuracy": 1.0, "items": 1}}
+    assert tasks.by_class([set()], train, {"accuracy": [1.0]})["rare"] == {"accuracy": None, "items": 0}
+
+
 def run(toy, out, task, *flags):
     return ft.main(["--task", task, "--toy-root", toy, "--out", str(out), "--epochs", "0.5", "--batch-size", "8",
                     "--log-every", "1", "--min-answer-count", "1", *flags])
@@ -439,12 +459,24 @@ def test_every_task_end_to_end(toy, tmp_path, task):
     with open(tmp_path / "results.json") as f:
         assert json.load(f) == results
     splits, metrics = EXPECTED[task]
-    assert results["task"] == task and set(results) == {"task"} | splits
+    assert results["task"] == task and set(results) == {"task", "by_class"} | splits
     for s in splits:
         assert set(results[s]) == metrics and all(0 <= v <= 1 for v in results[s].values())
     with open(tmp_path / "baseline.json") as f:
         baseline = json.load(f)
     assert all(set(baseline[s]) == metrics for s in splits)
+    # rare and common items: every toy item names a class, so the two groups' means, weighted by their
+    # items, give the split's own figure back (consistency is no mean over items)
+    for obj in (results, baseline):
+        assert obj["by_class"]["rare_below"] == tasks.RARE and set(obj["by_class"]) == {"rare_below"} | splits
+        for s in splits:
+            rare, common_ = obj["by_class"][s]["rare"], obj["by_class"][s]["common"]
+            n = rare["items"] + common_["items"]
+            per_item = metrics - {"consistency"}
+            assert n > 0 and all((g[k] is None) == (g["items"] == 0) for g in (rare, common_) for k in per_item)
+            for k in per_item:
+                mixed = sum(g[k] * g["items"] for g in (rare, common_) if g["items"]) / n
+                assert mixed == pytest.approx(obj[s][k], abs=1e-9)
     with open(tmp_path / "log.jsonl") as f:
         log = [json.loads(line) for line in f]
     assert log[0]["step"] == 1 and log[-1]["phase"] == "eval"
@@ -472,7 +504,7 @@ def save_ckpt(path, toy, **changes):
 
 def test_init_from_checkpoint_and_its_checks(toy, tmp_path):
     results = run(toy, tmp_path / "out", "refcoco", "--init-from", save_ckpt(tmp_path / "ckpt.pt", toy))
-    assert set(results) == {"task", "val", "testA", "testB"}
+    assert set(results) == {"task", "by_class", "val", "testA", "testB"}
     with pytest.raises(SystemExit, match=rf"pre-trained with feature size 12, the feature stores .* have {FEATURE_DIM}"):
         run(toy, tmp_path / "out2", "refcoco", "--init-from", save_ckpt(tmp_path / "bad.pt", toy, feat_dim=12))
     with pytest.raises(SystemExit, match=rf"pre-trained with detector classes 5, .* have {len(CLASSES)}"):
@@ -488,14 +520,14 @@ def test_init_from_huggingface_bert(toy, tmp_path):
     with open(tmp_path / "bert" / "vocab.txt", "w") as f:
         f.write("\n".join(tokens) + "\n")
     results = run(toy, tmp_path / "out", "nlvr2", "--init-from", str(tmp_path / "bert"))
-    assert set(results) == {"task", "dev", "test1"}
+    assert set(results) == {"task", "by_class", "dev", "test1"}
 
 
 def test_real_data_flags(toy, tmp_path):
     # --data and --features are the toy world's files read as real ones; one without the other is an error
     results = run(toy, tmp_path / "out", "retrieval", "--data", os.path.join(toy, "tasks", "flickr30k"),
                   "--features", os.path.join(toy, "features", "flickr30k"), "--init-from", save_ckpt(tmp_path / "ckpt.pt", toy))
-    assert set(results) == {"task", "test"}
+    assert set(results) == {"task", "by_class", "test"}
     with pytest.raises(SystemExit):
         run(toy, tmp_path / "out2", "retrieval", "--data", os.path.join(toy, "tasks", "flickr30k"))
     with pytest.raises(SystemExit, match="needs a vocabulary"):  # real data and random weights: no vocabulary to use

@@ -64,8 +64,10 @@ def test_a_new_run_refuses_a_folder_that_holds_one(toy, tmp_path, script):
                                          r"--resume to go on with it, another --out, or --overwrite to replace it$"):
         main(argv(toy, tmp_path, "--seed", "1"))
     assert {f: read(tmp_path / f) for f in kept} == kept  # nothing overwritten, nothing appended
+    (tmp_path / "ckpt-7.pt").write_bytes(kept["ckpt.pt"])  # as pretrain.py --keep-checkpoints keeps them
     main(argv(toy, tmp_path, "--seed", "1", "--overwrite"))  # replaced, as asked: one run's log
     assert json.loads(read(tmp_path / "args.json"))["args"]["seed"] == 1
+    assert not (tmp_path / "ckpt-7.pt").exists()  # the old run's kept checkpoints go with it
     assert read(tmp_path / "ckpt.pt") != kept["ckpt.pt"]
     steps = [r["step"] for r in log(tmp_path) if "step" in r]
     assert steps == sorted(set(steps))

@@ -337,10 +337,11 @@ def report(args, task, model, head, ctx, log, t_start, rank):
         for k, value in results[s].items():
             print0(f"{s:<8} {k:<12} {value:8.3f} {baseline[s][k]:9.3f}")
     for s in task.eval_splits:  # the first metric on the rare and the common items
+        k = next(iter(results[s]))
         for g, r in results["by_class"][s].items():
-            k = next(iter(results[s]))
             if r["items"]:
-                print0(f"{s:<8} {k + ' ' + g:<12} {r[k]:8.3f} {baseline['by_class'][s][g][k]:9.3f}  ({r['items']} items)")
+                base = baseline["by_class"][s][g][k]
+                print0(f"{s:<8} {k + ' ' + g:<12} {r[k]:8.3f} {base:9.3f}  ({r['items']} items)")
     print0(f"results: {os.path.join(args.out, 'results.json')}, fine-tuned model: {os.path.join(args.out, 'ckpt.pt')}")
     return results
 

@@ -303,6 +303,16 @@ def baseline_row(out, fraction, split_by=None):
                              else np.nan) for _, t, split, m in RARE_COLUMNS]])
 
 
+def by_class_report(rare, fractions):
+    """collect_by_class's table for table.json: each variant's (mean, low, high) per column over its rare
+    and common items, and their numbers."""
+    report = {"columns": [c[0] for c in RARE_COLUMNS], "rare_below": tasks.RARE}
+    for v, r in rare.items():
+        report[v] = {f: {**{g: [a.round(2).tolist() for a in interval(r[f][g])] for g in ("rare", "common")},
+                         "items": r[f]["items"]} for f in fractions}
+    return report
+
+
 def base_learns(table, out, fraction):
     """Base against each task's trivial baseline at `fraction` (docs/METHOD.md section 13): the mean of
     the task's columns minus the baseline's, per seed -> {task: (mean, low, high)}."""
@@ -342,8 +352,8 @@ def markdown(table, fractions, out=None, rare=None):
         lines += [f"Rare and common items, fine-tuned on {'the whole' if Fraction(fraction) == 1 else fraction} "
                   f"training set (an item is rare when the rarest class its text names is named by fewer than "
                   f"{tasks.RARE} training examples; items in brackets):", "",
-                  *table_lines(head, [(v, pair(r[fraction])) for v, r in rare.items()] + [("trivial baseline", pair(base))]),
-                  ""]
+                  *table_lines(head, [(v, pair(r[fraction])) for v, r in rare.items()]
+                               + [("trivial baseline", pair(base))]), ""]
     lines += ["The paper (BERT-base, Conceptual Captions scale, full training sets):", "",
               *table_lines(header, [(v, [f"{x:.1f}" for x in PAPER[v]]) for v in table if PAPER[v]])]
     return "\n".join(lines) + "\n"
@@ -391,6 +401,8 @@ def claims(table, fractions):
             up, down = int((low > 0).sum()), int((high < 0).sum())
             check("U beats Base", lambda t: (t["U"] - t["Base"]).mean(1),
                   note=f"U - Base per column: {up} above, {down} below, {len(COLUMNS) - up - down} undecided")
+        if {"U", "U_NT"} <= set(t):  # claim 3's first half, the paper's Table 3: what the tags alone add
+            check("U beats U_NT (tags help without aligned data)", lambda t: (t["U"] - t["U_NT"]).mean(1))
         if {"U", "S"} <= set(t):
             check("U comes close to S outside retrieval", lambda t: (t["S"] - t["U"])[:, ~retrieval].mean(1), CLOSE)
             check("S beats U on retrieval", lambda t: (t["S"] - t["U"])[:, retrieval].mean(1))
@@ -1018,9 +1030,7 @@ def reproduce(args, budget, seeds):
     rare = collect_by_class(args.out, args.variants, args.fractions, seeds)
     learns = base_learns(table, args.out, args.fractions[-1])
     reports = {"base_against_baseline": {"fraction": args.fractions[-1], **learns},
-               "by_class": {"columns": [c[0] for c in RARE_COLUMNS], "rare_below": tasks.RARE,
-                            **{v: {f: {**{g: [a.round(2).tolist() for a in interval(r[f][g])] for g in ("rare", "common")},
-                                       "items": r[f]["items"]} for f in args.fractions} for v, r in rare.items()}},
+               "by_class": by_class_report(rare, args.fractions),
                "pretraining": pretraining_report(args.out, args.variants),
                "compute": compute_report(args.out, args.variants, args.fractions, seeds),
                "probe": probe_report(args.out, args.toy_root, args.variants),

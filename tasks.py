@@ -509,7 +509,7 @@ class Task:
         self.tag_pieces = vocab.tag_pieces(images.class_names)
         self.eval_batch_size, self.device, self.info = args.eval_batch_size, torch.device("cpu"), []
         self.skipped, self.notes = Skipped(), []  # records left out; notes for self.warnings()
-        self.named_train = None  # the classes each training example names (summarise)
+        self.namer = self.named_train = None  # which classes a text names; those of each training example (summarise)
 
     def tokenize(self, items):
         for x, ids in zip(items, self.vocab.encode_batch([x["text"] for x in items])):

@@ -54,6 +54,9 @@ def test_table_intervals_and_claims_from_results_files(tmp_path):
     # (5.82 + 3.39 + 2.06) / 3 = 3.76; it has no U_SBU row
     assert verdicts["U beats Base", "1/4"]["paper"] == 4.68
     assert verdicts["S beats U on retrieval", "1"]["paper"] == 3.76
+    # U - U_NT: (0.87 + 3.84 + 2.10 + 4.81 + 2.71 + 1.52 + 0.48 + 1.32 + 1.81) / 9 = 2.16; here +10 in every seed
+    assert verdicts["U beats U_NT (tags help without aligned data)", "1"]["paper"] == 2.16
+    assert verdicts["U beats U_NT (tags help without aligned data)", "1"]["verdict"] == "shown"
     assert verdicts["U_SBU (captions of another corpus) stays close to U", "1"]["paper"] is None
     assert verdicts["U comes close to S outside retrieval", "1/4"]["verdict"] == "undecided"  # seed 2 differs by 1, interval wider than 2
     assert verdicts["S beats U on retrieval", "1/4"]["verdict"] == "undecided"

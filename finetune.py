@@ -332,16 +332,16 @@ def report(args, task, model, head, ctx, log, t_start, rank):
     for line in task.warnings():
         print0(line)
     print0(f"\n{args.task}: result vs baseline ({task.baseline_name}), {(time.time() - t_start) / 60:.1f} min in all")
-    print0(f"{'split':<8} {'metric':<12} {'result':>8} {'baseline':>9}")
+    print0(f"{'split':<8} {'metric':<16} {'result':>8} {'baseline':>9}")
     for s in task.eval_splits:
         for k, value in results[s].items():
-            print0(f"{s:<8} {k:<12} {value:8.3f} {baseline[s][k]:9.3f}")
+            print0(f"{s:<8} {k:<16} {value:8.3f} {baseline[s][k]:9.3f}")
     for s in task.eval_splits:  # the first metric on the rare and the common items
         k = next(iter(results[s]))
         for g, r in results["by_class"][s].items():
             if r["items"]:
                 base = baseline["by_class"][s][g][k]
-                print0(f"{s:<8} {k + ' ' + g:<12} {r[k]:8.3f} {base:9.3f}  ({r['items']} items)")
+                print0(f"{s:<8} {k + ' ' + g:<16} {r[k]:8.3f} {base:9.3f}  ({r['items']} items)")
     print0(f"results: {os.path.join(args.out, 'results.json')}, fine-tuned model: {os.path.join(args.out, 'ckpt.pt')}")
     return results
 

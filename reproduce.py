@@ -17,8 +17,9 @@ world, with a protocol that can show what pre-training buys if it buys anything:
   alone, and do region states sit near the states of their class words (probe below);
 - Figure 2: t-SNE of the states of words, tags and regions.
 
-    python reproduce.py            # every variant, 3 seeds
-    python reproduce.py --quick    # Base, U and U_NT, 1 seed: no interval and no claim verdict, a first look
+    python reproduce.py                     # every variant, 3 seeds
+    python reproduce.py --quick             # Base, U and U_NT, 1 seed: no interval and no claim verdict, a first look
+    python reproduce.py --variants U U_NT   # Base, U and U_NT, 3 seeds: U against Base and U_NT, with intervals
 
 It runs pretrain.py and finetune.py by their command lines (each script's main(argv) in a worker
 process), two at a time on a 2-core CPU (--jobs), each in its own folder under OUT; a run whose results

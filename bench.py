@@ -21,7 +21,7 @@ import torch
 
 import common
 import data
-from model import PEAK_FLOPS, PRESETS, Config, PretrainLoss, VisualBERT, peak_flops, train_flops
+from model import PEAK_FLOPS, PRESETS, Config, VisualBERT, peak_flops, train_flops
 
 # -----------------------------------------------------------------------------
 # settings: `python bench.py -h` is the manual
@@ -91,16 +91,14 @@ def bench_ours(args, device, batch, cfg):
     model = VisualBERT(cfg).to(device)
     settings = argparse.Namespace(lr=1e-4, warmup=0.0, weight_decay=0.01)
     optimizer, _, scaler = common.make_optimizer(model.parameters(), settings, 1, device, args.dtype)
-    run = common.wrap(PretrainLoss(model), device, 1, args.compile)
+    loss = common.wrap(common.Loss(model.pretrain_loss, model), device, 1, args.compile)
     ctx = common.autocast(device, args.dtype)
-    b = common.micro_batches(batch, 1, device)[0]
-    _, counts = common.global_counts(model, [b])
+    micro = common.micro_batches(batch, 1, device)
+    _, counts = common.global_counts(model, micro)
+    share = lambda out, mb: ((out[0] / counts).sum(), out[0])  # noqa: E731  (as pretrain.py's loop)
 
     def step():
-        with ctx:
-            loss = (run(b) / counts).sum()
-        scaler.scale(loss).backward()
-        common.clip_and_step(optimizer, scaler, 1.0)
+        common.train_step(loss, micro, share, optimizer, scaler, 1e-4, 1.0, ctx, 1)
 
     return time_steps(step, args.warmup, args.steps, device)
 

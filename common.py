@@ -22,6 +22,7 @@ import threading
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import PRESETS, Config, VisualBERT, with_positions
@@ -95,8 +96,8 @@ def global_counts(model, micro):
     """What each objective's sum is divided by: its count over the global batch, this process's
     micro-batches added up, then the processes'. The labels alone give it, before any forward
     (model.count_targets). Returns the objectives' names and their counts (a device tensor)."""
-    targets = [model.count_targets(mb) for mb in micro]
-    return list(targets[0]), all_sum(sum(torch.stack(list(t.values())) for t in targets)).clamp(min=1)
+    counts = sum(model.count_targets(mb) for mb in micro)
+    return model.objectives(micro[0]), all_sum(counts).clamp(min=1)
 
 
 def micro_batches(batch, n, device):
@@ -113,12 +114,26 @@ def check_batch(batch_size, world, grad_accum):
                          f"x --grad-accum {grad_accum} equal micro-batches")
 
 
-def wrap(module, device, world, compile=False):
-    """What the training steps call: `module` compiled and/or wrapped in DDP (checkpoints keep the plain model)."""
-    run = torch.compile(module) if compile else module
+class Loss(nn.Module):
+    """What a training step calls, and DDP wraps: forward(batch) is loss(batch), the pre-training loss
+    or a task's; its parameters are the model's and the task head's."""
+
+    def __init__(self, loss, model, head=None):
+        super().__init__()
+        self.loss, self.model, self.head = loss, model, head
+
+    def forward(self, batch):
+        return self.loss(batch)
+
+
+def wrap(loss, device, world, compile=False):
+    """A Loss as the training steps call it: with --compile the model's forward compiled (in place: the
+    checkpoints keep the plain model's weights), under torchrun wrapped in DDP."""
+    if compile:
+        loss.model.compile()
     if world > 1:  # a batch may leave modules unused (text: the visual ones), so DDP must look for them
-        run = DDP(run, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
-    return run
+        loss = DDP(loss, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+    return loss
 
 
 def pick_dtype(flag, device):
@@ -153,6 +168,27 @@ def make_optimizer(params, args, steps, device, dtype):
     return optimizer, lr_at, torch.amp.GradScaler(device.type, enabled=dtype == "fp16")
 
 
+def train_step(loss, micro, share, optimizer, scaler, lr, clip, ctx, world):
+    """One optimiser step on this process's micro-batches: each one's forward and backward (their
+    gradients add up; under DDP they are averaged over the processes at the last backward alone), then
+    clip and step. share(out, mb) -> (mb's share of the global batch's loss, where out = loss(mb); the
+    shares of all micro-batches of all processes sum to it, what to log of it). Returns the gradient
+    norm and the logged parts added up over the micro-batches, device tensors: nothing here makes the
+    host wait for the device."""
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    logged = 0
+    for j, mb in enumerate(micro):
+        if world > 1:  # DDP averages the processes' gradients at the last micro-batch's backward alone
+            loss.require_backward_grad_sync = j == len(micro) - 1
+        with ctx:
+            value, part = share(loss(mb), mb)
+            value = value * world  # DDP averages the processes' gradients; the loss is their sum
+        scaler.scale(value).backward()
+        logged = logged + part.detach()
+    return clip_and_step(optimizer, scaler, clip), logged
+
+
 def clip_and_step(optimizer, scaler, clip):
     """After the micro-batches' backward passes: clip the gradient norm, step, clear the gradients.
     Returns the norm, a device tensor: nothing here makes the host wait for the device."""
@@ -162,6 +198,27 @@ def clip_and_step(optimizer, scaler, clip):
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return norm
+
+
+def read_losses(pending, scaler, saved):
+    """The global losses of the steps since the host last looked (logging and saving steps), in one
+    read of the device. pending: (step, names, this process's sums, what they are divided by) of each
+    step: each objective's, in `names` order, or (names None) one loss divided by 1. A non-finite loss
+    stops the run with one line naming the step and `saved`, the last good checkpoint ((path, step), or
+    None); under fp16 the scaler skipped that step instead. Returns each step's losses: {name: value},
+    or the value."""
+    sums = all_sum(torch.cat([s.reshape(-1) for _, _, s, _ in pending]))
+    values = sums / torch.cat([c.reshape(-1) for _, _, _, c in pending])
+    losses = []
+    for (step, names, _, _), value in zip(pending, values.split([s.numel() for _, _, s, _ in pending])):
+        value = value.tolist()
+        losses.append(dict(zip(names, value)) if names else value[0])
+        if all(map(math.isfinite, value)) or scaler.is_enabled():
+            continue
+        what = f"({', '.join(f'{k} {v:.4g}' for k, v in zip(names, value))})" if names else f"{value[0]}"
+        last = f"the last good checkpoint is {saved[0]} (step {saved[1]})" if saved else "no checkpoint was saved yet"
+        raise SystemExit(f"step {step}: non-finite loss {what}; stopping, {last}; try a lower --lr")
+    return losses
 
 
 # -----------------------------------------------------------------------------

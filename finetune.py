@@ -26,14 +26,13 @@ import time
 
 import numpy as np
 import torch
-import torch.nn as nn
 
 import common
 import data
 import tasks
 import toy
 from common import all_sum, print0, shard
-from model import PRESETS, PretrainLoss
+from model import PRESETS
 from tasks import TASKS, chunks, steps_per_epoch
 
 # -----------------------------------------------------------------------------
@@ -211,49 +210,8 @@ def load_resume(path, args):
     return ckpt
 
 
-class TaskLoss(nn.Module):
-    """What DDP wraps: the model (compiled with --compile) and the task's head; forward(items) -> the
-    task's mean loss over the items. The task calls the model, model.pool and its head apart."""
-
-    def __init__(self, task, model, head, compile=False):
-        super().__init__()
-        self.task, self.model, self.head = task, torch.compile(model) if compile else model, head
-
-    def forward(self, items):
-        return self.task.loss(self.model, self.head, items)
-
-
 # -----------------------------------------------------------------------------
-# the training step, and NLVR2's task-specific pre-training
-
-
-def take_step(loss_module, micro, loss_of, optimizer, scaler, lr, clip, ctx, world):
-    """One optimiser step on this process's micro-batches: their gradients add up (under DDP they are
-    averaged over the processes at the last backward alone), then clip and step. loss_of(micro-batch)
-    is its share of the global batch's loss (the shares of all micro-batches of all processes sum to
-    it). Returns the gradient norm, a device tensor: nothing here makes the host wait for the device."""
-    for g in optimizer.param_groups:
-        g["lr"] = lr
-    for j, mb in enumerate(micro):
-        if world > 1:  # DDP averages the processes' gradients at the last micro-batch's backward alone
-            loss_module.require_backward_grad_sync = j == len(micro) - 1
-        with ctx:
-            loss = loss_of(mb) * world  # x world: DDP averages the processes' gradients; the loss is their sum
-        scaler.scale(loss).backward()
-    return common.clip_and_step(optimizer, scaler, clip)
-
-
-def read_losses(pending, step, scaler, saved, out):
-    """The global batches' mean losses of the steps up to `step` since the host last looked (logging
-    and saving steps), one read of the device; a non-finite one stops the run (under fp16 the scaler
-    skipped that step instead and lowered its scale)."""
-    losses = all_sum(torch.stack(pending)).tolist()
-    bad = [(step + 1 - len(losses) + k, value) for k, value in enumerate(losses) if not np.isfinite(value)]
-    if bad and not scaler.is_enabled():
-        raise SystemExit(f"step {bad[0][0]}: non-finite loss {bad[0][1]}; stopping, "
-                         + (f"the last good checkpoint is {os.path.join(out, 'ckpt.pt')} (step {saved})" if saved
-                            else "no checkpoint was saved yet") + "; try a lower --lr")
-    return losses
+# NLVR2's task-specific pre-training
 
 
 def task_pretrain(args, task, model, ctx, rank, world):
@@ -269,13 +227,16 @@ def task_pretrain(args, task, model, ctx, rank, world):
     def dev_mlm():
         model.eval()
         with ctx:
-            losses = [model.pretrain_losses(common.to_device(b, task.device))[1]["mlm"].item() for b in dev_batches]
+            losses = [mlm_loss(*model.pretrain_loss(common.to_device(b, task.device))) for b in dev_batches]
         model.train()
         return float(np.mean(losses))
 
+    def mlm_loss(sums, counts, _):  # the first objective is text MLM
+        return (sums[0] / counts[0].clamp(min=1)).item()
+
     steps = args.task_pretrain_epochs * steps_per_epoch(args, task)
     optimizer, lr_at, scaler = common.make_optimizer(model.parameters(), args, steps, task.device, args.dtype)
-    pretrain_loss = common.wrap(PretrainLoss(model), task.device, world)
+    pretrain_loss = common.wrap(common.Loss(model.pretrain_loss, model), task.device, world)
     best, step = (float("inf"), None, 0), 0
     print0(f"task-specific pre-training: {args.task_pretrain_epochs} epochs; dev MLM loss before {dev_mlm():.3f}")
     model.train()
@@ -286,15 +247,10 @@ def task_pretrain(args, task, model, ctx, rank, world):
             rng = data.RowRandom(args.seed, step, range(n * rank // world, n * (rank + 1) // world), n)
             b = task.pretrain_batch([task.train[i] for i in idx], rng, attrs)
             micro = common.micro_batches(b, args.grad_accum, task.device)
-            _, counts = common.global_counts(model, micro)
-            sums = []
-
-            def loss_of(mb):  # mb's share of the global batch's loss
-                sums.append(pretrain_loss(mb))
-                return (sums[-1] / counts).sum()
-
-            take_step(pretrain_loss, micro, loss_of, optimizer, scaler, lr_at(step), args.clip, ctx, world)
-            sums = sum(s.detach() for s in sums)
+            _, counts = common.global_counts(model, micro)  # each objective's sum over the global batch's count
+            share = lambda out, mb: ((out[0] / counts).sum(), out[0])  # noqa: E731  (mb's share, its sums)
+            _, sums = common.train_step(pretrain_loss, micro, share, optimizer, scaler, lr_at(step), args.clip, ctx,
+                                        world)
             step += 1
         loss, mlm = (all_sum(sums) / counts).sum().item(), dev_mlm()
         print0(f"task-specific pre-training epoch {epoch + 1}: train loss {loss:.3f}, dev MLM loss {mlm:.3f}")
@@ -435,31 +391,30 @@ def train(args, out, ctrl_c):
     # the loop: steps start + 1 to `steps`; rank 0 logs and saves. The host reads the device on logging
     # and saving steps alone: the check for a non-finite loss waits for them.
     model.train(), head.train()
-    task_loss = common.wrap(TaskLoss(task, model, head, args.compile), device, world)
+    task_loss = common.wrap(common.Loss(lambda items: task.loss(model, head, items), model, head), device, world,
+                            args.compile)
     per_epoch = steps_per_epoch(args, task)
     t0, seen, saved, pending = time.time(), 0, start, []  # pending: the steps' losses the host has not read yet
+    one = torch.ones((), device=device)  # what a step's loss is divided by: it is the global batch's mean already
     for step in range(start, steps):
         epoch, i = divmod(step, per_epoch)
         if i == 0 or step == start:  # a new shuffle each epoch
             order = np.random.default_rng([args.seed, epoch]).permutation(len(task.train))
         items = [task.train[j] for j in order[i * args.batch_size:(i + 1) * args.batch_size]]  # the global batch
         items = task.draw(items, gen)  # its random choices, the same on every process
-        mine, parts = shard(items, rank, world), []  # this process's share
-
-        def loss_of(mb):  # the task's mean over mb as mb's share of the global batch's mean
-            parts.append(task_loss(mb) * (len(mb) / len(items)))
-            return parts[-1]
-
+        mine = shard(items, rank, world)  # this process's share
         micro = [shard(mine, j, args.grad_accum) for j in range(args.grad_accum)]
-        norm = take_step(task_loss, micro, loss_of, optimizer, scaler, lr_at(step), args.clip, ctx, world)
-        pending.append(sum(parts).detach())
+        share = lambda mean, mb: (mean * (len(mb) / len(items)),) * 2  # noqa: E731  (the task's mean over mb, weighted)
+        norm, part = common.train_step(task_loss, micro, share, optimizer, scaler, lr_at(step), args.clip, ctx, world)
+        pending.append((step + 1, None, part, one))
         seen += len(items)
         log_now = (step + 1) % args.log_every == 0 or step + 1 == steps
         stop = ctrl_c.asked  # read once: a Ctrl-C from here on stops the next step
         save_now = (step + 1) % args.save_every == 0 or step + 1 == steps or stop
         if not (log_now or save_now):
             continue
-        losses, pending = losses + read_losses(pending, step + 1, scaler, saved, args.out), []
+        last = (os.path.join(args.out, "ckpt.pt"), saved) if saved else None
+        losses, pending = losses + common.read_losses(pending, scaler, last), []
         if log_now:
             dt = (time.time() - t0) / len(losses)
             record = {"step": step + 1, "epoch": epoch + (i + 1) / per_epoch, "loss": float(np.mean(losses)),

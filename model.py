@@ -269,9 +269,8 @@ class VisualBERT(nn.Module):
     # -------------------------------------------------------------------------
     # pre-training losses (docs/METHOD.md §2)
 
-    def pretrain_losses(self, batch):
-        """The mean of each objective present in `batch` (a dict built by data.py) over this batch, and
-        their sum: pretrain_sums divided by count_targets.
+    def objectives(self, batch):
+        """The objectives a batch of data.py trains, in OBJECTIVES' order, from its keys alone.
 
         Text keys: input_ids, attention_mask, token_type_ids, mlm_labels, [nsp_labels].
         Image keys: [tag_ids, tag_boxes, tag_mask, tag_labels], feats, boxes, region_mask,
@@ -279,56 +278,47 @@ class VisualBERT(nn.Module):
         Aligned batches have both, plus match_labels. Labels are -100 where nothing is predicted.
         Without tag keys (the _NT variants) no tag enters the sequence.
         """
-        sums, counts = self.pretrain_sums(batch), self.count_targets(batch)
-        terms = {k: sums[k] / counts[k].clamp(min=1) for k in counts}
-        return sum(terms.values()), terms
+        has = {"mlm": "input_ids" in batch, "nsp": "nsp_labels" in batch, "match": "match_labels" in batch,
+               "tag": "tag_ids" in batch, "feat": "feats" in batch, "label": "feats" in batch,
+               "attr": "feats" in batch and "attr_labels" in batch and self.visual.attr is not None}
+        return tuple(k for k in OBJECTIVES if has[k])
 
-    def pretrain_sums(self, batch):
-        """Each objective summed over the batch. A training step divides the sums by count_targets of
-        the whole global batch, which holds before any forward: then micro-batches and processes take
-        the step one process takes on the whole batch (pretrain.py)."""
-        has_text, has_image, has_tags = "input_ids" in batch, "feats" in batch, "tag_ids" in batch
+    def count_targets(self, batch):
+        """What each objective's sum is divided by, from the batch's labels alone (no forward), in
+        objectives(batch)'s order: masked text pieces and tags, sentences, and every valid region for the
+        visual terms. A training step adds them up over the global batch before any forward."""
+        counts = {"mlm": lambda: (batch["mlm_labels"] != -100).sum(),
+                  "nsp": lambda: batch["nsp_labels"].new_full((), len(batch["nsp_labels"])),
+                  "match": lambda: batch["match_labels"].new_full((), len(batch["match_labels"])),
+                  "tag": lambda: (batch["tag_labels"] != -100).sum(),
+                  "feat": lambda: batch["region_mask"].sum(),  # every valid region counts in the denominator
+                  "label": lambda: batch["region_mask"].sum(), "attr": lambda: batch["region_mask"].sum()}
+        return torch.stack([counts[k]().float() for k in self.objectives(batch)])
+
+    def pretrain_loss(self, batch):
+        """The pre-training loss of a batch, in parts: each objective of objectives(batch) summed over
+        the batch and what it is divided by (count_targets), two (N,) fp32 tensors in that order; and
+        how many of the batch's pairs the match head gets right (0 without pairs: the match accuracy).
+        One batch's loss is (sums / counts).sum(); a training step divides by the global batch's counts."""
         h, spans = self.encode(batch)
-        sums = {}
-        if has_text:
+        sums, right = {}, h.new_zeros((), dtype=torch.long)
+        if "input_ids" in batch:
             sums["mlm"] = masked_lm_sum(self.mlm, h[:, spans["text"]], batch["mlm_labels"], batch.get("mlm_at"))
             for key in ("nsp", "match"):
                 if f"{key}_labels" in batch:
-                    sums[key] = F.cross_entropy(self.nsp(self.pool(h)).float(), batch[f"{key}_labels"], reduction="sum")
-        if has_tags:
-            sums["tag"] = masked_lm_sum(self.mlm, h[:, spans["tags"]], batch["tag_labels"], batch.get("tag_at"))
-        if has_image:
-            sums.update(visual_sums(self.visual, h[:, spans["regions"]], batch))
-        return sums  # in count_targets' order
-
-    def count_targets(self, batch):
-        """What each objective's sum is divided by, from the batch's labels alone (no forward): masked
-        text pieces and tags, sentences, and every valid region for the visual terms."""
-        counts = {}
-        if "input_ids" in batch:
-            counts["mlm"] = (batch["mlm_labels"] != -100).sum()
-            for key in ("nsp", "match"):
-                if f"{key}_labels" in batch:
-                    counts[key] = batch[f"{key}_labels"].new_full((), len(batch[f"{key}_labels"]))
+                    logits = self.nsp(self.pool(h)).float()
+                    sums[key] = F.cross_entropy(logits, batch[f"{key}_labels"], reduction="sum")
+                    if key == "match":
+                        right = (logits.detach().argmax(-1) == batch["match_labels"]).sum()
         if "tag_ids" in batch:
-            counts["tag"] = (batch["tag_labels"] != -100).sum()
+            sums["tag"] = masked_lm_sum(self.mlm, h[:, spans["tags"]], batch["tag_labels"], batch.get("tag_at"))
         if "feats" in batch:
-            regions = batch["region_mask"].sum()  # every valid region counts in the denominator
-            visual = ["feat", "label"] + (["attr"] if self.visual.attr is not None and "attr_labels" in batch else [])
-            counts.update({k: regions for k in visual})
-        return {k: c.float() for k, c in counts.items()}
+            sums.update(visual_sums(self.visual, h[:, spans["regions"]], batch))
+        sums = torch.stack([sums[k].float() for k in self.objectives(batch)])
+        return sums, self.count_targets(batch), right
 
 
-class PretrainLoss(nn.Module):
-    """What a pre-training step calls (DDP and torch.compile wrap it): forward(batch) -> the objectives'
-    sums over the batch, stacked in count_targets' order, in fp32."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, batch):
-        return torch.stack([s.float() for s in self.model.pretrain_sums(batch).values()])
+OBJECTIVES = ("mlm", "nsp", "match", "tag", "feat", "label", "attr")  # every pre-training objective, in this order
 
 
 def with_positions(batch):

@@ -13,7 +13,6 @@ of the global batch (--batch-size); --grad-accum N takes each process's rows in 
 
 import argparse
 import json
-import math
 import os
 import time
 
@@ -24,7 +23,7 @@ import common
 import data
 import toy
 from common import all_sum, print0
-from model import PRESETS, PretrainLoss, peak_flops, train_flops
+from model import PRESETS, peak_flops, train_flops
 
 # -----------------------------------------------------------------------------
 # settings: every flag, in one place; `python pretrain.py -h` is the manual
@@ -229,32 +228,15 @@ def evaluate(model, sets, device, ctx):
         for b in batches:
             b = common.to_device(b, device)
             with ctx:
-                _, terms = model.pretrain_losses(b)
-                if "match_labels" in b:
-                    right = model.nsp(model.pool(model.encode(b)[0])).argmax(-1) == b["match_labels"]
-                    terms["match_acc"] = right.float().mean()
+                loss_sums, loss_counts, right = model.pretrain_loss(b)
+            terms = dict(zip(model.objectives(b), (loss_sums / loss_counts.clamp(min=1)).tolist()))
+            if "match_labels" in b:
+                terms["match_acc"] = (right / len(b["match_labels"])).item()
             for k, val in terms.items():
-                sums[k] = sums.get(k, 0.0) + val.item()
+                sums[k] = sums.get(k, 0.0) + val
                 counts[k] = counts.get(k, 0) + 1
     model.train()
     return {k: sums[k] / counts[k] for k in sums}
-
-
-def read_losses(pending, scaler, ckpt_path):
-    """The objectives' global values at the last of the steps since the host last looked (logging and
-    saving steps), after checking each of those steps' loss: one read of the device for all of them.
-    pending: (step, names, this process's sums, global counts) of each step. A non-finite loss stops
-    the run (under fp16 the scaler skipped that step instead)."""
-    totals = torch.stack([(s / c).sum() for _, _, s, c in pending])  # this process's share of each step's loss
-    step, names, sums, counts = pending[-1]
-    both = all_sum(torch.cat([totals, sums]))
-    both = torch.cat([both[:len(pending)], both[len(pending):] / counts]).tolist()
-    bad = [entry for entry, t in zip(pending, both) if not math.isfinite(t)]
-    if bad and not scaler.is_enabled():
-        step, names, sums, counts = bad[0]
-        terms = ", ".join(f"{k} {value:.4g}" for k, value in zip(names, (all_sum(sums.clone()) / counts).tolist()))
-        raise SystemExit(f"step {step}: non-finite loss ({terms}); stopping, the last good checkpoint is {ckpt_path}")
-    return dict(zip(names, both[len(pending):]))
 
 
 def status_line(r, max_steps, dt, steps, samples, tokens, mfu):
@@ -341,7 +323,7 @@ def train(args, out, ctrl_c):
         if rank == 0:
             common.trim_log(log_file, step)
         print0(f"resuming from {ckpt_path} at step {step}")
-    pretrain_loss = common.wrap(PretrainLoss(model), device, world, args.compile)
+    pretrain_loss = common.wrap(common.Loss(model.pretrain_loss, model), device, world, args.compile)
     common.write_args(args, world)
     print0(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.cfg.layers} layers, hidden {model.cfg.hidden}")
     print0(f"device: {device} x {world} process(es), dtype: {dtype} ({why}), compile: {args.compile}")
@@ -367,25 +349,16 @@ def train(args, out, ctrl_c):
     log = open(log_file, "a") if rank == 0 else None
     model.train()
     t0, pending = time.time(), []  # pending: the steps whose losses the host has not read yet
+    saved = (ckpt_path, step) if step else None  # the last good checkpoint, named if a loss is not finite
     window = dict(steps=0, samples=0, tokens=0, flops=0.0)  # this process's, since the last status line
     for name, batch in loader:  # this process's rows of the global batch, on the host
         lr = lr_at(step)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
         micro = common.micro_batches(batch, args.grad_accum, device)
         # each objective's sum is divided by its count over the global batch, which the batch alone gives
         # before any forward: N micro-batches on P processes take the step one process takes on the whole batch
         names, counts = common.global_counts(model, micro)
-        sums = 0
-        for j, mb in enumerate(micro):
-            if world > 1:  # DDP averages the processes' gradients at the last micro-batch's backward alone
-                pretrain_loss.require_backward_grad_sync = j == len(micro) - 1
-            with ctx:
-                mb_sums = pretrain_loss(mb)  # (objectives,) this micro-batch's sums
-                loss = (mb_sums / counts).sum() * world  # its share of the global loss; x world: DDP averages
-            scaler.scale(loss).backward()
-            sums = sums + mb_sums.detach()
-        norm = common.clip_and_step(optimizer, scaler, args.clip)
+        share = lambda out, mb: ((out[0] / counts).sum(), out[0])  # noqa: E731  (mb's share, its sums)
+        norm, sums = common.train_step(pretrain_loss, micro, share, optimizer, scaler, lr, args.clip, ctx, world)
         step += 1
 
         B = next(iter(batch.values())).shape[0]
@@ -401,7 +374,7 @@ def train(args, out, ctrl_c):
         save_now = step % args.save_every == 0 or step == args.max_steps or stop
         eval_now = rank == 0 and heldout and args.eval_every and step % args.eval_every == 0 and step < args.max_steps
         if log_now or save_now:
-            terms, pending = read_losses(pending, scaler, ckpt_path), []
+            terms, pending = common.read_losses(pending, scaler, saved)[-1], []
         if log_now:
             dt = time.time() - t0
             speed = [window["samples"], window["tokens"], window["flops"]]
@@ -418,6 +391,7 @@ def train(args, out, ctrl_c):
         if save_now and rank == 0:
             common.save_checkpoint(ckpt_path, model, optimizer, scaler, step, args, vocab, class_names,
                                    heldout_before=before)
+        saved = (ckpt_path, step) if save_now else saved
         if eval_now:
             if args.keep_checkpoints:
                 common.save_checkpoint(os.path.join(args.out, f"ckpt-{step}.pt"), model, optimizer, scaler, step, args,

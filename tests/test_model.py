@@ -11,6 +11,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import MASK_PROB, PRESETS, Config, VisualBERT, hf_to_ours, visual_sums  # noqa: E402
 
 
+def pretrain_losses(model, batch):
+    """Each objective's mean over the batch (model.pretrain_loss's sums over their counts), and their sum."""
+    sums, counts, _ = model.pretrain_loss(batch)
+    terms = dict(zip(model.objectives(batch), sums / counts.clamp(min=1)))
+    return sum(terms.values()), terms
+
+
 def tiny(**kw):
     return Config(**{**dict(vocab_size=60, hidden=32, layers=2, heads=4, ffn=64, max_positions=40,
                             feat_dim=12, num_labels=7, num_attrs=5, dropout=0.0), **kw})
@@ -132,7 +139,7 @@ def test_mlm_loss_by_hand():
     labels = torch.full((2, 5), -100)
     labels[0, 1], labels[1, 3] = 7, 9
     batch = dict(input_ids=ids, attention_mask=torch.ones(2, 5), mlm_labels=labels)
-    total, terms = model.pretrain_losses(batch)
+    total, terms = pretrain_losses(model, batch)
     logits = model.mlm_logits(ids)
     by_hand = -(logits[0, 1].log_softmax(-1)[7] + logits[1, 3].log_softmax(-1)[9]) / 2
     torch.testing.assert_close(terms["mlm"], by_hand)
@@ -142,7 +149,7 @@ def test_mlm_loss_by_hand():
 def test_tag_loss_uses_the_mlm_head_by_hand():
     model = VisualBERT(tiny()).eval()
     batch = image_batch()
-    total, terms = model.pretrain_losses(batch)
+    total, terms = pretrain_losses(model, batch)
     h, spans = model(tag_ids=batch["tag_ids"], tag_boxes=batch["tag_boxes"], tag_mask=batch["tag_mask"],
                      feats=batch["feats"], boxes=batch["boxes"], region_mask=batch["region_mask"])
     logits = model.mlm(h[:, spans["tags"]])
@@ -193,7 +200,7 @@ def test_match_and_nsp_losses_by_hand():
     none = torch.full((2, 5), -100)
     for key in ("nsp_labels", "match_labels"):
         batch = dict(input_ids=ids, attention_mask=torch.ones(2, 5), mlm_labels=none, **{key: torch.tensor([0, 1])})
-        _, terms = model.pretrain_losses(batch)
+        _, terms = pretrain_losses(model, batch)
         h, _ = model(ids)
         logits = model.nsp(torch.tanh(model.pooler(h[:, 0])))
         by_hand = -(logits[0].log_softmax(-1)[0] + logits[1].log_softmax(-1)[1]) / 2
@@ -207,7 +214,7 @@ def test_no_tags_puts_no_tag_tokens_in_the_sequence():
     seen = {}
     model.layers[0].register_forward_hook(lambda m, inp, out: seen.update(T=inp[0].shape[1]))
     b = {k: v for k, v in b.items() if not k.startswith("tag")}  # what data.py builds with --no-tags
-    _, terms = model.pretrain_losses(b)
+    _, terms = pretrain_losses(model, b)
     assert seen["T"] == 4  # regions only
     assert "tag" not in terms and {"feat", "label"} <= set(terms)
 
@@ -219,7 +226,7 @@ def test_overfits_one_batch():
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     first = None
     for _ in range(150):
-        loss, _ = model.pretrain_losses(b)
+        loss, _ = pretrain_losses(model, b)
         first = first if first is not None else loss.item()
         opt.zero_grad()
         loss.backward()

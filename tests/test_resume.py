@@ -14,6 +14,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from toy import make_toy_world  # noqa: E402
+import common  # noqa: E402
 import finetune  # noqa: E402
 from model import Config, VisualBERT  # noqa: E402
 import tasks  # noqa: E402
@@ -65,18 +66,17 @@ def test_checkpoint_survives_kill_during_save(toy, tmp_path):
 
 
 def test_non_finite_loss_stops_with_one_clear_line(toy, tmp_path, monkeypatch):
-    real = VisualBERT.pretrain_sums
+    real = VisualBERT.pretrain_loss
     calls = {"n": 0}
 
     def nan_at_step_5(self, batch):
         calls["n"] += self.training  # held-out evaluation (eval mode) does not count
-        terms = real(self, batch)
+        sums, counts, right = real(self, batch)
         if calls["n"] == 5 and self.training:
-            name = next(iter(terms))
-            terms[name] = terms[name] * float("nan")
-        return terms
+            sums = sums * torch.tensor([float("nan")] + [1.0] * (len(sums) - 1))
+        return sums, counts, right
 
-    monkeypatch.setattr(VisualBERT, "pretrain_sums", nan_at_step_5)
+    monkeypatch.setattr(VisualBERT, "pretrain_loss", nan_at_step_5)
     with pytest.raises(SystemExit, match=r"step 5: non-finite loss \(.*nan.*\); stopping, the last good checkpoint is .*ckpt.pt"):
         pretrain.main(args(toy, tmp_path, "--save-every", "2"))
     assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["step"] == 4
@@ -84,7 +84,7 @@ def test_non_finite_loss_stops_with_one_clear_line(toy, tmp_path, monkeypatch):
 
 
 def test_fp16_scaler_skips_a_non_finite_step(toy, tmp_path, monkeypatch):
-    real = VisualBERT.pretrain_sums
+    real = VisualBERT.pretrain_loss
     calls = {"n": 0}
     seen = {}
 
@@ -94,13 +94,12 @@ def test_fp16_scaler_skips_a_non_finite_step(toy, tmp_path, monkeypatch):
             seen["before"] = {k: v.detach().clone() for k, v in self.state_dict().items()}
         if calls["n"] == 4 and "after" not in seen:
             seen["after"] = {k: v.detach().clone() for k, v in self.state_dict().items()}
-        terms = real(self, batch)
+        sums, counts, right = real(self, batch)
         if calls["n"] == 3 and self.training:
-            name = next(iter(terms))
-            terms[name] = terms[name] * float("inf")
-        return terms
+            sums = sums * torch.tensor([float("inf")] + [1.0] * (len(sums) - 1))
+        return sums, counts, right
 
-    monkeypatch.setattr(VisualBERT, "pretrain_sums", nan_at_step_3)
+    monkeypatch.setattr(VisualBERT, "pretrain_loss", nan_at_step_3)
     pretrain.main(args(toy, tmp_path, "--dtype", "fp16", "--max-steps", "6"))
     assert all(torch.equal(seen["before"][k], seen["after"][k]) for k in seen["before"])  # step 3 skipped
     assert [r["step"] for r in log(tmp_path)] == list(range(1, 7))  # and the run went on
@@ -119,7 +118,7 @@ def ft_args(toy, out, task, *extra):
 @pytest.mark.parametrize("task", ["vqa", "retrieval"])  # retrieval draws its negatives from the task's generator
 def test_killed_and_resumed_finetune_logs_what_an_uninterrupted_one_does(toy, tmp_path, kill_at, task):
     finetune.main(ft_args(toy, tmp_path / "whole", task))
-    kill_at(finetune, "take_step", 11)  # called once per step
+    kill_at(common, "train_step", 11)  # called once per step
     with pytest.raises(KeyboardInterrupt):
         finetune.main(ft_args(toy, tmp_path / "split", task))
     assert [r["step"] for r in log(tmp_path / "split")] == [3, 6, 9]  # step 9 was logged after the checkpoint at step 8

@@ -17,7 +17,8 @@ import data  # noqa: E402
 from toy import make_toy_world  # noqa: E402
 import finetune  # noqa: E402
 import pretrain  # noqa: E402
-from model import PRESETS, Config, PretrainLoss, VisualBERT, with_positions  # noqa: E402
+from model import PRESETS, Config, VisualBERT, with_positions  # noqa: E402
+from test_model import pretrain_losses  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +49,8 @@ def gradient(start, micro, loss_of=None):
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     micro = [with_positions(mb) for mb in micro]
     if loss_of is None:
-        counts = sum(torch.stack(list(model.count_targets(mb).values())) for mb in micro).clamp(min=1)
-        loss_of = lambda m, mb: (PretrainLoss(m)(mb) / counts).sum()  # noqa: E731
+        counts = sum(model.count_targets(mb) for mb in micro).clamp(min=1)
+        loss_of = lambda m, mb: (m.pretrain_loss(mb)[0] / counts).sum()  # noqa: E731
     for mb in micro:
         scaler.scale(loss_of(model, mb)).backward()
     common.clip_and_step(opt, scaler, 1e9)
@@ -71,7 +72,7 @@ def test_micro_batches_take_the_step_of_the_whole_batch(toy):
         assert_same(gradient(model, [common.shard(batch, j, n) for j in range(n)]), whole, 1e-5)
     # the mean of each micro-batch's own means is another gradient: the test above would see it
     naive = gradient(model, [common.shard(batch, j, 4) for j in range(4)],
-                     lambda m, mb: m.pretrain_losses(mb)[0] / 4)
+                     lambda m, mb: pretrain_losses(m, mb)[0] / 4)
     with pytest.raises(AssertionError):
         assert_same(naive, whole, 1e-3)
 
@@ -211,28 +212,26 @@ def test_the_counter_sees_what_synchronises(toy, count_syncs):
     with Syncs() as s:
         x = torch.arange(6.0)
         x[x > 2], float(x.sum()), x.nonzero()
-        model.pretrain_sums(batch)  # the positions of the masked tokens and regions found from boolean masks
+        model.pretrain_loss(batch)  # the positions of the masked tokens and regions found from boolean masks
     assert "aten.index.Tensor" in s.calls and "aten._local_scalar_dense.default" in s.calls and s.calls.count("aten.nonzero.default") >= 4
     batch = with_positions(batch)  # found by the host
     with Syncs() as s:
-        model.pretrain_sums(batch)
+        model.pretrain_loss(batch)
     assert s.calls == []
 
 
 def test_no_host_sync_on_a_step_that_does_not_log_or_save(toy, tmp_path, count_syncs, monkeypatch):
     per_step = count_syncs.steps()
     reads = []
-    real_read = pretrain.read_losses
-    monkeypatch.setattr(pretrain, "read_losses", lambda pending, *a: reads.append(pending[-1][0]) or real_read(pending, *a))
+    real_read = common.read_losses
+    monkeypatch.setattr(common, "read_losses", lambda pending, *a: reads.append(pending[-1][0]) or real_read(pending, *a))
     pretrain.main(["--hybrid", "--toy-root", toy, "--out", str(tmp_path / "pre"), "--cache-dir", os.path.join(toy, "cache"),
                    "--max-steps", "8", "--batch-size", "8", "--log-every", "4", "--save-every", "100", "--eval-batches", "1",
                    "--grad-accum", "2"])
     assert len(per_step) == 8 and per_step == [[]] * 8  # forward, backward, counts, clip and AdamW: never a read
     assert reads == [4, 8]  # the host reads the losses (and checks them) on the logging steps alone
 
-    per_step, reads = count_syncs(finetune, "take_step"), []
-    real_losses = finetune.read_losses
-    monkeypatch.setattr(finetune, "read_losses", lambda pending, step, *a: reads.append(step) or real_losses(pending, step, *a))
+    per_step, reads = count_syncs(common, "train_step"), []
     finetune.main(["--task", "retrieval", "--toy-root", toy, "--out", str(tmp_path / "ft"), "--batch-size", "8", "--epochs", "0.5",
                    "--log-every", "4", "--save-every", "100"])
     assert len(per_step) == 9 and per_step == [[]] * 9

@@ -23,15 +23,15 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-import common
 import data
+import guards
 import extract_features as ef
 import tasks
 import toy
-from common import load_checkpoint, load_weights
+from storage import load_checkpoint, load_weights
 from model import Config, VisualBERT
 
-parser = common.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = guards.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("checkpoint", help="OUT/ckpt.pt of finetune.py")
 parser.add_argument("inputs", nargs="+", metavar="IMAGE... TEXT",
                     help="image files (retrieval: also folders) or stored image ids, then the question or sentence")
@@ -44,7 +44,7 @@ parser.add_argument("--show", action="store_true",
                     help="write IMAGE.ask.png with boxes, tags and [CLS]'s attention to each")
 parser.add_argument("--out", metavar="DIR",
                     help="where the PNGs go (default: beside the image file; here for an image id)")
-parser.add_argument("--top", type=common.POSITIVE_INT, default=5, help="vqa: how many answers to list (%(default)s)")
+parser.add_argument("--top", type=guards.POSITIVE_INT, default=5, help="vqa: how many answers to list (%(default)s)")
 parser.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda if there is one)")
 
 TAKES = {"vqa": "one image and a question", "refcoco": "one image and a referring expression",

@@ -21,11 +21,13 @@ import torch
 
 import common
 import data
+import guards
+import storage
 from model import PEAK_FLOPS, PRESETS, Config, VisualBERT, peak_flops, train_flops
 
 # -----------------------------------------------------------------------------
 # settings: `python bench.py -h` is the manual
-parser = common.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = guards.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                     help="where the step runs: cpu, cuda, cuda:1, ... (default: cuda if there is one, here "
                          "%(default)s)")
@@ -34,22 +36,22 @@ parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
 parser.add_argument("--compile", action="store_true", help="torch.compile the model first, as pretrain.py --compile")
 parser.add_argument("--model", default="base", choices=sorted(PRESETS),
                     help="size preset of model.py (%(default)s: BERT-base, the paper's)")
-parser.add_argument("--batch-size", type=common.POSITIVE_INT, default=16, help="sequences in the step (%(default)s)")
-parser.add_argument("--text-len", type=common.POSITIVE_INT, default=32, help="text pieces per sequence (%(default)s)")
-parser.add_argument("--regions", type=common.POSITIVE_INT, default=36,
+parser.add_argument("--batch-size", type=guards.POSITIVE_INT, default=16, help="sequences in the step (%(default)s)")
+parser.add_argument("--text-len", type=guards.POSITIVE_INT, default=32, help="text pieces per sequence (%(default)s)")
+parser.add_argument("--regions", type=guards.POSITIVE_INT, default=36,
                     help="regions per image, each with one tag piece (%(default)s, the paper's fixed 36 boxes)")
-parser.add_argument("--feat-dim", type=common.POSITIVE_INT, default=2048,
+parser.add_argument("--feat-dim", type=guards.POSITIVE_INT, default=2048,
                     help="size of a region's feature (%(default)s, bottom-up attention's)")
-parser.add_argument("--steps", type=common.COUNT, default=6,
+parser.add_argument("--steps", type=guards.COUNT, default=6,
                     help="timed steps (%(default)s; 0: time the data loader alone)")
-parser.add_argument("--warmup", type=common.COUNT, default=2, help="untimed steps first (%(default)s)")
+parser.add_argument("--warmup", type=guards.COUNT, default=2, help="untimed steps first (%(default)s)")
 parser.add_argument("--compare-hf", action="store_true",
                     help="time transformers' VisualBertForPreTraining too (eager, its defaults)")
-parser.add_argument("--loader-images", type=common.POSITIVE_INT, default=256,
+parser.add_argument("--loader-images", type=guards.POSITIVE_INT, default=256,
                     help="images in the temporary feature store for the loader benchmark (%(default)s; 0: skip it)")
-parser.add_argument("--workers", type=common.COUNT, default=2,
+parser.add_argument("--workers", type=guards.COUNT, default=2,
                     help="DataLoader workers for the loader benchmark (%(default)s)")
-parser.add_argument("--processes", type=common.POSITIVE_INT, default=1, metavar="N",
+parser.add_argument("--processes", type=guards.POSITIVE_INT, default=1, metavar="N",
                     help="the loader builds 1/N of each global batch, as each of N processes under torchrun does "
                          "(%(default)s)")
 
@@ -135,8 +137,8 @@ def bench_loader(args, cfg):
     feature store on disk (small enough to sit in the page cache)."""
     with tempfile.TemporaryDirectory() as tmp:
         r = np.random.default_rng(0)
-        w = data.FeatureWriter(os.path.join(tmp, "store"), args.feat_dim, [f"class{i}" for i in range(cfg.num_labels)],
-                               shard_size=128)
+        w = storage.FeatureWriter(os.path.join(tmp, "store"), args.feat_dim,
+                                  [f"class{i}" for i in range(cfg.num_labels)], shard_size=128)
         for i in range(args.loader_images):
             w.add(f"im{i}", r.random((args.regions, args.feat_dim), dtype=np.float32),
                   np.sort(r.random((args.regions, 4)), 1),
@@ -147,7 +149,7 @@ def bench_loader(args, cfg):
         with open(os.path.join(tmp, "pairs.jsonl"), "w") as f:
             for i in range(args.loader_images):
                 f.write(f'{{"image_id": "im{i}", "caption": "{words(args.text_len - 2)}"}}\n')
-        captions = data.TokenCorpus(os.path.join(tmp, "pairs.jsonl"), vocab, "pairs", os.path.join(tmp, "cache"))
+        captions = storage.TokenCorpus(os.path.join(tmp, "pairs.jsonl"), vocab, "pairs", os.path.join(tmp, "cache"))
         images = data.Images([os.path.join(tmp, "store")])
         corpus = data.Corpus("pairs", "pair", vocab, (captions, captions.image_ids), images)
         ds = data.PretrainData([corpus], args.batch_size, seed=0, rank=0, world=args.processes)  # this process's rows

@@ -1,223 +1,27 @@
 """
-Data for U-VisualBERT: the feature store, text corpora, masking and batching for pre-training
-(docs/METHOD.md §2, 4, 7). The built-in toy world that fills these formats with no download is in toy.py.
+Data for U-VisualBERT's pre-training (docs/METHOD.md §2, 4), in the order it flows: the vocabulary,
+masking, one item and a batch of a corpus, the proportional sampler, the loader. The files it reads
+(feature stores, tokenised text) are store.py's; the toy world that fills them with no download is toy.py.
 
 Sections, in order:
-  1. the feature store: region features of many images, memory-mapped, toy or real alike
-  2. text: a WordPiece tokenizer and corpora pre-tokenised into memory-mapped arrays
-  3. masking (docs/METHOD.md §2)
-  4. batches, the proportional sampler (docs/METHOD.md §4), the worker processes that build them
+  1. text: a WordPiece vocabulary
+  2. masking (docs/METHOD.md §2)
+  3. batches of each corpus, the proportional sampler (docs/METHOD.md §4), the loader
+  4. for a GPU: batches handed over by worker processes, and the positions found on the host (a
+     student on a CPU may skip it)
 """
 
-import glob
-import hashlib
-import json
 import mmap
 import os
-import shutil
 
 import numpy as np
 import torch
 
-from common import read_json, write_atomic, write_json
+import storage
 from model import MASK_PROB
 
 # -----------------------------------------------------------------------------
-# 1. the feature store
-#
-# A folder:
-#   meta.json                 {"format", "feature_dim", "class_names", "attr_names", "extractor": {...}}
-#   NAME.features.npy         (R, D) float16, R = all regions of the shard's images, row after row
-#   NAME.boxes.npy            (R, 4) float32, normalised x1, y1, x2, y2
-#   NAME.labels.npy           (R,) int32, the detector's top class (the tag)
-#   NAME.scores.npy           (R,) float32, its confidence
-#   NAME.attrs.npy            (R,) int32 and NAME.attr_scores.npy (R,) float32, where the detector has attributes
-#   NAME.index.json           {"ids", "start", "count", "width", "height"}: image i is rows start[i]:start[i]+count[i]
-# A shard is complete once its index exists: the index is written last, and every file is written
-# to a temporary name and renamed, so a killed writer leaves complete shards and nothing half-read.
-
-STORE_FORMAT = "uvisualbert-features/1"
-ARRAYS = {"features": np.float16, "boxes": np.float32, "labels": np.int32, "scores": np.float32,
-          "attrs": np.int32, "attr_scores": np.float32}
-
-
-class FeatureStore:
-    """Read-only access to a feature store: `store[image_id]` -> dict of numpy arrays."""
-
-    def __init__(self, path):
-        self.path = path
-        meta_file = os.path.join(path, "meta.json")
-        if not os.path.exists(meta_file):
-            raise FileNotFoundError(f"{path}: not a feature store (no meta.json); make one with extract_features.py")
-        self.meta = read_json(meta_file)
-        if not isinstance(self.meta, dict) or self.meta.get("format") != STORE_FORMAT:
-            raise ValueError(f"{meta_file}: not the meta.json of a feature store (format {STORE_FORMAT!r}); "
-                             "make one with extract_features.py")
-        self.class_names = self.meta["class_names"]
-        self.attr_names = self.meta.get("attr_names")
-        self.feature_dim = self.meta["feature_dim"]
-        self._shards, self._where, self._arrays = [], {}, {}
-        for index_file in sorted(glob.glob(os.path.join(path, "*.index.json"))):
-            shard = index_file[: -len(".index.json")]
-            index = read_json(index_file)
-            self._check_shard(shard, index)
-            s = len(self._shards)
-            self._shards.append(shard)
-            for i, image_id in enumerate(index["ids"]):
-                if image_id in self._where:
-                    other = self._shards[self._where[image_id][0]]
-                    raise ValueError(f"{path}: image {image_id!r} is stored twice, in {other} and {shard}")
-                self._where[image_id] = (s, index["start"][i], index["count"][i], index["width"][i], index["height"][i])
-
-    def _check_shard(self, shard, index):
-        if not isinstance(index, dict) or not {"ids", "start", "count", "width", "height"} <= set(index):
-            raise ValueError(f"{shard}.index.json: not a shard index (ids, start, count, width, height)")
-        rows = sum(index["count"])
-        for name in ARRAYS:
-            file = f"{shard}.{name}.npy"
-            if not os.path.exists(file):
-                if name in ("attrs", "attr_scores"):
-                    continue
-                raise ValueError(f"{file}: missing; the shard's index lists {len(index['ids'])} images")
-            try:
-                arr = np.load(file, mmap_mode="r")
-            except ValueError as e:
-                raise ValueError(f"{file}: truncated or corrupt ({e})") from None
-            if arr.shape[0] != rows or (name == "features" and arr.shape[1] != self.feature_dim):
-                raise ValueError(f"{file}: shape {arr.shape}, the index and meta.json expect ({rows}, ...), "
-                                 f"feature_dim {self.feature_dim}")
-
-    def _array(self, s, name):
-        key = (s, name)
-        if key not in self._arrays:  # opened lazily, so each DataLoader worker maps its own
-            file = f"{self._shards[s]}.{name}.npy"
-            self._arrays[key] = np.load(file, mmap_mode="r") if os.path.exists(file) else None
-        return self._arrays[key]
-
-    def __len__(self):
-        return len(self._where)
-
-    def __contains__(self, image_id):
-        return image_id in self._where
-
-    def ids(self):
-        return list(self._where)
-
-    def __getitem__(self, image_id):
-        return self.get(image_id)
-
-    def get(self, image_id, dtype=np.float32):
-        """The image's entry; features as `dtype`. float16 is what is stored: it skips a conversion,
-        and the features are then a read-only view of the memory map."""
-        if image_id not in self._where:
-            raise KeyError(f"{self.path}: no features for image {image_id!r}")
-        s, start, count, width, height = self._where[image_id]
-        rows = slice(start, start + count)
-        out = {"features": np.asarray(self._array(s, "features")[rows], dtype=dtype),  # (K, D)
-               "boxes": np.array(self._array(s, "boxes")[rows]),  # (K, 4)
-               "labels": np.array(self._array(s, "labels")[rows]),  # (K,)
-               "scores": np.array(self._array(s, "scores")[rows]),  # (K,)
-               "width": width, "height": height}
-        if self._array(s, "attrs") is not None:
-            out["attributes"] = np.array(self._array(s, "attrs")[rows])
-            out["attr_scores"] = np.array(self._array(s, "attr_scores")[rows])
-        return out
-
-    def region(self, image_id, u):
-        """The features (D,) of region floor(u * regions) of the image, as stored (float16): one row read."""
-        s, start, count, _, _ = self._where[image_id]
-        return np.asarray(self._array(s, "features")[start + int(u * count)])
-
-
-def _save_npy(file, arr):
-    write_atomic(file, lambda f: np.save(f, arr))
-
-
-class FeatureWriter:
-    """Appends images to a feature store in shards of `shard_size` images.
-
-    Several writers (processes) may fill one store at once if each has its own `prefix`. Opening
-    an existing store checks that it was made the same way (same feature size, classes and
-    extractor settings), and `done_ids()` tells which images a rerun can skip.
-    """
-
-    def __init__(self, path, feature_dim, class_names, attr_names=None, extractor=None, prefix="shard",
-                 shard_size=1000):
-        self.path, self.prefix, self.shard_size, self.feature_dim = path, prefix, shard_size, int(feature_dim)
-        os.makedirs(path, exist_ok=True)
-        meta = {"format": STORE_FORMAT, "feature_dim": int(feature_dim), "class_names": list(class_names),
-                "attr_names": list(attr_names) if attr_names is not None else None, "extractor": extractor or {}}
-        meta_file = os.path.join(path, "meta.json")
-        if os.path.exists(meta_file):
-            old = read_json(meta_file)
-            meta = json.loads(json.dumps(meta))  # as it would read back (tuples become lists)
-            if old != meta:
-                raise ValueError(f"{meta_file}: this store was made with other settings "
-                                 f"({'; '.join(differences(old, meta))}); write to a new folder instead of mixing "
-                                 "features from two extractors")
-        else:
-            write_json(meta_file, meta)
-        done = sorted(glob.glob(os.path.join(path, f"{prefix}-*.index.json")))
-        self._next = 1 + max([int(f.rsplit("-", 1)[1].split(".")[0]) for f in done], default=-1)
-        self._buffer = []
-
-    def done_ids(self):
-        """Ids of every image already stored, by any writer."""
-        ids = set()
-        for f in glob.glob(os.path.join(self.path, "*.index.json")):
-            with open(f) as fh:
-                ids.update(json.load(fh)["ids"])
-        return ids
-
-    def add(self, image_id, features, boxes, labels, scores, width, height, attributes=None, attr_scores=None):
-        K = len(boxes)
-        assert features.shape == (K, self.feature_dim) and len(labels) == K and len(scores) == K, \
-            f"image {image_id}: features {features.shape}, {K} boxes, {len(labels)} labels, {len(scores)} scores"
-        self._buffer.append((str(image_id), features, boxes, labels, scores, int(width), int(height),
-                             attributes, attr_scores))
-        if len(self._buffer) >= self.shard_size:
-            self.flush()
-
-    def flush(self):
-        """Write the buffered images as one complete shard."""
-        if not self._buffer:
-            return
-        shard = os.path.join(self.path, f"{self.prefix}-{self._next:05d}")
-        ids, feats, boxes, labels, scores, widths, heights, attrs, attr_scores = zip(*self._buffer)
-        counts = [len(b) for b in boxes]
-        boxes = [np.reshape(b, (-1, 4)) for b in boxes]
-        for name, parts in zip(ARRAYS, (feats, boxes, labels, scores, attrs, attr_scores)):
-            if parts[0] is not None:  # attributes are optional
-                _save_npy(f"{shard}.{name}.npy", np.concatenate(parts).astype(ARRAYS[name]))
-        starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).tolist()
-        write_json(f"{shard}.index.json", {"ids": list(ids), "start": starts, "count": counts,
-                                           "width": list(widths), "height": list(heights)})
-        self._next += 1
-        self._buffer = []
-
-    close = flush
-
-
-def differences(old, new, prefix=""):
-    """Each setting of two meta.json dicts that differs, with both values: "extractor.nms 0.3 (now 0.5)"."""
-    out = []
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += differences(a, b, f"{prefix}{k}.")
-        elif a != b:
-            out.append(f"{prefix}{k} {short(a)} (now {short(b)})")
-    return out
-
-
-def short(value, width=60):
-    """repr(value), cut to `width` characters (a list of 1,600 class names)."""
-    text = repr(value)
-    return text if len(text) <= width else text[:width - 3] + "..."
-
-
-# -----------------------------------------------------------------------------
-# 2. text
+# 1. text
 
 
 class Vocab:
@@ -268,153 +72,8 @@ class Vocab:
         return [self.encode(name.split(",")[0].strip()) or [self.unk] for name in class_names]
 
 
-# Bad records. A record that cannot be used (a line not UTF-8, a malformed TSV row or task record, a pair
-# whose image is in no store) is skipped, named and counted, and the run goes on; but when more than
-# MAX_BAD_SHARE of a file's records are bad, the file is not what the flag says (another format, another
-# split's annotations, the features of other images) and the run stops. A tenth: far above what a real
-# data set loses to a broken download or a hand edit (a few records in thousands), far below the whole
-# file that a wrong file loses.
-MAX_BAD_SHARE = 0.1
-
-
-def check_bad_share(bad, total, first, unit="records"):
-    """ValueError when `bad` of a file's `total` records are more than MAX_BAD_SHARE; `first` names the
-    first bad record and what is wrong with it (the message starts with it)."""
-    if bad > MAX_BAD_SHARE * total:
-        raise ValueError(f"{first}; {bad} of {total} {unit} bad ({bad / total:.0%}), more than the "
-                         f"{MAX_BAD_SHARE:.0%} a run skips")
-
-
-class TokenCorpus:
-    """Token pieces of many text items (captions, or sentences grouped into documents) in one
-    flat memory-mapped int32 array with offsets: item i is tokens[offsets[i]:offsets[i+1]].
-    Built once per (file, vocabulary) and cached, so a corpus of millions of lines costs no
-    memory and no start-up time after the first run.
-
-    kind "lines": one item per non-empty line (captions).
-    kind "docs":  one item per sentence line; a blank line separates documents (BookCorpus).
-    kind "pairs": JSON lines {"image_id", "caption"}; items are captions, `image_ids` beside.
-    """
-
-    MAX_LINE = 100_000  # characters; a longer "line" is not a sentence (a binary file, a missing newline)
-
-    def __init__(self, path, vocab, kind, cache_dir="cache"):
-        st = os.stat(path) if os.path.exists(path) else None
-        if st is None:
-            raise FileNotFoundError(f"{path}: text file not found")
-        key = json.dumps(["tokens.bin v1", os.path.abspath(path), st.st_size, st.st_mtime_ns, kind, vocab.tokens])
-        key = hashlib.sha1(key.encode()).hexdigest()[:16]
-        folder = os.path.join(cache_dir, f"{os.path.basename(path)}-{key}")
-        if not os.path.exists(os.path.join(folder, "done")):
-            new_cache = not os.path.exists(cache_dir)
-            try:
-                self._build(path, vocab, kind, folder)
-            except BaseException:  # a file with no usable line, a kill: no half cache is left behind
-                shutil.rmtree(folder, ignore_errors=True)
-                if new_cache:
-                    shutil.rmtree(cache_dir, ignore_errors=True)
-                raise
-        self.path = path
-        tokens = os.path.join(folder, "tokens.bin")
-        self.tokens = np.memmap(tokens, dtype=np.int32, mode="r") if os.path.getsize(tokens) else np.zeros(0, np.int32)
-        self.offsets = np.load(os.path.join(folder, "offsets.npy"))
-        self.docs = np.load(os.path.join(folder, "docs.npy"))  # (N,) document of each item
-        self.skipped = read_json(os.path.join(folder, "skipped.json"))  # [[line, reason]]: bad records left out
-        self.image_ids = read_json(os.path.join(folder, "image_ids.json")) if kind == "pairs" else None
-
-    @staticmethod
-    def _build(path, vocab, kind, folder):
-        """Read the file line by line (it may be far larger than memory), tokenise in blocks and
-        append to tokens.bin. A bad line is skipped and listed; a file with no usable line is fatal."""
-        os.makedirs(folder, exist_ok=True)
-        lengths, docs, image_ids, skipped, block, doc, blank = [], [], [], [], [], 0, True
-        with open(path, "rb") as f, open(os.path.join(folder, "tokens.bin"), "wb") as out:
-            def flush():
-                for ids in vocab.encode_batch(block):
-                    out.write(np.asarray(ids, dtype=np.int32).tobytes())
-                    lengths.append(len(ids))
-                block.clear()
-
-            for n, raw in enumerate(f, 1):
-                try:
-                    line = raw.decode("utf-8").rstrip("\r\n")
-                except UnicodeDecodeError as e:
-                    skipped.append([n, f"not valid UTF-8 (byte {raw[e.start]:#x} at column {e.start + 1})"])
-                    continue
-                if len(line) > TokenCorpus.MAX_LINE:
-                    skipped.append([n, f"{len(line)} characters long, over {TokenCorpus.MAX_LINE}"])
-                    continue
-                if not line.strip():
-                    if kind == "docs" and not blank:
-                        doc += 1  # a blank line ends a document; several in a row, or an empty document, change nothing
-                    blank = True
-                    continue
-                blank = False
-                if kind == "pairs":
-                    try:
-                        record = json.loads(line)
-                        image_id, text = str(record["image_id"]), str(record["caption"])
-                    except (ValueError, KeyError, TypeError):
-                        skipped.append([n, "not a JSON object with image_id and caption"])
-                        continue
-                    image_ids.append(image_id)
-                else:
-                    text = line
-                block.append(text)
-                docs.append(doc if kind == "docs" else len(docs))
-                if len(block) == 10000:
-                    flush()
-            flush()
-        if not docs:
-            if skipped:
-                raise ValueError(f"{path}: no usable line ({len(skipped)} bad, the first: line {skipped[0][0]}, "
-                                 f"{skipped[0][1]})")
-            raise ValueError(f"{path}: the file is empty")
-        _save_npy(os.path.join(folder, "offsets.npy"), np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
-        _save_npy(os.path.join(folder, "docs.npy"), np.asarray(docs, dtype=np.int64))
-        write_json(os.path.join(folder, "skipped.json"), skipped)
-        if kind == "pairs":
-            write_json(os.path.join(folder, "image_ids.json"), image_ids)
-        open(os.path.join(folder, "done"), "w").close()
-
-    def report(self):
-        """One line on the records left out, or None."""
-        if self.skipped:
-            first = "; ".join(f"line {n}: {why}" for n, why in self.skipped[:3])
-            more = "; ..." if len(self.skipped) > 3 else ""
-            return f"{self.path}: skipped {len(self.skipped)} bad line(s) ({first}{more})"
-
-    def check_bad_share(self):
-        """ValueError when too many of the file's lines were bad (check_bad_share)."""
-        if self.skipped:
-            n, why = self.skipped[0]
-            check_bad_share(len(self.skipped), len(self) + len(self.skipped), f"{self.path}: line {n}: {why}", "lines")
-
-    def __len__(self):
-        return len(self.offsets) - 1
-
-    def __getitem__(self, i):
-        return self.tokens[self.offsets[i]:self.offsets[i + 1]]
-
-    def chunks(self, max_pieces):
-        """Runs of whole consecutive sentences of one document, each at most `max_pieces` long
-        (a longer sentence is a chunk of its own, cut later): (start, end) item ranges (docs/METHOD.md §2)."""
-        lengths = np.diff(self.offsets)
-        out, start, size = [], 0, 0
-        for i in range(len(self)):
-            if i > start and (self.docs[i] != self.docs[start] or size + lengths[i] > max_pieces):
-                out.append((start, i))
-                start, size = i, 0
-            size += lengths[i]
-        out.append((start, len(self)))
-        return np.asarray(out, dtype=np.int64)
-
-    def span(self, start, end):
-        return self.tokens[self.offsets[start]:self.offsets[end]]
-
-
 # -----------------------------------------------------------------------------
-# 3. masking (docs/METHOD.md §2)
+# 2. masking (docs/METHOD.md §2)
 
 TAG_JOINT_PROB = 0.9  # a tag whose region is masked is masked too, with this probability
 
@@ -514,7 +173,7 @@ def mask_tags(tag_ids, tag_region, region_masked, vocab, rng):
 
 
 # -----------------------------------------------------------------------------
-# 4. batches (docs/METHOD.md §4)
+# 3. batches (docs/METHOD.md §4)
 
 CAPTION_LEN, TEXT_LEN, MAX_TAGS = 30, 64, 50  # pieces, [CLS] and [SEP] included
 
@@ -604,7 +263,7 @@ class Images:
     """One or more feature stores seen as one set of image ids."""
 
     def __init__(self, paths):
-        self.stores = [FeatureStore(p) for p in paths]
+        self.stores = [storage.FeatureStore(p) for p in paths]
         first = self.stores[0]
         for s in self.stores[1:]:
             if s.class_names != first.class_names or s.feature_dim != first.feature_dim:
@@ -639,8 +298,8 @@ class ImagePairs:
         self.missing = [i for i in pairs.image_ids if i not in images]
         self.named = f"naming images that {held_in}, e.g. {self.missing[:3]}"
         if self.missing:  # the file's bad lines count too
-            check_bad_share(len(self.missing) + len(pairs.skipped), len(pairs) + len(pairs.skipped),
-                            f"{self.path}: {len(self.missing)} pairs {self.named}", "lines")
+            storage.check_bad_share(len(self.missing) + len(pairs.skipped), len(pairs) + len(pairs.skipped),
+                                    f"{self.path}: {len(self.missing)} pairs {self.named}", "lines")
 
     def report(self):
         """pairs.report(), and the pairs left out for their image."""
@@ -686,33 +345,40 @@ class Corpus:
     def batch(self, idx, rng):
         """Rows rng.rows of the masked batch of items `idx` (all of the batch's items: a row may take
         another row's image)."""
-        v, idx = self.vocab, np.asarray(idx)
-        mine = idx[rng.rows]
-        if self.kind == "caption":
-            b = text_inputs([self.items[i] for i in mine], v, CAPTION_LEN)
-            b["input_ids"], b["mlm_labels"] = mask_text(b["input_ids"], v, rng)
-            return b
-        if self.kind == "text":
-            span = lambda c: self.items.span(*self.chunks[c])
-            if not self.nsp:
-                b = text_inputs([span(i) for i in mine], v, TEXT_LEN)
-            else:  # B is the next chunk with p 0.5, else a random chunk (label 1, as BERT)
-                first = self.starts[mine]
-                is_random = rng.uniform(1)[:, 0] < 0.5
-                rand = (rng.uniform(1)[:, 0] * len(self.chunks)).long().numpy()
-                second = np.where(is_random.numpy(), rand, first + 1)
-                b = text_inputs([span(i) for i in first], v, TEXT_LEN, second=[span(i) for i in second])
-                b["nsp_labels"] = is_random.long()
-            b["input_ids"], b["mlm_labels"] = mask_text(b["input_ids"], v, rng, whole_word=True)
-            return b
-        if self.kind == "image":
-            b = image_inputs([self.images[self.items[i]] for i in mine], self.tag_pieces, self.tags)
-            return mask_image(b, v, rng, donor(self.images, [self.items[i] for i in idx]))
-        # aligned pairs: with p 0.5 the image is swapped for a different image, the image of a random
-        # pair of the set redrawn until it differs (LXMERT), label 1. A set whose pairs all show one
-        # image has none to swap in: its pairs stay matched. The caption is masked either way (LXMERT,
-        # the authors' code base): only the match label tells the two apart.
+        make = {"caption": self.caption_batch, "text": self.text_batch, "image": self.image_batch,
+                "pair": self.pair_batch}[self.kind]
+        return make(np.asarray(idx), rng)
+
+    def caption_batch(self, idx, rng):
+        b = text_inputs([self.items[i] for i in idx[rng.rows]], self.vocab, CAPTION_LEN)
+        b["input_ids"], b["mlm_labels"] = mask_text(b["input_ids"], self.vocab, rng)
+        return b
+
+    def text_batch(self, idx, rng):
+        span = lambda c: self.items.span(*self.chunks[c])  # noqa: E731
+        if not self.nsp:
+            b = text_inputs([span(i) for i in idx[rng.rows]], self.vocab, TEXT_LEN)
+        else:  # B is the next chunk with p 0.5, else a random chunk (label 1, as BERT)
+            first = self.starts[idx[rng.rows]]
+            is_random = rng.uniform(1)[:, 0] < 0.5
+            rand = (rng.uniform(1)[:, 0] * len(self.chunks)).long().numpy()
+            second = np.where(is_random.numpy(), rand, first + 1)
+            b = text_inputs([span(i) for i in first], self.vocab, TEXT_LEN, second=[span(i) for i in second])
+            b["nsp_labels"] = is_random.long()
+        b["input_ids"], b["mlm_labels"] = mask_text(b["input_ids"], self.vocab, rng, whole_word=True)
+        return b
+
+    def image_batch(self, idx, rng):
+        b = image_inputs([self.images[self.items[i]] for i in idx[rng.rows]], self.tag_pieces, self.tags)
+        return mask_image(b, self.vocab, rng, donor(self.images, [self.items[i] for i in idx]))
+
+    def pair_batch(self, idx, rng):
+        """With p 0.5 the image is swapped for a different image, the image of a random pair of the set
+        redrawn until it differs (LXMERT), label 1. A set whose pairs all show one image has none to
+        swap in: its pairs stay matched. The caption is masked either way (LXMERT, the authors' code
+        base): only the match label tells the two apart."""
         captions, image_ids = self.items
+        mine = idx[rng.rows]
         several = any(i != image_ids[0] for i in image_ids)
         swap = (rng.uniform(1)[:, 0] < 0.5) & several
         draws = (rng.uniform(16) * len(image_ids)).long().numpy()  # (rows, 16) pairs to redraw from
@@ -724,11 +390,11 @@ class Corpus:
                 t = (t + 1) % len(image_ids)
                 other = image_ids[t] if image_ids[t] != image_of[j] else None
             image_of[j] = other
-        b = text_inputs([captions[i] for i in mine], v, CAPTION_LEN)
-        b["input_ids"], b["mlm_labels"] = mask_text(b["input_ids"], v, rng)
+        b = text_inputs([captions[i] for i in mine], self.vocab, CAPTION_LEN)
+        b["input_ids"], b["mlm_labels"] = mask_text(b["input_ids"], self.vocab, rng)
         b["match_labels"] = swap.long()
         image = image_inputs([self.images[i] for i in image_of], self.tag_pieces, self.tags)
-        b.update(mask_image(image, v, rng, donor(self.images, [image_ids[i] for i in idx])))
+        b.update(mask_image(image, self.vocab, rng, donor(self.images, [image_ids[i] for i in idx])))
         return b
 
 
@@ -784,6 +450,20 @@ class PretrainData(torch.utils.data.Dataset):
         return corpus.name, corpus.batch(idx, RowRandom(self.seed, step, range(n * r // w, n * (r + 1) // w), n))
 
 
+def batches(dataset, steps, workers=0, pin_memory=False):
+    """(name, batch) for each step of `steps`, in order, built by `workers` processes (0: by this
+    one): the same batches whatever the number of workers. A batch stays valid after the next."""
+    seed = torch.Generator().manual_seed(0)  # the loader's own: the global one's draws would shift dropout
+    if workers and hasattr(os, "fork"):  # without fork (Windows) the workers hand tensors over one by one
+        yield from ring_batches(dataset, steps, workers, pin_memory, seed)
+        return
+    yield from torch.utils.data.DataLoader(dataset, batch_size=None, sampler=steps, num_workers=workers,
+                                           pin_memory=pin_memory, generator=seed)
+
+
+# -----------------------------------------------------------------------------
+# 4. for a GPU (a student on a CPU may skip this section)
+#
 # DataLoader workers. A worker hands a batch to the main process tensor by tensor, each in new shared
 # memory: allocating and first touching it costs more than building the batch (README, "speed").
 # So batches travel through a ring of buffers shared with the workers, allocated once: a worker
@@ -832,15 +512,8 @@ class _ViaRing(torch.utils.data.Dataset):
         return name, step % len(self.ring) if buf is slot else buf, layout  # a slot number, or a batch too big for one
 
 
-def batches(dataset, steps, workers=0, pin_memory=False):
-    """(name, batch) for each step of `steps`, in order, built by `workers` processes (0: by this
-    one): the same batches whatever the number of workers. A batch stays valid after the next."""
-    # the loader's own: drawing from the global one would shift dropout on resume
-    seed = torch.Generator().manual_seed(0)
-    if workers == 0 or not hasattr(os, "fork"):  # without fork (Windows) the workers hand tensors over one by one
-        yield from torch.utils.data.DataLoader(dataset, batch_size=None, sampler=steps, num_workers=workers,
-                                               pin_memory=pin_memory, generator=seed)
-        return
+def ring_batches(dataset, steps, workers, pin_memory, seed):
+    """batches() with worker processes that hand each batch over through the ring."""
     # The loader asks a worker for batch i as it hands out batch i - 2 * workers (prefetch 2), before
     # that one is copied out; with 2 * workers + 1 slots, batch i's slot last held batch
     # i - 2 * workers - 1, copied out by then. (A test fails with one slot fewer.)
@@ -852,3 +525,17 @@ def batches(dataset, steps, workers=0, pin_memory=False):
         size = layout[-1][3] + layout[-1][4]
         buf = torch.empty(size, dtype=torch.uint8, pin_memory=pin_memory).copy_(src[:size])
         yield name, unpack(buf, layout)
+
+
+
+def with_positions(batch):
+    """The batch and the (row, column) positions of what the model predicts (mlm_at, tag_at, region_at),
+    found here on the host: found on a GPU they would make the host wait for it (positions)."""
+    out = dict(batch)
+    if "mlm_labels" in batch:
+        out["mlm_at"] = (batch["mlm_labels"] != -100).nonzero()
+    if "tag_labels" in batch:
+        out["tag_at"] = (batch["tag_labels"] != -100).nonzero()
+    if "region_masked" in batch:
+        out["region_at"] = (batch["region_masked"] & batch["region_mask"]).nonzero()
+    return out

@@ -1,6 +1,6 @@
 """
 Region features and tags from real images with torchvision's Faster R-CNN (docs/METHOD.md §9), written to the
-feature store (data.FeatureStore) that pre-training and fine-tuning read; or an import of the classic
+feature store (storage.FeatureStore) that pre-training and fine-tuning read; or an import of the classic
 bottom-up-attention TSV (docs/METHOD.md §7) into the same store.
 
     python extract_features.py --images path/to/images --out features/cc     # a folder, or a list file of paths
@@ -37,7 +37,7 @@ sizes, feature, dtype): write those to a new folder. Sharding: --shard i --num-s
 RANK/WORLD_SIZE): process i takes images i, i+n, ... and writes shard{i}-*; the store reads all as one.
 Bad files (empty, truncated, not an image, unknown format) are skipped and listed once in
 OUT/skipped.txt as "path<TAB>reason"; the run goes on and reports how many. Delete a line to retry a file.
-A malformed TSV row is skipped and listed there too ("TSV row N<TAB>reason"); more than data.MAX_BAD_SHARE
+A malformed TSV row is skipped and listed there too ("TSV row N<TAB>reason"); more than storage.MAX_BAD_SHARE
 of the rows bad stops the import (the good ones stay in the store).
 """
 
@@ -58,15 +58,15 @@ import torchvision
 from PIL import Image, ImageOps
 from torchvision.ops import boxes as box_ops, roi_align
 
-import common
-import data
+import guards
+import storage
 
 Image.MAX_IMAGE_PIXELS = None  # very large scans and panoramas are legitimate images here, not bombs
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 # -----------------------------------------------------------------------------
 # settings: `python extract_features.py -h` is the manual
-parser = common.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = guards.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--images", help="folder of images (searched recursively) or a text file of image paths")
 parser.add_argument("--out", help="the feature store folder to write (resumed if it exists)")
 parser.add_argument("--weights", default="DEFAULT",
@@ -76,21 +76,21 @@ parser.add_argument("--model", default="fasterrcnn_resnet50_fpn_v2", help="torch
                     "(fasterrcnn_resnet50_fpn_v2, fasterrcnn_resnet50_fpn, fasterrcnn_mobilenet_v3_large_fpn)")
 parser.add_argument("--feature", default="box_head", choices=["box_head", "c5"],
                     help="1024-d box head, or the last ResNet stage averaged (2048-d)")
-parser.add_argument("--boxes", type=common.POSITIVE_INT, default=None,
+parser.add_argument("--boxes", type=guards.POSITIVE_INT, default=None,
                     help="fixed number of boxes per image (default 36)")
-parser.add_argument("--min-boxes", type=common.POSITIVE_INT, default=None,
+parser.add_argument("--min-boxes", type=guards.POSITIVE_INT, default=None,
                     help="adaptive: at least this many boxes (default 10)")
-parser.add_argument("--max-boxes", type=common.POSITIVE_INT, default=None,
+parser.add_argument("--max-boxes", type=guards.POSITIVE_INT, default=None,
                     help="adaptive: at most this many boxes (default 100)")
-parser.add_argument("--score-thresh", type=common.SHARE, default=0.2,
+parser.add_argument("--score-thresh", type=guards.SHARE, default=0.2,
                     help="adaptive: keep boxes scoring at least this (%(default)s)")
-parser.add_argument("--nms", type=common.POSITIVE, default=0.3, help="IoU of the class-agnostic NMS (%(default)s)")
-parser.add_argument("--proposals", type=common.POSITIVE_INT, default=1000,
+parser.add_argument("--nms", type=guards.POSITIVE, default=0.3, help="IoU of the class-agnostic NMS (%(default)s)")
+parser.add_argument("--proposals", type=guards.POSITIVE_INT, default=1000,
                     help="RPN proposals per image (%(default)s, torchvision's; fewer are faster: see "
                          "--bench-proposals)")
-parser.add_argument("--min-size", type=common.POSITIVE_INT, default=800,
+parser.add_argument("--min-size", type=guards.POSITIVE_INT, default=800,
                     help="resize the shorter side to this (%(default)s, torchvision's)")
-parser.add_argument("--max-size", type=common.POSITIVE_INT, default=1333,
+parser.add_argument("--max-size", type=guards.POSITIVE_INT, default=1333,
                     help="... unless the longer side would exceed this (%(default)s)")
 parser.add_argument("--given-boxes", default=None,
                     help="JSON {image id or file name: [[x1, y1, x2, y2], ...]} pixel boxes to pool")
@@ -99,29 +99,29 @@ parser.add_argument("--from-tsv", default=None,
 parser.add_argument("--vocab", default=None,
                     help="TSV import: object class names, one a line (first synonym); else class_<i>")
 parser.add_argument("--attr-vocab", default=None, help="TSV import: attribute names, one a line; else attr_<i>")
-parser.add_argument("--batch-size", type=common.POSITIVE_INT, default=4, help="images per detector batch (%(default)s)")
+parser.add_argument("--batch-size", type=guards.POSITIVE_INT, default=4, help="images per detector batch (%(default)s)")
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-parser.add_argument("--workers", type=common.COUNT, default=min(4, CORES - 1),
+parser.add_argument("--workers", type=guards.COUNT, default=min(4, CORES - 1),
                     help="image-decoding processes (default: one fewer than this machine's cores, at most 4: "
                          "%(default)s)")
 parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
 parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                     help="autocast dtype; auto: fp16 on CUDA, fp32 on CPU")
 parser.add_argument("--seed", type=int, default=0, help="seed of the random detector with --weights none (%(default)s)")
-parser.add_argument("--shard", type=common.COUNT, default=None,
+parser.add_argument("--shard", type=guards.COUNT, default=None,
                     help="this process's share (default: torchrun's RANK, else 0)")
-parser.add_argument("--num-shards", type=common.POSITIVE_INT, default=None,
+parser.add_argument("--num-shards", type=guards.POSITIVE_INT, default=None,
                     help="number of processes sharing the job (default: WORLD_SIZE, else 1)")
-parser.add_argument("--shard-size", type=common.POSITIVE_INT, default=1000,
+parser.add_argument("--shard-size", type=guards.POSITIVE_INT, default=1000,
                     help="images per written shard, the most a kill can lose (%(default)s)")
 parser.add_argument("--bench", action="store_true",
                     help="images/s of extraction vs torchvision's plain model(images), nothing written")
-parser.add_argument("--bench-images", type=common.POSITIVE_INT, default=16,
+parser.add_argument("--bench-images", type=guards.POSITIVE_INT, default=16,
                     help="--bench: images to time, the first of --images, else random ones (%(default)s)")
-parser.add_argument("--bench-proposals", type=common.POSITIVE_INT, nargs="+", metavar="N",
+parser.add_argument("--bench-proposals", type=guards.POSITIVE_INT, nargs="+", metavar="N",
                     help="--bench: at each of these proposal counts, and how many of the boxes kept with the first "
                          "are kept with each other")
-# every flag that names a path, and what it must be (common.check_path); --weights is checked where it is read
+# every flag that names a path, and what it must be (guards.check_path); --weights is checked where it is read
 PATH_FLAGS = {"images": "file or folder", "out": "out", "given_boxes": "file", "from_tsv": "file", "vocab": "file",
               "attr_vocab": "file"}
 
@@ -151,7 +151,7 @@ def find_images(spec):
 def read_given_boxes(file):
     """--given-boxes: {image id or file name: [[x1, y1, x2, y2], ...]} in pixels, checked before any work."""
     try:
-        given = common.read_json(file)
+        given = storage.read_json(file)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(str(e))
     if not isinstance(given, dict):
@@ -231,7 +231,7 @@ def build_model(args):
         model = torchvision.models.get_model(args.model, weights=None, weights_backbone=None, **kw)
         name = f"none (random, seed {args.seed})"
     elif weights_file:
-        common.check_path(args.weights, "file", "--weights")
+        guards.check_path(args.weights, "file", "--weights")
         try:
             state = torch.load(args.weights, map_location="cpu", weights_only=True)
             state = state.get("model", state)  # torchvision's reference scripts save {"model": ...}
@@ -355,8 +355,8 @@ def extract(model, images, args, given=None):
 def open_store(args, rank, dim, class_names, settings, attr_names=None):
     """This process's writer of the store --out; a store made with other settings stops the run."""
     try:
-        return data.FeatureWriter(args.out, dim, class_names, attr_names, extractor=settings, prefix=f"shard{rank}",
-                                  shard_size=args.shard_size)
+        return storage.FeatureWriter(args.out, dim, class_names, attr_names, extractor=settings,
+                                     prefix=f"shard{rank}", shard_size=args.shard_size)
     except ValueError as e:  # other settings, a broken meta.json
         sys.exit(str(e))
 
@@ -419,7 +419,11 @@ def import_tsv(args, rank, world):
                 done = writer.done_ids()
             if row["img_id"] in done:
                 continue
-            writer.add(row["img_id"], feats, np.clip(boxes, 0, 1), labels, conf, w, h, attrs, attr_conf)
+            try:
+                writer.add(row["img_id"], feats, np.clip(boxes, 0, 1), labels, conf, w, h, attrs, attr_conf)
+            except storage.NonFinite as e:  # never written: skipped and listed as a bad row
+                bad.append((r + 1, str(e)))
+                continue
             n += 1
     if not rows:
         sys.exit(f"{args.from_tsv}: no rows")
@@ -429,7 +433,7 @@ def import_tsv(args, rank, world):
         list_bad([(f"{args.from_tsv} row {r}", why) for r, why in bad], read_skipped(skipped_file), skipped_file)
     if bad:  # a share of this process's rows; with no good row at all, nothing was written
         try:
-            data.check_bad_share(len(bad), mine, f"{args.from_tsv}: row {bad[0][0]} is {bad[0][1]}", "rows")
+            storage.check_bad_share(len(bad), mine, f"{args.from_tsv}: row {bad[0][0]} is {bad[0][1]}", "rows")
         except ValueError as e:
             sys.exit(str(e))
     print(f"imported {n} images from {args.from_tsv} into {args.out}"
@@ -448,7 +452,7 @@ def parse_args(argv):
         sys.exit(f"--shard {rank}: the shards are numbered 0 to {world - 1} (--num-shards {world})")
     if not 0 <= rank < world:
         parser.error(f"--shard {rank} is not in [0, --num-shards {world})")
-    common.check_paths(args, PATH_FLAGS)
+    guards.check_paths(args, PATH_FLAGS)
     if args.from_tsv:
         if not args.out:
             parser.error("--out is required")
@@ -509,7 +513,8 @@ def list_bad(bad, listed, file):
 
 
 def write_batch(model, good, args, device, autocast, given, writer, done):
-    """Extract the decoded images `good` and write those not done yet; returns how many were written."""
+    """Extract the decoded images `good` and write those not done yet; returns how many were written, and
+    (path, reason) of each left out for non-finite features (never written)."""
     images = [t.to(device, non_blocking=True).float() / 255 for _, t, _, _, _ in good]  # (3, H, W) in [0, 1]
     boxes = None
     if given is not None:  # pixel boxes of the original -> normalised
@@ -520,12 +525,15 @@ def write_batch(model, good, args, device, autocast, given, writer, done):
             boxes.append(torch.tensor(b, dtype=torch.float32).reshape(-1, 4).to(device) / size)
     with autocast:
         outs = extract(model, images, args, boxes)
-    written = 0
+    written, bad = 0, []
     for (path, _, w, h, _), o in zip(good, outs):
         if stem(path) not in done:  # a rerun recomputes a part-done batch but writes only what is missing
-            writer.add(stem(path), o["features"], o["boxes"], o["labels"], o["scores"], w, h)
-            written += 1
-    return written
+            try:
+                writer.add(stem(path), o["features"], o["boxes"], o["labels"], o["scores"], w, h)
+                written += 1
+            except storage.NonFinite as e:
+                bad.append((path, str(e)))
+    return written, bad
 
 
 def main(argv=None):
@@ -570,7 +578,8 @@ def main(argv=None):
         bad += list_bad([(path, reason) for path, _, _, _, reason in batch if reason is not None], listed, skipped_file)
         good = [b for b in batch if b[4] is None]
         if good:
-            written += write_batch(model, good, args, device, autocast, given, writer, done)
+            n, non_finite = write_batch(model, good, args, device, autocast, given, writer, done)
+            written, bad = written + n, bad + list_bad(non_finite, listed, skipped_file)
         if time.time() - last > 5:  # progress line, every 5 s
             last, rate = time.time(), handled / max(time.time() - t0, 1e-9)
             eta = (len(todo) - handled) / max(rate, 1e-9)

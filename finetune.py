@@ -20,7 +20,6 @@ evaluations and baselines) are in tasks.py.
 
 import argparse
 import copy
-import json
 import os
 import time
 
@@ -29,6 +28,8 @@ import torch
 
 import common
 import data
+import guards
+import storage
 import tasks
 import toy
 from common import all_sum, print0, shard
@@ -77,9 +78,9 @@ def toy_defaults(key):
     return "toy: " + ", ".join(f"{t} {v[key]:g}" for t, v in DEFAULTS.items())
 
 
-parser = common.ArgumentParser(description="Fine-tune U-VisualBERT on VQA, NLVR2, Flickr30K retrieval or "
-                                             "RefCOCO+ (docs/METHOD.md §6).",
-                                 epilog=REAL_DATA, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = guards.ArgumentParser(description="Fine-tune U-VisualBERT on VQA, NLVR2, Flickr30K retrieval or "
+                                           "RefCOCO+ (docs/METHOD.md §6).",
+                               epilog=REAL_DATA, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--task", required=True, choices=list(TOY), help="which downstream task")
 group = parser.add_argument_group("data (default: the toy world's task files and feature stores)")
 group.add_argument("--data", metavar="DIR",
@@ -87,11 +88,11 @@ group.add_argument("--data", metavar="DIR",
 group.add_argument("--features", nargs="+", metavar="STORE",
                    help="feature stores holding every image the task's files name")
 group.add_argument("--toy-root", default=toy.TOY_DIR, metavar="DIR", help="where the toy world is made and cached")
-group.add_argument("--train-fraction", type=common.FRACTION, default=1.0, metavar="F",
+group.add_argument("--train-fraction", type=guards.FRACTION, default=1.0, metavar="F",
                    help="train on the first ceil(F * N) of the N training examples (retrieval: images) in one "
                         "fixed order, the same for every --seed, so a smaller fraction's examples are among a "
                         "larger one's")
-group.add_argument("--min-answer-count", type=common.POSITIVE_INT, default=9, metavar="N",
+group.add_argument("--min-answer-count", type=guards.POSITIVE_INT, default=9, metavar="N",
                    help="vqa: the answer set is every answer that is the multiple_choice_answer of at least this "
                         "many training questions (or questions of --answers)")
 group.add_argument("--answers", nargs="+", metavar="FILE",
@@ -105,27 +106,27 @@ group.add_argument("--init-from", metavar="PATH",
                         "or nothing: random weights of --model")
 group.add_argument("--model", default="tiny", choices=sorted(PRESETS), help="size preset when there is no --init-from")
 group.add_argument("--no-tags", action="store_true", help="regions only, no detector tags (the _NT rows)")
-group.add_argument("--epochs", type=common.POSITIVE, metavar="E",
+group.add_argument("--epochs", type=guards.POSITIVE, metavar="E",
                    help=f"epochs, may be fractional ({toy_defaults('epochs')})")
-group.add_argument("--batch-size", type=common.POSITIVE_INT, metavar="B",
+group.add_argument("--batch-size", type=guards.POSITIVE_INT, metavar="B",
                    help="examples per step, the global batch: with N processes (torchrun) each takes 1/N of it "
                         "(toy: 32)")
-group.add_argument("--grad-accum", type=common.POSITIVE_INT, default=1, metavar="N",
+group.add_argument("--grad-accum", type=guards.POSITIVE_INT, default=1, metavar="N",
                    help="each process takes its share of the batch in N micro-batches, adding up their gradients "
                         "(less memory)")
-group.add_argument("--lr", type=common.NON_NEGATIVE, metavar="LR", help=f"peak learning rate ({toy_defaults('lr')})")
-group.add_argument("--warmup", type=common.SHARE, default=0.1, metavar="F",
+group.add_argument("--lr", type=guards.NON_NEGATIVE, metavar="LR", help=f"peak learning rate ({toy_defaults('lr')})")
+group.add_argument("--warmup", type=guards.SHARE, default=0.1, metavar="F",
                    help="share of steps for linear warm-up, then linear decay to zero")
-group.add_argument("--weight-decay", type=common.NON_NEGATIVE, default=0.01, metavar="W")
-group.add_argument("--clip", type=common.POSITIVE, default=1.0, metavar="NORM", help="gradient-norm clip")
-group.add_argument("--dropout", type=common.SHARE, default=None, metavar="P", help="override the model's dropout")
-group.add_argument("--hard-negatives", type=common.POSITIVE_INT, default=4, metavar="N",
+group.add_argument("--weight-decay", type=guards.NON_NEGATIVE, default=0.01, metavar="W")
+group.add_argument("--clip", type=guards.POSITIVE, default=1.0, metavar="NORM", help="gradient-norm clip")
+group.add_argument("--dropout", type=guards.SHARE, default=None, metavar="P", help="override the model's dropout")
+group.add_argument("--hard-negatives", type=guards.POSITIVE_INT, default=4, metavar="N",
                    help="retrieval: the wrong image of each positive is the most tag-alike of N random other images "
                         "(1: a random one)")
-group.add_argument("--test-images", type=common.POSITIVE_INT, default=None, metavar="N",
+group.add_argument("--test-images", type=guards.POSITIVE_INT, default=None, metavar="N",
                    help="retrieval: rank among the first N test images only (a quicker check; the paper ranks all "
                         "1,000)")
-group.add_argument("--task-pretrain-epochs", type=common.COUNT, default=0, metavar="N",
+group.add_argument("--task-pretrain-epochs", type=guards.COUNT, default=0, metavar="N",
                    help="nlvr2: first this many epochs of mask-and-predict on NLVR2's own data, keeping the epoch "
                         "with the best dev MLM loss (paper: at most 5)")
 group = parser.add_argument_group("run")
@@ -138,15 +139,15 @@ group.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "
                    help="autocast dtype (auto: bf16 on a GPU that has it, else fp32)")
 group.add_argument("--compile", action="store_true",
                    help="torch.compile the model for the training steps (worth it on a GPU)")
-group.add_argument("--log-every", type=common.POSITIVE_INT, default=50, metavar="STEPS")
-group.add_argument("--save-every", type=common.POSITIVE_INT, default=500, metavar="STEPS",
+group.add_argument("--log-every", type=guards.POSITIVE_INT, default=50, metavar="STEPS")
+group.add_argument("--save-every", type=guards.POSITIVE_INT, default=500, metavar="STEPS",
                    help="write OUT/ckpt.pt every this many steps, and at the end")
 group.add_argument("--resume", action="store_true",
                    help="continue from OUT/ckpt.pt; the rest of the command must be the same")
 group.add_argument("--overwrite", action="store_true", help="replace the run that --out holds (a new run refuses it)")
-group.add_argument("--eval-batch-size", type=common.POSITIVE_INT, default=256, metavar="N",
+group.add_argument("--eval-batch-size", type=guards.POSITIVE_INT, default=256, metavar="N",
                    help="sequences per forward pass when evaluating")
-# every flag that names a path, and what it must be (common.check_path)
+# every flag that names a path, and what it must be (guards.check_path)
 PATH_FLAGS = {"data": "folder", "features": "folder", "answers": "file", "init_from": "checkpoint", "out": "out",
               "toy_root": "out"}
 
@@ -191,7 +192,7 @@ def load_task(args, world):
         raise SystemExit(str(e).strip('"')) from None
     head = task.make_head(model)
     if resume is not None:
-        common.load_weights(head, resume["head"], ckpt_path)
+        storage.load_weights(head, resume["head"], ckpt_path)
     return task, model, head, resume
 
 
@@ -202,11 +203,11 @@ RESUME_MAY_CHANGE = ("out", "resume", "overwrite", "save_every", "log_every", "e
 
 def load_resume(path, args):
     """OUT/ckpt.pt of an earlier run of this same command, or one clear line naming the file."""
-    ckpt = common.load_checkpoint(path)
+    ckpt = storage.load_checkpoint(path)
     if not isinstance(ckpt, dict) or "head" not in ckpt:
         raise SystemExit(f"{path}: not a checkpoint of finetune.py (no head inside); --resume goes on from a run of "
                          f"this command in --out")
-    common.check_resume(ckpt["args"], args, RESUME_MAY_CHANGE, path)
+    guards.check_resume(ckpt["args"], args, RESUME_MAY_CHANGE, path)
     return ckpt
 
 
@@ -282,8 +283,8 @@ def report(args, task, model, head, ctx, log, t_start, rank):
     # results.json last and whole: reproduce.py takes it to mean the run is done
     for name, obj in (("baseline.json", baseline), ("results.json", results)):
         if rank == 0:
-            common.write_json(os.path.join(args.out, name), obj, indent=1)
-    log.write(json.dumps({"phase": "eval", "results": results, "baseline": baseline}) + "\n")
+            storage.write_json(os.path.join(args.out, name), obj, indent=1)
+    log.write({"phase": "eval", "results": results, "baseline": baseline})
     log.close()
     for line in task.warnings():
         print0(line)
@@ -316,20 +317,23 @@ def parse_args(argv=None):
         parser.error("--data and --features go together: the task's files and the stores of their images")
     if args.answers and args.task != "vqa":
         parser.error("--answers is VQA's answer set")
-    common.check_paths(args, PATH_FLAGS)
+    guards.check_paths(args, PATH_FLAGS)
     args.out = args.out or os.path.join("out", "finetune", args.task)
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)  # every setting checked before any work
-    with common.OutFolder(args.out, args.resume, args.overwrite) as out, common.Interrupt() as ctrl_c:
-        return train(args, out, ctrl_c)
+    with guards.OutFolder(args.out, args.resume, args.overwrite) as out, guards.Interrupt() as ctrl_c:
+        try:
+            return train(args, out, ctrl_c)
+        except (storage.WriteError, storage.NonFinite) as e:  # a full disk, a corrupt feature store
+            raise SystemExit(f"{guards.one_line(e)}; stopping, {common.last_good(out.saved)}") from None
 
 
 def train(args, out, ctrl_c):
     """The run: the task, the model, the optimiser, the loop, the evaluation. out: --out, made
-    (out.make()) once the inputs are read; ctrl_c.asked: Ctrl-C was pressed (the loop saves and stops
+    (out.make()) once the inputs are read; ctrl_c: a Ctrl-C or SIGTERM (the loop saves and stops
     at the end of the step)."""
     device, rank, world = common.init_device(args.device)  # under torchrun: this process's rank of `world`
     common.check_batch(args.batch_size, world, args.grad_accum)
@@ -351,10 +355,10 @@ def train(args, out, ctrl_c):
     gen = torch.Generator().manual_seed(args.seed)  # the task's own draws (retrieval's negatives)
     start, losses = 0, []
     if resume is not None:  # the state after step `start`: weights, optimiser, random states, the log's open window
-        start, losses = common.restore(resume, optimizer, scaler), resume["losses"]
+        start, losses = storage.restore(resume, optimizer, scaler), resume["losses"]
         gen.set_state(resume["gen"])
     out.make()  # only now: a bad input leaves no output folder behind
-    common.write_args(args, world)
+    guards.write_args(args, world)
     print0(f"task: {args.task}, from {args.init_from or f'random weights ({args.model})'}, "
            f"{'no tags' if args.no_tags else 'with tags'}")
     print0(f"model: {model.num_params() / 1e6:.2f}M parameters + head "
@@ -372,21 +376,21 @@ def train(args, out, ctrl_c):
     log_file = os.path.join(args.out, "log.jsonl")
     if resume is not None:
         if rank == 0:
-            common.trim_log(log_file, start, keep_phases=("task_pretrain",))  # the evaluation's line goes
+            guards.trim_log(log_file, start, keep_phases=("task_pretrain",))  # the evaluation's line goes
         print0(f"resuming from {os.path.join(args.out, 'ckpt.pt')} at step {start}")
-    log = open(log_file, "a" if resume is not None else "w") if rank == 0 else open(os.devnull, "w")
+    log = guards.Log(log_file, "a" if resume is not None else "w", write=rank == 0)
     # NLVR2's task-specific pre-training runs before the first checkpoint, which holds its result: a
     # resumed run skips it; a run killed during it has no checkpoint of its own and starts over
     if args.task_pretrain_epochs and resume is None:
-        log.write(json.dumps({"phase": "task_pretrain", **task_pretrain(args, task, model, ctx, rank, world)}) + "\n")
+        log.write({"phase": "task_pretrain", **task_pretrain(args, task, model, ctx, rank, world)})
 
     def save(step, losses):  # the plain model, never the compiled one
         if rank == 0:
             images = task.images
-            common.save_checkpoint(os.path.join(args.out, "ckpt.pt"), model, optimizer, scaler, step, args,
-                                   task.vocab, images.class_names, head=head.state_dict(), gen=gen.get_state(),
-                                   losses=losses, task=args.task, answers=getattr(task, "answers", None),
-                                   tags=task.tags, extractor=images.stores[0].meta.get("extractor", {}))  # for ask.py
+            storage.save_checkpoint(os.path.join(args.out, "ckpt.pt"), model, optimizer, scaler, step, args,
+                                    task.vocab, images.class_names, head=head.state_dict(), gen=gen.get_state(),
+                                    losses=losses, task=args.task, answers=getattr(task, "answers", None),
+                                    tags=task.tags, extractor=images.stores[0].meta.get("extractor", {}))  # ask.py
 
     # the loop: steps start + 1 to `steps`; rank 0 logs and saves. The host reads the device on logging
     # and saving steps alone: the check for a non-finite loss waits for them.
@@ -394,7 +398,8 @@ def train(args, out, ctrl_c):
     task_loss = common.wrap(common.Loss(lambda items: task.loss(model, head, items), model, head), device, world,
                             args.compile)
     per_epoch = steps_per_epoch(args, task)
-    t0, seen, saved, pending = time.time(), 0, start, []  # pending: the steps' losses the host has not read yet
+    t0, seen, pending = time.time(), 0, []  # pending: the steps' losses the host has not read yet
+    out.saved = (os.path.join(args.out, "ckpt.pt"), start) if start else None
     one = torch.ones((), device=device)  # what a step's loss is divided by: it is the global batch's mean already
     for step in range(start, steps):
         epoch, i = divmod(step, per_epoch)
@@ -409,18 +414,16 @@ def train(args, out, ctrl_c):
         pending.append((step + 1, None, part, one))
         seen += len(items)
         log_now = (step + 1) % args.log_every == 0 or step + 1 == steps
-        stop = ctrl_c.asked  # read once: a Ctrl-C from here on stops the next step
+        stop = ctrl_c.agreed()  # a signal from here on stops the next step
         save_now = (step + 1) % args.save_every == 0 or step + 1 == steps or stop
         if not (log_now or save_now):
             continue
-        last = (os.path.join(args.out, "ckpt.pt"), saved) if saved else None
-        losses, pending = losses + common.read_losses(pending, scaler, last), []
+        losses, pending = losses + common.read_losses(pending, scaler, out.saved), []
         if log_now:
             dt = (time.time() - t0) / len(losses)
             record = {"step": step + 1, "epoch": epoch + (i + 1) / per_epoch, "loss": float(np.mean(losses)),
                       "lr": lr_at(step), "grad_norm": norm.item()}
-            log.write(json.dumps(record) + "\n")
-            log.flush()
+            log.write(record)
             print0(f"step {step + 1}/{steps} | epoch {record['epoch']:.2f} | loss {record['loss']:.4f} | "
                    f"lr {record['lr']:.2e} | norm {record['grad_norm']:.2f} | {dt * 1000:.0f} ms/step | "
                    f"{seen / (time.time() - t0):.0f} samples/s | ETA {dt * (steps - step - 1) / 60:.1f} min",
@@ -428,10 +431,10 @@ def train(args, out, ctrl_c):
             t0, seen, losses = time.time(), 0, []
         if save_now:
             save(step + 1, losses)
-            saved = step + 1
+            out.saved = (os.path.join(args.out, "ckpt.pt"), step + 1)
         if stop:
             ctrl_c.stop(f"stopped at step {step + 1}: {os.path.join(args.out, 'ckpt.pt')} saved; the same command "
-                        f"with --resume goes on")
+                        f"with --resume goes on", world)
 
     results = report(args, task, model, head, ctx, log, t_start, rank)
     common.end_processes(world)

@@ -94,7 +94,19 @@ class Embeddings(nn.Module):
 
     def regions(self, feats, boxes):
         feats = feats.to(self.feat[0].weight.dtype)  # features may come as stored, in float16
-        return self.feat(feats) + self.box(boxes)  # (B, K, H)
+        return self.region_features(feats) + self.box(boxes)  # (B, K, H)
+
+    def region_features(self, feats):
+        """LN_feat(W_feat f), in fp32 under fp16 autocast. A masked region's features are zeroed
+        (data.mask_regions), so LN_feat's input there is W_feat's bias alone, all but constant (exactly
+        so until the bias first moves): LN's backward multiplies the gradient by 1/sqrt(var + eps), up to
+        1e6 with eps 1e-12, which times the loss scale overflows float16 in W_feat's backward on every
+        image step (docs/LOG.md 14). fp32 and bf16 (fp32's range) run as before."""
+        device = feats.device.type
+        if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16:
+            with torch.autocast(device, enabled=False):
+                return self.feat(feats)
+        return self.feat(feats)
 
 
 # -----------------------------------------------------------------------------
@@ -269,37 +281,35 @@ class VisualBERT(nn.Module):
     # -------------------------------------------------------------------------
     # pre-training losses (docs/METHOD.md §2)
 
-    def objectives(self, batch):
-        """The objectives a batch of data.py trains, in OBJECTIVES' order, from its keys alone.
+    def count_targets(self, batch):
+        """What each objective's sum is divided by, from the labels of a batch of data.py alone (no
+        forward): {objective: count}, in OBJECTIVES' order, for the objectives the batch trains. Masked
+        text pieces and tags, sentences, and every valid region for the visual terms.
 
         Text keys: input_ids, attention_mask, token_type_ids, mlm_labels, [nsp_labels].
         Image keys: [tag_ids, tag_boxes, tag_mask, tag_labels], feats, boxes, region_mask,
         feat_targets, region_masked, obj_labels, obj_conf, [attr_labels, attr_conf].
         Aligned batches have both, plus match_labels. Labels are -100 where nothing is predicted.
-        Without tag keys (the _NT variants) no tag enters the sequence.
-        """
-        has = {"mlm": "input_ids" in batch, "nsp": "nsp_labels" in batch, "match": "match_labels" in batch,
-               "tag": "tag_ids" in batch, "feat": "feats" in batch, "label": "feats" in batch,
-               "attr": "feats" in batch and "attr_labels" in batch and self.visual.attr is not None}
-        return tuple(k for k in OBJECTIVES if has[k])
-
-    def count_targets(self, batch):
-        """What each objective's sum is divided by, from the batch's labels alone (no forward), in
-        objectives(batch)'s order: masked text pieces and tags, sentences, and every valid region for the
-        visual terms. A training step adds them up over the global batch before any forward."""
-        counts = {"mlm": lambda: (batch["mlm_labels"] != -100).sum(),
-                  "nsp": lambda: batch["nsp_labels"].new_full((), len(batch["nsp_labels"])),
-                  "match": lambda: batch["match_labels"].new_full((), len(batch["match_labels"])),
-                  "tag": lambda: (batch["tag_labels"] != -100).sum(),
-                  "feat": lambda: batch["region_mask"].sum(),  # every valid region counts in the denominator
-                  "label": lambda: batch["region_mask"].sum(), "attr": lambda: batch["region_mask"].sum()}
-        return torch.stack([counts[k]().float() for k in self.objectives(batch)])
+        Without tag keys (the _NT variants) no tag enters the sequence."""
+        counts = {}
+        if "input_ids" in batch:
+            counts["mlm"] = (batch["mlm_labels"] != -100).sum()
+        for key in ("nsp", "match"):
+            if f"{key}_labels" in batch:
+                counts[key] = batch[f"{key}_labels"].new_full((), len(batch[f"{key}_labels"]))
+        if "tag_ids" in batch:
+            counts["tag"] = (batch["tag_labels"] != -100).sum()
+        if "feats" in batch:
+            counts["feat"] = counts["label"] = batch["region_mask"].sum()  # every valid region counts
+            if self.visual.attr is not None and "attr_labels" in batch:
+                counts["attr"] = counts["feat"]
+        return {k: counts[k].float() for k in OBJECTIVES if k in counts}
 
     def pretrain_loss(self, batch):
-        """The pre-training loss of a batch, in parts: each objective of objectives(batch) summed over
-        the batch and what it is divided by (count_targets), two (N,) fp32 tensors in that order; and
-        how many of the batch's pairs the match head gets right (0 without pairs: the match accuracy).
-        One batch's loss is (sums / counts).sum(); a training step divides by the global batch's counts."""
+        """The pre-training loss of a batch, in parts: each objective of count_targets(batch) summed
+        over the batch, and its count, two (N,) fp32 tensors in that order; and how many of the batch's
+        pairs the match head gets right (0 without pairs: the match accuracy). One batch's loss is
+        (sums / counts).sum(); a training step divides by the global batch's counts instead."""
         h, spans = self.encode(batch)
         sums, right = {}, h.new_zeros((), dtype=torch.long)
         if "input_ids" in batch:
@@ -314,24 +324,11 @@ class VisualBERT(nn.Module):
             sums["tag"] = masked_lm_sum(self.mlm, h[:, spans["tags"]], batch["tag_labels"], batch.get("tag_at"))
         if "feats" in batch:
             sums.update(visual_sums(self.visual, h[:, spans["regions"]], batch))
-        sums = torch.stack([sums[k].float() for k in self.objectives(batch)])
-        return sums, self.count_targets(batch), right
+        counts = self.count_targets(batch)
+        return torch.stack([sums[k].float() for k in counts]), torch.stack(list(counts.values())), right
 
 
 OBJECTIVES = ("mlm", "nsp", "match", "tag", "feat", "label", "attr")  # every pre-training objective, in this order
-
-
-def with_positions(batch):
-    """The batch and the (row, column) positions of what the model predicts (mlm_at, tag_at, region_at),
-    found here on the host: found on a GPU they would make the host wait for it (positions)."""
-    out = dict(batch)
-    if "mlm_labels" in batch:
-        out["mlm_at"] = (batch["mlm_labels"] != -100).nonzero()
-    if "tag_labels" in batch:
-        out["tag_at"] = (batch["tag_labels"] != -100).nonzero()
-    if "region_masked" in batch:
-        out["region_at"] = (batch["region_masked"] & batch["region_mask"]).nonzero()
-    return out
 
 
 def positions(mask, given=None):

@@ -11,8 +11,6 @@ Under torchrun the same command trains data-parallel (DDP), each process buildin
 of the global batch (--batch-size); --grad-accum N takes each process's rows in N micro-batches.
 """
 
-import argparse
-import json
 import os
 import time
 
@@ -21,6 +19,8 @@ import torch
 
 import common
 import data
+import guards
+import storage
 import toy
 from common import all_sum, print0
 from model import PRESETS, peak_flops, train_flops
@@ -28,7 +28,7 @@ from model import PRESETS, peak_flops, train_flops
 # -----------------------------------------------------------------------------
 # settings: every flag, in one place; `python pretrain.py -h` is the manual
 
-parser = common.ArgumentParser(description="Pre-train U-VisualBERT and its variants (docs/METHOD.md §3).")
+parser = guards.ArgumentParser(description="Pre-train U-VisualBERT and its variants (docs/METHOD.md §3).")
 group = parser.add_argument_group("variant (docs/METHOD.md §3); exactly one of the first four")
 group.add_argument("--unaligned", action="store_true",
                    help="U: images alone + captions alone (unaligned) + general text")
@@ -48,7 +48,7 @@ group.add_argument("--text", nargs="+", metavar="FILE",
                    help="general text: a sentence per line, blank line between documents")
 group.add_argument("--pairs", nargs="+", metavar="FILE",
                    help="aligned pairs, JSON lines {image_id, caption}, images in --images")
-group.add_argument("--text-rate", type=common.FRACTION, default=1.0,
+group.add_argument("--text-rate", type=guards.FRACTION, default=1.0,
                    help="share of the general text used per epoch (authors: 0.5 for BookCorpus)")
 group.add_argument("--heldout-images", nargs="+", metavar="STORE", help="held-out images for the before/after losses")
 group.add_argument("--heldout-captions", nargs="+", metavar="FILE", help="held-out captions")
@@ -63,18 +63,18 @@ group.add_argument("--model", default="tiny", choices=sorted(PRESETS),
                    help="size preset, unless --init-from sets it (default: %(default)s)")
 group.add_argument("--init-from", metavar="PATH",
                    help="a Hugging Face BERT directory or one of our checkpoints (ckpt.pt)")
-group.add_argument("--max-steps", type=common.POSITIVE_INT, default=1200, help="optimiser steps (default: %(default)s)")
-group.add_argument("--batch-size", type=common.POSITIVE_INT, default=64,
+group.add_argument("--max-steps", type=guards.POSITIVE_INT, default=1200, help="optimiser steps (default: %(default)s)")
+group.add_argument("--batch-size", type=guards.POSITIVE_INT, default=64,
                    help="the global batch: with N processes each takes 1/N of it (default: %(default)s)")
-group.add_argument("--grad-accum", type=common.POSITIVE_INT, default=1, metavar="N",
+group.add_argument("--grad-accum", type=guards.POSITIVE_INT, default=1, metavar="N",
                    help="each process takes its share of the batch in N micro-batches, adding up their gradients "
                         "(less memory)")
-group.add_argument("--lr", type=common.NON_NEGATIVE, default=1e-3,
+group.add_argument("--lr", type=guards.NON_NEGATIVE, default=1e-3,
                    help="peak learning rate (default: %(default)s; paper, BERT-base: 6e-5)")
-group.add_argument("--warmup", type=common.SHARE, default=0.02, help="share of steps for linear warm-up (authors: 2%%)")
-group.add_argument("--weight-decay", type=common.NON_NEGATIVE, default=0.01, help="AdamW's (default: %(default)s)")
-group.add_argument("--clip", type=common.POSITIVE, default=1.0, help="gradient-norm clip (default: %(default)s)")
-group.add_argument("--dropout", type=common.SHARE, default=None, help="override the model's dropout")
+group.add_argument("--warmup", type=guards.SHARE, default=0.02, help="share of steps for linear warm-up (authors: 2%%)")
+group.add_argument("--weight-decay", type=guards.NON_NEGATIVE, default=0.01, help="AdamW's (default: %(default)s)")
+group.add_argument("--clip", type=guards.POSITIVE, default=1.0, help="gradient-norm clip (default: %(default)s)")
+group.add_argument("--dropout", type=guards.SHARE, default=None, help="override the model's dropout")
 group = parser.add_argument_group("run")
 group.add_argument("--out", default="out/pretrain",
                    help="output folder: log.jsonl, ckpt.pt, args.json, eval.json (default: %(default)s)")
@@ -86,21 +86,21 @@ group.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (aut
 group.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="autocast dtype (auto: bf16 on a GPU that has it, else fp32)")
 group.add_argument("--compile", action="store_true", help="torch.compile the model (worth it on a GPU)")
-group.add_argument("--workers", type=common.COUNT, default=None,
+group.add_argument("--workers", type=guards.COUNT, default=None,
                    help="processes building batches (default: on a GPU, this process's share of the cores less one, at "
                         "most 8; 0 on a CPU)")
-group.add_argument("--log-every", type=common.POSITIVE_INT, default=50, help="steps (default: %(default)s)")
-group.add_argument("--save-every", type=common.POSITIVE_INT, default=1000,
+group.add_argument("--log-every", type=guards.POSITIVE_INT, default=50, help="steps (default: %(default)s)")
+group.add_argument("--save-every", type=guards.POSITIVE_INT, default=1000,
                    help="write OUT/ckpt.pt every this many steps, and at the end (default: %(default)s)")
-group.add_argument("--eval-batches", type=common.POSITIVE_INT, default=4,
+group.add_argument("--eval-batches", type=guards.POSITIVE_INT, default=4,
                    help="batches per held-out set (default: %(default)s)")
-group.add_argument("--eval-every", type=common.COUNT, default=0,
+group.add_argument("--eval-every", type=guards.COUNT, default=0,
                    help="also evaluate the held-out sets every this many steps (log.jsonl lines with phase \"eval\"): "
                         "how far the objectives have converged")
 group.add_argument("--keep-checkpoints", action="store_true",
                    help="at each --eval-every evaluation also keep the checkpoint as OUT/ckpt-STEP.pt: the grounding "
                         "probe along the run (reproduce.py)")
-# every flag that names a path, and what it must be (common.check_path)
+# every flag that names a path, and what it must be (guards.check_path)
 PATH_FLAGS = {"images": "folder", "captions": "file", "text": "file", "pairs": "file", "heldout_images": "folder",
               "heldout_captions": "file", "heldout_text": "file", "heldout_pairs": "file", "init_from": "checkpoint",
               "out": "out", "cache_dir": "out", "toy_root": "out"}
@@ -138,7 +138,7 @@ def build_corpora(args, vocab, images):
 
 def tokenised(args, vocab, files, kind):
     """A TokenCorpus of each file (built once, cached under --cache-dir); too many bad lines stop the run."""
-    corpora = [data.TokenCorpus(f, vocab, kind, args.cache_dir) for f in files or []]
+    corpora = [storage.TokenCorpus(f, vocab, kind, args.cache_dir) for f in files or []]
     for c in corpora:
         c.check_bad_share()
     return corpora
@@ -229,7 +229,7 @@ def evaluate(model, sets, device, ctx):
             b = common.to_device(b, device)
             with ctx:
                 loss_sums, loss_counts, right = model.pretrain_loss(b)
-            terms = dict(zip(model.objectives(b), (loss_sums / loss_counts.clamp(min=1)).tolist()))
+            terms = dict(zip(model.count_targets(b), (loss_sums / loss_counts.clamp(min=1)).tolist()))
             if "match_labels" in b:
                 terms["match_acc"] = (right / len(b["match_labels"])).item()
             for k, val in terms.items():
@@ -260,7 +260,7 @@ def write_eval(args, before, after, step, curve):
     curve.append({"step": step, **after})
     result = {"before": before, "after": after, "step": step, "curve": curve}
     # whole or not at all: reproduce.py takes eval.json to mean the run is done
-    common.write_json(os.path.join(args.out, "eval.json"), result, indent=1)
+    storage.write_json(os.path.join(args.out, "eval.json"), result, indent=1)
 
 
 # -----------------------------------------------------------------------------
@@ -273,9 +273,12 @@ def main(argv=None):
         parser.error("choose exactly one of --unaligned, --aligned, --hybrid, --text-only")
     if args.no_captions and not args.unaligned:
         parser.error("--no-captions goes with --unaligned (the U_NC row)")
-    common.check_paths(args, PATH_FLAGS)
-    with common.OutFolder(args.out, args.resume, args.overwrite) as out, common.Interrupt() as ctrl_c:
-        return train(args, out, ctrl_c)
+    guards.check_paths(args, PATH_FLAGS)
+    with guards.OutFolder(args.out, args.resume, args.overwrite) as out, guards.Interrupt() as ctrl_c:
+        try:
+            return train(args, out, ctrl_c)
+        except (storage.WriteError, storage.NonFinite) as e:  # a full disk, a corrupt feature store
+            raise SystemExit(f"{guards.one_line(e)}; stopping, {common.last_good(out.saved)}") from None
 
 
 # what a resumed run may change; any other setting makes it another run, which --resume refuses
@@ -285,7 +288,7 @@ RESUME_MAY_CHANGE = ("out", "resume", "overwrite", "save_every", "log_every", "d
 
 def train(args, out, ctrl_c):
     """The run: data, model, optimiser, then the loop. out: --out, made (out.make()) once the inputs
-    are read; ctrl_c.asked: Ctrl-C was pressed (the loop saves and stops at the end of the step)."""
+    are read; ctrl_c: a Ctrl-C or SIGTERM (the loop saves and stops at the end of the step)."""
     device, rank, world = common.init_device(args.device)
     common.check_batch(args.batch_size, world, args.grad_accum)
     torch.manual_seed(args.seed)
@@ -305,9 +308,9 @@ def train(args, out, ctrl_c):
 
     # model: new, from --init-from, or with --resume from OUT/ckpt.pt
     ckpt_path, log_file = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "log.jsonl")
-    resume = common.load_checkpoint(ckpt_path) if args.resume else None
+    resume = storage.load_checkpoint(ckpt_path) if args.resume else None
     if resume is not None:
-        common.check_resume(resume.get("args", {}), args, RESUME_MAY_CHANGE, ckpt_path)
+        guards.check_resume(resume.get("args", {}), args, RESUME_MAY_CHANGE, ckpt_path)
     src = ckpt_path if resume is not None else args.init_from
     model, vocab = common.make_model(args, images, vocab_file, src, resume)  # real data without a vocabulary stops
     model.to(device)
@@ -319,12 +322,12 @@ def train(args, out, ctrl_c):
     optimizer, lr_at, scaler = common.make_optimizer(model.parameters(), args, args.max_steps, device, dtype)
     step = 0
     if resume is not None:
-        step = common.restore(resume, optimizer, scaler)
+        step = storage.restore(resume, optimizer, scaler)
         if rank == 0:
-            common.trim_log(log_file, step)
+            guards.trim_log(log_file, step)
         print0(f"resuming from {ckpt_path} at step {step}")
     pretrain_loss = common.wrap(common.Loss(model.pretrain_loss, model), device, world, args.compile)
-    common.write_args(args, world)
+    guards.write_args(args, world)
     print0(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.cfg.layers} layers, hidden {model.cfg.hidden}")
     print0(f"device: {device} x {world} process(es), dtype: {dtype} ({why}), compile: {args.compile}")
     for c in corpora:
@@ -337,7 +340,7 @@ def train(args, out, ctrl_c):
     before = evaluate(model, heldout, device, ctx) if heldout and step == 0 else before
     if before:
         print0("held-out before: " + ", ".join(f"{k} {value:.3f}" for k, value in before.items()))
-    curve = [r for r in common.read_log(log_file) if r.get("phase") == "eval"] if rank == 0 and step else []
+    curve = [r for r in guards.read_log(log_file) if r.get("phase") == "eval"] if rank == 0 and step else []
 
     # the loop: steps step + 1 to --max-steps; rank 0 logs, prints and saves. The host reads the device
     # on logging and saving steps alone: the check for a non-finite loss waits for them.
@@ -346,11 +349,11 @@ def train(args, out, ctrl_c):
     loader = data.batches(dataset, range(step, args.max_steps), workers, pin_memory=device.type == "cuda")
     print0(f"batches built by {workers} worker process(es)" if workers
            else "batches built in this process (--workers 0)")
-    log = open(log_file, "a") if rank == 0 else None
+    log = guards.Log(log_file, "a", write=rank == 0)
     model.train()
     t0, pending = time.time(), []  # pending: the steps whose losses the host has not read yet
-    saved = (ckpt_path, step) if step else None  # the last good checkpoint, named if a loss is not finite
-    window = dict(steps=0, samples=0, tokens=0, flops=0.0)  # this process's, since the last status line
+    out.saved = (ckpt_path, step) if step else None
+    window = np.zeros(4)  # this process's steps, samples, tokens and FLOPs since the last status line
     for name, batch in loader:  # this process's rows of the global batch, on the host
         lr = lr_at(step)
         micro = common.micro_batches(batch, args.grad_accum, device)
@@ -364,47 +367,39 @@ def train(args, out, ctrl_c):
         B = next(iter(batch.values())).shape[0]
         T = sum(batch[k].shape[1] for k in ("input_ids", "tag_ids", "feats") if k in batch)
         predicted = sum(int((batch[k] != -100).sum()) for k in ("mlm_labels", "tag_labels") if k in batch)
-        window["steps"] += 1
-        window["samples"] += B
-        window["tokens"] += B * T
-        window["flops"] += train_flops(model.cfg, B, T, predicted)
+        window += [1, B, B * T, train_flops(model.cfg, B, T, predicted)]
         pending.append((step, names, sums, counts))
         log_now = step % args.log_every == 0 or step == args.max_steps
-        stop = ctrl_c.asked  # read once: a Ctrl-C from here on stops the next step
+        stop = ctrl_c.agreed()  # a signal from here on stops the next step
         save_now = step % args.save_every == 0 or step == args.max_steps or stop
         eval_now = rank == 0 and heldout and args.eval_every and step % args.eval_every == 0 and step < args.max_steps
         if log_now or save_now:
-            terms, pending = common.read_losses(pending, scaler, saved)[-1], []
+            terms, pending = common.read_losses(pending, scaler, out.saved)[-1], []
         if log_now:
             dt = time.time() - t0
-            speed = [window["samples"], window["tokens"], window["flops"]]
-            samples, tokens, flops = all_sum(torch.tensor(speed, dtype=torch.float64, device=device)).tolist()
+            samples, tokens, flops = all_sum(torch.tensor(window[1:], device=device)).tolist()
             peak = peak_flops(device, dtype)
             mfu = f"{flops / dt / (peak * world):.1%}" if peak else "n/a"
             record = {"step": step, "loss": sum(terms.values()), "lr": lr, "modality": name, "grad_norm": norm.item(),
                       **terms}
-            print0(status_line(record, args.max_steps, dt, window["steps"], samples, tokens, mfu), flush=True)
-            if rank == 0:
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-            t0, window = time.time(), dict(steps=0, samples=0, tokens=0, flops=0.0)
+            print0(status_line(record, args.max_steps, dt, window[0], samples, tokens, mfu), flush=True)
+            log.write(record)
+            t0, window = time.time(), np.zeros(4)
         if save_now and rank == 0:
-            common.save_checkpoint(ckpt_path, model, optimizer, scaler, step, args, vocab, class_names,
-                                   heldout_before=before)
-        saved = (ckpt_path, step) if save_now else saved
+            storage.save_checkpoint(ckpt_path, model, optimizer, scaler, step, args, vocab, class_names,
+                                    heldout_before=before)
+        out.saved = (ckpt_path, step) if save_now else out.saved
         if eval_now:
             if args.keep_checkpoints:
-                common.save_checkpoint(os.path.join(args.out, f"ckpt-{step}.pt"), model, optimizer, scaler, step, args,
-                                       vocab, class_names, heldout_before=before)
+                storage.save_checkpoint(os.path.join(args.out, f"ckpt-{step}.pt"), model, optimizer, scaler, step,
+                                        args, vocab, class_names, heldout_before=before)
             curve.append({"step": step, **evaluate(model, heldout, device, ctx)})
-            log.write(json.dumps({"phase": "eval", **curve[-1]}) + "\n")
-            log.flush()
+            log.write({"phase": "eval", **curve[-1]})
             print0(f"held-out at step {step}: "
                    + ", ".join(f"{k} {v:.3f}" for k, v in curve[-1].items() if k != "step"))
         if stop:
-            ctrl_c.stop(f"stopped at step {step}: {ckpt_path} saved; the same command with --resume goes on")
-    if log:
-        log.close()
+            ctrl_c.stop(f"stopped at step {step}: {ckpt_path} saved; the same command with --resume goes on", world)
+    log.close()
 
     after = evaluate(model, heldout, device, ctx) if heldout else None
     if after:

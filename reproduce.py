@@ -41,12 +41,13 @@ from fractions import Fraction
 import numpy as np
 import torch
 
-import common
 import data
+import guards
+import storage
 import tasks
 import toy
 from model import PRESETS, Config, VisualBERT
-from common import load_checkpoint, load_weights
+from storage import load_checkpoint, load_weights
 
 # -----------------------------------------------------------------------------
 # settings
@@ -98,11 +99,11 @@ TEST_IMAGES = 50  # retrieval ranks each caption among the first 50 toy test ima
 # (docs/LOG.md, section 8)
 CONVERGED = {"last_quarter": 0.05, "noise": 0.01, "match_acc": 0.70}
 
-parser = common.ArgumentParser(
+parser = guards.ArgumentParser(
     description="The paper's Tables 1-3 and Figure 2 in miniature, on the toy world.")
 parser.add_argument("--quick", action="store_true",
                     help="one seed and the variants " + ", ".join(QUICK) + ", for a first look")
-parser.add_argument("--seeds", type=common.POSITIVE_INT, default=None,
+parser.add_argument("--seeds", type=guards.POSITIVE_INT, default=None,
                     help="how many fine-tuning seeds (default 3, or 1 with --quick)")
 parser.add_argument("--variants", nargs="+", choices=VARIANTS,
                     help="which rows (default: all, or those of --quick; Base always)")
@@ -110,7 +111,7 @@ parser.add_argument("--fractions", nargs="+", default=FRACTIONS,
                     help="fractions of each task's training set, e.g. 1/16 1/4 1")
 parser.add_argument("--out", default="out/reproduce",
                     help="output folder: one folder per run, table.md, table.json, curves.png, figure2.png")
-parser.add_argument("--jobs", type=common.POSITIVE_INT, default=max(1, min(2, os.cpu_count() or 1)),
+parser.add_argument("--jobs", type=guards.POSITIVE_INT, default=max(1, min(2, os.cpu_count() or 1)),
                     help="runs side by side, one thread each (the toy BERT runs first, alone, on every core)")
 parser.add_argument("--toy-root", default=toy.TOY_DIR, help="where the toy world is made and cached")
 parser.add_argument("--budget", nargs="+", default=[], metavar="KEY=N",
@@ -200,7 +201,7 @@ def again(out):
     what a run killed before its first checkpoint left (--overwrite); nothing for a new folder."""
     if os.path.exists(os.path.join(out, "ckpt.pt")):
         return ["--resume"]
-    return ["--overwrite"] if any(os.path.exists(os.path.join(out, f)) for f in common.RUN_FILES) else []
+    return ["--overwrite"] if any(os.path.exists(os.path.join(out, f)) for f in guards.RUN_FILES) else []
 
 
 def execute(runs, jobs, threads=1):
@@ -232,7 +233,7 @@ def execute(runs, jobs, threads=1):
                         tail = "".join(f.readlines()[-5:])
                     raise SystemExit(f"{run.name} failed (exit {rc}): python {' '.join(run.argv)}\n{tail}")
                 times = {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1)}
-                common.write_json(os.path.join(run.out, "time.json"), times)
+                storage.write_json(os.path.join(run.out, "time.json"), times)
                 finished += 1
                 print(f"[{finished}/{finished + len(todo) + len(running)}] {run.name} done, "
                       f"{(time.time() - t0) / 60:.1f} min", flush=True)
@@ -264,7 +265,7 @@ def collect(out, variants, fractions, seeds):
     """{variant: {fraction: (seeds, columns) array of percentages}} from every run's results.json."""
 
     def seed_row(v, fraction, seed):
-        res = {task: common.read_json(f"{finetuned(out, v, task, fraction, seed)}/results.json") for task in TASKS}
+        res = {task: storage.read_json(f"{finetuned(out, v, task, fraction, seed)}/results.json") for task in TASKS}
         return [100 * res[task][split][metric] for _, task, split, metric in COLUMNS]
 
     return {v: {f: np.array([seed_row(v, f, seed) for seed in seeds]) for f in fractions} for v in variants}
@@ -279,7 +280,7 @@ def collect_by_class(out, variants, fractions, seeds):
     run's results.json, with "items": the number of rare and common items of each column (seed 0)."""
 
     def by_class(v, fraction, seed):
-        res = {task: common.read_json(f"{finetuned(out, v, task, fraction, seed)}/results.json")["by_class"]
+        res = {task: storage.read_json(f"{finetuned(out, v, task, fraction, seed)}/results.json")["by_class"]
                for task in TASKS}
         return {g: [100 * (res[t][split][g][m] if res[t][split][g]["items"] else np.nan) for _, t, split, m in
                     RARE_COLUMNS] for g in ("rare", "common")}, \
@@ -297,7 +298,7 @@ def baseline_row(out, fraction, split_by=None):
     """The trivial baselines (finetune.py's baseline.json of Base's seed-0 runs; they depend on the
     fraction trained on, not on the model) as a (1, columns) array of percentages; split_by "rare" or
     "common": over those items, in RARE_COLUMNS."""
-    res = {t: common.read_json(f"{finetuned(out, 'Base', t, fraction, 0)}/baseline.json") for t in TASKS}
+    res = {t: storage.read_json(f"{finetuned(out, 'Base', t, fraction, 0)}/baseline.json") for t in TASKS}
     if split_by is None:
         return np.array([[100 * res[t][split][m] for _, t, split, m in COLUMNS]])
     return np.array([[100 * (res[t]["by_class"][split][split_by][m] if res[t]["by_class"][split][split_by]["items"]
@@ -424,7 +425,7 @@ def pretraining_report(out, variants):
     """Each variant's held-out losses along its pre-training and whether they converged (CONVERGED)."""
     report = {}
     for v in variants:
-        ev = common.read_json(os.path.join(out, "pretrain", v, "eval.json"))
+        ev = storage.read_json(os.path.join(out, "pretrain", v, "eval.json"))
         curve, before = ev["curve"], ev["before"] or {}
         end = curve[-1]
         quarter = min(curve, key=lambda r: abs(r["step"] - 0.75 * end["step"]))  # the evaluation nearest 3/4
@@ -448,14 +449,14 @@ def compute_report(out, variants, fractions, seeds):
     per = {"vqa": 1, "nlvr2": 2, "retrieval": 3, "refcoco": 1}
     report = {}
     for v in variants:
-        args = common.read_json(os.path.join(out, "pretrain", v, "args.json"))["args"]
+        args = storage.read_json(os.path.join(out, "pretrain", v, "args.json"))["args"]
         pre = args["max_steps"] * args["batch_size"]
         fine = 0
         for task, f, seed in itertools.product(TASKS, fractions, seeds):
             run = finetuned(out, v, task, f, seed)
             with open(f"{run}/log.jsonl") as log:
                 steps = max(json.loads(line).get("step", 0) for line in log)
-            batch = common.read_json(f"{run}/args.json")["args"]["batch_size"]
+            batch = storage.read_json(f"{run}/args.json")["args"]["batch_size"]
             fine = max(fine, steps * batch * per[task])
         report[v] = {"pretraining_sequences": pre, "largest_finetuning_sequences": fine,
                      "pretraining_at_least": pre >= fine}
@@ -528,7 +529,7 @@ def heldout(root):
     images = data.Images([os.path.join(root, "features", "heldout")])
     with open(os.path.join(root, "heldout", "captions.txt")) as f:
         captions = [line.strip() for line in f if line.strip()]
-    return images, common.read_json(os.path.join(root, "scenes.json")), captions
+    return images, storage.read_json(os.path.join(root, "scenes.json")), captions
 
 
 MIN_WORDS = 3  # a class takes part in the nearest-word probe when the held-out captions have its word this often
@@ -654,7 +655,7 @@ def probe_report(out, root, variants):
         rows[v] = {k: z[k] for k in z.files}
         report[v] = {k: estimate(rows[v], k) for k in PROBE}
         if v != "Base":
-            end = common.read_json(os.path.join(out, "pretrain", v, "eval.json"))["step"]
+            end = storage.read_json(os.path.join(out, "pretrain", v, "eval.json"))["step"]
             report[v]["along"] = probe_along(out, root, v) + [
                 {"step": end, **{k: valid_mean(rows[v][k]) for k in ("tag_first", "nearest_word")}}]
         report[v]["chance"] = {"tag_first": 1 / len(images.class_names),
@@ -825,7 +826,7 @@ def curve_points(table, task, fractions):
 def baselines(out, variant, fraction):
     """Each task's trivial baseline (finetune.py's baseline.json: the commonest answer per question type,
     the majority class, chance, the most confident box), averaged over its table columns, in %."""
-    runs = {t: common.read_json(f"{finetuned(out, variant, t, fraction, 0)}/baseline.json") for t in TASKS}
+    runs = {t: storage.read_json(f"{finetuned(out, variant, t, fraction, 0)}/baseline.json") for t in TASKS}
     return {t: float(np.mean([100 * runs[t][split][m] for _, task, split, m in COLUMNS if task == t]))
             for t in TASKS}
 
@@ -889,7 +890,7 @@ def time_report(runs, jobs):
     """Wall and CPU time of every run (time.json), and the wall time they would take on an idle CPU:
     the toy BERT's CPU time over the cores it had alone, the rest's over `jobs` side by side."""
     files = [os.path.join(r.out, "time.json") for r in runs]
-    t = [common.read_json(f) if os.path.exists(f) else {} for f in files]
+    t = [storage.read_json(f) if os.path.exists(f) else {} for f in files]
     cpu = [x.get("cpu_s", float("nan")) for x in t]
     idle = cpu[0] / (os.cpu_count() or 1) + sum(cpu[1:]) / jobs
 
@@ -1010,8 +1011,8 @@ def main(argv=None):
     check_fractions(args.fractions)
     args.variants = chosen(args)
     seeds = list(range((1 if args.quick else 3) if args.seeds is None else args.seeds))
-    common.check_paths(args, {"out": "out", "toy_root": "out"})
-    with common.OutFolder(args.out) as out:
+    guards.check_paths(args, {"out": "out", "toy_root": "out"})
+    with guards.OutFolder(args.out) as out:
         out.make()  # one reproduction at a time in --out: a second one is refused
         return reproduce(args, budget, seeds)
 
@@ -1043,7 +1044,7 @@ def reproduce(args, budget, seeds):
           + detector_markdown(reports["detector"]) + claims_markdown(reports["claims"]))
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(md)
-    common.write_json(os.path.join(args.out, "table.json"), table_json(table, args.fractions, seeds, budget, reports))
+    storage.write_json(os.path.join(args.out, "table.json"), table_json(table, args.fractions, seeds, budget, reports))
     print("\n" + md)
     size = draw_curves(table, args.fractions, os.path.join(args.out, "curves.png"),
                        baselines(args.out, "Base", args.fractions[-1]))

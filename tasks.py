@@ -19,8 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import common
 import data
+import storage
 from common import print0
 from model import INPUTS
 
@@ -130,7 +130,7 @@ def consistency(keys, correct):
 # -----------------------------------------------------------------------------
 # loaders of the real file formats (docs/METHOD.md §7). Each names the file and the record on a bad input: a
 # malformed record (a missing field, an unknown split, a question without its annotation) is skipped and
-# counted, unless more than data.MAX_BAD_SHARE of its file is (then the file is not what it should be and
+# counted, unless more than storage.MAX_BAD_SHARE of its file is (then the file is not what it should be and
 # the run stops); a record whose image has no features is skipped and counted, unless none is left.
 
 
@@ -159,9 +159,9 @@ class Skipped:
         self.malformed.setdefault(file, [0, str(error)])[0] += 1
 
     def check(self, file, total):
-        """ValueError when more than data.MAX_BAD_SHARE of the file's `total` records were malformed."""
+        """ValueError when more than storage.MAX_BAD_SHARE of the file's `total` records were malformed."""
         n, first = self.malformed.get(file, [0, None])
-        data.check_bad_share(n, total, first)
+        storage.check_bad_share(n, total, first)
 
     def lines(self):
         out = []
@@ -199,7 +199,7 @@ def coco_ids(image_id):
 
 def load_vqa(questions_file, annotations_file, images, skipped):
     """VQA v2: a questions file and its annotations -> [{qid, image, text, answers, qtype, mc}]."""
-    annotations = field(common.read_json(annotations_file), "annotations", annotations_file, "the file")
+    annotations = field(storage.read_json(annotations_file), "annotations", annotations_file, "the file")
     by_qid = {}
     for n, a in enumerate(annotations):
         try:
@@ -217,7 +217,7 @@ def load_vqa(questions_file, annotations_file, images, skipped):
         by_qid[qid] = {"answers": answers, "qtype": qtype, "mc": mc, "atype": a.get("answer_type", "all")}
     skipped.check(annotations_file, len(annotations))
     out = []
-    questions = field(common.read_json(questions_file), "questions", questions_file, "the file")
+    questions = field(storage.read_json(questions_file), "questions", questions_file, "the file")
     for n, q in enumerate(questions):
         try:
             qid = field(q, "question_id", questions_file, f"record {n}")
@@ -305,7 +305,7 @@ KARPATHY_SPLITS = ("train", "restval", "val", "test")
 def load_karpathy(file, images, skipped):
     """Karpathy's split file (Flickr30K, COCO) -> {split: [{image, captions}]}; restval joins train."""
     splits, named = {}, set()
-    records = field(common.read_json(file), "images", file, "the file")
+    records = field(storage.read_json(file), "images", file, "the file")
     for n, im in enumerate(records):
         try:
             name = field(im, "filename", file, f"image record {n}")
@@ -340,7 +340,7 @@ def load_refcoco(refs_file, instances_file, images, skipped):
         raise FileNotFoundError(f"{refs_file}: not found") from None
     except Exception as e:
         raise ValueError(f"{refs_file}: not a readable pickle ({type(e).__name__}: {e})") from None
-    instances = common.read_json(instances_file)
+    instances = storage.read_json(instances_file)
     boxes = {field(a, "id", instances_file, f"annotation {n}"): field(a, "bbox", instances_file, f"annotation {n}")
              for n, a in enumerate(field(instances, "annotations", instances_file, "the file"))}
     sizes = {field(im, "id", instances_file, f"image {n}"): (field(im, "width", instances_file, f"image {n}"),
@@ -386,7 +386,7 @@ def read_answer_set(files, min_count):
     """--answers: VQA annotation files, over which the normalised multiple_choice_answers are counted
     (train + val at 9: the usual 3,129), or one ans2label file {"answer": index} (LXMERT's
     trainval_ans2label.json). Returns (the answers in index order, where they come from)."""
-    objs = [common.read_json(f) for f in files]
+    objs = [storage.read_json(f) for f in files]
     if len(files) == 1 and isinstance(objs[0], dict) and "annotations" not in objs[0]:
         table = objs[0]
         if not table or not all(isinstance(a, str) and type(i) is int for a, i in table.items()) \
@@ -633,7 +633,7 @@ class VQA(Task):
         for a, x in zip(acc, items):
             by_type.setdefault(x["atype"], []).append(a)
         print0(f"{split} accuracy by answer type: "
-            + ", ".join(f"{t} {np.mean(v):.3f}" for t, v in sorted(by_type.items())))
+               + ", ".join(f"{t} {np.mean(v):.3f}" for t, v in sorted(by_type.items())))
         return {"accuracy": acc}
 
     def baseline_scores(self, split):

@@ -15,6 +15,7 @@ formats real data comes in, so no other code can tell toy from real.
     python toy.py --report          # the detector's accuracy, a linear probe's K-shot curve, class counts
 """
 
+import glob
 import json
 import os
 import shutil
@@ -22,8 +23,10 @@ import zlib
 
 import numpy as np
 
-from common import read_json, write_atomic, write_json
-from data import FeatureStore, FeatureWriter, Vocab
+import guards
+from data import Vocab
+from tasks import train_subset
+from storage import FeatureStore, FeatureWriter, WriteError, read_json, write_atomic, write_json
 
 TOY_DIR = "toy_world"
 VOCAB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy_vocab.txt")  # made by train_vocab
@@ -135,7 +138,7 @@ def things(scene):
 
 
 def write_lines(path, lines):
-    """A text file of `lines`, never half written (common.write_atomic)."""
+    """A text file of `lines`, never half written (storage.write_atomic)."""
     write_atomic(path, lambda f: f.write("\n".join(lines) + "\n"), "w")
 
 
@@ -364,6 +367,47 @@ def make_toy_world(root=TOY_DIR, seed=0, scale=1.0, log=print):
     """
     if os.path.exists(os.path.join(root, "done")):
         return make_later_corpora(root, seed)
+    if os.path.isdir(root) and os.listdir(root):  # half made by an earlier version, or not a toy world at all
+        if not set(os.listdir(root)) <= {"pretrain", "heldout", "features", "tasks", "vocab.txt", "detector.npz",
+                                         "scenes.json"}:
+            raise SystemExit(f"{root}: not a toy world, and not empty; give another --toy-root")
+        shutil.rmtree(root)
+    for old in glob.glob(f"{root}.partial-*"):  # left by a build that was killed
+        if not alive(int(old.rsplit("-", 1)[1])):
+            shutil.rmtree(old, ignore_errors=True)
+    # built in a folder of its own, then moved into place whole: a build cut short leaves nothing a later run trusts
+    part = f"{root}.partial-{os.getpid()}"
+    try:
+        count = build_toy_world(part, seed, scale)
+        try:
+            os.rename(part, root)
+        except OSError:
+            if not os.path.exists(os.path.join(root, "done")):  # another process's build is not there instead
+                raise
+            shutil.rmtree(part)
+    except (OSError, WriteError) as e:  # a full disk
+        shutil.rmtree(part, ignore_errors=True)
+        raise WriteError(f"{root}: the toy world cannot be written ({getattr(e, 'strerror', None) or e})") from None
+    except BaseException:
+        shutil.rmtree(part, ignore_errors=True)
+        raise
+    log(f"toy world written to {root}/: {count} scenes")
+    return root
+
+
+def alive(pid):
+    """Whether process `pid` still runs."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
+def build_toy_world(root, seed, scale):
+    """make_toy_world's work, into `root`; the number of scenes."""
     n = lambda k: max(4, int(k * scale))
     world, scenes = ToyWorld(seed), {}
     os.makedirs(os.path.join(root, "pretrain"), exist_ok=True)
@@ -404,8 +448,7 @@ def make_toy_world(root=TOY_DIR, seed=0, scale=1.0, log=print):
     write_json(os.path.join(root, "scenes.json"), scenes)
     make_later_corpora(root, seed)
     open(os.path.join(root, "done"), "w").close()
-    log(f"toy world written to {root}/: {len(scenes)} scenes")
-    return root
+    return len(scenes)
 
 
 def train_vocab(root, out=VOCAB):
@@ -739,7 +782,6 @@ def detector_report(root, fraction=1 / 16):
     stored tag is the detector's read-out of its stored feature, a linear probe's accuracy at 1, 5, 10 and
     30 regions per class and on all pre-training regions (held-out regions), the class frequencies of the
     pre-training images and of each task's training set and its `fraction` (tasks.train_subset)."""
-    from tasks import train_subset
     scenes, det = read_json(os.path.join(root, "scenes.json")), np.load(os.path.join(root, "detector.npz"))
     index = {c: i for i, c in enumerate(CLASSES)}
 
@@ -782,10 +824,9 @@ def detector_report(root, fraction=1 / 16):
 
 
 if __name__ == "__main__":
-    import common
-    p = common.ArgumentParser(description="Make the toy world, or draw one of its scenes.")
+    p = guards.ArgumentParser(description="Make the toy world, or draw one of its scenes.")
     p.add_argument("--root", default=TOY_DIR, help="where the toy world lives (default: %(default)s)")
-    p.add_argument("--seed", type=common.COUNT, default=0, help="the world's seed (default: %(default)s)")
+    p.add_argument("--seed", type=guards.COUNT, default=0, help="the world's seed (default: %(default)s)")
     p.add_argument("--show", metavar="IMAGE_ID", help="draw this scene (e.g. pt000000) to IMAGE_ID.png")
     p.add_argument("--report", action="store_true", help="print the detector's and the classes' statistics "
                    "(detector_report) as JSON")

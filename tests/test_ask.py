@@ -14,6 +14,7 @@ from PIL import Image, ImageDraw
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+import storage  # noqa: E402
 import ask  # noqa: E402
 import data  # noqa: E402
 import extract_features as ef  # noqa: E402
@@ -198,7 +199,7 @@ def real(tmp_path_factory):
         with open(d / "vqa" / f"v2_mscoco_{split}_annotations.json", "w") as f:
             json.dump({"annotations": annotations[split]}, f)
     ef.main(FAST + ["--images", str(d / "images"), "--out", str(d / "store"), "--batch-size", "1"])  # one at a time
-    store = data.FeatureStore(str(d / "store"))
+    store = storage.FeatureStore(str(d / "store"))
     vocab = list(data.Vocab.RESERVED) + WORDS
     cfg = Config(vocab_size=len(vocab), hidden=32, layers=2, heads=4, ffn=64, max_positions=40,
                  feat_dim=store.feature_dim, num_labels=len(store.class_names), dropout=0.0, init_std=0.18)
@@ -229,7 +230,7 @@ def test_a_real_png_through_extraction_finetuning_and_ask(real, tmp_path, capsys
     # the image file went through the very extraction that made the stored features
     ckpt = ask.load(str(d / "out" / "ckpt.pt"))
     entry, picture = ask.extract(png, *ask.detector(ckpt, "ckpt.pt", None, torch.device("cpu")), torch.device("cpu"))
-    stored = data.FeatureStore(str(d / "store"))["5"]
+    stored = storage.FeatureStore(str(d / "store"))["5"]
     assert np.array_equal(entry["features"], stored["features"].astype(np.float16))
     assert np.allclose(entry["boxes"], stored["boxes"]) and np.array_equal(entry["labels"], stored["labels"])
     assert (entry["width"], entry["height"]) == (136, 80) == picture.size

@@ -12,6 +12,7 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import storage  # noqa: E402
 import data  # noqa: E402
 from toy import CLASSES, COLORS, FEATURE_DIM, make_toy_world  # noqa: E402
 import extract_features as ef  # noqa: E402
@@ -41,7 +42,7 @@ def env(tmp_path_factory):
     (d / "folder" / "readme.txt").write_text("a folder with no images, no store, no task files\n")
     os.makedirs(d / "badmeta")
     (d / "badmeta" / "meta.json").write_text("{not json")
-    data.FeatureWriter(str(d / "nostore"), 4, ["cat"]).close()  # a store's meta.json and no images
+    storage.FeatureWriter(str(d / "nostore"), 4, ["cat"]).close()  # a store's meta.json and no images
     Image.new("RGB", (32, 32), (200, 30, 30)).save(d / "photo.png")
     os.makedirs(d / "images")
     Image.new("RGB", (48, 40), (20, 90, 200)).save(d / "images" / "one.png")

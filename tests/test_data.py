@@ -9,10 +9,13 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import bench  # noqa: E402
 import data  # noqa: E402
+import storage  # noqa: E402
 import toy  # noqa: E402
 from toy import CLASSES, ToyWorld, draw_scene, make_toy_world  # noqa: E402
-from data import FeatureStore, FeatureWriter, Vocab  # noqa: E402
+from data import Vocab  # noqa: E402
+from storage import FeatureStore, FeatureWriter  # noqa: E402
 
 WORDS = ["the", "a", "red", "car", "dog", "big", "truck", "sat", "on", "mat", "fire", "hot"]
 VOCAB = Vocab(list(Vocab.RESERVED) + WORDS + ["##s", "##ing", "##er"] + [f"w{i}" for i in range(40)])
@@ -72,32 +75,32 @@ def test_feature_store_bad_input(tmp_path):
 def test_tokenised_corpus(tmp_path):
     f = tmp_path / "text.txt"
     f.write_text("\nthe red car sat .\nthe dog sat on the mat\n\n\na big truck\n\nthe fire truck\nhot dogs\n")
-    c = data.TokenCorpus(str(f), VOCAB, "docs", str(tmp_path / "cache"))
+    c = storage.TokenCorpus(str(f), VOCAB, "docs", str(tmp_path / "cache"))
     assert len(c) == 5 and c.docs.tolist() == [0, 0, 1, 2, 2]
     assert VOCAB.decode(c[2]) == "a big truck"
     assert c.chunks(100).tolist() == [[0, 2], [2, 3], [3, 5]]  # chunks never cross documents
     assert c.chunks(6).tolist() == [[0, 1], [1, 2], [2, 3], [3, 5]]
-    again = data.TokenCorpus(str(f), VOCAB, "docs", str(tmp_path / "cache"))  # cached
+    again = storage.TokenCorpus(str(f), VOCAB, "docs", str(tmp_path / "cache"))  # cached
     assert np.array_equal(again.tokens, c.tokens)
     # bad lines are skipped and listed; a file with nothing usable is fatal, with file and line
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"fine\nalso fine\nnot \xff fine\n" + b"x" * 100_001 + b"\nthe end\n")
-    c = data.TokenCorpus(str(bad), VOCAB, "lines", str(tmp_path / "cache"))
+    c = storage.TokenCorpus(str(bad), VOCAB, "lines", str(tmp_path / "cache"))
     assert len(c) == 3 and [n for n, _ in c.skipped] == [3, 4]
     assert "bad.txt: skipped 2 bad line(s) (line 3: not valid UTF-8 (byte 0xff at column 5); line 4: 100001 characters long" in c.report()
-    again = data.TokenCorpus(str(bad), VOCAB, "lines", str(tmp_path / "cache"))  # the cache remembers what was skipped
+    again = storage.TokenCorpus(str(bad), VOCAB, "lines", str(tmp_path / "cache"))  # the cache remembers what was skipped
     assert again.skipped == c.skipped
     worse = tmp_path / "worse.txt"
     worse.write_bytes(b"\xc3\x28\n\n")
     with pytest.raises(ValueError, match=r"worse.txt: no usable line \(1 bad, the first: line 1, not valid UTF-8"):
-        data.TokenCorpus(str(worse), VOCAB, "lines", str(tmp_path / "cache"))
+        storage.TokenCorpus(str(worse), VOCAB, "lines", str(tmp_path / "cache"))
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
     with pytest.raises(ValueError, match="empty.txt: the file is empty"):
-        data.TokenCorpus(str(empty), VOCAB, "lines", str(tmp_path / "cache"))
+        storage.TokenCorpus(str(empty), VOCAB, "lines", str(tmp_path / "cache"))
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text('{"image_id": 7, "caption": "a red car"}\n{"image": 8}\nnot json\n')
-    c = data.TokenCorpus(str(pairs), VOCAB, "pairs", str(tmp_path / "cache"))
+    c = storage.TokenCorpus(str(pairs), VOCAB, "pairs", str(tmp_path / "cache"))
     assert c.image_ids == ["7"] and [n for n, _ in c.skipped] == [2, 3]
 
 
@@ -317,7 +320,7 @@ def test_batches_through_workers_are_the_batches_built_here(tmp_path, monkeypatc
     images = data.Images([str(tmp_path / "store")])
     text = tmp_path / "text.txt"
     text.write_text("\n".join(" ".join(WORDS[j % 12] for j in range(i, i + 3 + i % 5)) for i in range(30)) + "\n")
-    lines = data.TokenCorpus(str(text), VOCAB, "lines", str(tmp_path / "cache"))
+    lines = storage.TokenCorpus(str(text), VOCAB, "lines", str(tmp_path / "cache"))
     corpora = [data.Corpus("images", "image", VOCAB, sorted(images.where), images),
                data.Corpus("captions", "caption", VOCAB, lines)]
     ds = data.PretrainData(corpora, 4, seed=1)
@@ -334,7 +337,6 @@ def test_batches_through_workers_are_the_batches_built_here(tmp_path, monkeypatc
 
 
 def test_bench_reports_the_loader_and_what_an_h100_consumes(capsys):
-    import bench
     bench.main(["--device", "cpu", "--model", "tiny", "--steps", "0", "--batch-size", "4", "--regions", "5", "--feat-dim", "16", "--loader-images", "12",
                 "--workers", "1"])
     out = capsys.readouterr().out
@@ -350,7 +352,7 @@ def test_each_process_builds_its_rows_of_the_global_batch(tmp_path):
     toy = make_toy_world(str(tmp_path / "toy"), seed=0, scale=0.03, log=lambda *a: None)
     vocab = Vocab.from_file(os.path.join(toy, "vocab.txt"))
     images = data.Images([os.path.join(toy, "features", "pretrain")])
-    tok = lambda f, kind: data.TokenCorpus(os.path.join(toy, "pretrain", f), vocab, kind, str(tmp_path / "cache"))  # noqa: E731
+    tok = lambda f, kind: storage.TokenCorpus(os.path.join(toy, "pretrain", f), vocab, kind, str(tmp_path / "cache"))  # noqa: E731
     pairs = tok("pairs.jsonl", "pairs")
     corpora = [data.Corpus("images", "image", vocab, sorted(images.where), images), data.Corpus("captions", "caption", vocab, tok("captions.txt", "lines")),
                data.Corpus("text", "text", vocab, tok("text.txt", "docs"), nsp=True), data.Corpus("pairs", "pair", vocab, (pairs, pairs.image_ids), images)]

@@ -20,7 +20,7 @@ from torchvision.transforms.functional import to_tensor
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-import data  # noqa: E402
+import storage  # noqa: E402
 import extract_features as ef  # noqa: E402
 
 # a small random detector: tiny inputs, few proposals, few boxes
@@ -48,7 +48,7 @@ def exif_jpeg(path):
 
 
 def store_dict(path):
-    s = data.FeatureStore(path)
+    s = storage.FeatureStore(path)
     return {i: s[i] for i in s.ids()}
 
 
@@ -83,7 +83,7 @@ def test_store_holds_every_good_image_and_lists_bad_files(folder, tmp_path, caps
     out = str(tmp_path / "store")
     ef.main(FAST + ["--images", str(folder), "--out", out, "--batch-size", "3"])
     assert "4 skipped" in capsys.readouterr().out.splitlines()[-1]
-    store = data.FeatureStore(out)
+    store = storage.FeatureStore(out)
     assert sorted(store.ids()) == sorted(GOOD)
     assert store.feature_dim == 1024 and len(store.class_names) == 91 and store.class_names[1] == "person"
     meta = store.meta["extractor"]
@@ -178,7 +178,7 @@ def test_given_boxes_are_the_box_head_on_roi_aligned_features(tmp_path, detector
     out = str(tmp_path / "store")
     ef.main(FAST + ["--images", str(tmp_path), "--out", out, "--given-boxes", str(tmp_path / "boxes.json"),
                     "--feature", feature, "--batch-size", "1"])
-    store = data.FeatureStore(out)
+    store = storage.FeatureStore(out)
     assert sorted(store.ids()) == ["g0", "g1", "g2"] and len(store["g2"]["boxes"]) == 0
     assert store.meta["extractor"]["box_policy"] == "given boxes"
     with torch.inference_mode():
@@ -240,7 +240,7 @@ def test_tsv_import_round_trips(tmp_path):
     out = str(tmp_path / "store")
     ef.main(["--from-tsv", str(tmp_path / "f.tsv"), "--vocab", str(tmp_path / "objects.txt"),
              "--attr-vocab", str(tmp_path / "attributes.txt"), "--out", out, "--shard-size", "2"])
-    store = data.FeatureStore(out)
+    store = storage.FeatureStore(out)
     assert store.class_names[:2] == ["obj0", "obj1"] and len(store.class_names) == 1600 and store.attr_names[399] == "attr399"
     assert store.ids() == [r["img_id"] for r in rows] and store.feature_dim == 2048
     for r in rows:
@@ -251,7 +251,7 @@ def test_tsv_import_round_trips(tmp_path):
         assert np.array_equal(x["boxes"], r["boxes"] / np.array([w, h, w, h], np.float32))
         assert np.array_equal(x["features"], r["features"].astype(np.float16).astype(np.float32))  # the store keeps fp16
     ef.main(["--from-tsv", str(tmp_path / "f.tsv"), "--out", str(tmp_path / "plain")])  # no vocabulary: class_<i>
-    assert data.FeatureStore(str(tmp_path / "plain")).class_names[7] == "class_7"
+    assert storage.FeatureStore(str(tmp_path / "plain")).class_names[7] == "class_7"
 
 
 @pytest.fixture(scope="module")
@@ -273,7 +273,7 @@ def test_killed_and_rerun_equals_uninterrupted(six, tmp_path):
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)  # mid-run, no chance to clean up
     proc.wait()
-    assert 1 <= len(data.FeatureStore(str(out))) < 6, "the kill should land mid-run"
+    assert 1 <= len(storage.FeatureStore(str(out))) < 6, "the kill should land mid-run"
     ef.main(args + ["--out", str(out)])
     whole, rerun = store_dict(str(tmp_path / "whole")), store_dict(str(out))
     assert sorted(whole) == sorted(rerun) == [f"im{i}" for i in range(6)]
@@ -287,7 +287,7 @@ def test_shards_read_as_one_store(six, tmp_path):
     for rank in (1, 0):
         ef.main(FAST + ["--images", str(six), "--out", out, "--shard", str(rank), "--num-shards", "2"])
     assert sorted(f for f in os.listdir(out) if f.endswith(".index.json")) == ["shard0-00000.index.json", "shard1-00000.index.json"]
-    assert sorted(data.FeatureStore(out).ids()) == [f"im{i}" for i in range(6)]
+    assert sorted(storage.FeatureStore(out).ids()) == [f"im{i}" for i in range(6)]
 
 
 def test_bench_reports_both_rates():

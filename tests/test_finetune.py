@@ -12,6 +12,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import storage  # noqa: E402
 import data  # noqa: E402
 from toy import CLASSES, COLORS, FEATURE_DIM, make_toy_world  # noqa: E402
 import common  # noqa: E402
@@ -129,7 +130,7 @@ def test_nlvr2_consistency_by_hand():
 def store(tmp_path):
     """A feature store of five images named as real stores name them."""
     ids = ["COCO_val2014_000000000042", "7", "dev-1-0-img0", "dev-1-0-img1", "1000092795"]
-    w = data.FeatureWriter(str(tmp_path / "store"), 4, ["cat", "dog"])
+    w = storage.FeatureWriter(str(tmp_path / "store"), 4, ["cat", "dog"])
     for i in ids:
         w.add(i, np.ones((2, 4), np.float32), np.array([[0, 0, 0.5, 0.5], [0.5, 0.5, 1, 1]], np.float32),
               np.array([0, 1]), np.array([0.9, 0.4], np.float32), 100, 50)
@@ -560,7 +561,7 @@ def test_a_record_without_features_is_skipped_and_reported(toy, tmp_path, capsys
 
 def test_vqa_answers_outside_the_answer_set_stay_and_are_reported(toy, tmp_path, capsys):
     task, _, _ = make_task(toy, "vqa", "--min-answer-count", "10")
-    annotations = common.read_json(os.path.join(toy, "tasks", "vqa", "v2_mscoco_val2014_annotations.json"))["annotations"]
+    annotations = storage.read_json(os.path.join(toy, "tasks", "vqa", "v2_mscoco_val2014_annotations.json"))["annotations"]
     outside = {a["question_id"] for a in annotations if not {tasks.normalize_answer(x["answer"]) for x in a["answers"]} & set(task.answers)}
     val = task.splits["val"]
     assert outside and len(val) == len(annotations)  # every question stays, the official evaluation counts it...

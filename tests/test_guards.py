@@ -16,7 +16,6 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import ask  # noqa: E402
-import common  # noqa: E402
 import extract_features  # noqa: E402
 import finetune  # noqa: E402
 import pretrain  # noqa: E402
@@ -179,19 +178,26 @@ def test_an_out_that_cannot_be_made_is_one_line_before_any_work(toy, tmp_path, o
 # Ctrl-C: one line, a checkpoint at the step it stopped, and a resume that goes on exactly
 
 
-@pytest.mark.parametrize("script, argv", [("pretrain.py", pre), ("finetune.py", ft)])
-def test_ctrl_c_saves_and_the_resume_is_exact(toy, tmp_path, script, argv):
+def stopped_by(sig, toy, tmp_path, script, argv):
+    """`script` run whole into tmp_path/whole, then into tmp_path/split stopped by `sig` a few steps in:
+    (its exit code, stderr), its main and the flags of both runs."""
     main = pretrain.main if script == "pretrain.py" else finetune.main
-    many = ["--max-steps", "120"] if script == "pretrain.py" else ["--epochs", "4"]  # a Ctrl-C at step 3 comes in time
+    many = ["--max-steps", "120"] if script == "pretrain.py" else ["--epochs", "4"]  # a signal at step 3 comes in time
     main(argv(toy, tmp_path / "whole", *many))
     cmd = [sys.executable, script, *argv(toy, tmp_path / "split", *many)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     for line in proc.stdout:
         if line.startswith("step 3/"):  # a few steps in
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(sig)
             break
     out, err = proc.communicate(timeout=120)
+    return proc, err, main, many
+
+
+@pytest.mark.parametrize("script, argv", [("pretrain.py", pre), ("finetune.py", ft)])
+def test_ctrl_c_saves_and_the_resume_is_exact(toy, tmp_path, script, argv):
+    proc, err, main, many = stopped_by(signal.SIGINT, toy, tmp_path, script, argv)
     assert proc.returncode == 130, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     step = int(err.split("stopped at step ")[1].split(":")[0])
@@ -204,6 +210,20 @@ def test_ctrl_c_saves_and_the_resume_is_exact(toy, tmp_path, script, argv):
     if script == "pretrain.py":  # the held-out losses before training are the first run's, not lost
         whole, split = (json.loads(read(tmp_path / d / "eval.json")) for d in ("whole", "split"))
         assert split["before"] is not None and split == whole
+
+
+@pytest.mark.parametrize("script, argv", [("pretrain.py", pre), ("finetune.py", ft)])
+def test_sigterm_saves_and_the_resume_is_exact(toy, tmp_path, script, argv):
+    """SLURM, Kubernetes and `timeout` stop a job with SIGTERM: the step saved, one line, exit code 143
+    (128 + SIGTERM), and --resume goes on exactly."""
+    proc, err, main, many = stopped_by(signal.SIGTERM, toy, tmp_path, script, argv)
+    assert proc.returncode == 143, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    step = int(err.split("stopped at step ")[1].split(":")[0])
+    assert err.startswith(f"terminated: stopped at step {step}: ") and "--resume goes on" in err
+    assert torch.load(tmp_path / "split" / "ckpt.pt", weights_only=False)["step"] == step
+    main(argv(toy, tmp_path / "split", *many, "--resume"))
+    assert log(tmp_path / "split") == log(tmp_path / "whole")
 
 
 # -----------------------------------------------------------------------------

@@ -8,13 +8,13 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import MASK_PROB, PRESETS, Config, VisualBERT, hf_to_ours, visual_sums  # noqa: E402
+from model import MASK_PROB, PRESETS, Config, VisualBERT, hf_to_ours, load_bert, visual_sums  # noqa: E402
 
 
 def pretrain_losses(model, batch):
     """Each objective's mean over the batch (model.pretrain_loss's sums over their counts), and their sum."""
     sums, counts, _ = model.pretrain_loss(batch)
-    terms = dict(zip(model.objectives(batch), sums / counts.clamp(min=1)))
+    terms = dict(zip(model.count_targets(batch), sums / counts.clamp(min=1)))
     return sum(terms.values()), terms
 
 
@@ -76,7 +76,6 @@ def test_mlm_logits_match_huggingface(tmp_path, fmt):
 def test_from_bert_rejects_wrong_shapes(tmp_path):
     write_hf_bert(str(tmp_path), safe=True)
     model = VisualBERT(tiny(hidden=48, heads=4))
-    from model import load_bert
     with pytest.raises(ValueError, match="shape"):
         load_bert(model, str(tmp_path))
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import storage  # noqa: E402
 import data  # noqa: E402
 from toy import CLASSES, COLORS, FEATURE_DIM, make_toy_world  # noqa: E402
 import pretrain  # noqa: E402
@@ -134,7 +135,7 @@ def test_bad_input_gets_one_clear_line(toy, tmp_path):
             pretrain.main(base + extra + ["--cache-dir", str(tmp_path / "cache")])
     # a checkpoint made for other features than the images given
     other = tmp_path / "wide"
-    w = data.FeatureWriter(str(other), 32, CLASSES, attr_names=COLORS, extractor={"other": True})
+    w = storage.FeatureWriter(str(other), 32, CLASSES, attr_names=COLORS, extractor={"other": True})
     w.add("x", np.zeros((2, 32)), np.zeros((2, 4)), [0, 1], [0.5, 0.5], 10, 10, [0, 0], [0.5, 0.5])
     w.close()
     with pytest.raises(SystemExit, match=rf"ckpt.pt: the checkpoint has feat_dim={FEATURE_DIM}, the images have 32"):

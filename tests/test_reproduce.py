@@ -12,6 +12,7 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import storage  # noqa: E402
 import data  # noqa: E402
 import reproduce  # noqa: E402
 from toy import make_toy_world  # noqa: E402
@@ -158,7 +159,7 @@ def handmade(tmp_path_factory):
     region's feature is the one-hot of its class and its tag is right; captions name every class."""
     out = tmp_path_factory.mktemp("handmade")
     r = np.random.default_rng(0)
-    w = data.FeatureWriter(str(out / "store"), len(CLASSES), CLASSES)
+    w = storage.FeatureWriter(str(out / "store"), len(CLASSES), CLASSES)
     scenes = {}
     for i in range(60):
         cls = r.choice(len(CLASSES), 3, replace=False)

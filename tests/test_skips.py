@@ -1,5 +1,5 @@
 """One bad item in a large batch is skipped, named and counted, and the run goes on with the good ones; more than
-data.MAX_BAD_SHARE of a file bad stops the run with one line naming the file, the first bad record and the share.
+storage.MAX_BAD_SHARE of a file bad stops the run with one line naming the file, the first bad record and the share.
 Each kind: bottom-up TSV rows, aligned pairs, caption lines, task records. Then the small refusals: a store of
 other settings names the setting, --boxes 0, --seeds 0, ask.py's empty or too long text, bench.py's -h."""
 
@@ -17,8 +17,9 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import common  # noqa: E402
+import bench  # noqa: E402
 import data  # noqa: E402
+import storage  # noqa: E402
 import extract_features as ef  # noqa: E402
 import finetune as ft  # noqa: E402
 import pretrain  # noqa: E402
@@ -60,10 +61,10 @@ def lines_of(path):
 
 
 def test_the_threshold_is_one_rule():
-    assert data.MAX_BAD_SHARE == 0.1
-    data.check_bad_share(1, 10, "f: line 1: bad")  # a tenth: skipped
+    assert storage.MAX_BAD_SHARE == 0.1
+    storage.check_bad_share(1, 10, "f: line 1: bad")  # a tenth: skipped
     with pytest.raises(ValueError, match=r"^f: line 1: bad; 2 of 11 records bad \(18%\), more than the 10% a run skips$"):
-        data.check_bad_share(2, 11, "f: line 1: bad")
+        storage.check_bad_share(2, 11, "f: line 1: bad")
 
 
 # -----------------------------------------------------------------------------
@@ -89,7 +90,7 @@ def test_one_bad_tsv_row_is_skipped_and_listed(tmp_path, capsys):
     (tmp_path / "f.tsv").write_text("\n".join(rows) + "\n")
     out = str(tmp_path / "store")
     ef.main(["--from-tsv", str(tmp_path / "f.tsv"), "--out", out, "--shard-size", "5"])
-    assert sorted(data.FeatureStore(out).ids()) == sorted(f"im{i}" for i in range(12) if i != 4)  # the good rows kept
+    assert sorted(storage.FeatureStore(out).ids()) == sorted(f"im{i}" for i in range(12) if i != 4)  # the good rows kept
     [line] = lines_of(os.path.join(out, "skipped.txt"))
     assert line.startswith(f"{tmp_path / 'f.tsv'} row 5\tnot a bottom-up-attention TSV row")
     assert capsys.readouterr().out.splitlines()[-1].endswith(f"skipped 1 bad rows, listed in {out}/skipped.txt")
@@ -109,7 +110,7 @@ def test_many_bad_tsv_rows_stop_the_import_with_one_line(tmp_path):
     assert r.stderr.startswith(f"{tmp_path / 'f.tsv'}: row 3 is not a bottom-up-attention TSV row")
     assert "; 2 of 10 rows bad (20%), more than the 10% a run skips" in r.stderr
     # the 8 good rows are whole shards of the store, the bad ones listed: a rerun on a fixed file goes on from them
-    assert len(data.FeatureStore(str(out))) == 8 and len(lines_of(out / "skipped.txt")) == 2
+    assert len(storage.FeatureStore(str(out))) == 8 and len(lines_of(out / "skipped.txt")) == 2
 
 
 # -----------------------------------------------------------------------------
@@ -178,7 +179,7 @@ def test_many_bad_caption_lines_stop_the_run_a_few_are_skipped(toy, ckpt, tmp_pa
 def store(tmp_path_factory):
     """A store holding the images the records below name."""
     path = str(tmp_path_factory.mktemp("store") / "store")
-    w = data.FeatureWriter(path, 4, ["cat"])
+    w = storage.FeatureWriter(path, 4, ["cat"])
     ids = [str(i) for i in range(40)] + [f"dev-{i}-0-img{k}" for i in range(40) for k in (0, 1)]
     for i in ids:
         w.add(i, np.ones((2, 4), np.float32), np.array([[0, 0, 1, 1]] * 2, np.float32), [0, 0], [0.9, 0.9], 10, 10)
@@ -264,7 +265,7 @@ def test_a_question_without_its_annotation_in_a_whole_run(toy, ckpt, tmp_path, c
     said at the start and the end, and counted in results.json."""
     src = os.path.join(toy, "tasks", "vqa")
     for f in os.listdir(src):
-        obj = common.read_json(os.path.join(src, f))
+        obj = storage.read_json(os.path.join(src, f))
         if f == "v2_OpenEnded_mscoco_train2014_questions.json":
             obj["questions"].append({**obj["questions"][0], "question_id": 999999999})
             n = len(obj["questions"])
@@ -273,7 +274,7 @@ def test_a_question_without_its_annotation_in_a_whole_run(toy, ckpt, tmp_path, c
     results = ft.main(["--task", "vqa", "--data", str(tmp_path), "--init-from", ckpt, "--epochs", "0.01",
                        "--min-answer-count", "1", "--features", f"{feats}/vqa_train", f"{feats}/vqa_val", "--out", str(tmp_path / "out")])
     file = str(tmp_path / "v2_OpenEnded_mscoco_train2014_questions.json")
-    assert results["skipped"] == {file: 1} and common.read_json(tmp_path / "out" / "results.json")["skipped"] == {file: 1}
+    assert results["skipped"] == {file: 1} and storage.read_json(tmp_path / "out" / "results.json")["skipped"] == {file: 1}
     line = (f"warning: skipped 1 records of {file}: first: record {n - 1} (question_id 999999999): "
             f"{tmp_path / 'v2_mscoco_train2014_annotations.json'} has no annotation for this question")
     assert capsys.readouterr().out.count(line) == 2
@@ -284,9 +285,9 @@ def test_a_question_without_its_annotation_in_a_whole_run(toy, ckpt, tmp_path, c
 
 
 def test_a_store_of_other_settings_names_the_setting_and_both_values(tmp_path):
-    data.FeatureWriter(str(tmp_path), 8, ["car"], extractor={"box_policy": "fixed 36", "nms": 0.3}).close()
+    storage.FeatureWriter(str(tmp_path), 8, ["car"], extractor={"box_policy": "fixed 36", "nms": 0.3}).close()
     with pytest.raises(ValueError) as e:
-        data.FeatureWriter(str(tmp_path), 8, ["car"], extractor={"box_policy": "fixed 10", "nms": 0.3})
+        storage.FeatureWriter(str(tmp_path), 8, ["car"], extractor={"box_policy": "fixed 10", "nms": 0.3})
     assert "other settings (extractor.box_policy 'fixed 36' (now 'fixed 10')); write to a new folder" in str(e.value)
 
 
@@ -314,7 +315,6 @@ def test_zero_seeds_is_an_error(tmp_path, monkeypatch, capsys):
 
 
 def test_every_bench_flag_has_help_and_its_default():
-    import bench
     for action in bench.parser._actions:
         assert action.help, action.dest
         if action.default not in (None, False) and action.dest != "help":

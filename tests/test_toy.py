@@ -10,8 +10,10 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import data  # noqa: E402
+import tasks  # noqa: E402
 import toy  # noqa: E402
-from data import FeatureStore  # noqa: E402
+from storage import FeatureStore  # noqa: E402
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -103,8 +105,6 @@ def test_show_with_a_bad_id_or_root_is_one_line(world, tmp_path, case):
 def test_task_train_images_are_the_training_examples_tasks_py_loads(world):
     """detector_report counts the classes of the 1/16 training sets that finetune.py keeps: the same
     examples, in the same order, as the loaders of tasks.py."""
-    import data
-    import tasks
     t, f = os.path.join(world, "tasks"), lambda *p: os.path.join(world, "features", *p)
     images = lambda *names: data.Images([f(n) for n in names])
     ours = toy.task_train_images(world)

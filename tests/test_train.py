@@ -12,12 +12,14 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import storage  # noqa: E402
 import common  # noqa: E402
 import data  # noqa: E402
 from toy import make_toy_world  # noqa: E402
 import finetune  # noqa: E402
 import pretrain  # noqa: E402
-from model import PRESETS, Config, VisualBERT, with_positions  # noqa: E402
+from data import with_positions  # noqa: E402
+from model import PRESETS, Config, VisualBERT  # noqa: E402
 from test_model import pretrain_losses  # noqa: E402
 
 
@@ -30,7 +32,7 @@ def pair_batch(toy, rows=16):
     """An aligned batch of the toy world (text, tags, regions), and a model for it, dropout 0."""
     vocab = data.Vocab.from_file(os.path.join(toy, "vocab.txt"))
     images = data.Images([os.path.join(toy, "features", "pretrain")])
-    pairs = data.TokenCorpus(os.path.join(toy, "pretrain", "pairs.jsonl"), vocab, "pairs", os.path.join(toy, "cache"))
+    pairs = storage.TokenCorpus(os.path.join(toy, "pretrain", "pairs.jsonl"), vocab, "pairs", os.path.join(toy, "cache"))
     corpus = data.Corpus("pairs", "pair", vocab, (pairs, pairs.image_ids), images)
     batch = corpus.batch(np.arange(rows), data.RowRandom(0, 0, range(rows)))
     cfg = Config(**{**PRESETS["tiny"], "vocab_size": len(vocab), "feat_dim": images.feature_dim,
@@ -49,7 +51,7 @@ def gradient(start, micro, loss_of=None):
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     micro = [with_positions(mb) for mb in micro]
     if loss_of is None:
-        counts = sum(model.count_targets(mb) for mb in micro).clamp(min=1)
+        counts = sum(torch.stack(list(model.count_targets(mb).values())) for mb in micro).clamp(min=1)
         loss_of = lambda m, mb: (m.pretrain_loss(mb)[0] / counts).sum()  # noqa: E731
     for mb in micro:
         scaler.scale(loss_of(model, mb)).backward()

@@ -1,14 +1,81 @@
 """
-The analysis of finished runs, for reproduce.py: confidence intervals (Student's t over the seeds,
+The analysis of finished runs, for finetune.py's report and reproduce.py: which evaluated items are
+rare and which common (docs/METHOD.md section 13), confidence intervals (Student's t over the seeds,
 a bootstrap over the images), and Figure 2's 2-D maps of the model's states (PCA, t-SNE) and their
 drawing. Nothing here trains or reads a run's files.
 """
 
 import math
+import re
+from collections import Counter
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+
+# -----------------------------------------------------------------------------
+# rare and common items (docs/METHOD.md section 13): is a task learnt on the classes its training set
+# seldom names, as well as on those it names often? finetune.py's report splits every metric so.
+
+RARE = 5  # an item is rare when its rarest named class is named by fewer training examples than this
+
+
+def words(text):
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def plurals(name):
+    """A class name's plural forms by English's rules: "bus" -> "buses", "knife" -> "knives", "man" -> "men"."""
+    forms = {name + "s", name + "es"}
+    if name.endswith("y"):
+        forms.add(name[:-1] + "ies")
+    if name.endswith(("f", "fe")):
+        forms.add(name[: -1 if name.endswith("f") else -2] + "ves")
+    if name.endswith("man"):
+        forms.add(name[:-3] + "men")
+    if name.endswith("child"):
+        forms.add(name + "ren")
+    return forms
+
+
+class ClassNamer:
+    """Which detector classes a text names: a class name or a plural of it as whole words, the longest
+    name first ("fire truck" is no "truck"); a name itself wins over another class's plural."""
+
+    def __init__(self, class_names):
+        self.forms = {}
+        for j, c in enumerate(class_names):
+            self.forms.setdefault(tuple(words(c)), j)
+        for j, c in enumerate(class_names):
+            for form in plurals(c.lower()):
+                self.forms.setdefault(tuple(words(form)), j)
+        self.forms.pop((), None)
+        self.longest = max(map(len, self.forms), default=1)
+
+    def __call__(self, text):
+        w, named, t = words(text), set(), 0
+        while t < len(w):
+            n = next((n for n in range(min(self.longest, len(w) - t), 0, -1) if tuple(w[t:t + n]) in self.forms), 0)
+            if n:
+                named.add(self.forms[tuple(w[t:t + n])])
+            t += max(n, 1)
+        return named
+
+
+def by_class(named_items, named_train, scores):
+    """Each metric over the rare and the common items. named_items: per item, the classes its text names;
+    named_train: the same per training example; scores: {metric: (N,) per item} ->
+    {"rare": {metric: mean, "items": n}, "common": {...}}; an item naming no class is in neither."""
+    counts = Counter(j for named in named_train for j in named)
+    group = np.array([None if not named else "rare" if min(counts[j] for j in named) < RARE else "common"
+                      for named in named_items])
+    out = {}
+    for g in ("rare", "common"):
+        keep = group == g
+        out[g] = {**{k: float(np.mean(np.asarray(v)[keep])) if keep.any() else None for k, v in scores.items()},
+                  "items": int(keep.sum())}
+    return out
+
 
 # -----------------------------------------------------------------------------
 # confidence intervals: over the fine-tuning seeds, and over the held-out images

@@ -44,7 +44,6 @@ import torch
 import analysis
 import common
 import data
-import tasks
 import toy
 from model import PRESETS, Config, VisualBERT
 from common import load_checkpoint, load_weights
@@ -288,7 +287,7 @@ def baseline_row(out, fraction, split_by=None):
 def by_class_report(rare, fractions):
     """collect_by_class's table for table.json: each variant's (mean, low, high) per column over its rare
     and common items, and their numbers."""
-    report = {"columns": [c[0] for c in RARE_COLUMNS], "rare_below": tasks.RARE}
+    report = {"columns": [c[0] for c in RARE_COLUMNS], "rare_below": analysis.RARE}
     for v, r in rare.items():
         report[v] = {f: {**{g: [a.round(2).tolist() for a in analysis.interval(r[f][g])] for g in ("rare", "common")},
                          "items": r[f]["items"]} for f in fractions}
@@ -333,7 +332,7 @@ def markdown(table, fractions, out=None, rare=None):
         base = {g: baseline_row(out, fraction, g) for g in ("rare", "common")}
         lines += [f"Rare and common items, fine-tuned on {'the whole' if Fraction(fraction) == 1 else fraction} "
                   f"training set (an item is rare when the rarest class its text names is named by fewer than "
-                  f"{tasks.RARE} training examples; items in brackets):", "",
+                  f"{analysis.RARE} training examples; items in brackets):", "",
                   *table_lines(head, [(v, pair(r[fraction])) for v, r in rare.items()]
                                + [("trivial baseline", pair(base))]), ""]
     lines += ["The paper (BERT-base, Conceptual Captions scale, full training sets):", "",

@@ -3,8 +3,9 @@ The paper's four downstream tasks (docs/METHOD.md §6), for finetune.py: VQA 2.0
 retrieval and RefCOCO+.
 
 The file reads from the top: the metrics (each against the official definition), the loaders of
-the real file formats, and the four tasks, each a small class holding its data, head, loss,
-evaluation and trivial baseline. finetune.py trains any of them with one loop.
+the real file formats, and the four tasks, each a small class holding its data, head, loss, the
+scores of each evaluated item and of a trivial baseline. finetune.py trains any of them with one
+loop and turns the scores into metrics (analysis.py: also over the rare and the common items).
 """
 
 import json
@@ -405,70 +406,6 @@ def read_answer_set(files, min_count):
 
 
 # -----------------------------------------------------------------------------
-# rare and common items (docs/METHOD.md section 13): is a task learnt on the classes its training set
-# seldom names, as well as on those it names often?
-
-RARE = 5  # an item is rare when its rarest named class is named by fewer training examples than this
-
-
-def words(text):
-    return re.findall(r"[a-z0-9]+", text.lower())
-
-
-def plurals(name):
-    """A class name's plural forms by English's rules: "bus" -> "buses", "knife" -> "knives", "man" -> "men"."""
-    forms = {name + "s", name + "es"}
-    if name.endswith("y"):
-        forms.add(name[:-1] + "ies")
-    if name.endswith(("f", "fe")):
-        forms.add(name[: -1 if name.endswith("f") else -2] + "ves")
-    if name.endswith("man"):
-        forms.add(name[:-3] + "men")
-    if name.endswith("child"):
-        forms.add(name + "ren")
-    return forms
-
-
-class ClassNamer:
-    """Which detector classes a text names: a class name or a plural of it as whole words, the longest
-    name first ("fire truck" is no "truck"); a name itself wins over another class's plural."""
-
-    def __init__(self, class_names):
-        self.forms = {}
-        for j, c in enumerate(class_names):
-            self.forms.setdefault(tuple(words(c)), j)
-        for j, c in enumerate(class_names):
-            for form in plurals(c.lower()):
-                self.forms.setdefault(tuple(words(form)), j)
-        self.forms.pop((), None)
-        self.longest = max(map(len, self.forms), default=1)
-
-    def __call__(self, text):
-        w, named, t = words(text), set(), 0
-        while t < len(w):
-            n = next((n for n in range(min(self.longest, len(w) - t), 0, -1) if tuple(w[t:t + n]) in self.forms), 0)
-            if n:
-                named.add(self.forms[tuple(w[t:t + n])])
-            t += max(n, 1)
-        return named
-
-
-def by_class(named_items, named_train, scores):
-    """Each metric over the rare and the common items. named_items: per item, the classes its text names;
-    named_train: the same per training example; scores: {metric: (N,) per item} ->
-    {"rare": {metric: mean, "items": n}, "common": {...}}; an item naming no class is in neither."""
-    counts = Counter(j for named in named_train for j in named)
-    group = np.array([None if not named else "rare" if min(counts[j] for j in named) < RARE else "common"
-                      for named in named_items])
-    out = {}
-    for g in ("rare", "common"):
-        keep = group == g
-        out[g] = {**{k: float(np.mean(np.asarray(v)[keep])) if keep.any() else None for k, v in scores.items()},
-                  "items": int(keep.sum())}
-    return out
-
-
-# -----------------------------------------------------------------------------
 # the tasks: each has .splits, .train (examples), .eval_splits, and makes a head, a loss, metrics.
 # A training step is task.draw(items, gen) on the global batch, then task.loss(model, head, items)
 # on this process's share of it (all of it with one process): the mean over those items.
@@ -509,7 +446,6 @@ class Task:
         self.tag_pieces = vocab.tag_pieces(images.class_names)
         self.eval_batch_size, self.device, self.info = args.eval_batch_size, torch.device("cpu"), []
         self.skipped, self.notes = Skipped(), []  # records left out; notes for self.warnings()
-        self.namer = self.named_train = None  # which classes a text names; those of each training example (summarise)
 
     def tokenize(self, items):
         for x, ids in zip(items, self.vocab.encode_batch([x["text"] for x in items])):
@@ -536,27 +472,13 @@ class Task:
         self.train = [self.train[i] for i in train_subset(n, fraction)]
         self.info.append(f"training on {len(self.train)} of {n} training {self.unit} (--train-fraction {fraction:g})")
 
-    def evaluate(self, model, head, split):
-        """The split's metrics, and the same over its rare and common items -> (metrics, by_class)."""
-        return self.summarise(split, self.item_scores(model, head, split))
-
-    def baseline(self, split):
-        """The trivial baseline's metrics on the split, as evaluate's."""
-        return self.summarise(split, self.baseline_scores(split))
-
-    def summarise(self, split, scores):
-        """{metric: (N,) per item} -> (the metrics over the split, by_class over its rare and common items)."""
-        if self.named_train is None:  # the training set is fixed once training starts
-            self.namer = ClassNamer(self.images.class_names)
-            self.named_train = [self.namer(t) for t in self.train_texts()]
-        named = [self.namer(t) for t in self.texts(self.splits[split])]
-        return self.metrics(split, scores), by_class(named, self.named_train, scores)
-
     def metrics(self, split, scores):
+        """{metric: (N,) per item}, of item_scores or baseline_scores -> the metrics over the split."""
         return {k: float(np.mean(v)) for k, v in scores.items()}
 
     def texts(self, items):
-        """The text of each item, one per evaluated item (retrieval: per caption)."""
+        """The text of each item, one per scored item (retrieval: per caption): the classes it names make
+        the item rare or common (analysis.by_class)."""
         return [x["text"] for x in items]
 
     def train_texts(self):

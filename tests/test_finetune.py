@@ -12,6 +12,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import analysis  # noqa: E402
 import data  # noqa: E402
 from toy import CLASSES, COLORS, FEATURE_DIM, make_toy_world  # noqa: E402
 import common  # noqa: E402
@@ -426,7 +427,7 @@ def test_vqa_answer_set_and_targets(toy):
 
 def test_class_names_in_text():
     """A name or its plural as whole words, the longest name first, a name before another class's plural."""
-    namer = tasks.ClassNamer(["dog", "hot dog", "knife", "bus", "glass", "glasses", "man", "cherry", "t-shirt"])
+    namer = analysis.ClassNamer(["dog", "hot dog", "knife", "bus", "glass", "glasses", "man", "cherry", "t-shirt"])
     assert namer("Two hot dogs, three knives; BUSES.") == {1, 2, 3}
     assert namer("the glasses and a glass") == {5, 4}  # "glasses" is its own class, not glass's plural
     assert namer("men in t-shirts eat cherries") == {6, 8, 7}
@@ -436,12 +437,12 @@ def test_class_names_in_text():
 
 def test_rare_and_common_items_by_hand():
     """docs/METHOD.md section 13: an item is rare when its rarest named class is named by fewer than
-    tasks.RARE training examples. dog is named by 5 training examples (common), hot dog by 1 (rare)."""
+    analysis.RARE training examples. dog is named by 5 training examples (common), hot dog by 1 (rare)."""
     train = [{0}] * 5 + [{1}]
     items = [{0}, {1}, {0, 1}, set()]  # common, rare, rare (its rarest class), neither
-    got = tasks.by_class(items, train, {"accuracy": [1.0, 0.0, 1.0, 1.0]})
+    got = analysis.by_class(items, train, {"accuracy": [1.0, 0.0, 1.0, 1.0]})
     assert got == {"rare": {"accuracy": 0.5, "items": 2}, "common": {"accuracy": 1.0, "items": 1}}
-    assert tasks.by_class([set()], train, {"accuracy": [1.0]})["rare"] == {"accuracy": None, "items": 0}
+    assert analysis.by_class([set()], train, {"accuracy": [1.0]})["rare"] == {"accuracy": None, "items": 0}
 
 
 def run(toy, out, task, *flags):
@@ -468,7 +469,7 @@ def test_every_task_end_to_end(toy, tmp_path, task):
     # rare and common items: every toy item names a class, so the two groups' means, weighted by their
     # items, give the split's own figure back (consistency is no mean over items)
     for obj in (results, baseline):
-        assert obj["by_class"]["rare_below"] == tasks.RARE and set(obj["by_class"]) == {"rare_below"} | splits
+        assert obj["by_class"]["rare_below"] == analysis.RARE and set(obj["by_class"]) == {"rare_below"} | splits
         for s in splits:
             rare, common_ = obj["by_class"][s]["rare"], obj["by_class"][s]["common"]
             n = rare["items"] + common_["items"]

@@ -185,7 +185,8 @@ def load_task(args, world):
     try:
         images = data.Images(args.features)
         model, vocab = common.make_model(args, images, toy_vocab, src, resume, fits_features)
-        task = TASKS[args.task](args, vocab, images, args.data)
+        task = TASKS[args.task](args, vocab, images.class_names)  # its inputs, head, forward and loss
+        task.load_data(args, images, args.data)  # its files: the splits, the training examples
         if args.train_fraction != 1:
             task.keep_train(args.train_fraction)
     except (FileNotFoundError, ValueError, KeyError) as e:
@@ -317,7 +318,7 @@ def report(args, task, model, head, ctx, log, t_start, rank):
     baseline = {"task": args.task, "baseline": task.baseline_name}
     for obj in (results, baseline):  # docs/METHOD.md section 13: an item is rare when the rarest class its
         obj["by_class"] = {"rare_below": analysis.RARE}  # text names is named by fewer training examples than this
-    namer = analysis.ClassNamer(task.images.class_names)  # which detector classes a text names
+    namer = analysis.ClassNamer(task.class_names)  # which detector classes a text names
     named_train = [namer(t) for t in task.train_texts()]
     with ctx, torch.no_grad():
         for s in task.eval_splits:  # each item's scores -> the metrics, and the same over the rare and the common items

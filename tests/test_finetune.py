@@ -201,6 +201,13 @@ def write_lines(path, records):
     return str(path)
 
 
+def read_task(args, vocab, images, root):
+    """The task of args.task with its files under root read, as finetune.py builds it."""
+    task = tasks.TASKS[args.task](args, vocab, images.class_names)
+    task.load_data(args, images, root)
+    return task
+
+
 def vqa_folder(tmp_path):
     """VQA files under their official names: three training and three validation questions."""
     ten = lambda *parts: [a for n, a in parts for _ in range(n)]  # noqa: E731
@@ -235,9 +242,9 @@ def test_answer_flag_and_training_targets_follow_the_official_evaluation(tmp_pat
     files = vqa_folder(tmp_path)
     vocab = data.Vocab(list(data.Vocab.RESERVED) + ["how", "many", "cat", "##s", "?", "dog"])
     ans2label = write(tmp_path / "trainval_ans2label.json", {"yes": 0, "no": 1, "2": 2, "3": 3})
-    counted = tasks.VQA(ft.parser.parse_args(["--task", "vqa", "--answers", *files.values(), "--min-answer-count", "2"]), vocab, store, str(tmp_path))
+    counted = read_task(ft.parser.parse_args(["--task", "vqa", "--answers", *files.values(), "--min-answer-count", "2"]), vocab, store, str(tmp_path))
     assert counted.answers == ["2", "yes"] and counted.info[-1].startswith("2 answers (each the answer of >= 2 questions of")
-    task = tasks.VQA(ft.parser.parse_args(["--task", "vqa", "--answers", ans2label]), vocab, store, str(tmp_path))
+    task = read_task(ft.parser.parse_args(["--task", "vqa", "--answers", ans2label]), vocab, store, str(tmp_path))
     assert task.answers == ["yes", "no", "2", "3"] and task.info[-1] == f"4 answers (read from {ans2label})"
     # each target is the official accuracy of that answer: question 3's "two" counts as "2" (its
     # annotators disagree), question 13's ten "Two" match no answer of the set (they agree: kept as said)
@@ -362,7 +369,7 @@ def make_task(toy, name, *flags):
     folder, stores = ft.TOY[name]
     images = data.Images([os.path.join(toy, "features", s) for s in stores])
     model, vocab = common.make_model(args, images, os.path.join(toy, "vocab.txt"))
-    task = tasks.TASKS[name](args, vocab, images, os.path.join(toy, "tasks", folder))
+    task = read_task(args, vocab, images, os.path.join(toy, "tasks", folder))
     return task, model.eval(), task.make_head(model)
 
 
@@ -422,7 +429,7 @@ def test_vqa_answer_set_and_targets(toy):
         assert s == pytest.approx(tasks.vqa_accuracy(task.answers[a], x["answers"]))
     args = ft.parser.parse_args(["--task", "vqa", "--min-answer-count", "100000"])
     with pytest.raises(ValueError, match="lower --min-answer-count"):
-        tasks.VQA(args, task.vocab, task.images, os.path.join(toy, "tasks", "vqa"))
+        read_task(args, task.vocab, task.images, os.path.join(toy, "tasks", "vqa"))
 
 
 def test_class_names_in_text():

@@ -64,14 +64,6 @@ def load(path):
     return ckpt
 
 
-class Entries(dict):
-    """Image id -> its features, as data.Images hands them to the tasks (tasks.py)."""
-
-    def __init__(self, class_names):
-        super().__init__()
-        self.class_names = class_names
-
-
 def detector(ckpt, path, weights, device):
     """extract_features.py's detector and settings, as they made the checkpoint's training features."""
     s = ckpt["extractor"]
@@ -177,13 +169,15 @@ def draw(picture, entry, names, out_png, caption, shares=None, chosen=None, labe
 
 
 def build(ckpt, path, device):
-    """The task (tasks.py) without its data files (its head, inputs and forward passes, as its evaluation
-    runs them), the model and the head -> (task, model, head)."""
-    name, names = ckpt["task"], ckpt["class_names"]
-    task = tasks.TASKS[name].__new__(tasks.TASKS[name])
+    """The task's model part (tasks.py: its inputs, head and forward passes, as its evaluation runs them),
+    from the checkpoint alone, with no benchmark file; the model and the head -> (task, model, head)."""
+    name, args = ckpt["task"], argparse.Namespace(**ckpt["args"])
     vocab = data.Vocab(ckpt["vocab"], source=path)
-    tasks.Task.__init__(task, argparse.Namespace(**ckpt["args"]), vocab, Entries(names))
-    task.answers, task.tags, task.device = ckpt["answers"], ckpt["tags"], device
+    if name == "vqa":  # its head scores the answer set the checkpoint holds
+        task = tasks.VQA(args, vocab, ckpt["class_names"], ckpt["answers"])
+    else:
+        task = tasks.TASKS[name](args, vocab, ckpt["class_names"])
+    task.device = device
     model = VisualBERT(Config(**ckpt["config"]))
     load_weights(model, ckpt["model"], path)
     head = task.make_head(model)
@@ -247,7 +241,7 @@ def answer_refcoco(task, model, head, keys, x, top):
     chosen, e = int(logits[0].argmax()), task.images[keys[0]]
     box = (e["boxes"][chosen] * [e["width"], e["height"], e["width"], e["height"]]).round(1).tolist()
     p = logits[0].softmax(-1)[chosen].item()
-    print(f"box {chosen} of {len(e['boxes'])} ({task.images.class_names[e['labels'][chosen]]}): x1 y1 x2 y2 = "
+    print(f"box {chosen} of {len(e['boxes'])} ({task.class_names[e['labels'][chosen]]}): x1 y1 x2 y2 = "
           f"{' '.join(f'{v:g}' for v in box)} pixels of the {e['width']}x{e['height']} image, probability {p:.3f}")
     result = {"region": chosen, "box": box, "probability": p}
     return result, probs, spans, [(keys[0], 0)], f"{x['text']}  ->  box {chosen} ({p:.2f})"
@@ -311,7 +305,7 @@ def main(argv=None):
         os.makedirs(os.path.dirname(out_png) or ".", exist_ok=True)
         if key in scenes:  # a toy scene, drawn by toy.py with its boxes and tags (its caption cut off)
             pictures[key] = Image.open(toy.draw_scene(scenes[key], key, out_png)).crop((0, 0, e["width"], e["height"]))
-        draw(pictures[key], e, task.images.class_names, out_png, caption, shares if args.show else None,
+        draw(pictures[key], e, task.class_names, out_png, caption, shares if args.show else None,
              fields.get("region"), labelled=key in scenes)
         said = f"text {shares['text']:.2f}, regions {sum(shares['regions']):.2f}, tags {sum(shares['tags']):.2f}"
         print(f"wrote {out_png}" + (f" ([CLS] attends to {said})" if args.show else ""))

@@ -15,7 +15,7 @@ extract_features.py. A run prints each split's result beside a trivial baseline 
 
 The file reads from the top: the settings, building the model, and one training loop that all four
 tasks share. The tasks themselves (their metrics, loaders of the real file formats, heads, losses,
-evaluations and baselines) are in tasks.py.
+evaluations and baselines) are in tasks.py; their split into rare and common items is in analysis.py.
 """
 
 import argparse
@@ -26,11 +26,11 @@ import time
 import numpy as np
 import torch
 
+import analysis
 import common
 import data
 import guards
 import storage
-import tasks
 import toy
 from common import all_sum, print0, shard
 from model import PRESETS
@@ -185,7 +185,8 @@ def load_task(args, world):
     try:
         images = data.Images(args.features)
         model, vocab = common.make_model(args, images, toy_vocab, src, resume, fits_features)
-        task = TASKS[args.task](args, vocab, images, args.data)
+        task = TASKS[args.task](args, vocab, images.class_names)  # its inputs, head, forward and loss
+        task.load_data(args, images, args.data)  # its files: the splits, the training examples
         if args.train_fraction != 1:
             task.keep_train(args.train_fraction)
     except (FileNotFoundError, ValueError, KeyError) as e:
@@ -273,11 +274,14 @@ def report(args, task, model, head, ctx, log, t_start, rank):
     results = {"task": args.task}
     baseline = {"task": args.task, "baseline": task.baseline_name}
     for obj in (results, baseline):  # docs/METHOD.md section 13: an item is rare when the rarest class its
-        obj["by_class"] = {"rare_below": tasks.RARE}  # text names is named by fewer training examples than this
+        obj["by_class"] = {"rare_below": analysis.RARE}  # text names is named by fewer training examples than this
+    namer = analysis.ClassNamer(task.class_names)  # which detector classes a text names
+    named_train = [namer(t) for t in task.train_texts()]
     with ctx, torch.no_grad():
-        for s in task.eval_splits:
-            results[s], results["by_class"][s] = task.evaluate(model, head, s)
-            baseline[s], baseline["by_class"][s] = task.baseline(s)
+        for s in task.eval_splits:  # each item's scores -> the metrics, and the same over the rare and the common items
+            named = [namer(t) for t in task.texts(task.splits[s])]
+            for obj, scores in ((results, task.item_scores(model, head, s)), (baseline, task.baseline_scores(s))):
+                obj[s], obj["by_class"][s] = task.metrics(s, scores), analysis.by_class(named, named_train, scores)
     if task.skipped.files:
         results["skipped"] = {file: n for file, (n, _) in task.skipped.files.items()}
     # results.json last and whole: reproduce.py takes it to mean the run is done

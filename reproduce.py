@@ -28,7 +28,6 @@ followed by the full command only adds variants and seeds. It writes OUT/table.m
 OUT/curves.png and, with S, U or U_NT among the rows, OUT/figure2.png.
 """
 
-import argparse
 import itertools
 import json
 import math
@@ -41,10 +40,12 @@ from fractions import Fraction
 import numpy as np
 import torch
 
+import analysis
 import data
+import finetune
 import guards
+import pretrain
 import storage
-import tasks
 import toy
 from model import PRESETS, Config, VisualBERT
 from storage import load_checkpoint, load_weights
@@ -176,10 +177,9 @@ def work(argv, out, threads):
     (exit code, wall seconds, CPU seconds). Workers live through many runs, so Python and torch
     start once per worker, not once per run (about 2 s of CPU each)."""
     import contextlib
-    import importlib
     import traceback
     torch.set_num_threads(threads)
-    main = importlib.import_module(argv[0][:-3]).main  # pretrain.py -> pretrain.main
+    main = {"pretrain.py": pretrain.main, "finetune.py": finetune.main}[argv[0]]
     t, cpu = time.time(), time.process_time()
     log = open(os.path.join(out, "stdout.txt"), "w")
     with log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
@@ -239,27 +239,7 @@ def execute(runs, jobs, threads=1):
                       f"{(time.time() - t0) / 60:.1f} min", flush=True)
 
 # -----------------------------------------------------------------------------
-# the table, its intervals, and the paper's claims
-
-# Student's t quantile for a two-sided 95% interval, by degrees of freedom
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
-
-
-def interval(x):
-    """Mean and 95% t-interval over the seeds (rows of x) -> (mean, low, high), each per column;
-    with one seed the interval is NaN: one run says nothing about the spread."""
-    x = np.asarray(x, dtype=np.float64)
-    m = x.mean(0)
-    if len(x) < 2:
-        return m, np.full_like(m, np.nan), np.full_like(m, np.nan)
-    h = T975.get(len(x) - 1, 1.96) * x.std(0, ddof=1) / np.sqrt(len(x))
-    return m, m - h, m + h
-
-
-def seed_interval(x):
-    """interval() of one number per seed -> (mean, low, high) as floats."""
-    return tuple(float(a[0]) for a in interval(np.asarray(x)[:, None]))
-
+# the table, its intervals (analysis.py) and the paper's claims
 
 def collect(out, variants, fractions, seeds):
     """{variant: {fraction: (seeds, columns) array of percentages}} from every run's results.json."""
@@ -308,9 +288,9 @@ def baseline_row(out, fraction, split_by=None):
 def by_class_report(rare, fractions):
     """collect_by_class's table for table.json: each variant's (mean, low, high) per column over its rare
     and common items, and their numbers."""
-    report = {"columns": [c[0] for c in RARE_COLUMNS], "rare_below": tasks.RARE}
+    report = {"columns": [c[0] for c in RARE_COLUMNS], "rare_below": analysis.RARE}
     for v, r in rare.items():
-        report[v] = {f: {**{g: [a.round(2).tolist() for a in interval(r[f][g])] for g in ("rare", "common")},
+        report[v] = {f: {**{g: [a.round(2).tolist() for a in analysis.interval(r[f][g])] for g in ("rare", "common")},
                          "items": r[f]["items"]} for f in fractions}
     return report
 
@@ -319,12 +299,12 @@ def base_learns(table, out, fraction):
     """Base against each task's trivial baseline at `fraction` (docs/METHOD.md section 13): the mean of
     the task's columns minus the baseline's, per seed -> {task: (mean, low, high)}."""
     gap = table["Base"][fraction] - baseline_row(out, fraction)  # (seeds, columns)
-    return {t: seed_interval(gap[:, [k for k, c in enumerate(COLUMNS) if c[1] == t]].mean(1)) for t in TASKS}
+    return {t: analysis.seed_interval(gap[:, [k for k, c in enumerate(COLUMNS) if c[1] == t]].mean(1)) for t in TASKS}
 
 
 def cells(x):
     """Each column of x (seeds, columns) as "mean [low, high]", or the mean alone with one seed."""
-    m, lo, hi = interval(x)
+    m, lo, hi = analysis.interval(x)
     return [f"{a:.1f}" + ("" if np.isnan(b) else f" [{b:.1f}, {c:.1f}]") for a, b, c in zip(m, lo, hi)]
 
 
@@ -353,7 +333,7 @@ def markdown(table, fractions, out=None, rare=None):
         base = {g: baseline_row(out, fraction, g) for g in ("rare", "common")}
         lines += [f"Rare and common items, fine-tuned on {'the whole' if Fraction(fraction) == 1 else fraction} "
                   f"training set (an item is rare when the rarest class its text names is named by fewer than "
-                  f"{tasks.RARE} training examples; items in brackets):", "",
+                  f"{analysis.RARE} training examples; items in brackets):", "",
                   *table_lines(head, [(v, pair(r[fraction])) for v, r in rare.items()]
                                + [("trivial baseline", pair(base))]), ""]
     lines += ["The paper (BERT-base, Conceptual Captions scale, full training sets):", "",
@@ -388,7 +368,7 @@ def claims(table, fractions):
         def check(claim, diff, close=None, note=""):
             """diff(t): the difference per seed from t's (seeds, columns) arrays; the paper's from its
             one row per variant, where it has them all (it has no U_SBU row)."""
-            m, lo, hi = seed_interval(diff(t))
+            m, lo, hi = analysis.seed_interval(diff(t))
             try:
                 paper = round(float(diff({v: np.array([row]) for v, row in PAPER.items() if row})[0]), 2)
             except KeyError:  # a variant the paper has no row for
@@ -399,7 +379,7 @@ def claims(table, fractions):
 
         if {"U", "Base"} <= set(t):
             d = t["U"] - t["Base"]
-            _, low, high = interval(d)
+            _, low, high = analysis.interval(d)
             up, down = int((low > 0).sum()), int((high < 0).sum())
             check("U beats Base", lambda t: (t["U"] - t["Base"]).mean(1),
                   note=f"U - Base per column: {up} above, {down} below, {len(COLUMNS) - up - down} undecided")
@@ -597,27 +577,6 @@ def probe(model, vocab, images, scenes, captions, tags=True, chunk=100):
     return {k: np.array(v, dtype=np.float64) for k, v in rows.items()}, int(have.sum())
 
 
-def bootstrap(rows, column, n=1000, seed=0):
-    """The column's mean over regions and its 95% interval from resampling the held-out images (a
-    region's image is its cluster) with replacement: the same resamples for every model, so the
-    intervals of two models' differences can come from subtracting column by column."""
-    img = rows["image"].astype(np.int64)
-    images = int(img.max()) + 1
-    draws = np.random.default_rng(seed).integers(0, images, (n, images))  # (n, images)
-    weight = np.stack([np.bincount(d, minlength=images) for d in draws])[:, img]  # (n, regions)
-    x = rows[column] if isinstance(column, str) else column
-    valid = ~np.isnan(x)  # (b) leaves out regions whose class has too few words
-    if not valid.any():
-        return float("nan"), float("nan"), float("nan")
-    means = (weight * np.where(valid, x, 0)).sum(1) / np.maximum((weight * valid).sum(1), 1)
-    return float(x[valid].mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
-
-
-def valid_mean(x):
-    """The mean of a probe column over the regions it has a value for (NaN: none)."""
-    return float(x[~np.isnan(x)].mean()) if (~np.isnan(x)).any() else float("nan")
-
-
 def probe_along(out, root, variant, columns=("tag_first", "nearest_word")):
     """The probe at each checkpoint the variant's pre-training kept (pretrain.py --keep-checkpoints: at a
     quarter, half and three quarters of its steps) and at its end, cached in OUT/pretrain/V/probe-STEP.npz
@@ -632,7 +591,7 @@ def probe_along(out, root, variant, columns=("tag_first", "nearest_word")):
             r, classes = probe(model, vocab, *heldout(root), tags=not variant.endswith("_NT"))
             np.savez(cache, classes=classes, **r)
         z = np.load(cache)
-        along.append({"step": step, **{k: valid_mean(z[k]) for k in columns}})
+        along.append({"step": step, **{k: analysis.valid_mean(z[k]) for k in columns}})
     return along
 
 
@@ -643,7 +602,7 @@ def probe_report(out, root, variants):
     rows, report = {}, {}
 
     def estimate(r, column):
-        return dict(zip(("value", "low", "high"), bootstrap(r, column)))
+        return dict(zip(("value", "low", "high"), analysis.bootstrap(r, column)))
 
     for v in variants:
         cache = os.path.join(out, "pretrain", v, "probe.npz")
@@ -657,7 +616,7 @@ def probe_report(out, root, variants):
         if v != "Base":
             end = storage.read_json(os.path.join(out, "pretrain", v, "eval.json"))["step"]
             report[v]["along"] = probe_along(out, root, v) + [
-                {"step": end, **{k: valid_mean(rows[v][k]) for k in ("tag_first", "nearest_word")}}]
+                {"step": end, **{k: analysis.valid_mean(rows[v][k]) for k in ("tag_first", "nearest_word")}}]
         report[v]["chance"] = {"tag_first": 1 / len(images.class_names),
                                "nearest_word": 1 / max(1, int(z["classes"]))}
     if {"U", "U_NT"} <= set(rows):
@@ -684,45 +643,7 @@ def probe_markdown(report):
     return "\n".join(lines) + "\n"
 
 # -----------------------------------------------------------------------------
-# Figure 2: last-layer representations of words, tags and regions, projected to 2-D
-
-
-def pca(x, k=2):
-    """The first k principal components of the rows of x (N, D) -> (N, k)."""
-    x = x - x.mean(0)
-    _, _, v = torch.linalg.svd(x, full_matrices=False)
-    return x @ v[:k].T
-
-
-def tsne(x, perplexity=20.0, steps=600):
-    """t-SNE (van der Maaten and Hinton, 2008) of the rows of x (N, D) -> (N, 2): Gaussian neighbour
-    probabilities at the given perplexity, Student-t ones in 2-D, KL descent with momentum and
-    early exaggeration, started from the PCA map."""
-    x = pca(x.double(), min(30, *x.shape))
-    n = len(x)
-    d2 = torch.cdist(x, x).pow(2)  # (N, N)
-    lo, hi = torch.zeros(n, 1, dtype=x.dtype), torch.full((n, 1), math.inf, dtype=x.dtype)
-    beta = torch.ones(n, 1, dtype=x.dtype) / d2.mean()
-    for _ in range(64):  # bisect each point's precision to reach the perplexity
-        p = torch.exp(-d2 * beta).fill_diagonal_(0)
-        p = p / p.sum(1, keepdim=True).clamp(min=1e-300)
-        entropy = -(p * torch.log(p.clamp(min=1e-300))).sum(1, keepdim=True)
-        high = entropy > math.log(perplexity)  # too flat: raise the precision
-        lo, hi = torch.where(high, beta, lo), torch.where(high, hi, beta)
-        beta = torch.where(torch.isinf(hi), beta * 2, (lo + hi) / 2)
-    p = (p + p.T) / (2 * n)
-    y = pca(x)
-    y = y / y[:, 0].std() * 1e-2
-    y.requires_grad_(True)
-    opt = torch.optim.SGD([y], lr=max(n / 12 / 4, 50), momentum=0.8)
-    for step in range(steps):
-        w = (1 / (1 + torch.cdist(y, y).pow(2))).fill_diagonal_(0)  # (N, N) Student-t kernel; q = w / sum(w)
-        target = p * 12 if step < steps // 4 else p  # early exaggeration strengthens the attraction only
-        loss = -(target * torch.log(w.clamp(min=1e-12))).sum() + torch.log(w.sum())  # KL(p || q) up to a constant
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return y.detach().float()
+# Figure 2: last-layer representations of words, tags and regions, projected to 2-D (analysis.py)
 
 
 def representations(model, vocab, images, scenes, captions, classes, per_class=30, tags=True):
@@ -752,48 +673,6 @@ def representations(model, vocab, images, scenes, captions, classes, per_class=3
     return torch.stack(states).float(), np.array(cls), np.array(modality)
 
 
-PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 190, 190),
-           (240, 50, 230), (128, 128, 0)]
-PANEL, LEGEND = 400, 70  # pixels: each square panel, the legend strip below
-
-
-def draw_figure(panels, classes, path):
-    """panels: [(title, points (N, 2), class index (N,), modality (N,))] -> a PNG with one square
-    panel each, side by side: colour by class, marker by modality (word o, tag square, region ^)."""
-    from PIL import Image, ImageDraw
-
-    img = Image.new("RGB", (PANEL * len(panels), PANEL + LEGEND), "white")
-    d = ImageDraw.Draw(img)
-
-    def marker(x, y, modality, colour, r=4):
-        if modality == "word":
-            d.ellipse([x - r, y - r, x + r, y + r], outline=colour, width=2)
-        elif modality == "tag":
-            d.rectangle([x - r, y - r, x + r, y + r], fill=colour)
-        else:
-            d.polygon([(x, y - r - 1), (x - r - 1, y + r), (x + r + 1, y + r)], fill=colour)
-
-    for j, (title, xy, cls, modality) in enumerate(panels):
-        x0, pad = j * PANEL, 30
-        d.rectangle([x0 + 2, 2, x0 + PANEL - 3, PANEL - 3], outline=(160, 160, 160))
-        d.text((x0 + 10, 8), title, fill="black")
-        xy = np.asarray(xy, dtype=np.float64)
-        span = np.maximum(xy.max(0) - xy.min(0), 1e-9)
-        pos = (xy - xy.min(0)) / span * (PANEL - 2 * pad) + pad  # (N, 2) in pixels
-        for (x, y), c, m in zip(pos, cls, modality):
-            marker(x0 + x, y, m, PALETTE[c % len(PALETTE)])
-    y = PANEL + 12
-    for k, c in enumerate(classes):
-        x = 10 + k * 95
-        d.rectangle([x, y, x + 10, y + 10], fill=PALETTE[k % len(PALETTE)])
-        d.text((x + 15, y), c, fill="black")
-    for k, m in enumerate(("word", "tag", "region")):
-        marker(16 + k * 95, y + 35, m, (90, 90, 90))
-        d.text((31 + k * 95, y + 30), m, fill="black")
-    img.save(path)
-    return img.size
-
-
 def figure2(args, probe=None):
     """Figure 2: one panel each for S, U and U_NT, titled with the probe's (b)."""
     images, scenes, captions = heldout(args.toy_root)
@@ -808,9 +687,9 @@ def figure2(args, probe=None):
         tags = not v.endswith("_NT")
         h, cls, modality = representations(model, vocab, images, scenes, captions, classes, tags=tags)
         near = f", nearest word own {100 * probe[v]['nearest_word']['value']:.0f}%" if probe and v in probe else ""
-        panels.append((f"{v}: t-SNE of last-layer states{near}", tsne(h).numpy(), cls, modality))
+        panels.append((f"{v}: t-SNE of last-layer states{near}", analysis.tsne(h).numpy(), cls, modality))
     if panels:
-        return draw_figure(panels, classes, os.path.join(args.out, "figure2.png"))
+        return analysis.draw_figure(panels, classes, os.path.join(args.out, "figure2.png"))
 
 
 LINES = [(0, 0, 0), (230, 25, 75), (0, 130, 200), (60, 180, 75), (145, 30, 180), (245, 130, 48), (70, 190, 190),
@@ -820,7 +699,7 @@ LINES = [(0, 0, 0), (230, 25, 75), (0, 130, 200), (60, 180, 75), (145, 30, 180),
 def curve_points(table, task, fractions):
     """Per variant, per fraction: the task's columns averaged, seed by seed -> (mean, low, high)."""
     cols = [k for k, c in enumerate(COLUMNS) if c[1] == task]
-    return {v: [seed_interval(runs[f][:, cols].mean(1)) for f in fractions] for v, runs in table.items()}
+    return {v: [analysis.seed_interval(runs[f][:, cols].mean(1)) for f in fractions] for v, runs in table.items()}
 
 
 def baselines(out, variant, fraction):
@@ -995,7 +874,7 @@ def detector_markdown(d):
 
 def table_json(table, fractions, seeds, budget, reports):
     """OUT/table.json: the settings, every run's numbers, their means and intervals, the reports."""
-    stats = {v: {f: interval(t[f]) for f in fractions} for v, t in table.items()}
+    stats = {v: {f: analysis.interval(t[f]) for f in fractions} for v, t in table.items()}
     return finite({
         "columns": [c[0] for c in COLUMNS], "fractions": fractions, "seeds": seeds, "budget": budget,
         "runs": {v: {f: t[f].round(2).tolist() for f in fractions} for v, t in table.items()},

@@ -1,10 +1,13 @@
 """
-The paper's four downstream tasks (docs/METHOD.md §6), for finetune.py: VQA 2.0, NLVR2, Flickr30K
-retrieval and RefCOCO+.
+The paper's four downstream tasks (docs/METHOD.md §6), for finetune.py and ask.py: VQA 2.0, NLVR2,
+Flickr30K retrieval and RefCOCO+.
 
 The file reads from the top: the metrics (each against the official definition), the loaders of
-the real file formats, and the four tasks, each a small class holding its data, head, loss,
-evaluation and trivial baseline. finetune.py trains any of them with one loop.
+the real file formats, and the four tasks. Each task is a small class in two parts: its model part
+(the model's inputs, head, forward passes and loss), built from what a fine-tuned checkpoint holds,
+which is all ask.py needs; and its data part, load_data, which reads the task's files and scores
+each evaluated item and a trivial baseline's guess at it. finetune.py trains any of them with one
+loop and turns the scores into metrics (analysis.py: also over the rare and the common items).
 """
 
 import json
@@ -405,71 +408,13 @@ def read_answer_set(files, min_count):
 
 
 # -----------------------------------------------------------------------------
-# rare and common items (docs/METHOD.md section 13): is a task learnt on the classes its training set
-# seldom names, as well as on those it names often?
-
-RARE = 5  # an item is rare when its rarest named class is named by fewer training examples than this
-
-
-def words(text):
-    return re.findall(r"[a-z0-9]+", text.lower())
-
-
-def plurals(name):
-    """A class name's plural forms by English's rules: "bus" -> "buses", "knife" -> "knives", "man" -> "men"."""
-    forms = {name + "s", name + "es"}
-    if name.endswith("y"):
-        forms.add(name[:-1] + "ies")
-    if name.endswith(("f", "fe")):
-        forms.add(name[: -1 if name.endswith("f") else -2] + "ves")
-    if name.endswith("man"):
-        forms.add(name[:-3] + "men")
-    if name.endswith("child"):
-        forms.add(name + "ren")
-    return forms
-
-
-class ClassNamer:
-    """Which detector classes a text names: a class name or a plural of it as whole words, the longest
-    name first ("fire truck" is no "truck"); a name itself wins over another class's plural."""
-
-    def __init__(self, class_names):
-        self.forms = {}
-        for j, c in enumerate(class_names):
-            self.forms.setdefault(tuple(words(c)), j)
-        for j, c in enumerate(class_names):
-            for form in plurals(c.lower()):
-                self.forms.setdefault(tuple(words(form)), j)
-        self.forms.pop((), None)
-        self.longest = max(map(len, self.forms), default=1)
-
-    def __call__(self, text):
-        w, named, t = words(text), set(), 0
-        while t < len(w):
-            n = next((n for n in range(min(self.longest, len(w) - t), 0, -1) if tuple(w[t:t + n]) in self.forms), 0)
-            if n:
-                named.add(self.forms[tuple(w[t:t + n])])
-            t += max(n, 1)
-        return named
-
-
-def by_class(named_items, named_train, scores):
-    """Each metric over the rare and the common items. named_items: per item, the classes its text names;
-    named_train: the same per training example; scores: {metric: (N,) per item} ->
-    {"rare": {metric: mean, "items": n}, "common": {...}}; an item naming no class is in neither."""
-    counts = Counter(j for named in named_train for j in named)
-    group = np.array([None if not named else "rare" if min(counts[j] for j in named) < RARE else "common"
-                      for named in named_items])
-    out = {}
-    for g in ("rare", "common"):
-        keep = group == g
-        out[g] = {**{k: float(np.mean(np.asarray(v)[keep])) if keep.any() else None for k, v in scores.items()},
-                  "items": int(keep.sum())}
-    return out
-
-
-# -----------------------------------------------------------------------------
-# the tasks: each has .splits, .train (examples), .eval_splits, and makes a head, a loss, metrics.
+# the tasks. Each is one class in two parts:
+#   its model part, built from what a finetune.py checkpoint holds and nothing else (the vocabulary, the
+#     detector's class names, the settings; VQA's answers): the model's inputs, the head, the forward
+#     passes and the loss. ask.py builds this part alone.
+#   its data part, load_data(args, images, root): the benchmark files read into .splits, .train (the
+#     training examples) and .eval_splits; what each evaluated item scores (item_scores) and what a
+#     trivial baseline scores (baseline_scores), per item. finetune.py turns these into the metrics.
 # A training step is task.draw(items, gen) on the global batch, then task.loss(model, head, items)
 # on this process's share of it (all of it with one process): the mean over those items.
 
@@ -499,17 +444,19 @@ def mlp_head(model, d_in, d_out):
 
 
 class Task:
-    """What the four tasks share: the vocabulary, the images, making the model's inputs, evaluating."""
+    """What the four tasks share: making the model's inputs (the model part); reading, training on and
+    scoring the splits (the data part)."""
 
     max_len = 20  # text pieces, [CLS] and [SEP] included
     unit = "examples"  # what a split is a list of
 
-    def __init__(self, args, vocab, images):
-        self.vocab, self.images, self.tags = vocab, images, not args.no_tags
-        self.tag_pieces = vocab.tag_pieces(images.class_names)
-        self.eval_batch_size, self.device, self.info = args.eval_batch_size, torch.device("cpu"), []
-        self.skipped, self.notes = Skipped(), []  # records left out; notes for self.warnings()
-        self.namer = self.named_train = None  # which classes a text names; those of each training example (summarise)
+    # the model part: from what a checkpoint holds, no file read
+
+    def __init__(self, args, vocab, class_names):
+        self.vocab, self.class_names, self.tags = vocab, class_names, not args.no_tags
+        self.tag_pieces = vocab.tag_pieces(class_names)
+        self.eval_batch_size, self.device = args.eval_batch_size, torch.device("cpu")
+        self.images = {}  # image id -> its features: load_data's feature stores, or the images ask.py is given
 
     def tokenize(self, items):
         for x, ids in zip(items, self.vocab.encode_batch([x["text"] for x in items])):
@@ -525,10 +472,13 @@ class Task:
         h, _ = model(**self.encode(texts, image_ids))
         return model.pool(h)  # (B, H)
 
-    def predict(self, forward, model, head, split, size=None):
-        """The argmax of forward(model, head, items) for each item of the split, `size` items a pass."""
-        batches = chunks(self.splits[split], size or self.eval_batch_size)
-        return [k for items in batches for k in forward(model, head, items).argmax(1).tolist()]
+    # the data part (finetune.py): the files, training and scoring
+
+    def load_data(self, args, images, root):
+        """Read the task's files under `root`, their images from `images` (data.Images): each task reads
+        its own after this."""
+        self.images, self.info = images, []  # info: lines said at the start
+        self.skipped, self.notes = Skipped(), []  # records left out; notes for self.warnings()
 
     def keep_train(self, fraction):
         """Train on a fraction of the training examples (train_subset); the rest of the task stays."""
@@ -536,27 +486,23 @@ class Task:
         self.train = [self.train[i] for i in train_subset(n, fraction)]
         self.info.append(f"training on {len(self.train)} of {n} training {self.unit} (--train-fraction {fraction:g})")
 
-    def evaluate(self, model, head, split):
-        """The split's metrics, and the same over its rare and common items -> (metrics, by_class)."""
-        return self.summarise(split, self.item_scores(model, head, split))
+    def draw(self, items, gen):
+        """The step's random choices, made for the whole global batch before it is split among the
+        processes, so that every process draws the same (retrieval: the negatives). Most tasks have none."""
+        return items
 
-    def baseline(self, split):
-        """The trivial baseline's metrics on the split, as evaluate's."""
-        return self.summarise(split, self.baseline_scores(split))
-
-    def summarise(self, split, scores):
-        """{metric: (N,) per item} -> (the metrics over the split, by_class over its rare and common items)."""
-        if self.named_train is None:  # the training set is fixed once training starts
-            self.namer = ClassNamer(self.images.class_names)
-            self.named_train = [self.namer(t) for t in self.train_texts()]
-        named = [self.namer(t) for t in self.texts(self.splits[split])]
-        return self.metrics(split, scores), by_class(named, self.named_train, scores)
+    def predict(self, forward, model, head, split, size=None):
+        """The argmax of forward(model, head, items) for each item of the split, `size` items a pass."""
+        batches = chunks(self.splits[split], size or self.eval_batch_size)
+        return [k for items in batches for k in forward(model, head, items).argmax(1).tolist()]
 
     def metrics(self, split, scores):
+        """{metric: (N,) per item}, of item_scores or baseline_scores -> the metrics over the split."""
         return {k: float(np.mean(v)) for k, v in scores.items()}
 
     def texts(self, items):
-        """The text of each item, one per evaluated item (retrieval: per caption)."""
+        """The text of each item, one per scored item (retrieval: per caption): the classes it names make
+        the item rare or common (analysis.by_class)."""
         return [x["text"] for x in items]
 
     def train_texts(self):
@@ -566,17 +512,33 @@ class Task:
         """Said at the start and again at the end, where it is seen."""
         return ["warning: " + line for line in self.skipped.lines()] + self.notes
 
-    def draw(self, items, gen):
-        """The step's random choices, made for the whole global batch before it is split among the
-        processes, so that every process draws the same (retrieval: the negatives). Most tasks have none."""
-        return items
-
 
 class VQA(Task):
     """VQA 2.0 (docs/METHOD.md §6): question + tags + regions; an MLP on the pooled output scores every answer."""
 
-    def __init__(self, args, vocab, images, root):
-        super().__init__(args, vocab, images)
+    def __init__(self, args, vocab, class_names, answers=None):
+        super().__init__(args, vocab, class_names)
+        self.answers = answers  # the answer set in index order: a checkpoint's, or counted by load_data
+
+    def make_head(self, model):
+        return mlp_head(model, model.cfg.hidden, len(self.answers))
+
+    def logits(self, model, head, items):
+        return head(self.pooled(model, [x["ids"] for x in items], [x["image"] for x in items])).float()  # (B, A)
+
+    def loss(self, model, head, items):
+        logits = self.logits(model, head, items)
+        target = torch.zeros_like(logits)  # (B, A) soft scores
+        for i, x in enumerate(items):
+            for a, s in x["target"].items():
+                target[i, a] = s
+        # docs/METHOD.md §6: binary cross-entropy against the soft scores, scaled by the number of answers
+        return F.binary_cross_entropy_with_logits(logits, target) * logits.shape[1]
+
+    # the data part
+
+    def load_data(self, args, images, root):
+        super().load_data(args, images, root)
         files = lambda sub: (os.path.join(root, f"v2_OpenEnded_mscoco_{sub}_questions.json"),
                              os.path.join(root, f"v2_mscoco_{sub}_annotations.json"))
         self.splits = {s: load_vqa(*files(sub), images, self.skipped)
@@ -611,21 +573,6 @@ class VQA(Task):
         self.overall = counts
         self.baseline_name = "most frequent answer per question type"
 
-    def make_head(self, model):
-        return mlp_head(model, model.cfg.hidden, len(self.answers))
-
-    def logits(self, model, head, items):
-        return head(self.pooled(model, [x["ids"] for x in items], [x["image"] for x in items])).float()  # (B, A)
-
-    def loss(self, model, head, items):
-        logits = self.logits(model, head, items)
-        target = torch.zeros_like(logits)  # (B, A) soft scores
-        for i, x in enumerate(items):
-            for a, s in x["target"].items():
-                target[i, a] = s
-        # docs/METHOD.md §6: binary cross-entropy against the soft scores, scaled by the number of answers
-        return F.binary_cross_entropy_with_logits(logits, target) * logits.shape[1]
-
     def item_scores(self, model, head, split):
         items, pred = self.splits[split], self.predict(self.logits, model, head, split)
         acc = [vqa_accuracy(self.answers[a], x["answers"]) for a, x in zip(pred, items)]
@@ -647,18 +594,6 @@ class NLVR2(Task):
 
     max_len = 32
 
-    def __init__(self, args, vocab, images, root):
-        super().__init__(args, vocab, images)
-        files = {s: os.path.join(root, f"{s}.json") for s in ("train", "dev", "test1", "test2")}
-        self.splits = {s: load_nlvr2(f, images, self.skipped)
-                       for s, f in files.items() if s == "train" or os.path.exists(f)}
-        for items in self.splits.values():
-            self.tokenize(items)
-        self.train = self.splits["train"]
-        self.eval_splits = [s for s in ("dev", "test1", "test2") if s in self.splits]
-        self.majority = int(np.mean([x["label"] for x in self.train]) >= 0.5)
-        self.baseline_name = f"majority class ({bool(self.majority)})"
-
     def make_head(self, model):
         return mlp_head(model, 2 * model.cfg.hidden, 2)
 
@@ -672,6 +607,20 @@ class NLVR2(Task):
     def loss(self, model, head, items):
         labels = torch.tensor([x["label"] for x in items]).to(self.device, non_blocking=True)
         return F.cross_entropy(self.logits(model, head, items), labels)
+
+    # the data part
+
+    def load_data(self, args, images, root):
+        super().load_data(args, images, root)
+        files = {s: os.path.join(root, f"{s}.json") for s in ("train", "dev", "test1", "test2")}
+        self.splits = {s: load_nlvr2(f, images, self.skipped)
+                       for s, f in files.items() if s == "train" or os.path.exists(f)}
+        for items in self.splits.values():
+            self.tokenize(items)
+        self.train = self.splits["train"]
+        self.eval_splits = [s for s in ("dev", "test1", "test2") if s in self.splits]
+        self.majority = int(np.mean([x["label"] for x in self.train]) >= 0.5)
+        self.baseline_name = f"majority class ({bool(self.majority)})"
 
     def correct(self, split, pred):
         return {"accuracy": [int(guess == x["label"]) for guess, x in zip(pred, self.splits[split])]}
@@ -710,8 +659,30 @@ class Retrieval(Task):
     max_len = 30  # as captions in pre-training
     unit = "images"
 
-    def __init__(self, args, vocab, images, root):
-        super().__init__(args, vocab, images)
+    def make_head(self, model):
+        # a linear score on the pooled output, started from the pre-trained match head's "matched
+        # minus not matched" (model.nsp, class 0 = matched): the S model's matching carries over
+        head = nn.Linear(model.cfg.hidden, 1)
+        with torch.no_grad():
+            head.weight.copy_(model.nsp.weight[0:1] - model.nsp.weight[1:2])
+            head.bias.copy_(model.nsp.bias[0:1] - model.nsp.bias[1:2])
+        return head
+
+    def scores(self, model, head, texts, image_ids):
+        return head(self.pooled(model, texts, image_ids)).squeeze(-1).float()  # (B,)
+
+    def loss(self, model, head, items):
+        B = len(items)
+        caps, imgs = [x["ids"] for x in items], [x["image"] for x in items]
+        wrong_cap, wrong_img = [x["wrong_cap"] for x in items], [x["wrong_img"] for x in items]
+        s = self.scores(model, head, caps + caps + wrong_cap, imgs + wrong_img + imgs)  # (3B,)
+        s = s.view(3, B).T  # (B, 3): the positive, its caption with a wrong image, a wrong caption with its image
+        return F.cross_entropy(s, torch.zeros(B, dtype=torch.long, device=self.device))
+
+    # the data part
+
+    def load_data(self, args, images, root):
+        super().load_data(args, images, root)
         self.splits = load_karpathy(os.path.join(root, "dataset_flickr30k.json"), images, self.skipped)
         missing = [s for s in ("train", "test") if s not in self.splits]
         if missing:
@@ -719,7 +690,7 @@ class Retrieval(Task):
         if args.test_images:  # every caption of the first N test images, ranked among those N
             self.splits["test"] = self.splits["test"][: args.test_images]
         for ims in self.splits.values():
-            ids = vocab.encode_batch([c for im in ims for c in im["captions"]])
+            ids = self.vocab.encode_batch([c for im in ims for c in im["captions"]])
             for im in ims:
                 im["ids"], ids = ids[: len(im["captions"])], ids[len(im["captions"]):]
         self.eval_splits = ["test"]
@@ -734,7 +705,7 @@ class Retrieval(Task):
         detector classes each training image has: how alike two images look, for hard negatives."""
         self.train = [{"ids": c, "image": im["image"], "k": k}
                       for k, im in enumerate(self.splits["train"]) for c in im["ids"]]
-        self.tag_sets = np.zeros((len(self.splits["train"]), len(self.images.class_names)), dtype=bool)  # (N, C)
+        self.tag_sets = np.zeros((len(self.splits["train"]), len(self.class_names)), dtype=bool)  # (N, C)
         for k, im in enumerate(self.splits["train"]):
             self.tag_sets[k, self.images[im["image"]]["labels"]] = True
 
@@ -744,18 +715,6 @@ class Retrieval(Task):
         super().keep_train(fraction)
         self.splits["train"] = self.train
         self.index_train()
-
-    def make_head(self, model):
-        # a linear score on the pooled output, started from the pre-trained match head's "matched
-        # minus not matched" (model.nsp, class 0 = matched): the S model's matching carries over
-        head = nn.Linear(model.cfg.hidden, 1)
-        with torch.no_grad():
-            head.weight.copy_(model.nsp.weight[0:1] - model.nsp.weight[1:2])
-            head.bias.copy_(model.nsp.bias[0:1] - model.nsp.bias[1:2])
-        return head
-
-    def scores(self, model, head, texts, image_ids):
-        return head(self.pooled(model, texts, image_ids)).squeeze(-1).float()  # (B,)
 
     def negative(self, k, gen, hard):
         """Another training image than k: of `hard` random candidates, the one whose detector tags
@@ -776,14 +735,6 @@ class Retrieval(Task):
             other = train[self.negative(x["k"], gen, hard=1)]["ids"]
             wrong_cap.append(other[int(torch.randint(len(other), (1,), generator=gen))])
         return [{**x, "wrong_img": i, "wrong_cap": c} for x, i, c in zip(items, wrong_img, wrong_cap)]
-
-    def loss(self, model, head, items):
-        B = len(items)
-        caps, imgs = [x["ids"] for x in items], [x["image"] for x in items]
-        wrong_cap, wrong_img = [x["wrong_cap"] for x in items], [x["wrong_img"] for x in items]
-        s = self.scores(model, head, caps + caps + wrong_cap, imgs + wrong_img + imgs)  # (3B,)
-        s = s.view(3, B).T  # (B, 3): the positive, its caption with a wrong image, a wrong caption with its image
-        return F.cross_entropy(s, torch.zeros(B, dtype=torch.long, device=self.device))
 
     def score_matrix(self, model, head, split):
         """Every caption of the split against every image: (M captions, N images), and each caption's image."""
@@ -822,8 +773,23 @@ class RefCOCO(Task):
     IoU >= 0.5 with the gold box. Trained with cross-entropy over the regions toward the region
     whose box best overlaps the gold box."""
 
-    def __init__(self, args, vocab, images, root):
-        super().__init__(args, vocab, images)
+    def make_head(self, model):
+        return nn.Linear(model.cfg.hidden, 1)
+
+    def region_logits(self, model, head, items):
+        inputs = self.encode([x["ids"] for x in items], [x["image"] for x in items])
+        h, spans = model(**inputs)
+        logits = head(h[:, spans["regions"]]).squeeze(-1).float()  # (B, K)
+        return logits.masked_fill(~inputs["region_mask"], float("-inf"))
+
+    def loss(self, model, head, items):
+        target = torch.tensor([int(x["iou"].argmax()) for x in items]).to(self.device, non_blocking=True)
+        return F.cross_entropy(self.region_logits(model, head, items), target)
+
+    # the data part
+
+    def load_data(self, args, images, root):
+        super().load_data(args, images, root)
         self.splits = load_refcoco(os.path.join(root, "refs(unc).p"), os.path.join(root, "instances.json"), images,
                                    self.skipped)
         if "train" not in self.splits:
@@ -843,19 +809,6 @@ class RefCOCO(Task):
         self.info.append("upper bound (some region has IoU >= 0.5): " + ", ".join(
             f"{s} {np.mean([x['iou'].max() >= 0.5 for x in self.splits[s]]):.3f}" for s in self.eval_splits))
         self.baseline_name = "the detector's most confident box"
-
-    def make_head(self, model):
-        return nn.Linear(model.cfg.hidden, 1)
-
-    def region_logits(self, model, head, items):
-        inputs = self.encode([x["ids"] for x in items], [x["image"] for x in items])
-        h, spans = model(**inputs)
-        logits = head(h[:, spans["regions"]]).squeeze(-1).float()  # (B, K)
-        return logits.masked_fill(~inputs["region_mask"], float("-inf"))
-
-    def loss(self, model, head, items):
-        target = torch.tensor([int(x["iou"].argmax()) for x in items]).to(self.device, non_blocking=True)
-        return F.cross_entropy(self.region_logits(model, head, items), target)
 
     def item_scores(self, model, head, split):
         top = self.predict(self.region_logits, model, head, split)

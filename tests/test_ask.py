@@ -2,6 +2,7 @@
 real PNG files through extract_features.py, finetune.py and ask.py with a random detector; the attention
 weights it shows; every bad input."""
 
+import argparse
 import json
 import os
 import subprocess
@@ -112,6 +113,30 @@ def test_retrieval_as_evaluated(tuned):
         order = scores[m].argsort(descending=True).tolist()
         assert [k for k, _ in r["ranking"]] == [images[i] for i in order]
         assert [v for _, v in r["ranking"]] == pytest.approx(scores[m][order].tolist(), abs=1e-5)
+
+
+def test_built_from_the_checkpoint_alone(tuned, toy, monkeypatch):
+    """ask.py builds a task's head and forward passes from the checkpoint alone: with the toy world's task
+    files gone and tasks.py's loaders refusing to run, each task's model part is made by its own class from
+    what the checkpoint holds, and ask.py answers as the evaluation did."""
+    for loader in ("load_vqa", "load_nlvr2", "load_karpathy", "load_refcoco", "read_answer_set"):
+        monkeypatch.setattr(tasks, loader, lambda *a, name=loader: pytest.fail(f"{name}: a benchmark file read"))
+    files, away = os.path.join(toy, "tasks"), os.path.join(toy, "tasks-away")
+    os.rename(files, away)
+    try:
+        for name, (path, _) in tuned.items():
+            ckpt = ask.load(path)
+            task, model, head = ask.build(ckpt, path, torch.device("cpu"))
+            args, vocab = argparse.Namespace(**ckpt["args"]), data.Vocab(ckpt["vocab"])
+            own = tasks.TASKS[name](args, vocab, ckpt["class_names"], *([ckpt["answers"]] if name == "vqa" else []))
+            assert type(task) is type(own) and not hasattr(task, "splits")
+            shapes = lambda m: {k: v.shape for k, v in m.state_dict().items()}  # noqa: E731
+            assert shapes(own.make_head(model)) == shapes(head)
+        ckpt, [(task, items, logits), *_] = tuned["vqa"]
+        r = ask.main([ckpt, items[0]["image"], items[0]["text"]])
+        assert [a for a, _ in r["answers"]] == [task.answers[i] for i in torch.sigmoid(logits[0]).topk(5).indices]
+    finally:
+        os.rename(away, files)
 
 
 # -----------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import analysis  # noqa: E402
 import storage  # noqa: E402
 import data  # noqa: E402
 from toy import CLASSES, COLORS, FEATURE_DIM, make_toy_world  # noqa: E402
@@ -201,6 +202,13 @@ def write_lines(path, records):
     return str(path)
 
 
+def read_task(args, vocab, images, root):
+    """The task of args.task with its files under root read, as finetune.py builds it."""
+    task = tasks.TASKS[args.task](args, vocab, images.class_names)
+    task.load_data(args, images, root)
+    return task
+
+
 def vqa_folder(tmp_path):
     """VQA files under their official names: three training and three validation questions."""
     ten = lambda *parts: [a for n, a in parts for _ in range(n)]  # noqa: E731
@@ -235,9 +243,9 @@ def test_answer_flag_and_training_targets_follow_the_official_evaluation(tmp_pat
     files = vqa_folder(tmp_path)
     vocab = data.Vocab(list(data.Vocab.RESERVED) + ["how", "many", "cat", "##s", "?", "dog"])
     ans2label = write(tmp_path / "trainval_ans2label.json", {"yes": 0, "no": 1, "2": 2, "3": 3})
-    counted = tasks.VQA(ft.parser.parse_args(["--task", "vqa", "--answers", *files.values(), "--min-answer-count", "2"]), vocab, store, str(tmp_path))
+    counted = read_task(ft.parser.parse_args(["--task", "vqa", "--answers", *files.values(), "--min-answer-count", "2"]), vocab, store, str(tmp_path))
     assert counted.answers == ["2", "yes"] and counted.info[-1].startswith("2 answers (each the answer of >= 2 questions of")
-    task = tasks.VQA(ft.parser.parse_args(["--task", "vqa", "--answers", ans2label]), vocab, store, str(tmp_path))
+    task = read_task(ft.parser.parse_args(["--task", "vqa", "--answers", ans2label]), vocab, store, str(tmp_path))
     assert task.answers == ["yes", "no", "2", "3"] and task.info[-1] == f"4 answers (read from {ans2label})"
     # each target is the official accuracy of that answer: question 3's "two" counts as "2" (its
     # annotators disagree), question 13's ten "Two" match no answer of the set (they agree: kept as said)
@@ -362,7 +370,7 @@ def make_task(toy, name, *flags):
     folder, stores = ft.TOY[name]
     images = data.Images([os.path.join(toy, "features", s) for s in stores])
     model, vocab = common.make_model(args, images, os.path.join(toy, "vocab.txt"))
-    task = tasks.TASKS[name](args, vocab, images, os.path.join(toy, "tasks", folder))
+    task = read_task(args, vocab, images, os.path.join(toy, "tasks", folder))
     return task, model.eval(), task.make_head(model)
 
 
@@ -422,12 +430,12 @@ def test_vqa_answer_set_and_targets(toy):
         assert s == pytest.approx(tasks.vqa_accuracy(task.answers[a], x["answers"]))
     args = ft.parser.parse_args(["--task", "vqa", "--min-answer-count", "100000"])
     with pytest.raises(ValueError, match="lower --min-answer-count"):
-        tasks.VQA(args, task.vocab, task.images, os.path.join(toy, "tasks", "vqa"))
+        read_task(args, task.vocab, task.images, os.path.join(toy, "tasks", "vqa"))
 
 
 def test_class_names_in_text():
     """A name or its plural as whole words, the longest name first, a name before another class's plural."""
-    namer = tasks.ClassNamer(["dog", "hot dog", "knife", "bus", "glass", "glasses", "man", "cherry", "t-shirt"])
+    namer = analysis.ClassNamer(["dog", "hot dog", "knife", "bus", "glass", "glasses", "man", "cherry", "t-shirt"])
     assert namer("Two hot dogs, three knives; BUSES.") == {1, 2, 3}
     assert namer("the glasses and a glass") == {5, 4}  # "glasses" is its own class, not glass's plural
     assert namer("men in t-shirts eat cherries") == {6, 8, 7}
@@ -437,12 +445,12 @@ def test_class_names_in_text():
 
 def test_rare_and_common_items_by_hand():
     """docs/METHOD.md section 13: an item is rare when its rarest named class is named by fewer than
-    tasks.RARE training examples. dog is named by 5 training examples (common), hot dog by 1 (rare)."""
+    analysis.RARE training examples. dog is named by 5 training examples (common), hot dog by 1 (rare)."""
     train = [{0}] * 5 + [{1}]
     items = [{0}, {1}, {0, 1}, set()]  # common, rare, rare (its rarest class), neither
-    got = tasks.by_class(items, train, {"accuracy": [1.0, 0.0, 1.0, 1.0]})
+    got = analysis.by_class(items, train, {"accuracy": [1.0, 0.0, 1.0, 1.0]})
     assert got == {"rare": {"accuracy": 0.5, "items": 2}, "common": {"accuracy": 1.0, "items": 1}}
-    assert tasks.by_class([set()], train, {"accuracy": [1.0]})["rare"] == {"accuracy": None, "items": 0}
+    assert analysis.by_class([set()], train, {"accuracy": [1.0]})["rare"] == {"accuracy": None, "items": 0}
 
 
 def run(toy, out, task, *flags):
@@ -469,7 +477,7 @@ def test_every_task_end_to_end(toy, tmp_path, task):
     # rare and common items: every toy item names a class, so the two groups' means, weighted by their
     # items, give the split's own figure back (consistency is no mean over items)
     for obj in (results, baseline):
-        assert obj["by_class"]["rare_below"] == tasks.RARE and set(obj["by_class"]) == {"rare_below"} | splits
+        assert obj["by_class"]["rare_below"] == analysis.RARE and set(obj["by_class"]) == {"rare_below"} | splits
         for s in splits:
             rare, common_ = obj["by_class"][s]["rare"], obj["by_class"][s]["common"]
             n = rare["items"] + common_["items"]

@@ -1,4 +1,4 @@
-"""reproduce.py: the table and the claims on a made-up result set, the projections on points of
+"""reproduce.py and analysis.py: the table and the claims on a made-up result set, the projections on points of
 known structure, and Figure 2's picture."""
 
 import json
@@ -12,6 +12,7 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import analysis  # noqa: E402
 import storage  # noqa: E402
 import data  # noqa: E402
 import reproduce  # noqa: E402
@@ -41,7 +42,7 @@ def test_table_intervals_and_claims_from_results_files(tmp_path):
     table = reproduce.collect(str(tmp_path), list(accs), ["1/4", "1"], [0, 1, 2])
     assert table["U"]["1/4"].shape == (3, len(reproduce.COLUMNS))
     assert np.allclose(table["U"]["1/4"][:, 0], [60, 62, 64]) and np.allclose(table["U"]["1"][:, 0], [70, 72, 74])
-    m, lo, hi = reproduce.interval(table["U"]["1/4"])
+    m, lo, hi = analysis.interval(table["U"]["1/4"])
     assert np.allclose(m, 62) and np.allclose(hi - m, 4.303 * 2 / np.sqrt(3))  # t(2 df) times the standard error
     md = reproduce.markdown(table, ["1/4", "1"])
     assert "| U | 62.0 [57.0, 67.0] |" in md and "| U | 72.0 [67.0, 77.0] |" in md
@@ -80,7 +81,7 @@ def test_pca_recovers_a_plane_embedded_in_higher_dimensions():
     plane = torch.randn(200, 2, generator=g) * torch.tensor([5.0, 2.0])  # (N, 2), the larger spread first
     basis, _ = torch.linalg.qr(torch.randn(10, 2, generator=g))  # (10, 2) orthonormal
     x = (plane @ basis.T + 3.0).double()  # (N, 10), shifted
-    y = reproduce.pca(x)
+    y = analysis.pca(x)
     assert torch.allclose(torch.cdist(y, y), torch.cdist(plane.double(), plane.double()), atol=1e-6)  # same distances: a rotation of the plane
     assert y[:, 0].var() > y[:, 1].var()
 
@@ -90,7 +91,7 @@ def test_tsne_keeps_clusters_apart():
     centres = torch.randn(4, 20, generator=g) * 6
     labels = torch.arange(4).repeat_interleave(40)
     x = centres[labels] + torch.randn(160, 20, generator=g)  # 4 clusters in 20-D
-    y = reproduce.tsne(x, perplexity=15, steps=300)
+    y = analysis.tsne(x, perplexity=15, steps=300)
     assert y.shape == (160, 2) and torch.isfinite(y).all()
     d = torch.cdist(y, y).fill_diagonal_(float("inf"))
     assert (labels[d.argmin(1)] == labels).float().mean() > 0.95  # each point's nearest neighbour is of its cluster
@@ -105,16 +106,16 @@ def test_figure_has_one_panel_per_variant_with_each_class_colour(tmp_path):
     cls = np.repeat(np.arange(3), 6)
     modality = np.array(["word", "tag", "region"] * 6)
     panels = [(name, rng.normal(size=(18, 2)), cls, modality) for name in ("S", "U", "U_NT")]
-    size = reproduce.draw_figure(panels, classes, tmp_path / "figure2.png")
+    size = analysis.draw_figure(panels, classes, tmp_path / "figure2.png")
     img = Image.open(tmp_path / "figure2.png").convert("RGB")
-    assert img.size == size == (3 * reproduce.PANEL, reproduce.PANEL + reproduce.LEGEND)
+    assert img.size == size == (3 * analysis.PANEL, analysis.PANEL + analysis.LEGEND)
     pixels = np.asarray(img)
     for j in range(3):
-        panel = pixels[: reproduce.PANEL, j * reproduce.PANEL:(j + 1) * reproduce.PANEL].reshape(-1, 3)
+        panel = pixels[: analysis.PANEL, j * analysis.PANEL:(j + 1) * analysis.PANEL].reshape(-1, 3)
         present = {tuple(c) for c in panel}
         for k in range(3):
-            assert reproduce.PALETTE[k] in present  # every class is drawn in every panel
-    assert reproduce.PALETTE[3] not in {tuple(c) for c in pixels.reshape(-1, 3)}  # no fourth class
+            assert analysis.PALETTE[k] in present  # every class is drawn in every panel
+    assert analysis.PALETTE[3] not in {tuple(c) for c in pixels.reshape(-1, 3)}  # no fourth class
 
 
 def test_plan_pretrains_each_variant_once_from_one_bert_and_finetunes_every_fraction(tmp_path):
@@ -236,10 +237,10 @@ def test_probe_b_region_states_at_their_class_words_or_at_others(handmade):
 
 def test_bootstrap_resamples_images_not_regions():
     rows = {"image": np.repeat(np.arange(50), 4), "x": np.repeat(np.arange(50) % 2, 4).astype(float)}  # alike within an image
-    m, lo, hi = reproduce.bootstrap(rows, "x")
+    m, lo, hi = analysis.bootstrap(rows, "x")
     assert m == 0.5 and lo < 0.5 < hi
     assert hi - lo > 0.2  # 50 independent images, not 200 regions: about 2 x 1.96 x 0.5 / sqrt(50) = 0.28
-    assert reproduce.bootstrap(rows, "x") == (m, lo, hi)  # the same resamples every time
+    assert analysis.bootstrap(rows, "x") == (m, lo, hi)  # the same resamples every time
 
 
 def test_curves_have_a_panel_per_task_and_a_line_per_variant(tmp_path):

@@ -1,7 +1,6 @@
 """The training step both scripts share: --grad-accum takes the step the whole batch takes, and the
 host reads the device on logging and saving steps alone."""
 
-import contextlib
 import json
 import os
 import sys

@@ -173,12 +173,10 @@ def make_optimizer(params, args, steps, device, dtype):
 
 
 def train_step(loss, micro, share, optimizer, scaler, lr, clip, ctx, world):
-    """One optimiser step on this process's micro-batches: each one's forward and backward (their
-    gradients add up; under DDP they are averaged over the processes at the last backward alone), then
-    clip and step. share(out, mb) -> (mb's share of the global batch's loss, where out = loss(mb); the
-    shares of all micro-batches of all processes sum to it, what to log of it). Returns the gradient
-    norm and the logged parts added up over the micro-batches, device tensors: nothing here makes the
-    host wait for the device."""
+    """One optimiser step on this process's micro-batches: their forward and backward passes (under DDP
+    the gradients are averaged at the last backward alone), then clip and step. share(loss(mb), mb) ->
+    (mb's share of the global batch's loss, what to log of it). Returns the gradient norm and the logged
+    parts added up, device tensors: nothing here makes the host wait for the device."""
     for g in optimizer.param_groups:
         g["lr"] = lr
     logged = 0
@@ -205,12 +203,10 @@ def clip_and_step(optimizer, scaler, clip):
 
 
 def read_losses(pending, scaler, saved):
-    """The global losses of the steps since the host last looked (logging and saving steps), in one
-    read of the device. pending: (step, names, this process's sums, what they are divided by) of each
-    step: each objective's, in `names` order, or (names None) one loss divided by 1. A non-finite loss
-    stops the run with one line naming the step and `saved`, the last good checkpoint ((path, step), or
-    None); under fp16 the scaler skipped that step instead. Returns each step's losses: {name: value},
-    or the value."""
+    """The global losses of the steps since the host last looked, in one read of the device. pending:
+    (step, objective names or None, this process's sums, what they are divided by) of each step.
+    Returns each step's {name: loss}, or loss; a non-finite one stops the run naming `saved`, the last
+    checkpoint (under fp16 the scaler skipped that step instead)."""
     sums = all_sum(torch.cat([s.reshape(-1) for _, _, s, _ in pending]))
     values = sums / torch.cat([c.reshape(-1) for _, _, _, c in pending])
     losses = []

@@ -97,11 +97,8 @@ class Embeddings(nn.Module):
         return self.region_features(feats) + self.box(boxes)  # (B, K, H)
 
     def region_features(self, feats):
-        """LN_feat(W_feat f), in fp32 under fp16 autocast. A masked region's features are zeroed
-        (data.mask_regions), so LN_feat's input there is W_feat's bias alone, all but constant (exactly
-        so until the bias first moves): LN's backward multiplies the gradient by 1/sqrt(var + eps), up to
-        1e6 with eps 1e-12, which times the loss scale overflows float16 in W_feat's backward on every
-        image step (docs/LOG.md 14). fp32 and bf16 (fp32's range) run as before."""
+        """LN_feat(W_feat f), in fp32 under fp16 autocast: a masked region's features are zeros, LN_feat's
+        input there is all but constant, and its backward overflowed float16 (docs/LOG.md 14)."""
         device = feats.device.type
         if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16:
             with torch.autocast(device, enabled=False):

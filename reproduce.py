@@ -32,6 +32,7 @@ import itertools
 import json
 import math
 import os
+import signal
 import sys
 import time
 from collections import Counter
@@ -172,6 +173,13 @@ def plan(args, budget, seeds):
     return runs
 
 
+def between_runs():
+    """A worker ignores Ctrl-C and SIGTERM but in a run, where the script takes them at a step's end: a
+    worker killed between runs would break the pool, and the runs in the others with it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def work(argv, out, threads):
     """One run in this worker process: the script's main(argv), its output into OUT/stdout.txt ->
     (exit code, wall seconds, CPU seconds). Workers live through many runs, so Python and torch
@@ -204,10 +212,12 @@ def again(out):
     return ["--overwrite"] if any(os.path.exists(os.path.join(out, f)) for f in guards.RUN_FILES) else []
 
 
-def execute(runs, jobs, threads=1):
+def execute(runs, jobs, ctrl_c, threads=1):
     """Run every run not done yet in `jobs` worker processes of `threads` threads each, each run
     after the runs it needs. A run's output goes to OUT/.../stdout.txt, its times to time.json; a
-    failed run stops the reproduction with its last lines."""
+    failed run stops the reproduction with its last lines. A Ctrl-C or SIGTERM (ctrl_c.asked) starts
+    no new run and stops the running ones at their next step's end, saved (each takes the signal as
+    the scripts do); the same command then goes on from there."""
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     todo = [r for r in runs if not r.done()]
@@ -216,18 +226,29 @@ def execute(runs, jobs, threads=1):
         return
     t0, finished, running = time.time(), 0, {}
     os.environ["OMP_NUM_THREADS"] = str(threads)  # read by torch as the spawned workers import it
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        while todo or running:
+    told = False  # whether the workers were passed the signal
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=between_runs) as pool:
+        while (todo and not ctrl_c.asked) or running:
             for run in [r for r in todo if all(d.done() for d in r.after)][: jobs - len(running)]:
+                if ctrl_c.asked:
+                    break
                 todo.remove(run)
                 os.makedirs(run.out, exist_ok=True)
                 running[pool.submit(work, run.argv + again(run.out), run.out, threads)] = run
             if not running:
+                if ctrl_c.asked:
+                    break
                 raise SystemExit(f"{todo[0].name}: a run it needs is not done")
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            done, _ = wait(running, timeout=1, return_when=FIRST_COMPLETED)
+            if ctrl_c.asked and not told:  # a Ctrl-C reached them already; a SIGTERM to this process did not
+                for p in pool._processes.values():  # the pool's own list of its worker processes
+                    os.kill(p.pid, signal.SIGTERM)
+                told = True
             for fut in done:
                 run = running.pop(fut)
                 rc, wall, cpu = fut.result()
+                if ctrl_c.asked and rc in (130, 143):  # stopped at a step's end, its checkpoint saved
+                    continue
                 if rc != 0 or not run.done():
                     with open(os.path.join(run.out, "stdout.txt")) as f:
                         tail = "".join(f.readlines()[-5:])
@@ -891,20 +912,24 @@ def main(argv=None):
     args.variants = chosen(args)
     seeds = list(range((1 if args.quick else 3) if args.seeds is None else args.seeds))
     guards.check_paths(args, {"out": "out", "toy_root": "out"})
-    with guards.OutFolder(args.out) as out:
+    with guards.OutFolder(args.out) as out, guards.Interrupt() as ctrl_c:
         out.make()  # one reproduction at a time in --out: a second one is refused
-        return reproduce(args, budget, seeds)
+        return reproduce(args, budget, seeds, ctrl_c)
 
 
-def reproduce(args, budget, seeds):
+def reproduce(args, budget, seeds, ctrl_c):
     """Every run not done yet, then the table, the probe, the claims and the figures."""
     t0 = time.time()
     toy.make_toy_world(args.toy_root)
     print(f"variants {', '.join(args.variants)}; fractions {', '.join(args.fractions)}; seeds {seeds}; budget "
           + ", ".join(f"{k} {v}" for k, v in budget.items()))
     runs = plan(args, budget, seeds)
-    execute(runs[:1], 1, os.cpu_count() or 1)  # the toy BERT, alone with every core: everything else starts from it
-    execute(runs[1:], args.jobs)
+    execute(runs[:1], 1, ctrl_c, os.cpu_count() or 1)  # the toy BERT, alone with every core: all else starts from it
+    execute(runs[1:], args.jobs, ctrl_c)
+    if ctrl_c.asked:
+        done = sum(r.done() for r in runs)
+        ctrl_c.stop(f"{done} of {len(runs)} runs done, the others stopped where they were and saved; the same command "
+                    f"goes on from there", 1)
 
     torch.set_num_threads(1)  # the probe and the figures are small; spare threads only spin on a shared CPU
     table = collect(args.out, args.variants, args.fractions, seeds)

@@ -219,9 +219,11 @@ class FeatureWriter:
         K = len(boxes)
         assert features.shape == (K, self.feature_dim) and len(labels) == K and len(scores) == K, \
             f"image {image_id}: features {features.shape}, {K} boxes, {len(labels)} labels, {len(scores)} scores"
-        if not all(np.isfinite(np.asarray(x, dtype)).all() for x, dtype in ((features, ARRAYS["features"]),
-                                                                            (boxes, np.float32), (scores, np.float32))):
-            raise NonFinite(f"image {image_id!r}: non-finite features, boxes or scores (NaN, or beyond float16's range)")
+        with np.errstate(over="ignore"):  # a feature beyond float16's range would be stored as inf
+            stored = np.asarray(features, ARRAYS["features"])
+        if not (np.isfinite(stored).all() and np.isfinite(boxes).all() and np.isfinite(scores).all()):
+            raise NonFinite(f"image {image_id!r}: non-finite features, boxes or scores (NaN, or beyond float16's "
+                            f"range); not written")
         self._buffer.append((str(image_id), features, boxes, labels, scores, int(width), int(height),
                              attributes, attr_scores))
         if len(self._buffer) >= self.shard_size:

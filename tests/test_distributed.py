@@ -3,6 +3,7 @@ then finetune.py (both DDP), then both with --grad-accum."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -84,3 +85,44 @@ def test_two_processes_with_micro_batches_match_one(tmp_path, script, flags):
     for part in ("model", "head") if script == "finetune.py" else ("model",):
         for k in ckpts[0][part]:
             torch.testing.assert_close(ckpts[1][part][k], ckpts[0][part][k], atol=1e-5, rtol=0, msg=k)
+
+
+def workers_of(parent):
+    """{rank: pid} of torchrun's worker processes (its children with RANK in their environment)."""
+    found = {}
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+        except (OSError, ValueError):
+            continue
+        if ppid == parent and b"RANK" in env:
+            found[int(env[b"RANK"])] = int(pid)
+    return found
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds torchrun's workers in /proc")
+def test_sigterm_to_one_process_stops_every_process_after_the_same_step(tmp_path):
+    """A scheduler may signal one process first: the processes vote at each step's end, so all stop after
+    the same step, rank 0 saves it, and a resume under torchrun goes on from it."""
+    toy = make_toy_world(str(tmp_path / "toy"), seed=0, scale=0.03)
+    common = ["pretrain.py", "--unaligned", "--toy-root", toy, "--cache-dir", str(tmp_path / "cache"), "--max-steps", "60",
+              "--batch-size", "8", "--log-every", "1", "--eval-batches", "1", "--out", str(tmp_path / "two")]
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *common]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(run, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("step 3/"):  # a few steps in: signal rank 1 alone
+            os.kill(workers_of(proc.pid)[1], signal.SIGTERM)
+            break
+    out, err = proc.communicate(timeout=300)
+    step = int(err.split("terminated: stopped at step ")[1].split(":")[0])
+    assert 3 <= step < 60
+    assert torch.load(tmp_path / "two" / "ckpt.pt", weights_only=False)["step"] == step
+    logged = [json.loads(line)["step"] for line in open(tmp_path / "two" / "log.jsonl") if '"phase"' not in line]
+    assert logged[-1] == step  # every step up to it logged, none after
+    more = subprocess.run([*run, "--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert f"resuming from {tmp_path / 'two' / 'ckpt.pt'} at step {step}" in more.stdout

@@ -22,7 +22,7 @@ world, with a protocol that can show what pre-training buys if it buys anything:
     python reproduce.py --variants U U_NT   # Base, U and U_NT, 3 seeds: U against Base and U_NT, with intervals
 
 It runs pretrain.py and finetune.py by their command lines (each script's main(argv) in a worker
-process), two at a time on a 2-core CPU (--jobs), each in its own folder under OUT; a run whose results
+process), one per core as memory allows (--jobs), each in its own folder under OUT; a run whose results
 are already there is not run again, so an interrupted reproduction goes on where it stopped and --quick
 followed by the full command only adds variants and seeds. It writes OUT/table.md, OUT/table.json,
 OUT/curves.png and, with S, U or U_NT among the rows, OUT/figure2.png.
@@ -113,8 +113,9 @@ parser.add_argument("--fractions", nargs="+", default=FRACTIONS,
                     help="fractions of each task's training set, e.g. 1/16 1/4 1")
 parser.add_argument("--out", default="out/reproduce",
                     help="output folder: one folder per run, table.md, table.json, curves.png, figure2.png")
-parser.add_argument("--jobs", type=guards.POSITIVE_INT, default=max(1, min(2, os.cpu_count() or 1)),
-                    help="runs side by side, one thread each (the toy BERT runs first, alone, on every core)")
+parser.add_argument("--jobs", type=guards.POSITIVE_INT,
+                    help="runs side by side, one thread each (default: one per core, as many as the free memory "
+                         "holds at RUN_MEMORY each; the toy BERT runs first, alone, on every core)")
 parser.add_argument("--toy-root", default=toy.TOY_DIR, help="where the toy world is made and cached")
 parser.add_argument("--budget", nargs="+", default=[], metavar="KEY=N",
                     help="change a budget: " + ", ".join(f"{k}={v}" for k, v in BUDGET.items())
@@ -210,6 +211,19 @@ def again(out):
     if os.path.exists(os.path.join(out, "ckpt.pt")):
         return ["--resume"]
     return ["--overwrite"] if any(os.path.exists(os.path.join(out, f)) for f in guards.RUN_FILES) else []
+
+
+RUN_MEMORY = 1.5 * 2**30  # bytes: a run's peak is 0.96 to 1.07 GB on the toy world (docs/LOG.md 14), with room
+
+
+def default_jobs():
+    """--jobs by default: a run per core, as many as the memory free now holds at RUN_MEMORY each."""
+    try:
+        with open("/proc/meminfo") as f:  # Linux: what can be had without swapping
+            free = int(next(line for line in f if line.startswith("MemAvailable:")).split()[1]) * 1024
+    except (OSError, StopIteration, ValueError):
+        free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")  # elsewhere: all of it
+    return max(1, min(os.cpu_count() or 1, int(free // RUN_MEMORY)))
 
 
 def execute(runs, jobs, ctrl_c, threads=1):
@@ -910,6 +924,7 @@ def main(argv=None):
     budget = read_budget(args)
     check_fractions(args.fractions)
     args.variants = chosen(args)
+    args.jobs = args.jobs or default_jobs()
     seeds = list(range((1 if args.quick else 3) if args.seeds is None else args.seeds))
     guards.check_paths(args, {"out": "out", "toy_root": "out"})
     with guards.OutFolder(args.out) as out, guards.Interrupt() as ctrl_c:

@@ -1,6 +1,7 @@
 """reproduce.py and analysis.py: the table and the claims on a made-up result set, the projections on points of
 known structure, and Figure 2's picture."""
 
+import io
 import json
 import os
 import sys
@@ -297,3 +298,12 @@ def test_a_checkpoint_whose_weights_do_not_fit_is_one_line_naming_it(tmp_path):
     torch.save({"config": vars(cfg), "model": state, "vocab": ["[PAD]", "[UNK]"]}, path)
     with pytest.raises(SystemExit, match=f"{path}: its weights do not fit the model"):
         reproduce.load_model(str(path))
+
+
+def test_jobs_follow_the_cores_and_the_free_memory(monkeypatch):
+    """--jobs by default: a run per core, as many as the free memory holds at RUN_MEMORY each."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    for free_kb, jobs in ((4 * 2**20, 2), (64 * 2**20, 8), (2**19, 1)):  # 4 GiB, 64 GiB, 0.5 GiB free
+        monkeypatch.setattr(reproduce, "open", lambda *a, **k: io.StringIO(f"MemTotal: 1 kB\nMemAvailable: {free_kb} kB\n"),
+                            raising=False)
+        assert reproduce.default_jobs() == jobs

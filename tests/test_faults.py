@@ -1,7 +1,7 @@
 """Faults a real run meets: a first command killed while it makes the toy world, a full disk, a feature
 store with NaN in it, a feature no detector should have written, preemption of reproduce.py. Each ends in
 one line and no traceback, or recovers by itself; nothing finished is lost. (SIGTERM to the training
-scripts: tests/test_guards.py; fp16: tests/test_fp16.py.)"""
+scripts: tests/test_guards.py; fp16: tests/test_train.py.)"""
 
 import base64
 import glob

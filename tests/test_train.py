@@ -27,12 +27,16 @@ def toy(tmp_path_factory):
     return make_toy_world(str(tmp_path_factory.mktemp("toy") / "world"), seed=0, scale=0.03)
 
 
-def pair_batch(toy, rows=16):
-    """An aligned batch of the toy world (text, tags, regions), and a model for it, dropout 0."""
+def toy_batch(toy, kind="pair", rows=16):
+    """A batch of the toy world, aligned (text, tags, regions) or of images alone (tags, regions, some zeroed),
+    and a model for it, dropout 0."""
     vocab = data.Vocab.from_file(os.path.join(toy, "vocab.txt"))
     images = data.Images([os.path.join(toy, "features", "pretrain")])
-    pairs = storage.TokenCorpus(os.path.join(toy, "pretrain", "pairs.jsonl"), vocab, "pairs", os.path.join(toy, "cache"))
-    corpus = data.Corpus("pairs", "pair", vocab, (pairs, pairs.image_ids), images)
+    if kind == "pair":
+        pairs = storage.TokenCorpus(os.path.join(toy, "pretrain", "pairs.jsonl"), vocab, "pairs", os.path.join(toy, "cache"))
+        corpus = data.Corpus("pairs", "pair", vocab, (pairs, pairs.image_ids), images)
+    else:
+        corpus = data.Corpus("images", "image", vocab, sorted(images.where), images)
     batch = corpus.batch(np.arange(rows), data.RowRandom(0, 0, range(rows)))
     cfg = Config(**{**PRESETS["tiny"], "vocab_size": len(vocab), "feat_dim": images.feature_dim,
                     "num_labels": len(images.class_names), "num_attrs": len(images.attr_names), "dropout": 0.0})
@@ -65,7 +69,7 @@ def assert_same(a, b, rel):
 
 
 def test_micro_batches_take_the_step_of_the_whole_batch(toy):
-    batch, model = pair_batch(toy)
+    batch, model = toy_batch(toy)
     whole = gradient(model, [batch])
     counts = [int((common.shard(batch, j, 4)["mlm_labels"] != -100).sum()) for j in range(4)]
     assert len(set(counts)) > 1, counts  # the micro-batches hold different numbers of masked tokens
@@ -209,7 +213,7 @@ def count_syncs(monkeypatch):
 
 
 def test_the_counter_sees_what_synchronises(toy, count_syncs):
-    batch, model = pair_batch(toy, rows=4)
+    batch, model = toy_batch(toy, rows=4)
     with Syncs() as s:
         x = torch.arange(6.0)
         x[x > 2], float(x.sum()), x.nonzero()
@@ -237,3 +241,58 @@ def test_no_host_sync_on_a_step_that_does_not_log_or_save(toy, tmp_path, count_s
                    "--log-every", "4", "--save-every", "100"])
     assert len(per_step) == 9 and per_step == [[]] * 9
     assert reads == [4, 8, 9]  # logging steps and the last
+
+
+# -----------------------------------------------------------------------------
+# fp16 (a V100's, a T4's): the loss scale holds and the run tracks fp32's. A masked region's features are
+# zeroed, so LN_feat's input there is W_feat's bias alone (zero at the start): LN's backward multiplies the
+# gradient by 1/sqrt(var + eps), up to 1e6, and W_feat's backward overflowed float16 on every image step.
+
+
+def gradients(model, batch, dtype):
+    """The true (unscaled) gradients of pretrain.py's loss on `batch`, taken as pretrain.py's loop takes them."""
+    model.zero_grad(set_to_none=True)
+    # 1024, not pretrain.py's 65536: at 65536 box.0.bias's true gradient (~1) may overflow too, which the scaler
+    # is right to back off from; the singular LN_feat's (2e4 in W_feat's bias, 2e3 at W_feat's output) overflows at 1024
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, enabled=dtype == "fp16")
+    counts = torch.stack(list(model.count_targets(batch).values())).clamp(min=1)
+    with common.autocast(torch.device("cpu"), dtype):
+        loss = (model.pretrain_loss(batch)[0] / counts).sum()
+    scaler.scale(loss).backward()
+    return {n: p.grad.float() / scaler.get_scale() if scaler.is_enabled() else p.grad.clone()
+            for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_fp16_gradients_of_an_image_step_are_finite_and_fp32s(toy):
+    batch, model = toy_batch(toy, "image")
+    batch = with_positions(batch)
+    zeroed = (batch["region_masked"] & (batch["feats"].abs().sum(-1) == 0)).sum()
+    assert zeroed > 0  # masked regions with zeroed features: LN_feat sees its bias alone
+    want = gradients(model, batch, "fp32")
+    assert want["embeddings.feat.0.bias"].abs().max() > 100  # the gradient the singular LN sends back, in fp32
+    got = gradients(model, batch, "fp16")
+    bad = [n for n, g in got.items() if not torch.isfinite(g).all()]
+    assert not bad, bad  # the unmended code: embeddings.feat.0.weight and .bias non-finite
+    for n in ("embeddings.feat.0.weight", "embeddings.feat.0.bias", "embeddings.box.0.weight", "layers.0.ffn_in.weight"):
+        torch.testing.assert_close(got[n], want[n], rtol=0, atol=0.05 * want[n].abs().max().item(), msg=n)
+
+
+def test_fp16_pretrain_keeps_its_loss_scale_and_tracks_fp32(toy, tmp_path):
+    def run(dtype):
+        out = tmp_path / dtype
+        pretrain.main(["--unaligned", "--toy-root", toy, "--out", str(out), "--cache-dir", os.path.join(toy, "cache"),
+                       "--batch-size", "8", "--max-steps", "12", "--log-every", "1", "--eval-batches", "1",
+                       "--dtype", dtype])
+        return read_log(out), torch.load(out / "ckpt.pt", weights_only=False)["scaler"]
+
+    fp32, _ = run("fp32")
+    fp16, scaler = run("fp16")
+    assert sum(r["modality"] == "images" for r in fp32) >= 3  # image steps, where the overflow was
+    # the scaler's first backoff or two are its own probing from 65536 (box.0.bias's true gradient is ~1 at the
+    # start); the unmended code skipped every image step, and the scale fell to 65536 / 2^6 here
+    assert scaler["scale"] >= 2.0 ** 14, scaler
+    assert all(np.isfinite(r["grad_norm"]) for r in fp16[3:])  # no overflow after the first steps
+    assert len(fp16) == len(fp32) == 12
+    for a, b in zip(fp32, fp16):
+        assert a["modality"] == b["modality"]
+        assert b["loss"] == pytest.approx(a["loss"], rel=0.1), (a["step"], a["modality"])

@@ -538,8 +538,14 @@ def write_batch(model, good, args, device, autocast, given, writer, done):
 
 def main(argv=None):
     args, rank, world = parse_args(argv)
-    if args.from_tsv:
-        return import_tsv(args, rank, world)
+    try:
+        return import_tsv(args, rank, world) if args.from_tsv else extract_all(args, rank, world)
+    except storage.WriteError as e:  # a full disk: the shards written before it are whole, and a rerun keeps them
+        sys.exit(f"{e}; the images of the complete shards in {args.out} are kept, and the same command goes on")
+
+
+def extract_all(args, rank, world):
+    """Every image of --images not done yet, into this process's shards of --out."""
     policy = box_policy(args)
     device, autocast = pick_device(args)
     paths = find_images(args.images) if args.images else []

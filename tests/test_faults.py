@@ -121,6 +121,32 @@ def test_a_full_disk_at_the_results_is_one_line_and_the_checkpoint_stays(world, 
     assert json.loads((tmp_path / "results.json").read_text())["task"] == "vqa"
 
 
+def tsv(path, n, bad=()):
+    """A bottom-up-attention TSV of n one-box images; the features of the rows in `bad` are NaN."""
+    b64 = lambda a: base64.b64encode(a.tobytes()).decode()  # noqa: E731
+    rows = []
+    for i in range(n):
+        r = dict(img_id=f"im{i}", img_h=10, img_w=10, objects_id=np.array([1]), objects_conf=np.array([0.9], np.float32),
+                 attrs_id=np.array([1]), attrs_conf=np.array([0.9], np.float32), num_boxes=1,
+                 boxes=np.array([[0, 0, 5, 5]], np.float32), features=np.full((1, 4), np.nan if i in bad else 0.5, np.float32))
+        rows.append("\t".join(b64(v) if isinstance(v, np.ndarray) else str(v) for v in (r[k] for k in ef.TSV_FIELDS)))
+    path.write_text("\n".join(rows) + "\n")
+    return str(path)
+
+
+def test_a_full_disk_while_extracting_is_one_line_and_the_complete_shards_stay(tmp_path):
+    out = tmp_path / "store"
+    out.mkdir()
+    full_disk_at(out / "shard0-00001.index.json")  # the second shard's last file
+    with pytest.raises(SystemExit) as e:
+        ef.main(["--from-tsv", tsv(tmp_path / "f.tsv", 12), "--out", str(out), "--shard-size", "5"])
+    assert str(e.value) == (f"{out / 'shard0-00001.index.json'}: cannot be written (No space left on device); the "
+                            f"images of the complete shards in {out} are kept, and the same command goes on")
+    assert sorted(storage.FeatureStore(str(out)).ids()) == [f"im{i}" for i in range(5)]  # the first shard, whole
+    ef.main(["--from-tsv", str(tmp_path / "f.tsv"), "--out", str(out), "--shard-size", "5"])  # room again
+    assert len(storage.FeatureStore(str(out)).ids()) == 12
+
+
 # -----------------------------------------------------------------------------
 # non-finite features: found before the forward, never written
 
@@ -148,15 +174,7 @@ def test_extraction_never_writes_a_non_finite_feature(tmp_path):
         with pytest.raises(storage.NonFinite, match=r"^image 'x': non-finite features"):
             w.add("x", np.full((1, 4), bad, np.float32), box, np.array([0]), np.array([0.9], np.float32), 10, 10)
     # a bottom-up TSV row of NaN features is skipped and listed, as a malformed row is
-    b64 = lambda a: base64.b64encode(a.tobytes()).decode()  # noqa: E731
-    rows = []
-    for i in range(12):
-        feats = np.full((1, 4), np.nan if i == 3 else 0.5, np.float32)
-        r = dict(img_id=f"im{i}", img_h=10, img_w=10, objects_id=np.array([1]), objects_conf=np.array([0.9], np.float32),
-                 attrs_id=np.array([1]), attrs_conf=np.array([0.9], np.float32), num_boxes=1,
-                 boxes=np.array([[0, 0, 5, 5]], np.float32), features=feats)
-        rows.append("\t".join(b64(v) if isinstance(v, np.ndarray) else str(v) for v in (r[k] for k in ef.TSV_FIELDS)))
-    (tmp_path / "f.tsv").write_text("\n".join(rows) + "\n")
+    tsv(tmp_path / "f.tsv", 12, bad={3})
     out = str(tmp_path / "tsv")
     ef.main(["--from-tsv", str(tmp_path / "f.tsv"), "--out", out])
     assert sorted(storage.FeatureStore(out).ids()) == sorted(f"im{i}" for i in range(12) if i != 3)

@@ -208,10 +208,10 @@ def read_losses(pending, scaler, saved):
     Returns each step's {name: loss}, or loss; a non-finite one stops the run naming `saved`, the last
     checkpoint (under fp16 the scaler skipped that step instead)."""
     sums = all_sum(torch.cat([s.reshape(-1) for _, _, s, _ in pending]))
-    values = sums / torch.cat([c.reshape(-1) for _, _, _, c in pending])
-    losses = []
-    for (step, names, _, _), value in zip(pending, values.split([s.numel() for _, _, s, _ in pending])):
-        value = value.tolist()
+    values = (sums / torch.cat([c.reshape(-1) for _, _, _, c in pending])).tolist()  # the one read
+    losses, at = [], 0
+    for step, names, s, _ in pending:
+        value, at = values[at:at + s.numel()], at + s.numel()
         losses.append(dict(zip(names, value)) if names else value[0])
         if all(map(math.isfinite, value)) or scaler.is_enabled():
             continue

@@ -115,7 +115,7 @@ parser.add_argument("--out", default="out/reproduce",
                     help="output folder: one folder per run, table.md, table.json, curves.png, figure2.png")
 parser.add_argument("--jobs", type=guards.POSITIVE_INT,
                     help="runs side by side, one thread each (default: one per core, as many as the free memory "
-                         "holds at RUN_MEMORY each; the toy BERT runs first, alone, on every core)")
+                         "holds at 1.5 GB a run; the toy BERT runs first, alone, on every core)")
 parser.add_argument("--toy-root", default=toy.TOY_DIR, help="where the toy world is made and cached")
 parser.add_argument("--budget", nargs="+", default=[], metavar="KEY=N",
                     help="change a budget: " + ", ".join(f"{k}={v}" for k, v in BUDGET.items())

@@ -97,7 +97,7 @@ def bench_ours(args, device, batch, cfg):
     ctx = common.autocast(device, args.dtype)
     micro = common.micro_batches(batch, 1, device)
     _, counts = common.global_counts(model, micro)
-    share = lambda out, mb: ((out[0] / counts).sum(), out[0])  # noqa: E731  (as pretrain.py's loop)
+    share = common.pretrain_share(counts)  # as pretrain.py's loop
 
     def step():
         common.train_step(loss, micro, share, optimizer, scaler, 1e-4, 1.0, ctx, 1)

@@ -104,6 +104,12 @@ def global_counts(model, micro):
     return list(targets[0]), all_sum(sum(torch.stack(list(t.values())) for t in targets)).clamp(min=1)
 
 
+def pretrain_share(counts):
+    """train_step's share for the pre-training loss: a micro-batch's objective sums (pretrain_loss's first
+    output) over `counts`, the global batch's (global_counts), and the sums, to log."""
+    return lambda out, mb: ((out[0] / counts).sum(), out[0])
+
+
 def micro_batches(batch, n, device):
     """A pre-training batch on the host -> its n micro-batches on the device, each with the positions
     of what the model predicts found on the host (data.with_positions)."""

@@ -1,7 +1,7 @@
 """
 Data for U-VisualBERT's pre-training (docs/METHOD.md §2, 4), in the order it flows: the vocabulary,
 masking, one item and a batch of a corpus, the proportional sampler, the loader. The files it reads
-(feature stores, tokenised text) are store.py's; the toy world that fills them with no download is toy.py.
+(feature stores, tokenised text) are storage.py's; the toy world that fills them with no download is toy.py.
 
 Sections, in order:
   1. text: a WordPiece vocabulary

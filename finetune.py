@@ -250,9 +250,8 @@ def task_pretrain(args, task, model, ctx, rank, world):
             b = task.pretrain_batch([task.train[i] for i in idx], rng, attrs)
             micro = common.micro_batches(b, args.grad_accum, task.device)
             _, counts = common.global_counts(model, micro)  # each objective's sum over the global batch's count
-            share = lambda out, mb: ((out[0] / counts).sum(), out[0])  # noqa: E731  (mb's share, its sums)
-            _, sums = common.train_step(pretrain_loss, micro, share, optimizer, scaler, lr_at(step), args.clip, ctx,
-                                        world)
+            _, sums = common.train_step(pretrain_loss, micro, common.pretrain_share(counts), optimizer, scaler,
+                                        lr_at(step), args.clip, ctx, world)
             step += 1
         loss, mlm = (all_sum(sums) / counts).sum().item(), dev_mlm()
         print0(f"task-specific pre-training epoch {epoch + 1}: train loss {loss:.3f}, dev MLM loss {mlm:.3f}")
@@ -377,11 +376,11 @@ def train(args, out, ctrl_c):
            f"lr {args.lr:g}" + (f", {args.grad_accum} micro-batches per process" if args.grad_accum > 1 else ""))
 
     # OUT/log.jsonl, which rank 0 alone writes: a new one, or a resumed run's cut back to step `start`
-    log_file = os.path.join(args.out, "log.jsonl")
+    log_file, ckpt_path = os.path.join(args.out, "log.jsonl"), os.path.join(args.out, "ckpt.pt")
     if resume is not None:
         if rank == 0:
             guards.trim_log(log_file, start, keep_phases=("task_pretrain",))  # the evaluation's line goes
-        print0(f"resuming from {os.path.join(args.out, 'ckpt.pt')} at step {start}")
+        print0(f"resuming from {ckpt_path} at step {start}")
     log = guards.Log(log_file, "a" if resume is not None else "w", write=rank == 0)
     # NLVR2's task-specific pre-training runs before the first checkpoint, which holds its result: a
     # resumed run skips it; a run killed during it has no checkpoint of its own and starts over
@@ -391,7 +390,7 @@ def train(args, out, ctrl_c):
     def save(step, losses):  # the plain model, never the compiled one
         if rank == 0:
             images = task.images
-            storage.save_checkpoint(os.path.join(args.out, "ckpt.pt"), model, optimizer, scaler, step, args,
+            storage.save_checkpoint(ckpt_path, model, optimizer, scaler, step, args,
                                     task.vocab, images.class_names, head=head.state_dict(), gen=gen.get_state(),
                                     losses=losses, task=args.task, answers=getattr(task, "answers", None),
                                     tags=task.tags, extractor=images.stores[0].meta.get("extractor", {}))  # ask.py
@@ -403,7 +402,7 @@ def train(args, out, ctrl_c):
                             args.compile)
     per_epoch = steps_per_epoch(args, task)
     t0, seen, pending = time.time(), 0, []  # pending: the steps' losses the host has not read yet
-    out.saved = (os.path.join(args.out, "ckpt.pt"), start) if start else None
+    out.saved = (ckpt_path, start) if start else None
     one = torch.ones((), device=device)  # what a step's loss is divided by: it is the global batch's mean already
     for step in range(start, steps):
         epoch, i = divmod(step, per_epoch)
@@ -435,10 +434,10 @@ def train(args, out, ctrl_c):
             t0, seen, losses = time.time(), 0, []
         if save_now:
             save(step + 1, losses)
-            out.saved = (os.path.join(args.out, "ckpt.pt"), step + 1)
+            out.saved = (ckpt_path, step + 1)
         if stop:
-            ctrl_c.stop(f"stopped at step {step + 1}: {os.path.join(args.out, 'ckpt.pt')} saved; the same command "
-                        f"with --resume goes on", world)
+            ctrl_c.stop(f"stopped at step {step + 1}: {ckpt_path} saved; the same command with --resume goes on",
+                        world)
 
     results = report(args, task, model, head, ctx, log, t_start, rank)
     common.end_processes(world)

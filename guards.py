@@ -1,7 +1,7 @@
 """
 What keeps a run's work safe: its output folder (one run each, locked, its args and log), Ctrl-C
 taken at a step's end, and the command line checked before any work (paths, and argparse types that
-say a bad value in one line). The scripts use it; it imports only common.py (which process prints).
+say a bad value in one line). The scripts use it; it imports common.py (which process prints) and storage.py.
 """
 
 import argparse
@@ -48,7 +48,7 @@ class Log:
             self.f.write(json.dumps(record) + "\n")
             self.f.flush()
         except OSError as e:
-            raise storage.WriteError(f"{self.file}: cannot be written ({e.strerror or e})") from None
+            raise storage.WriteError(self.file, e) from None
 
     def close(self):
         if self.f is not None:

@@ -360,7 +360,7 @@ def train(args, out, ctrl_c):
         # each objective's sum is divided by its count over the global batch, which the batch alone gives
         # before any forward: N micro-batches on P processes take the step one process takes on the whole batch
         names, counts = common.global_counts(model, micro)
-        share = lambda out, mb: ((out[0] / counts).sum(), out[0])  # noqa: E731  (mb's share, its sums)
+        share = common.pretrain_share(counts)
         norm, sums = common.train_step(pretrain_loss, micro, share, optimizer, scaler, lr, args.clip, ctx, world)
         step += 1
 

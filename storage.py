@@ -23,6 +23,9 @@ class WriteError(Exception):
     """A file that could not be written (a full disk, a quota, a folder gone): its path and the system's
     reason, in one line. What was there before is intact, and nothing half-written is left."""
 
+    def __init__(self, file, error):
+        super().__init__(f"{file}: cannot be written ({getattr(error, 'strerror', None) or error})")
+
 
 def write_atomic(file, write, mode="wb"):
     """write(f) to a temporary file renamed to `file`: readers never see half a file. One temporary
@@ -35,7 +38,7 @@ def write_atomic(file, write, mode="wb"):
     except OSError as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        raise WriteError(f"{file}: cannot be written ({e.strerror or e})") from None
+        raise WriteError(file, e) from None
 
 
 def write_json(file, obj, indent=None):

@@ -384,13 +384,10 @@ def make_toy_world(root=TOY_DIR, seed=0, scale=1.0, log=print):
         except OSError:
             if not os.path.exists(os.path.join(root, "done")):  # another process's build is not there instead
                 raise
-            shutil.rmtree(part)
     except (OSError, WriteError) as e:  # a full disk
+        raise WriteError(root, e) from None
+    finally:  # what is left of the build: all of it when it was cut short, nothing once moved into place
         shutil.rmtree(part, ignore_errors=True)
-        raise WriteError(f"{root}: the toy world cannot be written ({getattr(e, 'strerror', None) or e})") from None
-    except BaseException:
-        shutil.rmtree(part, ignore_errors=True)
-        raise
     log(f"toy world written to {root}/: {count} scenes")
     return root
 

@@ -24,9 +24,16 @@ def words(text):
     return re.findall(r"[a-z0-9]+", text.lower())
 
 
+IRREGULAR = {"mouse": "mice", "foot": "feet", "tooth": "teeth", "goose": "geese", "person": "people"}
+
+
 def plurals(name):
-    """A class name's plural forms by English's rules: "bus" -> "buses", "knife" -> "knives", "man" -> "men"."""
+    """A class name's plural forms by English's rules: "bus" -> "buses", "knife" -> "knives", "man" -> "men",
+    and the irregular ones ("mouse" -> "mice")."""
     forms = {name + "s", name + "es"}
+    last = name.split()[-1] if name.split() else ""
+    if last in IRREGULAR:
+        forms.add(name[: -len(last)] + IRREGULAR[last])
     if name.endswith("y"):
         forms.add(name[:-1] + "ies")
     if name.endswith(("f", "fe")):
@@ -81,7 +88,9 @@ def by_class(named_items, named_train, scores):
 # confidence intervals: over the fine-tuning seeds, and over the held-out images
 
 # Student's t quantile for a two-sided 95% interval, by degrees of freedom
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093, 20: 2.086,
+        21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.060, 26: 2.056, 27: 2.052, 28: 2.048, 29: 2.045, 30: 2.042}
 
 
 def interval(x):
@@ -98,6 +107,15 @@ def interval(x):
 def seed_interval(x):
     """interval() of one number per seed -> (mean, low, high) as floats."""
     return tuple(float(a[0]) for a in interval(np.asarray(x)[:, None]))
+
+
+def seeds_needed(x, half_width):
+    """The fewest seeds whose 95% t-interval of the mean of x (one number per seed) would be narrower
+    than +-half_width, were the seeds to spread as these do; None with one seed, 0 above 31."""
+    if len(x) < 2:
+        return None
+    s = float(np.std(np.asarray(x, dtype=np.float64), ddof=1))
+    return next((n for n in range(2, 32) if T975[n - 1] * s / np.sqrt(n) < half_width), 0)
 
 
 def bootstrap(rows, column, n=1000, seed=0):

@@ -18,7 +18,7 @@ world, with a protocol that can show what pre-training buys if it buys anything:
 - Figure 2: t-SNE of the states of words, tags and regions.
 
     python reproduce.py                     # every variant, 3 seeds
-    python reproduce.py --quick             # Base, U and U_NT, 1 seed: no interval and no claim verdict, a first look
+    python reproduce.py --quick             # Base and U, 1 seed, 1/16 of each task: no interval, no verdict, a first look
     python reproduce.py --variants U U_NT   # Base, U and U_NT, 3 seeds: U against Base and U_NT, with intervals
 
 It runs pretrain.py and finetune.py by their command lines (each script's main(argv) in a worker
@@ -69,7 +69,7 @@ def variant_flags(v, root):
 
 
 VARIANTS = ["Base", "U", "U_NT", "U_NC", "U_SBU", "S", "S_NT", "H"]
-QUICK = ["Base", "U", "U_NT"]  # --quick: do tags anchor anything (U against U_NT), and against the toy BERT
+QUICK = ["Base", "U"]  # --quick: does pre-training without pairs buy anything over the toy BERT, on 1/16 of each task
 # the table's columns: (header, task, split, metric), as the paper's Tables 1-3 (docs/METHOD.md §10)
 COLUMNS = [("VQA", "vqa", "val", "accuracy"),
            ("NLVR2 dev", "nlvr2", "dev", "accuracy"), ("NLVR2 test-P", "nlvr2", "test1", "accuracy"),
@@ -89,10 +89,10 @@ PAPER = {  # BERT-base at Conceptual Captions scale, same columns; the project h
     "H": [71.05, 73.80, 74.82, 60.28, 86.30, 92.06, 74.01, 80.18, 64.89],
 }
 # the budgets: the toy BERT's steps, every variant's pre-training steps, and each task's fine-tuning
-# epochs on its whole training set, each the smallest of a grid at which Base is 5 points above the task's
-# trivial baseline (NLVR2: none is, so the grid's largest), chosen on Base alone before any variant was
-# fine-tuned (docs/METHOD.md section 13); a fraction F of the set gets epochs / F, the same number of steps
-BUDGET = {"bert": 2400, "pretrain": 4000, "vqa": 1.6, "nlvr2": 5.0, "retrieval": 1.0, "refcoco": 20.0}
+# epochs on its whole training set, each the smallest of a grid at which Base is 10 points above the task's
+# trivial baseline, chosen on Base alone before any variant was fine-tuned (docs/METHOD.md sections 13 and 14);
+# a fraction F of the set gets epochs / F, the same number of steps
+BUDGET = {"bert": 2400, "pretrain": 4000, "vqa": 1.6, "nlvr2": 5.0, "retrieval": 1.0, "refcoco": 2.0}
 FRACTIONS = ["1/16", "1"]
 TEST_IMAGES = 50  # retrieval ranks each caption among the first 50 toy test images (of 100), for time
 # a pre-training run has converged when every held-out loss fell over the last quarter of the steps by
@@ -104,13 +104,13 @@ CONVERGED = {"last_quarter": 0.05, "noise": 0.01, "match_acc": 0.70}
 parser = guards.ArgumentParser(
     description="The paper's Tables 1-3 and Figure 2 in miniature, on the toy world.")
 parser.add_argument("--quick", action="store_true",
-                    help="one seed and the variants " + ", ".join(QUICK) + ", for a first look")
+                    help="one seed, the variants " + ", ".join(QUICK) + " and 1/16 of each training set, for a first look")
 parser.add_argument("--seeds", type=guards.POSITIVE_INT, default=None,
                     help="how many fine-tuning seeds (default 3, or 1 with --quick)")
 parser.add_argument("--variants", nargs="+", choices=VARIANTS,
                     help="which rows (default: all, or those of --quick; Base always)")
-parser.add_argument("--fractions", nargs="+", default=FRACTIONS,
-                    help="fractions of each task's training set, e.g. 1/16 1/4 1")
+parser.add_argument("--fractions", nargs="+",
+                    help="fractions of each task's training set, e.g. 1/16 1/4 1 (default 1/16 1, or 1/16 with --quick)")
 parser.add_argument("--out", default="out/reproduce",
                     help="output folder: one folder per run, table.md, table.json, curves.png, figure2.png")
 parser.add_argument("--jobs", type=guards.POSITIVE_INT,
@@ -162,7 +162,7 @@ def plan(args, budget, seeds):
             flags = [*variant_flags(v, root), "--init-from", f"{O}/pretrain/Base/ckpt.pt", "--keep-checkpoints"]
             pre[v] = pretraining(f"{v} pre-training", v, flags, budget["pretrain"], [pre["Base"]])
     runs = list(pre.values())
-    for seed, fraction, v, task in itertools.product(seeds, args.fractions, args.variants, TASKS):
+    for seed, fraction, v, task in itertools.product(seeds, fractions(args), args.variants, TASKS):
         out = finetuned(O, v, task, fraction, seed)
         argv = ["finetune.py", "--task", task, "--init-from", f"{pre[v].out}/ckpt.pt",
                 "--train-fraction", repr(float(Fraction(fraction))),
@@ -376,16 +376,20 @@ def markdown(table, fractions, out=None, rare=None):
     return "\n".join(lines) + "\n"
 
 
-def verdict(lo, hi, close=None):
-    """"shown", "contradicted" or "undecided" from a 95% interval of a difference: above zero (or,
-    for a claim of closeness, inside +-close), below zero (or outside), or neither."""
+def verdict(lo, hi, paper, close=None):
+    """A claim's verdict (docs/METHOD.md section 14) from the 95% interval [lo, hi] of the toy's difference
+    and the paper's difference: for a claim that one beats the other, "shown" (above zero, not at the
+    paper's size), "consistent with the paper's size, not with zero", "contradicted" (below the paper's
+    size and not above zero) or "too wide to say" (both zero and the paper's size inside); for a claim of
+    closeness, "shown" (inside +-close), "contradicted" (outside) or "too wide to say"."""
     if np.isnan(lo):
         return "undecided (one seed: no interval)"
-    if close is None:
-        return "shown" if lo > 0 else "contradicted" if hi < 0 else "undecided"
-    if -close <= lo and hi <= close:
-        return "shown"
-    return "contradicted" if lo > close or hi < -close else "undecided"
+    if close is not None:
+        inside, outside = -close <= lo and hi <= close, lo > close or hi < -close
+        return "shown" if inside else "contradicted" if outside else "too wide to say"
+    if lo > 0:
+        return "consistent with the paper's size, not with zero" if lo <= paper <= hi else "shown"
+    return "contradicted" if hi < paper else "too wide to say"
 
 
 CLOSE = 2.0  # points: "close" means the 95% interval of the difference lies within +-2 points
@@ -403,14 +407,16 @@ def claims(table, fractions):
         def check(claim, diff, close=None, note=""):
             """diff(t): the difference per seed from t's (seeds, columns) arrays; the paper's from its
             one row per variant, where it has them all (it has no U_SBU row)."""
-            m, lo, hi = analysis.seed_interval(diff(t))
+            per_seed = diff(t)
+            m, lo, hi = analysis.seed_interval(per_seed)
             try:
                 paper = round(float(diff({v: np.array([row]) for v, row in PAPER.items() if row})[0]), 2)
             except KeyError:  # a variant the paper has no row for
                 paper = None
-            out.append({"claim": claim, "fraction": f, "verdict": verdict(lo, hi, close),
+            need = analysis.seeds_needed(per_seed, close / 2 if close else abs(paper) / 2)
+            out.append({"claim": claim, "fraction": f, "verdict": verdict(lo, hi, paper, close),
                         "difference": round(m, 2), "interval": [round(lo, 2), round(hi, 2)], "paper": paper,
-                        "figures": note})
+                        "seeds": len(per_seed), "seeds_needed": need, "figures": note})
 
         if {"U", "Base"} <= set(t):
             d = t["U"] - t["Base"]
@@ -433,6 +439,8 @@ def claims(table, fractions):
         if {"U", "U_SBU"} <= set(t):
             check("U_SBU (captions of another corpus) stays close to U", lambda t: (t["U_SBU"] - t["U"]).mean(1),
                   CLOSE)
+        if {"H", "S"} <= set(t):
+            check("H comes close to S", lambda t: (t["H"] - t["S"]).mean(1), CLOSE)
     return out
 
 
@@ -821,6 +829,11 @@ def chosen(args):
     return [v for v in VARIANTS if v == "Base" or v in (args.variants or (QUICK if args.quick else VARIANTS))]
 
 
+def fractions(args):
+    """--fractions, or 1/16 with --quick, or FRACTIONS."""
+    return args.fractions or (["1/16"] if args.quick else FRACTIONS)
+
+
 def finite(x):
     """JSON has no NaN: an interval that one seed cannot give is null."""
     if isinstance(x, dict):
@@ -893,10 +906,13 @@ def claims_markdown(verdicts):
         return (f"- {c['claim']}, fraction {c['fraction']}: {c['verdict']} ({c['difference']:+.1f}"
                 + ("" if np.isnan(lo) else f" [{lo:.1f}, {hi:.1f}]") + ")"
                 + ("" if c["paper"] is None else f"; the paper {c['paper']:+.1f}")
+                + f"; {c['seeds']} seeds" + ("" if not c["seeds_needed"] else f", {c['seeds_needed']} would decide it"
+                                                if c["verdict"] == "too wide to say" else "")
                 + (f"; {c['figures']}" if c["figures"] else ""))
 
     return "\nThe paper's claims, on 95% intervals over seeds of differences averaged over the columns " \
-           f"(close: the interval within +-{CLOSE:g} points):\n\n" + "\n".join(map(line, verdicts)) + "\n"
+           f"(close: the interval within +-{CLOSE:g} points), beside the paper's difference " \
+           "(docs/METHOD.md section 14):\n\n" + "\n".join(map(line, verdicts)) + "\n"
 
 
 def detector_markdown(d):
@@ -922,6 +938,7 @@ def table_json(table, fractions, seeds, budget, reports):
 def main(argv=None):
     args = parser.parse_args(argv)
     budget = read_budget(args)
+    args.fractions = fractions(args)
     check_fractions(args.fractions)
     args.variants = chosen(args)
     args.jobs = args.jobs or default_jobs()

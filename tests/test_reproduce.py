@@ -61,11 +61,18 @@ def test_table_intervals_and_claims_from_results_files(tmp_path):
     assert verdicts["U beats U_NT (tags help without aligned data)", "1"]["paper"] == 2.16
     assert verdicts["U beats U_NT (tags help without aligned data)", "1"]["verdict"] == "shown"
     assert verdicts["U_SBU (captions of another corpus) stays close to U", "1"]["paper"] is None
-    assert verdicts["U comes close to S outside retrieval", "1/4"]["verdict"] == "undecided"  # seed 2 differs by 1, interval wider than 2
-    assert verdicts["S beats U on retrieval", "1/4"]["verdict"] == "undecided"
+    # S - U is 0, -1, +1 by seed: the interval +-4.303 / sqrt(3) = +-2.48, wider than +-2; 7 seeds would
+    # narrow it below +-1 (t(6) / sqrt(7) = 2.447 / 2.646 = 0.92; with 6, 2.571 / 2.449 = 1.05)
+    close = verdicts["U comes close to S outside retrieval", "1/4"]
+    assert close["verdict"] == "too wide to say" and close["seeds"] == 3 and close["seeds_needed"] == 7
+    # on retrieval the interval [-2.48, 2.48] holds zero but not the paper's +3.76
+    assert verdicts["S beats U on retrieval", "1/4"]["verdict"] == "contradicted"
     assert verdicts["tags matter more without aligned data: (U - U_NT) - (S - S_NT) > 0", "1"]["verdict"] == "shown"
     assert verdicts["U_NC (no captions) stays close to U", "1/4"]["verdict"] == "contradicted"  # 10 points apart in every seed
     assert verdicts["U_SBU (captions of another corpus) stays close to U", "1"]["verdict"] == "shown"  # -0.5 to +0.5 points by seed
+    assert reproduce.verdict(0.5, 6.0, 4.68) == "consistent with the paper's size, not with zero"
+    assert reproduce.verdict(-0.5, 6.0, 4.68) == "too wide to say"
+    assert reproduce.verdict(-3.0, -1.0, 4.68) == "contradicted"
     one = reproduce.collect(str(tmp_path), ["U", "Base"], ["1"], [0])
     assert reproduce.claims(one, ["1"])[0]["verdict"].startswith("undecided (one seed")
 

@@ -1,4 +1,4 @@
-"""The toy world v2 (docs/METHOD.md section 12): the detector's tags are its own read-out of the stored
+"""The toy world (v2: docs/METHOD.md section 12; v3's tasks: section 14): the detector's tags are its own read-out of the stored
 features, the world is the same in every process, its statistics, and toy.py's command-line errors."""
 
 import os
@@ -118,3 +118,51 @@ def test_task_train_images_are_the_training_examples_tasks_py_loads(world):
     assert ours["nlvr2"] == [list(x["images"]) for x in nlvr2]
     assert ours["flickr30k"] == [[x["image"]] for x in flickr["train"]]
     assert ours["refcoco"] == [[x["image"]] for x in ref["train"]]
+
+
+def test_a_world_of_an_earlier_version_is_built_again_with_the_same_pretraining_data(tmp_path):
+    """v3 changes the tasks only (docs/METHOD.md section 14): a v2 world (its `done` file empty) is built
+    again, and its pre-training files come out byte for byte the same."""
+    root = toy.make_toy_world(str(tmp_path / "w"), seed=3, scale=0.01, log=lambda *a: None)
+    read = lambda *p: open(os.path.join(root, *p), "rb").read()
+    before = read("pretrain", "pairs.jsonl"), read("pretrain", "text.txt")
+    nlvr2 = read("tasks", "nlvr2", "train.json")
+    open(os.path.join(root, "tasks", "nlvr2", "train.json"), "w").write("v2's sentences\n")
+    open(os.path.join(root, "done"), "w").close()  # as v2 left it
+    said = []
+    toy.make_toy_world(root, seed=3, scale=0.01, log=said.append)
+    assert read("done").decode().strip() == str(toy.VERSION) and "earlier version" in said[0]
+    assert (read("pretrain", "pairs.jsonl"), read("pretrain", "text.txt")) == before
+    assert read("tasks", "nlvr2", "train.json") == nlvr2
+
+
+def test_every_which_question_has_one_right_class_and_nlvr2_sentences_are_lookups(world):
+    """VQA's "which N is in the scene?" names a group of which exactly one class is in the scene, and
+    that class is the answer; NLVR2's sentences are its two lookup templates, their labels what the
+    scenes show."""
+    import json
+    scenes = json.load(open(os.path.join(world, "scenes.json")))
+    nouns = {toy.GROUP_NOUN.get(g, g): g for g in toy.GROUPS}
+    t = os.path.join(world, "tasks")
+    questions = json.load(open(os.path.join(t, "vqa", "v2_OpenEnded_mscoco_train2014_questions.json")))["questions"]
+    answers = {a["question_id"]: a for a in json.load(open(os.path.join(t, "vqa", "v2_mscoco_train2014_annotations.json")))["annotations"]}
+    which = [q for q in questions if q["question"].startswith("which ")]
+    assert which and not [q for q in questions if q["question"].startswith("what is ")]
+    for q in which:
+        group = nouns[q["question"][len("which "):-len(" is in the scene?")]]
+        present = {o["class"] for o in toy.things(scenes[str(q["image_id"])]) if toy.GROUP_OF[o["class"]] == group}
+        assert present == {answers[q["question_id"]]["multiple_choice_answer"]}
+    forms = set()
+    for line in open(os.path.join(t, "nlvr2", "train.json")):
+        x = json.loads(line)
+        left, right = (scenes[x["identifier"].rsplit("-", 1)[0] + f"-img{k}"] for k in (0, 1))
+        has = lambda s, c: any(o["class"] == c for o in toy.things(s))
+        if x["sentence"].startswith("there is a "):
+            truth = has(left, x["sentence"][len("there is a "):-len(" in the left image .")])
+        else:
+            assert x["sentence"].startswith("both images contain a ")
+            c = x["sentence"][len("both images contain a "):-len(" .")]
+            truth = has(left, c) and has(right, c)
+        forms.add(x["sentence"].split()[0])
+        assert str(truth) == x["label"]
+    assert forms == {"there", "both"}

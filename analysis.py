@@ -31,7 +31,7 @@ def plurals(name):
     """A class name's plural forms by English's rules: "bus" -> "buses", "knife" -> "knives", "man" -> "men",
     and the irregular ones ("mouse" -> "mice")."""
     forms = {name + "s", name + "es"}
-    last = name.split()[-1] if name.split() else ""
+    last = (name.split() or [""])[-1]
     if last in IRREGULAR:
         forms.add(name[: -len(last)] + IRREGULAR[last])
     if name.endswith("y"):

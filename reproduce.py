@@ -901,13 +901,18 @@ def learns_markdown(learns, fraction):
 
 
 def claims_markdown(verdicts):
+    def needed(c):  # what more seeds would do for a claim they could decide
+        n = c["seeds_needed"]
+        if c["verdict"] != "too wide to say" or n is None:
+            return ""
+        return f", {n} would decide it" if n else ", more than 31 would be needed"
+
     def line(c):
         lo, hi = c["interval"]
         return (f"- {c['claim']}, fraction {c['fraction']}: {c['verdict']} ({c['difference']:+.1f}"
                 + ("" if np.isnan(lo) else f" [{lo:.1f}, {hi:.1f}]") + ")"
                 + ("" if c["paper"] is None else f"; the paper {c['paper']:+.1f}")
-                + f"; {c['seeds']} seeds" + ("" if not c["seeds_needed"] else f", {c['seeds_needed']} would decide it"
-                                                if c["verdict"] == "too wide to say" else "")
+                + f"; {c['seeds']} seeds" + needed(c)
                 + (f"; {c['figures']}" if c["figures"] else ""))
 
     return "\nThe paper's claims, on 95% intervals over seeds of differences averaged over the columns " \

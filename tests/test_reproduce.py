@@ -65,6 +65,8 @@ def test_table_intervals_and_claims_from_results_files(tmp_path):
     # narrow it below +-1 (t(6) / sqrt(7) = 2.447 / 2.646 = 0.92; with 6, 2.571 / 2.449 = 1.05)
     close = verdicts["U comes close to S outside retrieval", "1/4"]
     assert close["verdict"] == "too wide to say" and close["seeds"] == 3 and close["seeds_needed"] == 7
+    assert "too wide to say (+0.0 [-2.5, 2.5]); the paper +1.1; 3 seeds, 7 would decide it" in \
+        reproduce.claims_markdown([close])
     # on retrieval the interval [-2.48, 2.48] holds zero but not the paper's +3.76
     assert verdicts["S beats U on retrieval", "1/4"]["verdict"] == "contradicted"
     assert verdicts["tags matter more without aligned data: (U - U_NT) - (S - S_NT) > 0", "1"]["verdict"] == "shown"

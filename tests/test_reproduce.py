@@ -287,10 +287,11 @@ def test_a_whole_reproduction_on_a_tiny_world(tmp_path):
     assert [p["step"] for p in t["probe"]["U"]["along"]] == [1, 2, 3, 4]
     assert sorted(os.listdir(tmp_path / "out" / "pretrain" / "U")).count("ckpt-2.pt") == 1
     assert [c["step"] for c in t["pretraining"]["U"]["curve"]] == [1, 2, 3, 4]
-    # rare and common items, beside the trivial baselines; Base against them at the largest fraction
+    # rare and common items, beside the trivial baselines; Base against them at each fraction
     by_class = t["by_class"]["U"]["1"]
     assert len(by_class["rare"][0]) == len(reproduce.RARE_COLUMNS) == len(by_class["items"]["common"]) == 4
-    assert set(t["base_against_baseline"]) == {"fraction", *reproduce.TASKS} and t["base_against_baseline"]["fraction"] == "1"
+    assert set(t["base_against_baseline"]) == {"1/2", "1"}
+    assert all(set(by_task) == set(reproduce.TASKS) for by_task in t["base_against_baseline"].values())
     md = (tmp_path / "out" / "table.md").read_text()
     assert md.count("| trivial baseline |") == 4 and "Rare and common items" in md and "Base minus the trivial" in md
     assert (tmp_path / "out" / "curves.png").exists() and (tmp_path / "out" / "table.md").exists()

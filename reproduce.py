@@ -906,6 +906,8 @@ def claims_markdown(verdicts):
         n = c["seeds_needed"]
         if c["verdict"] != "too wide to say" or n is None:
             return ""
+        if 0 < n <= c["seeds"]:  # narrow enough already: it lies across a bound of +-CLOSE
+            return f", narrow, across the +-{CLOSE:g} bound"
         return f", {n} would decide it" if n else ", more than 31 would be needed"
 
     def line(c):

@@ -67,6 +67,9 @@ def test_table_intervals_and_claims_from_results_files(tmp_path):
     assert close["verdict"] == "too wide to say" and close["seeds"] == 3 and close["seeds_needed"] == 7
     assert "too wide to say (+0.0 [-2.5, 2.5]); the paper +1.1; 3 seeds, 7 would decide it" in \
         reproduce.claims_markdown([close])
+    across = {**close, "difference": 2.2, "interval": [1.6, 2.8], "seeds_needed": 3}  # as step 1 of v3 gave
+    assert "too wide to say (+2.2 [1.6, 2.8]); the paper +1.1; 3 seeds, narrow, across the +-2 bound" in \
+        reproduce.claims_markdown([across])
     # on retrieval the interval [-2.48, 2.48] holds zero but not the paper's +3.76
     assert verdicts["S beats U on retrieval", "1/4"]["verdict"] == "contradicted"
     assert verdicts["tags matter more without aligned data: (U - U_NT) - (S - S_NT) > 0", "1"]["verdict"] == "shown"

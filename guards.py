@@ -106,11 +106,13 @@ def check_path(path, kind, flag):
             raise SystemExit(f"{where}: {up} is a file, where a folder is wanted")
         if not os.access(up, os.W_OK):
             raise SystemExit(f"{where}: {up} is not writable")
-        if up != os.path.abspath(path):  # the first folder to make, made and removed now: one that cannot be is said
-            first = os.path.join(up, os.path.relpath(os.path.abspath(path), up).split(os.sep)[0])  # before any work
+        if up != os.path.abspath(path):  # a folder beside the first to make, made and removed now: one that
+            # cannot be is said before any work; named for this process, so that another one (torchrun's) checking
+            # the same --out never sees it come and go
+            first = os.path.join(up, os.path.relpath(os.path.abspath(path), up).split(os.sep)[0])
             try:
-                os.mkdir(first)
-                os.rmdir(first)
+                os.mkdir(f"{first}.probe-{os.getpid()}")
+                os.rmdir(f"{first}.probe-{os.getpid()}")
             except OSError as e:
                 raise SystemExit(f"{where}: cannot be made ({e.strerror or e})") from None
         return

@@ -3,6 +3,7 @@ known structure, and Figure 2's picture."""
 
 import io
 import json
+import math
 import os
 import sys
 
@@ -320,3 +321,17 @@ def test_jobs_follow_the_cores_and_the_free_memory(monkeypatch):
         monkeypatch.setattr(reproduce, "open", lambda *a, **k: io.StringIO(f"MemTotal: 1 kB\nMemAvailable: {free_kb} kB\n"),
                             raising=False)
         assert reproduce.default_jobs() == jobs
+
+
+def test_schedule_waits_for_the_pretraining_each_run_needs():
+    """By hand: the toy BERT (10 s), then pre-training A (6 s) and B (2 s) from it, then a
+    fine-tuning from each (4 s). One worker: 10 + 6 + 2 + 4 + 4 = 26. Two: A and B side by side; B's
+    fine-tuning starts at 12 and ends at 16, A's starts at 16 and ends at 20. Three: no faster, since
+    A's fine-tuning cannot start before A ends at 16."""
+    Run = reproduce.Run
+    bert = Run("bert", [], "", "")
+    a, b = Run("A", [], "", "", [bert]), Run("B", [], "", "", [bert])
+    runs = [bert, a, b, Run("ft A", [], "", "", [a]), Run("ft B", [], "", "", [b])]
+    seconds = [10, 6, 2, 4, 4]
+    assert [reproduce.schedule(runs, seconds, n) for n in (1, 2, 3)] == [26, 20, 20]
+    assert math.isnan(reproduce.schedule(runs, [10, 6, float("nan"), 4, 4], 2))

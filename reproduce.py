@@ -24,10 +24,13 @@ world, with a protocol that can show what pre-training buys if it buys anything:
 It runs pretrain.py and finetune.py by their command lines (each script's main(argv) in a worker
 process), one per core as memory allows (--jobs), each in its own folder under OUT; a run whose results
 are already there is not run again, so an interrupted reproduction goes on where it stopped and --quick
-followed by the full command only adds variants and seeds. It writes OUT/table.md, OUT/table.json,
+followed by the full command only adds variants and seeds. OUT can go to another machine between
+commands; copied without its checkpoints (*.pt), the pre-trainings are run again, and must give the
+weights their fine-tuning runs started from (weights.json). It writes OUT/table.md, OUT/table.json,
 OUT/curves.png and, with S, U or U_NT among the rows, OUT/figure2.png.
 """
 
+import hashlib
 import itertools
 import json
 import math
@@ -129,11 +132,12 @@ parser.add_argument("--model", default="tiny", choices=sorted(PRESETS),
 
 
 class Run:
-    def __init__(self, name, argv, out, done_file, after=()):
-        self.name, self.argv, self.out, self.done_file, self.after = name, argv, out, done_file, list(after)
+    def __init__(self, name, argv, out, done_files, after=()):
+        self.name, self.argv, self.out, self.after = name, argv, out, list(after)
+        self.done_files = [done_files] if isinstance(done_files, str) else list(done_files)
 
     def done(self):
-        return os.path.exists(os.path.join(self.out, self.done_file))
+        return all(os.path.exists(os.path.join(self.out, f)) for f in self.done_files)
 
 
 def label(fraction):
@@ -154,7 +158,9 @@ def plan(args, budget, seeds):
         argv = ["pretrain.py", *flags, "--max-steps", str(steps), "--eval-every", str(max(1, steps // 4)),
                 "--toy-root", root, "--out", f"{O}/pretrain/{v}", "--cache-dir", os.path.join(O, "cache"),
                 "--device", args.device]
-        return Run(name, argv, f"{O}/pretrain/{v}", "eval.json", after)
+        # done with its checkpoint: one copied without it (the small files alone) is run again, for its
+        # fine-tuning runs still to go and for the probe
+        return Run(name, argv, f"{O}/pretrain/{v}", ["eval.json", "ckpt.pt"], after)
 
     pre = {"Base": pretraining("Base (the toy BERT)", "Base", ["--text-only", "--model", args.model], budget["bert"])}
     for v in args.variants:
@@ -213,6 +219,26 @@ def again(out):
     return ["--overwrite"] if any(os.path.exists(os.path.join(out, f)) for f in guards.RUN_FILES) else []
 
 
+def same_weights(run):
+    """A pre-training's weights against the fingerprint kept beside them (weights.json, written the first
+    time): the fine-tuning runs from it started from those weights. A pre-training run again, in a folder
+    copied without its checkpoints, must give the same ones (it does on the same kind of CPU), or the
+    runs done from the first would be mixed with runs from the second: that stops the reproduction."""
+    state = load_checkpoint(os.path.join(run.out, "ckpt.pt"))["model"]
+    h = hashlib.sha256()
+    for name, t in state.items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+    path = os.path.join(run.out, "weights.json")
+    if not os.path.exists(path):
+        storage.write_json(path, {"sha256": h.hexdigest()})
+    elif storage.read_json(path)["sha256"] != h.hexdigest():
+        variant = os.path.basename(run.out)
+        raise SystemExit(f"{run.out}/ckpt.pt: the pre-training, run again, gave other weights than the ones its "
+                         f"fine-tuning runs started from ({path}); remove its fine-tuning folders (finetune/{variant} "
+                         f"in the output folder) and {path} to fine-tune from the new weights")
+
+
 RUN_MEMORY = 1.5 * 2**30  # bytes: a run's peak is 0.96 to 1.07 GB on the toy world (docs/LOG.md 14), with room
 
 
@@ -267,6 +293,8 @@ def execute(runs, jobs, ctrl_c, threads=1):
                     with open(os.path.join(run.out, "stdout.txt")) as f:
                         tail = "".join(f.readlines()[-5:])
                     raise SystemExit(f"{run.name} failed (exit {rc}): python {' '.join(run.argv)}\n{tail}")
+                if run.argv[0] == "pretrain.py":  # before any fine-tuning starts from it
+                    same_weights(run)
                 times = {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1)}
                 storage.write_json(os.path.join(run.out, "time.json"), times)
                 finished += 1
@@ -987,6 +1015,9 @@ def reproduce(args, budget, seeds, ctrl_c):
     print(f"variants {', '.join(args.variants)}; fractions {', '.join(args.fractions)}; seeds {seeds}; budget "
           + ", ".join(f"{k} {v}" for k, v in budget.items()))
     runs = plan(args, budget, seeds)
+    for run in runs:  # a folder of an older reproduction: fingerprint its pre-trainings' weights
+        if run.argv[0] == "pretrain.py" and run.done():
+            same_weights(run)
     execute(runs[:1], 1, ctrl_c, os.cpu_count() or 1)  # the toy BERT, alone with every core: all else starts from it
     execute(runs[1:], args.jobs, ctrl_c)
     if ctrl_c.asked:

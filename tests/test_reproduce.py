@@ -5,6 +5,7 @@ import io
 import json
 import math
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -302,6 +303,19 @@ def test_a_whole_reproduction_on_a_tiny_world(tmp_path):
     before = (tmp_path / "out" / "table.md").read_text()
     reproduce.main(argv)
     assert (tmp_path / "out" / "table.md").read_text() == before
+    # the folder copied to another machine without its checkpoints, one fine-tuning run short: the
+    # pre-trainings run again, to the same weights, the run goes again, and the table is the same
+    shutil.copytree(tmp_path / "out", tmp_path / "copy", ignore=shutil.ignore_patterns("*.pt", "*.npz", ".lock"))
+    os.remove(tmp_path / "copy" / "finetune" / "U" / "vqa" / "f1" / "seed1" / "results.json")
+    copy = [*argv[:3], str(tmp_path / "copy"), *argv[4:]]
+    reproduce.main(copy)
+    assert (tmp_path / "copy" / "table.md").read_text() == before
+    assert (tmp_path / "copy" / "pretrain" / "U" / "ckpt.pt").exists()
+    # a pre-training that gives other weights than its fine-tuning runs started from stops the reproduction
+    (tmp_path / "copy" / "pretrain" / "U" / "weights.json").write_text(json.dumps({"sha256": "0" * 64}))
+    os.remove(tmp_path / "copy" / "pretrain" / "U" / "ckpt.pt")
+    with pytest.raises(SystemExit, match="U/weights.json.*finetune/U"):
+        reproduce.main(copy)
 
 
 def test_a_checkpoint_whose_weights_do_not_fit_is_one_line_naming_it(tmp_path):

@@ -18,7 +18,7 @@ world, with a protocol that can show what pre-training buys if it buys anything:
 - Figure 2: t-SNE of the states of words, tags and regions.
 
     python reproduce.py                     # every variant, 3 seeds
-    python reproduce.py --quick             # Base and U, 1 seed, 1/16 of each task: no interval, no verdict, a first look
+    python reproduce.py --quick             # Base and U, 1 seed, 1/16 of VQA, retrieval, RefCOCO+: a first look
     python reproduce.py --variants U U_NT   # Base, U and U_NT, 3 seeds: U against Base and U_NT, with intervals
 
 It runs pretrain.py and finetune.py by their command lines (each script's main(argv) in a worker
@@ -81,6 +81,8 @@ COLUMNS = [("VQA", "vqa", "val", "accuracy"),
            ("RefCOCO+ val", "refcoco", "val", "accuracy"), ("testA", "refcoco", "testA", "accuracy"),
            ("testB", "refcoco", "testB", "accuracy")]
 TASKS = list(dict.fromkeys(c[1] for c in COLUMNS))
+# --quick leaves NLVR2 out: 3/5 of the fine-tuning time, and on 1/16 Base hardly leaves its baseline (docs/LOG.md 19)
+QUICK_TASKS = ["vqa", "retrieval", "refcoco"]
 PAPER = {  # BERT-base at Conceptual Captions scale, same columns; the project has no U_SBU figures of the paper
     "Base": [69.26, 68.40, 68.65, 42.86, 73.62, 83.28, 70.66, 77.06, 61.43],
     "U": [70.74, 71.74, 71.02, 55.37, 82.93, 89.84, 72.42, 79.11, 64.19],
@@ -103,22 +105,29 @@ TEST_IMAGES = 50  # retrieval ranks each caption among the first 50 toy test ima
 # the match loss gets at least 70% of held-out pairs right (chance: 50%). A plateau passes this test
 # (docs/LOG.md, section 8)
 CONVERGED = {"last_quarter": 0.05, "noise": 0.01, "match_acc": 0.70}
+# the toy BERT runs alone, on this many threads on any machine: the number of threads changes the order of
+# torch's sums and so the weights, and a folder carried to another machine must get the same ones again
+# (weights.json); every other run has one thread
+BERT_THREADS = 2
 
 parser = guards.ArgumentParser(
     description="The paper's Tables 1-3 and Figure 2 in miniature, on the toy world.")
 parser.add_argument("--quick", action="store_true",
-                    help="one seed, the variants " + ", ".join(QUICK) + " and 1/16 of each training set, for a first look")
+                    help="one seed, the variants " + ", ".join(QUICK) + ", the tasks " + ", ".join(QUICK_TASKS)
+                    + " and 1/16 of each training set, for a first look")
 parser.add_argument("--seeds", type=guards.POSITIVE_INT, default=None,
                     help="how many fine-tuning seeds (default 3, or 1 with --quick)")
 parser.add_argument("--variants", nargs="+", choices=VARIANTS,
                     help="which rows (default: all, or those of --quick; Base always)")
+parser.add_argument("--tasks", nargs="+", choices=TASKS,
+                    help="which tasks (default: all, or those of --quick)")
 parser.add_argument("--fractions", nargs="+",
                     help="fractions of each task's training set, e.g. 1/16 1/4 1 (default 1/16 1, or 1/16 with --quick)")
 parser.add_argument("--out", default="out/reproduce",
                     help="output folder: one folder per run, table.md, table.json, curves.png, figure2.png")
 parser.add_argument("--jobs", type=guards.POSITIVE_INT,
                     help="runs side by side, one thread each (default: one per core, as many as the free memory "
-                         "holds at 1.5 GB a run; the toy BERT runs first, alone, on every core)")
+                         "holds at 1.5 GB a run; the toy BERT runs first, alone, on " + str(BERT_THREADS) + " threads)")
 parser.add_argument("--toy-root", default=toy.TOY_DIR, help="where the toy world is made and cached")
 parser.add_argument("--budget", nargs="+", default=[], metavar="KEY=N",
                     help="change a budget: " + ", ".join(f"{k}={v}" for k, v in BUDGET.items())
@@ -126,6 +135,11 @@ parser.add_argument("--budget", nargs="+", default=[], metavar="KEY=N",
 parser.add_argument("--device", default="cpu", help="where every run trains (cpu, cuda)")
 parser.add_argument("--model", default="tiny", choices=sorted(PRESETS),
                     help="size preset of the toy BERT, and so of every variant (small: for a GPU)")
+
+
+def columns(tasks):
+    """The table's columns of these tasks."""
+    return [c for c in COLUMNS if c[1] in tasks]
 
 # -----------------------------------------------------------------------------
 # the runs: a list of command lines with their dependencies, run side by side
@@ -168,7 +182,7 @@ def plan(args, budget, seeds):
             flags = [*variant_flags(v, root), "--init-from", f"{O}/pretrain/Base/ckpt.pt", "--keep-checkpoints"]
             pre[v] = pretraining(f"{v} pre-training", v, flags, budget["pretrain"], [pre["Base"]])
     runs = list(pre.values())
-    for seed, fraction, v, task in itertools.product(seeds, fractions(args), args.variants, TASKS):
+    for seed, fraction, v, task in itertools.product(seeds, fractions(args), args.variants, chosen_tasks(args)):
         out = finetuned(O, v, task, fraction, seed)
         argv = ["finetune.py", "--task", task, "--init-from", f"{pre[v].out}/ckpt.pt",
                 "--train-fraction", repr(float(Fraction(fraction))),
@@ -304,12 +318,12 @@ def execute(runs, jobs, ctrl_c, threads=1):
 # -----------------------------------------------------------------------------
 # the table, its intervals (analysis.py) and the paper's claims
 
-def collect(out, variants, fractions, seeds):
+def collect(out, variants, fractions, seeds, tasks=TASKS):
     """{variant: {fraction: (seeds, columns) array of percentages}} from every run's results.json."""
 
     def seed_row(v, fraction, seed):
-        res = {task: storage.read_json(f"{finetuned(out, v, task, fraction, seed)}/results.json") for task in TASKS}
-        return [100 * res[task][split][metric] for _, task, split, metric in COLUMNS]
+        res = {task: storage.read_json(f"{finetuned(out, v, task, fraction, seed)}/results.json") for task in tasks}
+        return [100 * res[task][split][metric] for _, task, split, metric in columns(tasks)]
 
     return {v: {f: np.array([seed_row(v, f, seed) for seed in seeds]) for f in fractions} for v in variants}
 
@@ -318,16 +332,20 @@ def collect(out, variants, fractions, seeds):
 RARE_COLUMNS = [c for k, c in enumerate(COLUMNS) if k == 0 or c[1] != COLUMNS[k - 1][1]]
 
 
-def collect_by_class(out, variants, fractions, seeds):
-    """{variant: {fraction: {"rare" | "common": (seeds, RARE_COLUMNS) array of percentages}}} from every
+def rare_columns(tasks):
+    return [c for c in RARE_COLUMNS if c[1] in tasks]
+
+
+def collect_by_class(out, variants, fractions, seeds, tasks=TASKS):
+    """{variant: {fraction: {"rare" | "common": (seeds, rare columns) array of percentages}}} from every
     run's results.json, with "items": the number of rare and common items of each column (seed 0)."""
 
     def by_class(v, fraction, seed):
         res = {task: storage.read_json(f"{finetuned(out, v, task, fraction, seed)}/results.json")["by_class"]
-               for task in TASKS}
+               for task in tasks}
         return {g: [100 * (res[t][split][g][m] if res[t][split][g]["items"] else np.nan) for _, t, split, m in
-                    RARE_COLUMNS] for g in ("rare", "common")}, \
-            {g: [res[t][split][g]["items"] for _, t, split, _ in RARE_COLUMNS] for g in ("rare", "common")}
+                    rare_columns(tasks)] for g in ("rare", "common")}, \
+            {g: [res[t][split][g]["items"] for _, t, split, _ in rare_columns(tasks)] for g in ("rare", "common")}
 
     table = {}
     for v, f in itertools.product(variants, fractions):
@@ -337,32 +355,33 @@ def collect_by_class(out, variants, fractions, seeds):
     return table
 
 
-def baseline_row(out, fraction, split_by=None):
+def baseline_row(out, fraction, split_by=None, tasks=TASKS):
     """The trivial baselines (finetune.py's baseline.json of Base's seed-0 runs; they depend on the
     fraction trained on, not on the model) as a (1, columns) array of percentages; split_by "rare" or
-    "common": over those items, in RARE_COLUMNS."""
-    res = {t: storage.read_json(f"{finetuned(out, 'Base', t, fraction, 0)}/baseline.json") for t in TASKS}
+    "common": over those items, in the rare columns."""
+    res = {t: storage.read_json(f"{finetuned(out, 'Base', t, fraction, 0)}/baseline.json") for t in tasks}
     if split_by is None:
-        return np.array([[100 * res[t][split][m] for _, t, split, m in COLUMNS]])
+        return np.array([[100 * res[t][split][m] for _, t, split, m in columns(tasks)]])
     return np.array([[100 * (res[t]["by_class"][split][split_by][m] if res[t]["by_class"][split][split_by]["items"]
-                             else np.nan) for _, t, split, m in RARE_COLUMNS]])
+                             else np.nan) for _, t, split, m in rare_columns(tasks)]])
 
 
-def by_class_report(rare, fractions):
+def by_class_report(rare, fractions, tasks=TASKS):
     """collect_by_class's table for table.json: each variant's (mean, low, high) per column over its rare
     and common items, and their numbers."""
-    report = {"columns": [c[0] for c in RARE_COLUMNS], "rare_below": analysis.RARE}
+    report = {"columns": [c[0] for c in rare_columns(tasks)], "rare_below": analysis.RARE}
     for v, r in rare.items():
         report[v] = {f: {**{g: [a.round(2).tolist() for a in analysis.interval(r[f][g])] for g in ("rare", "common")},
                          "items": r[f]["items"]} for f in fractions}
     return report
 
 
-def base_learns(table, out, fraction):
+def base_learns(table, out, fraction, tasks=TASKS):
     """Base against each task's trivial baseline at `fraction` (docs/METHOD.md section 13): the mean of
     the task's columns minus the baseline's, per seed -> {task: (mean, low, high)}."""
-    gap = table["Base"][fraction] - baseline_row(out, fraction)  # (seeds, columns)
-    return {t: analysis.seed_interval(gap[:, [k for k, c in enumerate(COLUMNS) if c[1] == t]].mean(1)) for t in TASKS}
+    gap = table["Base"][fraction] - baseline_row(out, fraction, tasks=tasks)  # (seeds, columns)
+    cols = columns(tasks)
+    return {t: analysis.seed_interval(gap[:, [k for k, c in enumerate(cols) if c[1] == t]].mean(1)) for t in tasks}
 
 
 def cells(x):
@@ -377,30 +396,30 @@ def table_lines(header, rows):
             *(f"| {name} | " + " | ".join(row) + " |" for name, row in rows)]
 
 
-def markdown(table, fractions, out=None, rare=None):
+def markdown(table, fractions, out=None, rare=None, tasks=TASKS):
     """One table per fraction as the paper lays it out: mean [95% interval] over seeds, and the trivial
     baselines; then each task's first column over its rare and common items; then the paper's numbers
     (at its full data)."""
     n = len(next(iter(table.values()))[fractions[0]])
-    header = [c[0] for c in COLUMNS]
+    header, rare_cols = [c[0] for c in columns(tasks)], rare_columns(tasks)
     lines = [f"Toy world, mean [95% t-interval] over {n} fine-tuning seed{'s' * (n > 1)}, in %.", ""]
     for fraction in fractions:
         which = "the whole" if Fraction(fraction) == 1 else fraction + " of each"
         lines += [f"Fine-tuned on {which} training set:", "",
                   *table_lines(header, [(v, cells(runs[fraction])) for v, runs in table.items()]
-                               + ([("trivial baseline", cells(baseline_row(out, fraction)))] if out else [])), ""]
+                               + ([("trivial baseline", cells(baseline_row(out, fraction, tasks=tasks)))] if out else [])), ""]
     for fraction in fractions if rare else []:
         items = next(iter(rare.values()))[fraction]["items"]
-        head = [f"{c[0]} {g} ({items[g][k]})" for k, c in enumerate(RARE_COLUMNS) for g in ("rare", "common")]
-        pair = lambda r: [x for k in range(len(RARE_COLUMNS)) for x in (cells(r["rare"])[k], cells(r["common"])[k])]
-        base = {g: baseline_row(out, fraction, g) for g in ("rare", "common")}
+        head = [f"{c[0]} {g} ({items[g][k]})" for k, c in enumerate(rare_cols) for g in ("rare", "common")]
+        pair = lambda r: [x for k in range(len(rare_cols)) for x in (cells(r["rare"])[k], cells(r["common"])[k])]
+        base = {g: baseline_row(out, fraction, g, tasks) for g in ("rare", "common")}
         lines += [f"Rare and common items, fine-tuned on {'the whole' if Fraction(fraction) == 1 else fraction} "
                   f"training set (an item is rare when the rarest class its text names is named by fewer than "
                   f"{analysis.RARE} training examples; items in brackets):", "",
                   *table_lines(head, [(v, pair(r[fraction])) for v, r in rare.items()]
                                + [("trivial baseline", pair(base))]), ""]
     lines += ["The paper (BERT-base, Conceptual Captions scale, full training sets):", "",
-              *table_lines(header, [(v, [f"{x:.1f}" for x in PAPER[v]]) for v in table if PAPER[v]])]
+              *table_lines(header, [(v, [f"{x:.1f}" for x in paper_row(v, tasks)]) for v in table if PAPER[v]])]
     return "\n".join(lines) + "\n"
 
 
@@ -423,11 +442,17 @@ def verdict(lo, hi, paper, close=None):
 CLOSE = 2.0  # points: "close" means the 95% interval of the difference lies within +-2 points
 
 
-def claims(table, fractions):
+def paper_row(variant, tasks):
+    """The paper's figures of a variant in these tasks' columns."""
+    return [x for x, c in zip(PAPER[variant], COLUMNS) if c[1] in tasks]
+
+
+def claims(table, fractions, tasks=TASKS):
     """The paper's four claims (docs/METHOD.md §10), and U_SBU close to U, checked at each
     fraction on 95% intervals over the seeds of differences averaged over columns, seed by seed (a
-    seed fixes the fine-tuning's data order and head, so runs of one seed are paired)."""
-    retrieval = np.array([c[1] == "retrieval" for c in COLUMNS])
+    seed fixes the fine-tuning's data order and head, so runs of one seed are paired), over the
+    columns of `tasks`."""
+    retrieval = np.array([c[1] == "retrieval" for c in columns(tasks)])
     out = []
     for f in fractions:
         t = {v: runs[f] for v, runs in table.items()}
@@ -438,7 +463,7 @@ def claims(table, fractions):
             per_seed = diff(t)
             m, lo, hi = analysis.seed_interval(per_seed)
             try:
-                paper = round(float(diff({v: np.array([row]) for v, row in PAPER.items() if row})[0]), 2)
+                paper = round(float(diff({v: np.array([paper_row(v, tasks)]) for v in PAPER if PAPER[v]})[0]), 2)
             except KeyError:  # a variant the paper has no row for
                 paper = None
             need = analysis.seeds_needed(per_seed, close / 2 if close else abs(paper) / 2)
@@ -451,11 +476,12 @@ def claims(table, fractions):
             _, low, high = analysis.interval(d)
             up, down = int((low > 0).sum()), int((high < 0).sum())
             check("U beats Base", lambda t: (t["U"] - t["Base"]).mean(1),
-                  note=f"U - Base per column: {up} above, {down} below, {len(COLUMNS) - up - down} undecided")
+                  note=f"U - Base per column: {up} above, {down} below, {len(retrieval) - up - down} undecided")
         if {"U", "U_NT"} <= set(t):  # claim 3's first half, the paper's Table 3: what the tags alone add
             check("U beats U_NT (tags help without aligned data)", lambda t: (t["U"] - t["U_NT"]).mean(1))
-        if {"U", "S"} <= set(t):
+        if {"U", "S"} <= set(t) and not retrieval.all():
             check("U comes close to S outside retrieval", lambda t: (t["S"] - t["U"])[:, ~retrieval].mean(1), CLOSE)
+        if {"U", "S"} <= set(t) and retrieval.any():
             check("S beats U on retrieval", lambda t: (t["S"] - t["U"])[:, retrieval].mean(1))
         if {"U", "U_NT", "S", "S_NT"} <= set(t):
             check("tags matter more without aligned data: (U - U_NT) - (S - S_NT) > 0",
@@ -494,7 +520,7 @@ def pretraining_report(out, variants):
     return report
 
 
-def compute_report(out, variants, fractions, seeds):
+def compute_report(out, variants, fractions, seeds, tasks=TASKS):
     """Sequences through the model: each pre-training run (steps x batch) against the largest
     fine-tuning run from it (steps x batch x sequences per example: NLVR2 2, retrieval 3)."""
     per = {"vqa": 1, "nlvr2": 2, "retrieval": 3, "refcoco": 1}
@@ -503,7 +529,7 @@ def compute_report(out, variants, fractions, seeds):
         args = storage.read_json(os.path.join(out, "pretrain", v, "args.json"))["args"]
         pre = args["max_steps"] * args["batch_size"]
         fine = 0
-        for task, f, seed in itertools.product(TASKS, fractions, seeds):
+        for task, f, seed in itertools.product(tasks, fractions, seeds):
             run = finetuned(out, v, task, f, seed)
             with open(f"{run}/log.jsonl") as log:
                 steps = max(json.loads(line).get("step", 0) for line in log)
@@ -767,21 +793,21 @@ LINES = [(0, 0, 0), (230, 25, 75), (0, 130, 200), (60, 180, 75), (145, 30, 180),
          (128, 128, 0)]
 
 
-def curve_points(table, task, fractions):
+def curve_points(table, task, fractions, tasks=TASKS):
     """Per variant, per fraction: the task's columns averaged, seed by seed -> (mean, low, high)."""
-    cols = [k for k, c in enumerate(COLUMNS) if c[1] == task]
+    cols = [k for k, c in enumerate(columns(tasks)) if c[1] == task]
     return {v: [analysis.seed_interval(runs[f][:, cols].mean(1)) for f in fractions] for v, runs in table.items()}
 
 
-def baselines(out, variant, fraction):
+def baselines(out, variant, fraction, tasks=TASKS):
     """Each task's trivial baseline (finetune.py's baseline.json: the commonest answer per question type,
     the majority class, chance, the most confident box), averaged over its table columns, in %."""
-    runs = {t: storage.read_json(f"{finetuned(out, variant, t, fraction, 0)}/baseline.json") for t in TASKS}
+    runs = {t: storage.read_json(f"{finetuned(out, variant, t, fraction, 0)}/baseline.json") for t in tasks}
     return {t: float(np.mean([100 * runs[t][split][m] for _, task, split, m in COLUMNS if task == t]))
-            for t in TASKS}
+            for t in tasks}
 
 
-def draw_curves(table, fractions, path, baseline=None, w=420, h=320):
+def draw_curves(table, fractions, path, baseline=None, tasks=TASKS, w=420, h=320):
     """OUT/curves.png: one panel per task, its metric (the mean of its table columns) against the
     fraction of its training set, one line per variant, 95% interval bars over the seeds, and the
     task's trivial baseline (dashed) where given."""
@@ -792,9 +818,9 @@ def draw_curves(table, fractions, path, baseline=None, w=420, h=320):
     names = {"vqa": "VQA accuracy", "nlvr2": "NLVR2 accuracy (dev, test-P)",
              "retrieval": "retrieval mean of R@1, R@5, R@10", "refcoco": "RefCOCO+ accuracy (val, testA, testB)"}
     xs = np.log2([float(Fraction(f)) for f in fractions])
-    for j, task in enumerate(TASKS):
+    for j, task in enumerate(tasks):
         x0, y0 = (j % 2) * w, (j // 2) * h
-        pts = curve_points(table, task, fractions)
+        pts = curve_points(table, task, fractions, tasks)
         vals = [y for ps in pts.values() for x in ps for y in x if not np.isnan(y)]
         vals = np.clip(vals + ([baseline[task]] if baseline else []), 0, 100)  # percentages
         margin = 0.05 * (np.ptp(vals) + 1)
@@ -871,13 +897,19 @@ def time_report(runs, jobs):
     return {"wall_min": round(sum(x.get("wall_s", 0) for x in t) / 60, 1), "cpu_min": round(sum(cpu) / 60, 1),
             "idle_wall_min": round(schedule(runs, seconds, jobs) / 60, 1),
             "idle_wall_min_by_jobs": {n: round(schedule(runs, seconds, n) / 60, 1) for n in (2, 4, 8, 16, 32)},
-            "finetune_cpu_s_by_task": {task: task_cpu(task) for task in TASKS}}
+            "finetune_cpu_s_by_task": {task: task_cpu(task) for task in TASKS
+                                       if any(r.argv[1:3] == ["--task", task] for r in runs)}}
 
 
 def chosen(args):
     """The rows to run, in VARIANTS' order: --variants, or those of --quick, or all; always Base,
     the toy BERT that every variant starts from."""
     return [v for v in VARIANTS if v == "Base" or v in (args.variants or (QUICK if args.quick else VARIANTS))]
+
+
+def chosen_tasks(args):
+    """--tasks, or those of --quick, or all, in TASKS' order."""
+    return [t for t in TASKS if t in (args.tasks or (QUICK_TASKS if args.quick else TASKS))]
 
 
 def fractions(args):
@@ -982,16 +1014,16 @@ def detector_markdown(d):
             f"examples per class, {100 * d['probe']['all']:.1f}% on all pre-training regions.\n")
 
 
-def table_json(table, fractions, seeds, budget, reports):
+def table_json(table, fractions, seeds, budget, reports, tasks=TASKS):
     """OUT/table.json: the settings, every run's numbers, their means and intervals, the reports."""
     stats = {v: {f: analysis.interval(t[f]) for f in fractions} for v, t in table.items()}
     return finite({
-        "columns": [c[0] for c in COLUMNS], "fractions": fractions, "seeds": seeds, "budget": budget,
+        "columns": [c[0] for c in columns(tasks)], "fractions": fractions, "seeds": seeds, "budget": budget,
         "runs": {v: {f: t[f].round(2).tolist() for f in fractions} for v, t in table.items()},
         "mean": {v: {f: s[0].round(2).tolist() for f, s in st.items()} for v, st in stats.items()},
         "interval": {v: {f: np.stack(s[1:], 1).round(2).tolist() for f, s in st.items()} for v, st in stats.items()},
         "interval_method": "95% Student t-interval over the fine-tuning seeds (null with one seed)",
-        **reports, "paper": {v: PAPER[v] for v in table}})
+        **reports, "paper": {v: PAPER[v] and paper_row(v, tasks) for v in table}})
 
 
 def main(argv=None):
@@ -1000,6 +1032,7 @@ def main(argv=None):
     args.fractions = fractions(args)
     check_fractions(args.fractions)
     args.variants = chosen(args)
+    args.tasks = chosen_tasks(args)
     args.jobs = args.jobs or default_jobs()
     seeds = list(range((1 if args.quick else 3) if args.seeds is None else args.seeds))
     guards.check_paths(args, {"out": "out", "toy_root": "out"})
@@ -1012,13 +1045,14 @@ def reproduce(args, budget, seeds, ctrl_c):
     """Every run not done yet, then the table, the probe, the claims and the figures."""
     t0 = time.time()
     toy.make_toy_world(args.toy_root)
-    print(f"variants {', '.join(args.variants)}; fractions {', '.join(args.fractions)}; seeds {seeds}; budget "
+    print(f"variants {', '.join(args.variants)}; tasks {', '.join(args.tasks)}; fractions {', '.join(args.fractions)}; "
+          f"seeds {seeds}; budget "
           + ", ".join(f"{k} {v}" for k, v in budget.items()))
     runs = plan(args, budget, seeds)
     for run in runs:  # a folder of an older reproduction: fingerprint its pre-trainings' weights
         if run.argv[0] == "pretrain.py" and run.done():
             same_weights(run)
-    execute(runs[:1], 1, ctrl_c, os.cpu_count() or 1)  # the toy BERT, alone with every core: all else starts from it
+    execute(runs[:1], 1, ctrl_c, BERT_THREADS)  # the toy BERT, alone: all else starts from it
     execute(runs[1:], args.jobs, ctrl_c)
     if ctrl_c.asked:
         done = sum(r.done() for r in runs)
@@ -1026,26 +1060,27 @@ def reproduce(args, budget, seeds, ctrl_c):
                     f"goes on from there", 1)
 
     torch.set_num_threads(1)  # the probe and the figures are small; spare threads only spin on a shared CPU
-    table = collect(args.out, args.variants, args.fractions, seeds)
-    rare = collect_by_class(args.out, args.variants, args.fractions, seeds)
-    learns = {f: base_learns(table, args.out, f) for f in args.fractions}
+    tasks = args.tasks
+    table = collect(args.out, args.variants, args.fractions, seeds, tasks)
+    rare = collect_by_class(args.out, args.variants, args.fractions, seeds, tasks)
+    learns = {f: base_learns(table, args.out, f, tasks) for f in args.fractions}
     reports = {"base_against_baseline": learns,
-               "by_class": by_class_report(rare, args.fractions),
+               "by_class": by_class_report(rare, args.fractions, tasks),
                "pretraining": pretraining_report(args.out, args.variants),
-               "compute": compute_report(args.out, args.variants, args.fractions, seeds),
+               "compute": compute_report(args.out, args.variants, args.fractions, seeds, tasks),
                "probe": probe_report(args.out, args.toy_root, args.variants),
-               "time": time_report(runs, args.jobs), "claims": claims(table, args.fractions),
+               "time": time_report(runs, args.jobs), "claims": claims(table, args.fractions, tasks),
                "detector": toy.detector_report(args.toy_root)}
-    md = (markdown(table, args.fractions, args.out, rare) + learns_markdown(learns)
+    md = (markdown(table, args.fractions, args.out, rare, tasks) + learns_markdown(learns)
           + pretraining_markdown(reports["pretraining"], reports["compute"], reports["probe"])
           + "\nThe grounding probe (held-out regions, no fine-tuning):\n\n" + probe_markdown(reports["probe"])
           + detector_markdown(reports["detector"]) + claims_markdown(reports["claims"]))
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(md)
-    storage.write_json(os.path.join(args.out, "table.json"), table_json(table, args.fractions, seeds, budget, reports))
+    storage.write_json(os.path.join(args.out, "table.json"), table_json(table, args.fractions, seeds, budget, reports, tasks))
     print("\n" + md)
     size = draw_curves(table, args.fractions, os.path.join(args.out, "curves.png"),
-                       baselines(args.out, "Base", args.fractions[-1]))
+                       baselines(args.out, "Base", args.fractions[-1], tasks), tasks)
     print(f"curves: {os.path.join(args.out, 'curves.png')} ({size[0]}x{size[1]})")
     size = figure2(args, reports["probe"])
     if size:

@@ -84,6 +84,49 @@ def test_table_intervals_and_claims_from_results_files(tmp_path):
     assert reproduce.claims(one, ["1"])[0]["verdict"].startswith("undecided (one seed")
 
 
+def test_a_subset_of_tasks_is_planned_read_and_checked_on_its_columns_alone(tmp_path):
+    """--tasks (and --quick's tasks): the runs, the table, the paper's figures and the claims of those tasks."""
+    assert reproduce.chosen_tasks(reproduce.parser.parse_args(["--quick"])) == reproduce.QUICK_TASKS
+    args = reproduce.parser.parse_args(["--out", str(tmp_path), "--tasks", "retrieval", "vqa", "--fractions", "1"])
+    args.variants = reproduce.chosen(args)
+    ft = [r for r in reproduce.plan(args, dict(reproduce.BUDGET), [0]) if r.argv[0] == "finetune.py"]
+    assert [r.argv[r.argv.index("--task") + 1] for r in ft] == ["vqa", "retrieval"] * len(reproduce.VARIANTS)
+    accs = {"Base": [0.50, 0.52, 0.54], "U": [0.60, 0.62, 0.64], "S": [0.60, 0.61, 0.65]}
+    for v, runs in accs.items():
+        for seed, a in enumerate(runs):
+            write_results(tmp_path, v, ("1", seed), a)
+    tasks = ["vqa", "retrieval"]
+    table = reproduce.collect(str(tmp_path), list(accs), ["1"], [0, 1, 2], tasks)
+    assert table["U"]["1"].shape == (3, 4)  # VQA, R@1, R@5, R@10
+    md = reproduce.markdown(table, ["1"], tasks=tasks)
+    assert "| model | VQA | R@1 | R@5 | R@10 |" in md and "| U | 70.7 | 55.4 | 82.9 | 89.8 |" in md
+    verdicts = {c["claim"]: c for c in reproduce.claims(table, ["1"], tasks)}
+    # outside retrieval there is VQA alone: the paper's S - U is 70.87 - 70.74 = 0.13; on retrieval 3.76 as before
+    assert verdicts["U comes close to S outside retrieval"]["paper"] == 0.13
+    assert verdicts["S beats U on retrieval"]["paper"] == 3.76
+    assert "4 above, 0 below, 0 undecided" in verdicts["U beats Base"]["figures"]  # +10 in every column and seed
+    no_retrieval = reproduce.collect(str(tmp_path), list(accs), ["1"], [0, 1, 2], ["vqa", "refcoco"])
+    assert "S beats U on retrieval" not in {c["claim"] for c in reproduce.claims(no_retrieval, ["1"], ["vqa", "refcoco"])}
+
+
+def test_the_toy_bert_gets_the_same_threads_on_any_machine(tmp_path, monkeypatch):
+    """The number of threads changes the weights (docs/LOG.md 19), so the toy BERT, which every row starts
+    from, runs on BERT_THREADS whatever the cores: a folder carried between machines gets its weights again."""
+    calls = []
+
+    def execute(runs, jobs, ctrl_c, threads=1):
+        calls.append((runs[0].name, len(runs), jobs, threads))
+        raise SystemExit("stopped here")
+
+    monkeypatch.setattr(reproduce, "execute", execute)
+    monkeypatch.setattr(reproduce.toy, "make_toy_world", lambda root: root)
+    for cores in (1, 8, 64):
+        monkeypatch.setattr(os, "cpu_count", lambda: cores)
+        with pytest.raises(SystemExit, match="stopped here"):
+            reproduce.main(["--out", str(tmp_path / f"out{cores}"), "--toy-root", str(tmp_path / "world")])
+    assert calls == [("Base (the toy BERT)", 1, 1, reproduce.BERT_THREADS)] * 3
+
+
 def test_missing_result_is_a_clear_error(tmp_path):
     write_results(tmp_path, "U", ("1", 0), 0.5)
     os.remove(tmp_path / "finetune" / "U" / "vqa" / "f1" / "seed0" / "results.json")

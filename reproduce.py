@@ -137,10 +137,6 @@ parser.add_argument("--model", default="tiny", choices=sorted(PRESETS),
                     help="size preset of the toy BERT, and so of every variant (small: for a GPU)")
 
 
-def columns(tasks):
-    """The table's columns of these tasks."""
-    return [c for c in COLUMNS if c[1] in tasks]
-
 # -----------------------------------------------------------------------------
 # the runs: a list of command lines with their dependencies, run side by side
 
@@ -148,7 +144,7 @@ def columns(tasks):
 class Run:
     def __init__(self, name, argv, out, done_files, after=()):
         self.name, self.argv, self.out, self.after = name, argv, out, list(after)
-        self.done_files = [done_files] if isinstance(done_files, str) else list(done_files)
+        self.done_files = list(done_files)
 
     def done(self):
         return all(os.path.exists(os.path.join(self.out, f)) for f in self.done_files)
@@ -190,7 +186,7 @@ def plan(args, budget, seeds):
                 "--out", out, "--toy-root", root, "--device", args.device]
         argv += ["--test-images", str(TEST_IMAGES)] if task == "retrieval" else []
         argv += ["--no-tags"] if v.endswith("_NT") else []
-        runs.append(Run(f"{v} {task} {fraction} seed {seed}", argv, out, "results.json", [pre[v]]))
+        runs.append(Run(f"{v} {task} {fraction} seed {seed}", argv, out, ["results.json"], [pre[v]]))
     return runs
 
 
@@ -317,6 +313,11 @@ def execute(runs, jobs, ctrl_c, threads=1):
 
 # -----------------------------------------------------------------------------
 # the table, its intervals (analysis.py) and the paper's claims
+
+def columns(tasks):
+    """The table's columns of these tasks."""
+    return [c for c in COLUMNS if c[1] in tasks]
+
 
 def collect(out, variants, fractions, seeds, tasks=TASKS):
     """{variant: {fraction: (seeds, columns) array of percentages}} from every run's results.json."""

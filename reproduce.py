@@ -406,9 +406,9 @@ def markdown(table, fractions, out=None, rare=None, tasks=TASKS):
     lines = [f"Toy world, mean [95% t-interval] over {n} fine-tuning seed{'s' * (n > 1)}, in %.", ""]
     for fraction in fractions:
         which = "the whole" if Fraction(fraction) == 1 else fraction + " of each"
+        base = [("trivial baseline", cells(baseline_row(out, fraction, tasks=tasks)))] if out else []
         lines += [f"Fine-tuned on {which} training set:", "",
-                  *table_lines(header, [(v, cells(runs[fraction])) for v, runs in table.items()]
-                               + ([("trivial baseline", cells(baseline_row(out, fraction, tasks=tasks)))] if out else [])), ""]
+                  *table_lines(header, [(v, cells(runs[fraction])) for v, runs in table.items()] + base), ""]
     for fraction in fractions if rare else []:
         items = next(iter(rare.values()))[fraction]["items"]
         head = [f"{c[0]} {g} ({items[g][k]})" for k, c in enumerate(rare_cols) for g in ("rare", "common")]

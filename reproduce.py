@@ -249,6 +249,26 @@ def same_weights(run):
                          f"in the output folder) and {path} to fine-tune from the new weights")
 
 
+PLACES = ("--out", "--init-from", "--cache-dir", "--toy-root")  # flags naming where a run reads and writes
+
+
+def settings(argv):
+    """A run's command line without the places it reads and writes (a folder copied to another place or
+    machine keeps its runs): what a done run and the plan must agree on."""
+    places = {i + 1 for i, a in enumerate(argv) if a in PLACES}
+    return [os.path.basename(a) if "/" in a else a for i, a in enumerate(argv)
+            if i not in places and a not in (*PLACES, "--resume", "--overwrite")]
+
+
+def same_settings(run):
+    """A run done with other settings than the plan gives it (a budget changed since) would go into the
+    table as the plan's: that stops the reproduction, naming the folder."""
+    done = storage.read_json(os.path.join(run.out, "args.json"))["argv"]
+    if settings(done) != settings(run.argv):
+        raise SystemExit(f"{run.out}: done as `{' '.join(settings(done))}`, which this reproduction runs as "
+                         f"`{' '.join(settings(run.argv))}`; remove the folder to run it again with these settings")
+
+
 RUN_MEMORY = 1.5 * 2**30  # bytes: a run's peak is 0.96 to 1.07 GB on the toy world (docs/LOG.md 14), with room
 
 
@@ -1050,8 +1070,9 @@ def reproduce(args, budget, seeds, ctrl_c):
           f"seeds {seeds}; budget "
           + ", ".join(f"{k} {v}" for k, v in budget.items()))
     runs = plan(args, budget, seeds)
-    for run in runs:  # a folder of an older reproduction: fingerprint its pre-trainings' weights
-        if run.argv[0] == "pretrain.py" and run.done():
+    for run in [r for r in runs if r.done()]:  # a folder of an older reproduction: its runs are the plan's
+        same_settings(run)
+        if run.argv[0] == "pretrain.py":  # and its pre-trainings' weights fingerprinted
             same_weights(run)
     execute(runs[:1], 1, ctrl_c, BERT_THREADS)  # the toy BERT, alone: all else starts from it
     execute(runs[1:], args.jobs, ctrl_c)

@@ -392,3 +392,18 @@ def test_schedule_waits_for_the_pretraining_each_run_needs():
     seconds = [10, 6, 2, 4, 4]
     assert [reproduce.schedule(runs, seconds, n) for n in (1, 2, 3)] == [26, 20, 20]
     assert math.isnan(reproduce.schedule(runs, [10, 6, float("nan"), 4, 4], 2))
+
+
+def test_a_run_done_with_other_settings_than_the_plan_stops_the_reproduction(tmp_path):
+    """A folder carried elsewhere keeps its runs; one done at another budget is not read as the plan's."""
+    args = reproduce.parser.parse_args(["--out", str(tmp_path / "here"), "--toy-root", "toy", "--variants", "U"])
+    args.variants = reproduce.chosen(args)
+    run = next(r for r in reproduce.plan(args, dict(reproduce.BUDGET), [0]) if r.argv[0] == "finetune.py")
+    elsewhere = ["world" if a == "toy" else a.replace(str(tmp_path / "here"), "out/there") for a in run.argv]
+    os.makedirs(run.out)
+    storage.write_json(os.path.join(run.out, "args.json"), {"argv": elsewhere + ["--resume"]})
+    reproduce.same_settings(run)  # the same run, done in another folder, resumed once
+    epochs = elsewhere.index("--epochs") + 1
+    storage.write_json(os.path.join(run.out, "args.json"), {"argv": elsewhere[:epochs] + ["9.0"] + elsewhere[epochs + 1:]})
+    with pytest.raises(SystemExit, match=f"{run.out}: done as .*--epochs 9.0.*runs as .*--epochs 25.6"):
+        reproduce.same_settings(run)

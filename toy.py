@@ -29,7 +29,8 @@ from tasks import train_subset
 from storage import FeatureStore, FeatureWriter, WriteError, read_json, write_atomic, write_json
 
 TOY_DIR = "toy_world"
-VERSION = 3  # written in ROOT/done; a world of another version is built again (3: the tasks of docs/METHOD.md §14)
+VERSION = 4  # written in ROOT/done; a world of another version is built again (3: the tasks of docs/METHOD.md §14;
+#             4: NLVR2 four times larger, §18)
 VOCAB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy_vocab.txt")  # made by train_vocab
 # Toy world v2 (docs/METHOD.md section 12): 330 classes in 22 groups of 15. PAIRS are the near-duplicates
 # (synonyms, as a third of Visual Genome's 1,600 classes are): the detector's features barely tell them apart.
@@ -523,6 +524,8 @@ def make_toy_tasks(world, root, n, store):
     n(k) scales a count, store(name, [(image_id, scene)]) writes a feature store."""
     for make in (toy_vqa, toy_nlvr2, toy_flickr30k, toy_refcoco):
         make(world, os.path.join(root, "tasks"), n, store)
+    # v4: 18,000 more NLVR2 training sentences, drawn after everything else so that every file of v3 stays the same
+    nlvr2_sentences(world, os.path.join(root, "tasks"), store, "train", range(n(6000), n(24000)))
 
 
 def toy_vqa(world, tasks, n, store):
@@ -554,17 +557,23 @@ def toy_nlvr2(world, tasks, n, store):
     """NLVR2: JSON lines; each sentence is judged against 2 image pairs, named from the identifier."""
     os.makedirs(os.path.join(tasks, "nlvr2"), exist_ok=True)
     for split, count in (("train", n(6000)), ("dev", n(600)), ("test1", n(600))):
-        lines, items = [], []
-        for k in range(count):
-            sentence, make_pair = toy_nlvr2_sentence(world)
-            for p in range(2):
-                label = bool(world.rng.random() < 0.5)
-                left, right = make_pair(label)
-                items += [(f"{split}-{k}-{p}-img0", left), (f"{split}-{k}-{p}-img1", right)]
-                lines.append(json.dumps({"identifier": f"{split}-{k}-{p}-0", "sentence": sentence,
-                                         "label": str(label)}))
-        store(f"nlvr2_{split}", items)
-        write_lines(os.path.join(tasks, "nlvr2", f"{split}.json"), lines)
+        nlvr2_sentences(world, tasks, store, split, range(count))
+
+
+def nlvr2_sentences(world, tasks, store, split, numbers):
+    """Sentences `numbers` of an NLVR2 split, added to its file and its feature store."""
+    lines, items = [], []
+    for k in numbers:
+        sentence, make_pair = toy_nlvr2_sentence(world)
+        for p in range(2):
+            label = bool(world.rng.random() < 0.5)
+            left, right = make_pair(label)
+            items += [(f"{split}-{k}-{p}-img0", left), (f"{split}-{k}-{p}-img1", right)]
+            lines.append(json.dumps({"identifier": f"{split}-{k}-{p}-0", "sentence": sentence, "label": str(label)}))
+    store(f"nlvr2_{split}", items)
+    file = os.path.join(tasks, "nlvr2", f"{split}.json")
+    before = open(file).read().splitlines() if numbers.start else []
+    write_lines(file, before + lines)
 
 
 def toy_flickr30k(world, tasks, n, store):

@@ -572,8 +572,10 @@ def nlvr2_sentences(world, tasks, store, split, numbers):
             lines.append(json.dumps({"identifier": f"{split}-{k}-{p}-0", "sentence": sentence, "label": str(label)}))
     store(f"nlvr2_{split}", items)
     file = os.path.join(tasks, "nlvr2", f"{split}.json")
-    before = open(file).read().splitlines() if numbers.start else []
-    write_lines(file, before + lines)
+    if numbers.start:  # after the split's first sentences
+        with open(file) as f:
+            lines = f.read().splitlines() + lines
+    write_lines(file, lines)
 
 
 def toy_flickr30k(world, tasks, n, store):

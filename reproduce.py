@@ -250,6 +250,23 @@ def same_weights(run):
                          f"in the output folder) and {path} to fine-tune from the new weights")
 
 
+def same_world(out):
+    """A folder's runs read one version of the toy world (world.json, written the first time). Runs made on
+    another version would be taken as done on files that have changed since: that stops the reproduction."""
+    path = os.path.join(out, "world.json")
+    if os.path.exists(path):
+        made_on = storage.read_json(path)["toy_version"]
+        if made_on != toy.VERSION:
+            raise SystemExit(f"{path}: its runs read toy world v{made_on}, this is v{toy.VERSION}; start another "
+                             f"--out folder, or keep only the runs whose files did not change and set the version")
+    elif any(os.path.isdir(os.path.join(out, d)) for d in ("pretrain", "finetune")):
+        raise SystemExit(f"{out}: it holds runs but no world.json, so which toy world they read is unknown; start "
+                         f"another --out folder, or write {{\"toy_version\": {toy.VERSION}}} into {path} if they read "
+                         f"v{toy.VERSION}")
+    else:
+        storage.write_json(path, {"toy_version": toy.VERSION})
+
+
 PLACES = ("--out", "--init-from", "--cache-dir", "--toy-root")  # flags naming where a run reads and writes
 
 
@@ -1067,6 +1084,7 @@ def reproduce(args, budget, seeds, ctrl_c):
     """Every run not done yet, then the table, the probe, the claims and the figures."""
     t0 = time.time()
     toy.make_toy_world(args.toy_root)
+    same_world(args.out)
     print(f"variants {', '.join(args.variants)}; tasks {', '.join(args.tasks)}; fractions {', '.join(args.fractions)}; "
           f"seeds {seeds}; budget "
           + ", ".join(f"{k} {v}" for k, v in budget.items()))

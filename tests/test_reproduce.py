@@ -19,6 +19,7 @@ import analysis  # noqa: E402
 import storage  # noqa: E402
 import data  # noqa: E402
 import reproduce  # noqa: E402
+import toy  # noqa: E402
 from toy import make_toy_world  # noqa: E402
 from model import Config, VisualBERT, masked_lm_sum  # noqa: E402
 
@@ -359,6 +360,23 @@ def test_a_whole_reproduction_on_a_tiny_world(tmp_path):
     os.remove(tmp_path / "copy" / "pretrain" / "U" / "ckpt.pt")
     with pytest.raises(SystemExit, match="U/weights.json.*finetune/U"):
         reproduce.main(copy)
+
+
+def test_a_folder_made_on_another_toy_world_stops_the_reproduction(tmp_path, monkeypatch):
+    """Runs made on one version of the toy world are not taken as done on another, nor where the version
+    is unknown: a new folder is stamped, a folder of another version or with runs and no stamp is refused."""
+    out = str(tmp_path / "out")
+    os.makedirs(out)
+    reproduce.same_world(out)
+    assert json.loads((tmp_path / "out" / "world.json").read_text()) == {"toy_version": toy.VERSION}
+    reproduce.same_world(out)  # the same version: goes on
+    monkeypatch.setattr(toy, "VERSION", toy.VERSION + 1)
+    with pytest.raises(SystemExit, match=f"{out}/world.json: its runs read toy world v{toy.VERSION - 1}, this is v{toy.VERSION}"):
+        reproduce.same_world(out)
+    os.remove(tmp_path / "out" / "world.json")
+    os.makedirs(tmp_path / "out" / "finetune")
+    with pytest.raises(SystemExit, match=f"{out}: it holds runs but no world.json"):
+        reproduce.same_world(out)
 
 
 def test_a_checkpoint_whose_weights_do_not_fit_is_one_line_naming_it(tmp_path):

@@ -26,15 +26,28 @@ process), one per core as memory allows (--jobs), each in its own folder under O
 are already there is not run again, so an interrupted reproduction goes on where it stopped and --quick
 followed by the full command only adds variants and seeds. OUT can go to another machine between
 commands; copied without its checkpoints (*.pt), the pre-trainings are run again, and must give the
-weights their fine-tuning runs started from (weights.json). It writes OUT/table.md, OUT/table.json,
+weights their fine-tuning runs started from (weights.json), for which every process adds with the same
+kernels on any x86 CPU (AVX2, below). It writes OUT/table.md, OUT/table.json,
 OUT/curves.png and, with S, U or U_NT among the rows, OUT/figure2.png.
 """
+
+import os
+
+# every process of a reproduction adds with the AVX2 kernels of torch, MKL and oneDNN, on a Linux x86 CPU that has
+# them: left to choose, one with AVX-512 (a Zen 4, a recent Xeon) takes wider kernels, which add in another order,
+# and its pre-trainings give other weights than weights.json made on a CPU without (docs/LOG.md 22 A, 23). Set
+# before torch loads, for this process and the workers it starts; a value set already is kept
+AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+if __name__ == "__main__" and os.path.exists("/proc/cpuinfo"):
+    with open("/proc/cpuinfo") as cpu:
+        if any(line.startswith("flags") and "avx2" in line.split() for line in cpu):
+            for name, value in AVX2.items():
+                os.environ.setdefault(name, value)
 
 import hashlib
 import itertools
 import json
 import math
-import os
 import signal
 import sys
 import time

@@ -6,7 +6,9 @@ import json
 import math
 import os
 import shutil
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -126,6 +128,28 @@ def test_the_toy_bert_gets_the_same_threads_on_any_machine(tmp_path, monkeypatch
         with pytest.raises(SystemExit, match="stopped here"):
             reproduce.main(["--out", str(tmp_path / f"out{cores}"), "--toy-root", str(tmp_path / "world")])
     assert calls == [("Base (the toy BERT)", 1, 1, reproduce.BERT_THREADS)] * 3
+
+
+AVX2_CPU = os.path.exists("/proc/cpuinfo") and "avx2" in Path("/proc/cpuinfo").read_text().split()
+
+
+@pytest.mark.skipif(not AVX2_CPU, reason="a Linux x86 CPU with AVX2")
+def test_the_reproduction_adds_with_the_avx2_kernels_on_any_x86_cpu():
+    """A CPU with AVX-512 would take wider kernels and give other weights (docs/LOG.md 22 A): run as a script,
+    reproduce.py sets torch, MKL and oneDNN to their AVX2 kernels before torch loads, keeping a value set
+    already; imported, it leaves the process alone."""
+    def run(start, **env):
+        script = (f"import os, runpy, sys\nsys.argv = ['reproduce.py', '--help']\ntry:\n    {start}\n"
+                  "except SystemExit:\n    pass\nimport torch\nprint(torch.backends.cpu.get_cpu_capability(), "
+                  "*(os.environ.get(k) for k in ('ATEN_CPU_CAPABILITY', 'MKL_CBWR', 'ONEDNN_MAX_CPU_ISA')))\n")
+        clean = {k: v for k, v in os.environ.items() if k not in reproduce.AVX2}
+        out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env={**clean, **env}, capture_output=True,
+                             text=True, check=True).stdout
+        return out.split()[-4:]
+
+    assert run("runpy.run_path('reproduce.py', run_name='__main__')") == ["AVX2", "avx2", "AVX2", "AVX2"]
+    assert run("runpy.run_path('reproduce.py', run_name='__main__')", MKL_CBWR="COMPATIBLE") == ["AVX2", "avx2", "COMPATIBLE", "AVX2"]
+    assert run("import reproduce")[1:] == ["None"] * 3
 
 
 def test_missing_result_is_a_clear_error(tmp_path):

@@ -27,7 +27,7 @@ are already there is not run again, so an interrupted reproduction goes on where
 followed by the full command only adds variants and seeds. OUT can go to another machine between
 commands; copied without its checkpoints (*.pt), the pre-trainings are run again, and must give the
 weights their fine-tuning runs started from (weights.json), for which every process adds with the same
-kernels on any x86 CPU (AVX2, below). It writes OUT/table.md, OUT/table.json,
+kernels on any x86 CPU with AVX2 (below). It writes OUT/table.md, OUT/table.json,
 OUT/curves.png and, with S, U or U_NT among the rows, OUT/figure2.png.
 """
 
@@ -38,11 +38,19 @@ import os
 # and its pre-trainings give other weights than weights.json made on a CPU without (docs/LOG.md 22 A, 23). Set
 # before torch loads, for this process and the workers it starts; a value set already is kept
 AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
-if __name__ == "__main__" and os.path.exists("/proc/cpuinfo"):
+
+
+def has_avx2():
+    """Whether this is a Linux x86 CPU with AVX2 (the flags of /proc/cpuinfo say so)."""
+    if not os.path.exists("/proc/cpuinfo"):
+        return False
     with open("/proc/cpuinfo") as cpu:
-        if any(line.startswith("flags") and "avx2" in line.split() for line in cpu):
-            for name, value in AVX2.items():
-                os.environ.setdefault(name, value)
+        return any(line.startswith("flags") and "avx2" in line.split() for line in cpu)
+
+
+if __name__ == "__main__" and has_avx2():
+    for name, value in AVX2.items():
+        os.environ.setdefault(name, value)
 
 import hashlib
 import itertools

@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -130,10 +129,7 @@ def test_the_toy_bert_gets_the_same_threads_on_any_machine(tmp_path, monkeypatch
     assert calls == [("Base (the toy BERT)", 1, 1, reproduce.BERT_THREADS)] * 3
 
 
-AVX2_CPU = os.path.exists("/proc/cpuinfo") and "avx2" in Path("/proc/cpuinfo").read_text().split()
-
-
-@pytest.mark.skipif(not AVX2_CPU, reason="a Linux x86 CPU with AVX2")
+@pytest.mark.skipif(not reproduce.has_avx2(), reason="a Linux x86 CPU with AVX2")
 def test_the_reproduction_adds_with_the_avx2_kernels_on_any_x86_cpu():
     """A CPU with AVX-512 would take wider kernels and give other weights (docs/LOG.md 22 A): run as a script,
     reproduce.py sets torch, MKL and oneDNN to their AVX2 kernels before torch loads, keeping a value set
